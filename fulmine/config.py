@@ -1,0 +1,73 @@
+"""Configuration: frozen dataclasses, validated on construction, with errors that say what to change.
+
+`ModelConfig` describes the network (read from a HF config.json or GGUF metadata); `EngineConfig`
+describes how fulmine runs it (memory, batching). CLI flags are derived from `EngineConfig` fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration or input the user can fix; the message says how."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # HF architecture name, e.g. "LlamaForCausalLM"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    o_bias: bool = False  # bias on the attention output projection (Llama attention_bias=True)
+    qk_norm: bool = False  # RMSNorm on each head of q and k before RoPE (Qwen3)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model. Every field is also a CLI flag (see cli.py)."""
+
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 64  # requests running at once
+    max_num_batched_tokens: int = 512  # per-step token budget; longer prompts are prefilled in chunks
+    block_size: int = 16  # tokens per KV cache block
+    kv_cache_memory_gb: float = 1.0  # memory budget for the KV cache
+    device: str = "auto"  # "auto" picks cuda when available, else cpu
+    dtype: str = "auto"  # "auto": float32 on cpu, bfloat16 on cuda
+    num_threads: int | None = None  # torch intra-op threads on CPU (default: all cores)
+    seed: int = 0  # seed for requests that do not bring their own
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
+            (self.block_size >= 1, "block_size must be >= 1"),
+            (self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0"),
+            (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             "dtype must be one of auto, float32, bfloat16, float16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)

@@ -1,0 +1,1 @@
+"""The engine: scheduler, model runner and the step loop that joins them."""

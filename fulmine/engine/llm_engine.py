@@ -1,0 +1,156 @@
+"""The engine: add requests, step, read outputs. One step = schedule -> run -> update.
+
+Not thread-safe: one thread drives it (the server runs it in its own thread).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import torch
+
+from fulmine.config import ConfigError, EngineConfig
+from fulmine.engine.detokenizer import IncrementalDetokenizer
+from fulmine.engine.model_runner import ModelRunner, kv_cache_bytes_per_token
+from fulmine.engine.outputs import RequestMetrics, RequestOutput
+from fulmine.engine.scheduler import Scheduler
+from fulmine.kv_cache import KVCacheManager
+from fulmine.models.loader import load_model
+from fulmine.models.source import resolve
+from fulmine.request import FinishReason, Request, SamplingParams
+from fulmine.tokenizer import Message, apply_chat_template, load_tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLMEngine:
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None, progress: bool = True) -> None:
+        config = config or EngineConfig()
+        self.config = config
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+        dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.source = resolve(model)
+        model_config = self.source.config
+        self.model_config = model_config
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        if self.max_model_len > model_config.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len {self.max_model_len} exceeds the model's context window "
+                f"({model_config.max_position_embeddings})"
+            )
+        num_blocks = self._num_blocks(config, dtype)
+        model_module = load_model(self.source, device, dtype, progress)
+        self.tokenizer = load_tokenizer(self.source)
+        eos = set(model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self.eos_token_ids = tuple(sorted(eos))
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            model_module, num_blocks, config.block_size, self.max_model_len, device, dtype, config.seed
+        )
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+
+    def _num_blocks(self, config: EngineConfig, dtype: torch.dtype) -> int:
+        per_block = config.block_size * kv_cache_bytes_per_token(self.model_config, dtype)
+        budget_blocks = int(config.kv_cache_memory_gb * 2**30) // per_block
+        per_request = -(-self.max_model_len // config.block_size)
+        if budget_blocks < per_request:
+            raise ConfigError(
+                f"a KV cache of {config.kv_cache_memory_gb} GB holds {budget_blocks * config.block_size} "
+                f"tokens, less than one full context of {self.max_model_len}: raise kv_cache_memory_gb "
+                "or lower max_model_len"
+            )
+        return min(budget_blocks, per_request * config.max_num_seqs)
+
+    # -- requests ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int] | list[Message]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        if prompt and all(isinstance(m, dict) for m in prompt):
+            return apply_chat_template(self.tokenizer, prompt)  # type: ignore[arg-type]
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]  # type: ignore[operator]
+            if bad:
+                raise ConfigError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+            return ids  # type: ignore[return-value]
+        raise ConfigError("a prompt is a string, a list of token ids, or a list of chat messages")
+
+    def add_request(
+        self, prompt: str | list[int] | list[Message], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        params = params or SamplingParams()
+        prompt_ids = self.encode_prompt(prompt)
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ConfigError(
+                f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len} "
+                "(prompt plus at least one generated token)"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        request = Request(request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
+        self.scheduler.add_request(request)
+        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.finish_request(request_id, FinishReason.ABORT)
+        return self._output(request, []) if request is not None else None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one forward over the scheduled batch; outputs for requests that got a token."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        now = time.monotonic()
+        for s in scheduled.scheduled:
+            s.request.first_scheduled_time = s.request.first_scheduled_time or now
+        result = self.runner.execute(scheduled, self.kv_cache.block_tables)
+        updated = self.scheduler.update_from_output(scheduled, result)
+        return [self._output(request, [request.output_token_ids[-1]]) for request in updated]
+
+    def _output(self, request: Request, new_token_ids: list[int]) -> RequestOutput:
+        detokenizer = self.detokenizers[request.request_id]
+        for token_id in new_token_ids:
+            if detokenizer.add_token(token_id) and not request.is_finished:
+                self.scheduler.finish_request(request.request_id, FinishReason.STOP)
+        if request.is_finished:
+            detokenizer.flush()
+            del self.detokenizers[request.request_id]
+            self.runner.release(request.request_id)
+        new_text = detokenizer.release(request.is_finished)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            text=detokenizer.text[: detokenizer.num_released],
+            token_ids=list(request.output_token_ids),
+            new_text=new_text,
+            new_token_ids=new_token_ids,
+            finished=request.is_finished,
+            finish_reason=request.finish_reason,
+            logprobs=list(request.output_logprobs) if request.sampling_params.logprobs is not None else None,
+            metrics=RequestMetrics(
+                request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finished_time
+            ),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.source.name,
+            "architecture": self.model_config.architecture,
+            "device": str(self.runner.device),
+            "max_model_len": self.max_model_len,
+            "kv_cache_blocks": self.kv_cache.pool.num_blocks,
+        }

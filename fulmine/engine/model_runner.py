@@ -1,0 +1,187 @@
+"""The model runner: scheduled requests -> input tensors -> forward -> sampled tokens.
+
+It owns the device state: the model, the paged KV cache tensors, the rotary tables, the sampler
+and each seeded request's generator. One device-to-host copy per step (the sampled tokens, with
+their logprobs when asked for).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fulmine.config import ModelConfig
+from fulmine.engine.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from fulmine.layers.attention import AttentionMetadata
+from fulmine.layers.rotary import RotaryEmbedding
+from fulmine.models.decoder import DecoderModel
+from fulmine.request import Request, TokenLogprobs
+from fulmine.sampling.sampler import Sampler, SamplingBatch
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: DecoderModel,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int,
+    ) -> None:
+        config = model.config
+        self.model, self.config = model, config
+        self.device, self.block_size = device, block_size
+        num_slots = num_blocks * block_size
+        shape = (num_slots, config.num_kv_heads, config.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_layers)
+        ]
+        self.rotary = RotaryEmbedding(
+            config.head_dim, max_model_len, config.rope_theta, config.rope_scaling, device, dtype
+        )
+        self.sampler = Sampler(device, seed)
+        self.generators: dict[str, torch.Generator] = {}
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
+        input_ids, meta, sample_index, sampling = self._prepare(out.scheduled, block_tables)
+        hidden = self.model(input_ids, self.kv_caches, meta)
+        if sample_index is None:
+            return ModelRunnerOutput(sampled={})
+        assert sampling is not None
+        samplers = [s.request for s in out.scheduled if s.samples]
+        logits = self.model.compute_logits(hidden[sample_index])
+        result = self.sampler(logits, sampling)
+        token_ids = result.token_ids.tolist()  # the step's device-to-host copy
+        output = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(samplers, token_ids)})
+        if result.logprobs is not None:
+            chosen = result.logprobs.tolist()
+            top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+            top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+            for row, request in enumerate(samplers):
+                k = request.sampling_params.logprobs
+                if k is None:
+                    continue
+                top = list(zip(top_ids[row][:k], top_lps[row][:k])) if top_ids and top_lps else []
+                output.logprobs[request.request_id] = TokenLogprobs(chosen[row], top)
+        return output
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's generator."""
+        self.generators.pop(request_id, None)
+
+    def _prepare(
+        self, scheduled: list[ScheduledRequest], block_tables: dict[str, list[int]]
+    ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor | None, SamplingBatch | None]:
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        for s in scheduled:
+            request, start = s.request, s.request.num_computed_tokens
+            end = start + s.num_new_tokens
+            table = block_tables[request.request_id]
+            token_ids.extend(_token_slice(request, start, end))
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if s.samples:
+                sample_rows.append(len(token_ids) - 1)
+        device = self.device
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
+        position_tensor = torch.tensor(positions, dtype=torch.long, device=device)
+        cos, sin = self.rotary.lookup(position_tensor)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), cos=cos, sin=sin
+        )
+        self._layout(meta, scheduled, block_tables)
+        if not sample_rows:
+            return input_ids, meta, None, None
+        samplers = [s.request for s in scheduled if s.samples]
+        sampling = SamplingBatch.build(
+            [r.sampling_params for r in samplers],
+            [self._generator(r) for r in samplers],
+            [(r.prompt_token_ids, r.output_token_ids) for r in samplers],
+            self.config.vocab_size,
+            device,
+        )
+        return input_ids, meta, torch.tensor(sample_rows, dtype=torch.long, device=device), sampling
+
+    def _layout(
+        self, meta: AttentionMetadata, scheduled: list[ScheduledRequest], block_tables: dict[str, list[int]]
+    ) -> None:
+        """Choose how attention reads the cache this step (see layers/attention.py)."""
+        bs, device, window = self.block_size, self.device, self.config.sliding_window
+        starts = [s.request.num_computed_tokens for s in scheduled]
+        query_lens = [s.num_new_tokens for s in scheduled]
+        context_lens = [a + n for a, n in zip(starts, query_lens)]
+        max_query, max_context = max(query_lens), max(context_lens)
+        windowed = window is not None and window < max_context
+        if len(scheduled) == 1:
+            if starts[0] == 0 and not windowed:
+                meta.is_fresh = True
+                return
+            table = block_tables[scheduled[0].request.request_id][: -(-max_context // bs)]
+            if table[-1] - table[0] == len(table) - 1 and table == list(range(table[0], table[-1] + 1)):
+                meta.kv_range = (table[0] * bs, table[0] * bs + max_context)
+            if max_query == 1 and not windowed:
+                if meta.kv_range is None:
+                    meta.kv_slots = self._slots([table], max_context)
+                return  # one query token sees its whole context: no mask
+        if meta.kv_range is None:
+            tables = [block_tables[s.request.request_id] for s in scheduled]
+            meta.kv_slots = self._slots(tables, max_context)
+        # query positions, padded rows at position 0 (they see key 0 only and are discarded)
+        query_pos = torch.zeros(len(scheduled), max_query, dtype=torch.long)
+        for row, (start, n) in enumerate(zip(starts, query_lens)):
+            query_pos[row, :n] = torch.arange(start, start + n)
+        query_pos = query_pos.to(device).unsqueeze(-1)  # [num_seqs, max_query, 1]
+        key_pos = torch.arange(max_context, device=device)
+        mask = key_pos <= query_pos
+        if window is not None:
+            mask &= key_pos > query_pos - window
+        meta.attn_mask = mask.unsqueeze(1)  # [num_seqs, 1, max_query, max_context]
+        if len(scheduled) > 1:
+            query_index, output_index, offset = [], [], 0
+            for row, n in enumerate(query_lens):
+                query_index.append(list(range(offset, offset + n)) + [0] * (max_query - n))
+                output_index.extend(range(row * max_query, row * max_query + n))
+                offset += n
+            meta.query_index = torch.tensor(query_index, dtype=torch.long, device=device)
+            meta.output_index = torch.tensor(output_index, dtype=torch.long, device=device)
+
+    def _slots(self, tables: list[list[int]], max_context: int) -> torch.Tensor:
+        """[num_seqs, max_context] cache slot of every context position (padding reads block 0)."""
+        bs = self.block_size
+        num_blocks = -(-max_context // bs)
+        padded = [t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables]
+        block_ids = torch.tensor(padded, dtype=torch.long, device=self.device)
+        positions = torch.arange(max_context, device=self.device)
+        return block_ids[:, positions // bs] * bs + positions % bs
+
+    def _generator(self, request: Request) -> torch.Generator | None:
+        seed = request.sampling_params.seed
+        if seed is None or request.sampling_params.is_greedy:
+            return None
+        generator = self.generators.get(request.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+            self.generators[request.request_id] = generator
+        return generator
+
+
+def _token_slice(request: Request, start: int, end: int) -> list[int]:
+    prompt = request.prompt_token_ids
+    if end <= len(prompt):
+        return prompt[start:end]
+    if start >= len(prompt):
+        return request.output_token_ids[start - len(prompt) : end - len(prompt)]
+    return prompt[start:] + request.output_token_ids[: end - len(prompt)]

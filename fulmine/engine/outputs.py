@@ -1,0 +1,77 @@
+"""The contracts between engine parts: what the scheduler hands the runner, what comes back,
+and what the engine hands its caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fulmine.request import FinishReason, Request, TokenLogprobs
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """This step computes the request's last known token, so it also samples the next one."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class ModelRunnerOutput:
+    """One entry per scheduled request that sampled this step."""
+
+    sampled: dict[str, int]  # request id -> token id
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    """What a caller sees of a request after a step: the new piece and the whole so far."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str  # all text released so far
+    token_ids: list[int]  # all generated token ids
+    new_text: str  # released by this step
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    logprobs: list[TokenLogprobs] | None
+    metrics: RequestMetrics
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids)

@@ -1,0 +1,120 @@
+"""The scheduler: decide, each step, which requests compute how many tokens.
+
+One idea (vLLM v1's): a request's `num_computed_tokens` catches up with its `num_tokens`. Each
+step has a token budget; running requests are served first (a decode needs one token, an
+unfinished prefill takes what the budget allows), then waiting requests are admitted in arrival
+order, their prompts chunked to fit. When the KV cache runs out, the most recently admitted
+running request is preempted: its blocks are freed and it is recomputed later. Pure Python.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from fulmine.engine.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from fulmine.kv_cache import KVCacheManager
+from fulmine.request import FinishReason, Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        out = SchedulerOutput(scheduled=[])
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_new, out):
+                break  # the request itself was preempted, so nothing after it can run either
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+            index += 1
+        if out.preempted_ids:  # a step that had to preempt admits nobody new
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv_cache.can_allocate(request.request_id, request.num_computed_tokens + num_new):
+                break
+            self.kv_cache.allocate(request.request_id, request.num_computed_tokens + num_new)
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+        return out
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
+        """Make room for `num_new` more tokens of a running request, preempting from the back."""
+        total = request.num_computed_tokens + num_new
+        while not self.kv_cache.can_allocate(request.request_id, total):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted_ids.append(victim.request_id)
+            if victim is request:
+                return False
+        self.kv_cache.allocate(request.request_id, total)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
+        """Advance computed tokens, append sampled tokens, finish requests that hit a stop.
+
+        Returns the requests that got a new token this step (finished ones included).
+        """
+        updated = []
+        for scheduled in out.scheduled:
+            request = scheduled.request
+            request.num_computed_tokens += scheduled.num_new_tokens
+            token_id = result.sampled.get(request.request_id)
+            if token_id is None:
+                continue  # a prefill chunk that did not reach the end of the prompt
+            request.append_token(token_id)
+            logprobs = result.logprobs.get(request.request_id)
+            if logprobs is not None:
+                request.output_logprobs.append(logprobs)
+            reason = request.check_stop_token()
+            if reason is not None:
+                self.finish_request(request.request_id, reason)
+            updated.append(request)
+        return updated
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> Request | None:
+        """Finish (or abort) a request wherever it is; frees its KV blocks. Unknown ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self.kv_cache.free(request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.finished_time = time.monotonic()
+        return request

@@ -1,0 +1,6 @@
+"""Paged KV cache bookkeeping: which fixed-size blocks of the cache tensors each request owns."""
+
+from fulmine.kv_cache.block_pool import BlockPool
+from fulmine.kv_cache.manager import KVCacheManager
+
+__all__ = ["BlockPool", "KVCacheManager"]

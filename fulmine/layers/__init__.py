@@ -1,0 +1,1 @@
+"""Building blocks of decoder models: linear, norms, rotary embedding, attention, activations."""

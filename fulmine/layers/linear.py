@@ -1,0 +1,61 @@
+"""Linear layers and how checkpoint tensors are loaded into them.
+
+`MergedLinear` holds several projections that read the same input (q/k/v, gate/up) as one weight,
+so decode runs one matrix-vector product instead of three. Checkpoint tensors arrive one shard at
+a time through `load_shard`; a quantized checkpoint tensor is dequantized there, which is the one
+place a low-bit layer will plug in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fulmine.models.weights import WeightTensor, as_dense
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def load_shard(self, tensor: WeightTensor, shard: int = 0, is_bias: bool = False) -> None:
+        target = self.bias if is_bias else self.weight
+        assert target is not None
+        value = as_dense(tensor, target.dtype)
+        if value.shape != target.shape:
+            raise ValueError(f"shape {tuple(value.shape)} does not fit {tuple(target.shape)}")
+        target.data.copy_(value)
+
+
+class MergedLinear(Linear):
+    """Several output projections of the same input stacked along the output dimension."""
+
+    def __init__(self, in_features: int, out_sizes: Sequence[int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(out_sizes), bias)
+        self.out_sizes = list(out_sizes)
+        self.offsets = [sum(self.out_sizes[:i]) for i in range(len(self.out_sizes))]
+
+    def load_shard(self, tensor: WeightTensor, shard: int = 0, is_bias: bool = False) -> None:
+        target = self.bias if is_bias else self.weight
+        assert target is not None
+        start, size = self.offsets[shard], self.out_sizes[shard]
+        value = as_dense(tensor, target.dtype)
+        expected = (size, *target.shape[1:])
+        if tuple(value.shape) != expected:
+            raise ValueError(f"shard {shard}: shape {tuple(value.shape)} does not fit {expected}")
+        target.data[start : start + size].copy_(value)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(y.split(self.out_sizes, dim=-1))

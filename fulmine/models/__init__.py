@@ -1,0 +1,1 @@
+"""Model families, their configs, and loading weights from HF directories and GGUF files."""

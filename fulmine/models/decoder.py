@@ -1,0 +1,140 @@
+"""The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3.
+
+Pre-norm blocks: RMSNorm -> attention (GQA, RoPE, optional q/k norm and qkv bias) -> RMSNorm ->
+SwiGLU MLP. Parameter names follow HF's, except that q/k/v and gate/up are merged
+(`qkv_proj`, `gate_up_proj`); `load_weight` maps checkpoint names onto them.
+Inputs are flat: all tokens of all scheduled requests in one [num_tokens] vector.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fulmine.config import ModelConfig
+from fulmine.layers.activation import silu_and_mul
+from fulmine.layers.attention import AttentionMetadata, paged_attention
+from fulmine.layers.linear import Linear, MergedLinear
+from fulmine.layers.norm import RMSNorm
+from fulmine.layers.rotary import apply_rotary
+from fulmine.models.weights import WeightTensor, as_dense
+
+# checkpoint projection name -> (merged module name, shard index)
+_MERGED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], config.attention_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, config.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(
+        self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, meta.cos, meta.sin), apply_rotary(k, meta.cos, meta.sin)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm.add_and_norm(x, residual)
+        x = self.self_attn(x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final hidden states, [num_tokens, hidden_size]."""
+        x = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, kv_cache, meta)
+        assert residual is not None
+        return self.norm.add_and_norm(x, residual)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[num_sampled, hidden_size] -> [num_sampled, vocab_size] in float32."""
+        return self.lm_head(hidden).float()
+
+    def load_weight(self, name: str, tensor: WeightTensor) -> None:
+        """Load one checkpoint tensor given by its HF name (e.g. model.layers.0.self_attn.q_proj.weight)."""
+        name = name.removeprefix("model.")
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return  # tied checkpoints may still carry a copy
+        parts = name.split(".")
+        kind = parts[-1]  # weight or bias
+        merged = _MERGED.get(parts[-2]) if len(parts) >= 2 else None
+        if merged is not None:
+            module = self.get_submodule(".".join([*parts[:-2], merged[0]]))
+            assert isinstance(module, MergedLinear)
+            module.load_shard(tensor, merged[1], is_bias=kind == "bias")
+            return
+        module = self.get_submodule(".".join(parts[:-1]))
+        if isinstance(module, Linear):
+            module.load_shard(tensor, is_bias=kind == "bias")
+            return
+        param = getattr(module, kind)
+        value = as_dense(tensor, param.dtype).reshape(param.shape)
+        param.data.copy_(value)

@@ -1,0 +1,100 @@
+"""A minimal, fast GGUF reader: metadata, tensor directory, and tensors as memory-mapped blocks.
+
+gguf's own GGUFReader builds a Python object per array element and takes seconds on a model with
+a 50k-token vocabulary; this reader parses numeric arrays with numpy and maps tensor data lazily.
+Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from fulmine.models.weights import QuantizedTensor
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order: rows first (GGUF lists dims innermost first)
+    qtype: GGMLQuantizationType
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+class GGUFFile:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._pos = 0
+        if bytes(self._data[:4]) != b"GGUF":
+            raise ValueError(f"{self.path} is not a GGUF file")
+        version, num_tensors, num_kv = struct.unpack_from("<IQQ", self._data, 4)
+        if version < 2:
+            raise ValueError(f"{self.path}: GGUF version {version} is too old (need 2 or newer)")
+        self._pos = 24
+        self.metadata: dict[str, Any] = {}
+        for _ in range(num_kv):
+            key = self._string()
+            (value_type,) = self._unpack("<I")
+            self.metadata[key] = self._value(value_type)
+        infos = [self._tensor_info() for _ in range(num_tensors)]
+        alignment = int(self.metadata.get("general.alignment", 32))
+        data_start = -(-self._pos // alignment) * alignment
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, shape, qtype, offset in infos:
+            block_size, type_size = GGML_QUANT_SIZES[qtype]
+            nbytes = int(np.prod(shape)) // block_size * type_size
+            self.tensors[name] = TensorInfo(name, shape, qtype, data_start + offset, nbytes)
+
+    def load(self, name: str) -> QuantizedTensor:
+        """The tensor's raw blocks, one row of blocks per output row (mapped, not read yet)."""
+        info = self.tensors[name]
+        rows = int(np.prod(info.shape[:-1]))
+        raw = self._data[info.offset : info.offset + info.nbytes].reshape(rows, -1)
+        return QuantizedTensor(raw, info.qtype, info.shape)
+
+    # -- parsing helpers --------------------------------------------------------------------
+    def _unpack(self, fmt: str) -> tuple[Any, ...]:
+        values = struct.unpack_from(fmt, self._data, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return values
+
+    def _string(self) -> str:
+        (length,) = self._unpack("<Q")
+        text = bytes(self._data[self._pos : self._pos + length]).decode("utf-8", errors="replace")
+        self._pos += length
+        return text
+
+    def _value(self, value_type: int) -> Any:
+        if value_type == _STRING:
+            return self._string()
+        if value_type == _ARRAY:
+            element_type, count = self._unpack("<IQ")
+            if element_type == _STRING:
+                return [self._string() for _ in range(count)]
+            if element_type == _ARRAY:
+                return [self._value(_ARRAY) for _ in range(count)]
+            dtype = np.dtype(_NUMPY[element_type])
+            array = np.frombuffer(self._data, dtype=dtype, count=count, offset=self._pos).copy()
+            self._pos += dtype.itemsize * count
+            return array
+        (value,) = self._unpack(_SCALARS[value_type])
+        return value
+
+    def _tensor_info(self) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
+        name = self._string()
+        (num_dims,) = self._unpack("<I")
+        dims = self._unpack(f"<{num_dims}Q")
+        qtype, offset = self._unpack("<IQ")
+        return name, tuple(int(d) for d in reversed(dims)), GGMLQuantizationType(qtype), offset

@@ -1,0 +1,113 @@
+"""Build a model and fill it from its checkpoint (safetensors files or a GGUF file).
+
+Checkpoint tensors are streamed one at a time under their HF names, so peak memory is the model
+plus one tensor. A progress bar runs on stderr while tensors load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from fulmine.config import ConfigError
+from fulmine.models.decoder import DecoderModel
+from fulmine.models.source import ModelSource
+from fulmine.models.weights import QuantizedTensor, WeightTensor
+
+# GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_SKIPPED = {"rope_freqs.weight"}  # folded into the rotary embedding's config
+
+
+def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, progress: bool = True) -> DecoderModel:
+    with torch.device(device):
+        model = DecoderModel(source.config).to(dtype)
+    names, tensors = _checkpoint(source)
+    expected = {name for name, _ in model.named_parameters()}
+    bar = tqdm(total=len(names), desc=f"Loading {source.name}", unit="tensor", disable=not progress,
+               leave=False, mininterval=0.25)
+    for name, tensor in tensors:
+        try:
+            model.load_weight(name, tensor)
+        except (AttributeError, ValueError) as error:
+            raise ConfigError(f"checkpoint tensor {name!r} does not fit the model: {error}") from None
+        bar.update()
+    bar.close()
+    if not names and expected:
+        raise ConfigError(f"{source.path} holds no weights")
+    return model.eval()
+
+
+def _checkpoint(source: ModelSource) -> tuple[list[str], Iterator[tuple[str, WeightTensor]]]:
+    if source.gguf is not None:
+        names = [n for n in source.gguf.tensors if n not in _GGUF_SKIPPED]
+        return names, _gguf_tensors(source, names)
+    files = sorted(source.path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{source.path} has no *.safetensors files")
+    names = []
+    for file in files:
+        with safe_open(file, "pt") as handle:
+            names.extend(handle.keys())
+    return names, _safetensors_tensors(files)
+
+
+def _safetensors_tensors(files: list) -> Iterator[tuple[str, WeightTensor]]:
+    for file in files:
+        with safe_open(file, "pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+def _gguf_tensors(source: ModelSource, names: list[str]) -> Iterator[tuple[str, WeightTensor]]:
+    gguf, config = source.gguf, source.config
+    assert gguf is not None
+    for gguf_name in names:
+        tensor = gguf.load(gguf_name)
+        name = _hf_name(gguf_name)
+        if source.family.gguf_permuted_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
+            num_heads = config.num_heads if "q_proj" in name else config.num_kv_heads
+            tensor = _unpermute_rows(tensor, num_heads)
+        yield name, tensor
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    raise ConfigError(f"unknown GGUF tensor {gguf_name!r}")
+
+
+def _unpermute_rows(tensor: QuantizedTensor, num_heads: int) -> QuantizedTensor:
+    """Undo llama.cpp's q/k row order (pairs interleaved per head) back to HF's rotate-half order.
+
+    The converter maps HF row (head, half, i) to GGUF row (head, i, half); rows hold whole
+    quantization blocks, so the reorder needs no dequantization.
+    """
+    rows = tensor.shape[0]
+    half = rows // num_heads // 2
+    gguf_row = np.arange(rows).reshape(num_heads, half, 2).swapaxes(1, 2).reshape(-1)
+    return tensor.take_rows(gguf_row)

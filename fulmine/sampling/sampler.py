@@ -1,0 +1,168 @@
+"""Batched sampling: penalties, temperature, top-k, top-p, min-p, seeded draws, logprobs.
+
+Everything runs as tensor ops over the whole batch on the logits' device; the only host transfer
+is the caller's read of the result. Sampling draws by the exponential race (argmax of p / E with
+E ~ Exp(1)), which equals a categorical draw and lets each seeded request use its own generator,
+so a seeded request draws the same tokens whether it runs alone or batched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fulmine.request import SamplingParams
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of one step, as device tensors."""
+
+    temperature: torch.Tensor  # [num_rows], 1.0 on greedy rows
+    is_greedy: torch.Tensor  # [num_rows] bool
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [num_rows] int, vocab size where off
+    max_top_k: int  # largest top_k in the batch, known on the host
+    top_p: torch.Tensor | None  # [num_rows]
+    min_p: torch.Tensor | None  # [num_rows]
+    generators: list[torch.Generator | None]  # per row; None draws from the shared generator
+    repetition_penalty: torch.Tensor | None = None  # [num_rows]
+    presence_penalty: torch.Tensor | None = None
+    frequency_penalty: torch.Tensor | None = None
+    seen_mask: torch.Tensor | None = None  # [num_rows, vocab] bool: token in prompt or output
+    output_counts: torch.Tensor | None = None  # [num_rows, vocab] float: occurrences in output
+    num_logprobs: int | None = None  # max top alternatives asked by any row; None: no logprobs
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        token_ids: list[tuple[list[int], list[int]]],  # (prompt ids, output ids) per row
+        vocab_size: int,
+        device: torch.device,
+    ) -> SamplingBatch:
+        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        greedy = [p.is_greedy for p in params]
+        batch = cls(
+            temperature=column([1.0 if g else p.temperature for g, p in zip(greedy, params)]),
+            is_greedy=column(greedy, torch.bool),
+            all_greedy=all(greedy),
+            top_k=column([p.top_k or vocab_size for p in params], torch.long)
+            if any(p.top_k for p in params) else None,
+            max_top_k=min(vocab_size, max(p.top_k or vocab_size for p in params)),
+            top_p=column([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
+            min_p=column([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None,
+            generators=generators,
+        )
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        batch.num_logprobs = max(wanted) if wanted else None
+        if any(p.has_penalties for p in params):
+            batch.repetition_penalty = column([p.repetition_penalty for p in params])
+            batch.presence_penalty = column([p.presence_penalty for p in params])
+            batch.frequency_penalty = column([p.frequency_penalty for p in params])
+            batch.seen_mask, batch.output_counts = _token_tables(token_ids, vocab_size, device)
+        return batch
+
+
+def _token_tables(
+    token_ids: list[tuple[list[int], list[int]]], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seen mask over prompt + output, output counts), both [num_rows, vocab]."""
+
+    def padded(lists: list[list[int]]) -> torch.Tensor:  # padding id = vocab_size, a spare column
+        width = max(1, max(len(ids) for ids in lists))
+        table = torch.full((len(lists), width), vocab_size, dtype=torch.long)
+        for row, ids in enumerate(lists):
+            table[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return table.to(device)
+
+    num_rows = len(token_ids)
+    outputs = padded([output for _, output in token_ids])
+    counts = torch.zeros(num_rows, vocab_size + 1, device=device)
+    counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=counts.dtype))
+    seen = torch.zeros(num_rows, vocab_size + 1, dtype=torch.bool, device=device)
+    seen.scatter_(1, padded([prompt + output for prompt, output in token_ids]), True)
+    return seen[:, :vocab_size], counts[:, :vocab_size]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [num_rows]
+    logprobs: torch.Tensor | None = None  # [num_rows] logprob of the sampled token
+    top_ids: torch.Tensor | None = None  # [num_rows, num_logprobs]
+    top_logprobs: torch.Tensor | None = None  # [num_rows, num_logprobs]
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits: [num_rows, vocab] float32 (modified in place)."""
+        # Logprobs report the model's distribution, before penalties and truncation.
+        raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs is not None else None
+        if batch.seen_mask is not None:
+            logits = _apply_penalties(logits, batch)
+        if batch.all_greedy:
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = self._sample(logits, batch)
+        out = SamplerOutput(token_ids)
+        if raw_logprobs is not None and batch.num_logprobs is not None:
+            out.logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+            if batch.num_logprobs > 0:
+                out.top_logprobs, out.top_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
+        return out
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        greedy_ids = logits.argmax(dim=-1)
+        logits = logits / batch.temperature.unsqueeze(1)
+        if batch.top_k is not None:
+            logits = _top_k(logits, batch.top_k, batch.max_top_k)
+        if batch.top_p is not None:
+            logits = _top_p(logits, batch.top_p)
+        probs = logits.softmax(dim=-1)
+        if batch.min_p is not None:
+            max_prob = probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < batch.min_p.unsqueeze(1) * max_prob, 0.0)
+        race = torch.empty_like(probs)
+        if all(g is None for g in batch.generators):
+            race.exponential_(generator=self.generator)
+        else:
+            for row, generator in enumerate(batch.generators):
+                race[row].exponential_(generator=generator if generator is not None else self.generator)
+        sampled = (probs / race).argmax(dim=-1)
+        return torch.where(batch.is_greedy, greedy_ids, sampled)
+
+
+def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    assert batch.seen_mask is not None and batch.output_counts is not None
+    assert batch.repetition_penalty is not None
+    assert batch.presence_penalty is not None and batch.frequency_penalty is not None
+    rep = batch.repetition_penalty.unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(batch.seen_mask, penalized, logits)
+    counts = batch.output_counts
+    logits = logits - batch.frequency_penalty.unsqueeze(1) * counts
+    return logits - batch.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
+
+
+def _top_k(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.Tensor:
+    values = logits.topk(max_k, dim=-1).values  # [num_rows, max_k], descending
+    kth = values.gather(1, (top_k.clamp(max=max_k) - 1).unsqueeze(1))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    # drop a token when the mass before it already reaches top_p; the first token always stays
+    remove = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p.unsqueeze(1)
+    remove[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -1,0 +1,63 @@
+"""Tokenizers and chat templates, through transformers.
+
+A HF directory's tokenizer loads as is. A GGUF file's tokenizer is converted by transformers once
+and the result saved under the user's cache directory, keyed by the file's identity, so later
+loads take a fraction of a second instead of several.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fulmine.config import ConfigError
+from fulmine.models.source import ModelSource
+
+Message = dict[str, Any]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fulmine"
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer  # deferred: importing transformers costs about a second
+
+    if source.gguf is None:
+        return AutoTokenizer.from_pretrained(source.path)
+    stat = source.path.stat()
+    key = hashlib.sha256(f"{source.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "tokenizers" / key
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+    staging: Path | None = None
+    try:  # write to a temp dir then rename, so a crash never leaves half a cache entry
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cached.parent))
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, cached)
+    except OSError:  # a read-only or raced cache is not an error: the tokenizer is in hand
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return tokenizer
+
+
+def apply_chat_template(tokenizer: Any, messages: list[Message]) -> list[int]:
+    """Token ids of the conversation, ending with the assistant's turn opened."""
+    if not messages:
+        raise ConfigError("messages must not be empty")
+    for message in messages:
+        if message.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+            raise ConfigError(f"unknown message role {message.get('role')!r}")
+        if not isinstance(message.get("content", ""), str):
+            raise ConfigError("message content must be a string")
+    if tokenizer.chat_template is None:
+        raise ConfigError("this model has no chat template; use plain-text generation instead")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=False))
