@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 class ConfigError(ValueError):
     """A configuration or input the user can fix; the message says how."""
 
@@ -54,7 +57,8 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV cache block
     kv_cache_memory_gb: float = 1.0  # memory budget for the KV cache
     device: str = "auto"  # "auto" picks cuda when available, else cpu
-    dtype: str = "auto"  # "auto": float32 on cpu, bfloat16 on cuda
+    dtype: str = "auto"  # activations: "auto" is float32 on cpu, bfloat16 on cuda
+    weight_dtype: str = "auto"  # matrices: "auto" is float16 on cpu (decode reads half the bytes), else dtype
     num_threads: int | None = None  # torch intra-op threads on CPU (default: all cores)
     seed: int = 0  # seed for requests that do not bring their own
 
@@ -65,8 +69,8 @@ class EngineConfig:
             (self.block_size >= 1, "block_size must be >= 1"),
             (self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0"),
             (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
-            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
-             "dtype must be one of auto, float32, bfloat16, float16"),
+            (self.dtype in _DTYPES, f"dtype must be one of {', '.join(_DTYPES)}"),
+            (self.weight_dtype in _DTYPES, f"weight_dtype must be one of {', '.join(_DTYPES)}"),
         ]
         for ok, message in checks:
             if not ok:

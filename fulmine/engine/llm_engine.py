@@ -31,6 +31,7 @@ class LLMEngine:
         self.config = config
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
         dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        weight_dtype = _DTYPES.get(config.weight_dtype) or (torch.float16 if device.type == "cpu" else dtype)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.source = resolve(model)
@@ -43,7 +44,7 @@ class LLMEngine:
                 f"({model_config.max_position_embeddings})"
             )
         num_blocks = self._num_blocks(config, dtype)
-        model_module = load_model(self.source, device, dtype, progress)
+        model_module = load_model(self.source, device, dtype, weight_dtype, progress)
         self.tokenizer = load_tokenizer(self.source)
         eos = set(model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

@@ -16,6 +16,10 @@ from torch import nn
 
 from fulmine.models.weights import WeightTensor, as_dense
 
+# Up to this many rows, a narrow-weight linear runs in the weight's dtype (measured on a 2-core
+# AVX-512 CPU: float16 wins at 1-4 rows, float32 from about 8; see docs/BENCHMARKS.md).
+NARROW_GEMV_MAX_ROWS = 4
+
 
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -23,12 +27,20 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        )
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        weight = self.weight
+        if weight.dtype == x.dtype:
+            return F.linear(x, weight, self.bias)
+        # Weights stored narrower than activations (float16 on CPU): decode is bound by reading
+        # weights, so a few rows multiply in float16 (half the bytes; float32 accumulation);
+        # a prefill-sized batch upcasts the weight once and runs the float32 GEMM, which is
+        # several times faster there than float16.
+        if x.shape[0] <= NARROW_GEMV_MAX_ROWS:
+            y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, weight.to(x.dtype), self.bias)
 
     def load_shard(self, tensor: WeightTensor, shard: int = 0, is_bias: bool = False) -> None:
         target = self.bias if is_bias else self.weight

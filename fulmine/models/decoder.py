@@ -107,7 +107,7 @@ class DecoderModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Final hidden states, [num_tokens, hidden_size]."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, kv_cache, meta)
@@ -117,6 +117,12 @@ class DecoderModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_sampled, hidden_size] -> [num_sampled, vocab_size] in float32."""
         return self.lm_head(hidden).float()
+
+    def narrow_weights(self, weight_dtype: torch.dtype) -> None:
+        """Store the matrices (linear layers, embedding) in `weight_dtype`; norms keep theirs."""
+        for module in self.modules():
+            if isinstance(module, (Linear, nn.Embedding)):
+                module.weight.data = module.weight.data.to(weight_dtype)
 
     def load_weight(self, name: str, tensor: WeightTensor) -> None:
         """Load one checkpoint tensor given by its HF name (e.g. model.layers.0.self_attn.q_proj.weight)."""

@@ -40,9 +40,18 @@ _GGUF_GLOBAL_NAMES = {
 _GGUF_SKIPPED = {"rope_freqs.weight"}  # folded into the rotary embedding's config
 
 
-def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, progress: bool = True) -> DecoderModel:
+def load_model(
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    weight_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> DecoderModel:
+    """`dtype` is the activations' (and norms'); `weight_dtype` the matrices', if narrower."""
     with torch.device(device):
         model = DecoderModel(source.config).to(dtype)
+    if weight_dtype is not None and weight_dtype != dtype:
+        model.narrow_weights(weight_dtype)
     names, tensors = _checkpoint(source)
     expected = {name for name, _ in model.named_parameters()}
     bar = tqdm(total=len(names), desc=f"Loading {source.name}", unit="tensor", disable=not progress,
