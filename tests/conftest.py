@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random HF models of every supported family, saved with a tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
+    "Numbers: 0 1 2 3 4 5 6 7 8 9. Café, naïve, 東京, 🎉 emoji. def main(): return 42\n"
+) * 4
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": dict(cls="LlamaConfig", tie_word_embeddings=False),
+    "llama_tied_llama3_rope": dict(
+        cls="LlamaConfig",
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+        },
+    ),
+    "mistral": dict(cls="MistralConfig", sliding_window=None),
+    "mistral_window": dict(cls="MistralConfig", sliding_window=12),
+    "qwen2": dict(cls="Qwen2Config"),
+    "qwen3": dict(cls="Qwen3Config", head_dim=32),
+}
+
+
+def build_tokenizer(path: Path) -> Any:
+    """A small byte-level BPE tokenizer with a ChatML template, trained on CORPUS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator([CORPUS], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def build_tiny_model(family: str, path: Path) -> Path:
+    import transformers
+
+    spec = dict(FAMILIES[family])
+    config_cls = getattr(transformers, spec.pop("cls"))
+    tokenizer = build_tokenizer(path)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **spec,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random init is ~N(0, 0.02): widen it so logits are not all near-ties
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.2)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
+    cache: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in cache:
+            cache[family] = build_tiny_model(family, tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory) -> Path:
+    return tiny_model_factory("llama")
