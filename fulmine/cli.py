@@ -1,0 +1,201 @@
+"""The command line: `fulmine chat` and `fulmine generate`.
+
+Engine flags are generated from EngineConfig's fields, so config lives in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+from fulmine.config import ConfigError, EngineConfig
+
+_ENGINE_FLAGS_SKIPPED = {"seed"}  # per-request --seed is the sampling seed
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default=None, help="HF model directory, .gguf file or hub id "
+                       "(default: the embedded SmolLM2-135M-Instruct)")
+    for field in dataclasses.fields(EngineConfig):
+        if field.name in _ENGINE_FLAGS_SKIPPED:
+            continue
+        kind = {"int | None": int, "int": int, "float": float, "str": str}[str(field.type)]
+        group.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default,
+                           help=f"(default: {field.default})")
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=max_tokens)
+    group.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--presence-penalty", type=float, default=0.0)
+    group.add_argument("--frequency-penalty", type=float, default=0.0)
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fulmine", description="Latency-first LLM inference.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    chat = commands.add_parser("chat", help="interactive chat in the terminal, streaming")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_flags(chat, max_tokens=512)
+    _add_engine_flags(chat)
+    generate = commands.add_parser("generate", help="one-shot generation to stdout, streaming")
+    generate.add_argument("prompt")
+    generate.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    generate.add_argument("--stats", action="store_true", help="print TTFT and decode speed to stderr")
+    _add_sampling_flags(generate, max_tokens=256)
+    _add_engine_flags(generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        llm = _load(args)
+        return _chat(llm, args) if args.command == "chat" else _generate(llm, args)
+    except ConfigError as error:
+        print(f"fulmine: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _load(args: argparse.Namespace) -> Any:
+    print(f"fulmine: loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
+    engine_args = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+                   if f.name not in _ENGINE_FLAGS_SKIPPED}
+    config = EngineConfig(**engine_args)  # validated before the slow imports
+    from fulmine.llm import LLM  # imports torch
+
+    started = time.perf_counter()
+    llm = LLM(args.model, **dataclasses.asdict(config))
+    info = llm.engine.describe()
+    print(f"fulmine: {info['model']} ({info['architecture']}) on {info['device']}, "
+          f"loaded in {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    return llm
+
+
+def _sampling_params(args: argparse.Namespace) -> Any:
+    from fulmine.request import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+    )
+
+
+class _Interrupt:
+    """While active, Ctrl-C sets a flag (checked between steps) instead of raising."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> _Interrupt:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _stream(llm: Any, prompt: Any, params: Any, interrupt: _Interrupt) -> Iterator[Any]:
+    """Stream outputs, stopping (and aborting the request) when Ctrl-C is pressed."""
+    stream = llm.stream(prompt, params)
+    try:
+        for output in stream:
+            yield output
+            if interrupt.requested:
+                return
+    finally:
+        stream.close()
+
+
+def _print_answer(llm: Any, prompt: Any, params: Any) -> tuple[str, bool]:
+    """Stream one answer to stdout; returns (text, interrupted). Stats go to stderr."""
+    started = time.monotonic()
+    pieces: list[str] = []
+    first_token_at = last_token_at = None
+    num_tokens = 0
+    with _Interrupt() as interrupt:
+        for output in _stream(llm, prompt, params, interrupt):
+            now = time.monotonic()
+            first_token_at = first_token_at or output.metrics.first_token_time or now
+            last_token_at, num_tokens = now, len(output.token_ids)
+            if output.new_text:
+                pieces.append(output.new_text)
+                sys.stdout.write(output.new_text)
+                sys.stdout.flush()
+        interrupted = interrupt.requested
+    sys.stdout.write("\n")
+    if first_token_at is not None and last_token_at is not None:
+        decode = (num_tokens - 1) / (last_token_at - first_token_at) if last_token_at > first_token_at else 0.0
+        note = ", interrupted" if interrupted else ""
+        print(f"[TTFT {1000 * (first_token_at - started):.0f} ms · {decode:.1f} tok/s decode · "
+              f"{num_tokens} tokens{note}]", file=sys.stderr)
+    return "".join(pieces), interrupted
+
+
+def _generate(llm: Any, args: argparse.Namespace) -> int:
+    prompt: Any = args.prompt
+    if not args.raw and llm.tokenizer.chat_template is not None:
+        prompt = [{"role": "user", "content": args.prompt}]
+    params = _sampling_params(args)
+    if args.stats:
+        _print_answer(llm, prompt, params)
+        return 0
+    with _Interrupt() as interrupt:
+        for output in _stream(llm, prompt, params, interrupt):
+            sys.stdout.write(output.new_text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 130 if interrupt.requested else 0
+
+
+def _chat(llm: Any, args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    history: list[dict[str, str]] = []
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    print("fulmine chat: /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops an answer.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history.clear()
+            print("[new conversation]", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            answer, _ = _print_answer(llm, system + history, params)
+        except ConfigError as error:  # e.g. the conversation outgrew the context window
+            history.pop()
+            print(f"fulmine: error: {error} (/reset starts a new conversation)", file=sys.stderr)
+            continue
+        history.append({"role": "assistant", "content": answer})

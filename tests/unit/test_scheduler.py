@@ -1,0 +1,98 @@
+"""The scheduler driven by fake runner outputs: no model, no torch."""
+
+from __future__ import annotations
+
+from fulmine.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from fulmine.engine.scheduler import Scheduler
+from fulmine.kv_cache import KVCacheManager
+from fulmine.request import FinishReason, Request, RequestStatus, SamplingParams
+
+EOS = 0
+
+
+def make_request(request_id: str, num_prompt: int, max_tokens: int = 4) -> Request:
+    params = SamplingParams(max_tokens=max_tokens)
+    return Request(request_id, list(range(1, num_prompt + 1)), params, (EOS,), max_total_tokens=1000)
+
+
+def fake_run(out: SchedulerOutput, token: int = 7) -> ModelRunnerOutput:
+    return ModelRunnerOutput(sampled={s.request.request_id: token for s in out.scheduled if s.samples})
+
+
+def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_seqs: int = 8, budget: int = 16) -> Scheduler:
+    return Scheduler(KVCacheManager(num_blocks, block_size), max_seqs, budget)
+
+
+def test_long_prompt_is_prefilled_in_chunks_then_decodes() -> None:
+    scheduler = make_scheduler(budget=16)
+    request = make_request("a", 40, max_tokens=2)
+    scheduler.add_request(request)
+    chunks = []
+    while True:
+        out = scheduler.schedule()
+        chunks.append([(s.num_new_tokens, s.samples) for s in out.scheduled])
+        scheduler.update_from_output(out, fake_run(out))
+        if request.is_finished:
+            break
+    assert chunks == [[(16, False)], [(16, False)], [(8, True)], [(1, True)]]
+    assert request.output_token_ids == [7, 7] and request.finish_reason is FinishReason.LENGTH
+    assert scheduler.kv_cache.pool.num_free_blocks == 64
+
+
+def test_decodes_run_before_new_prefills_under_the_budget() -> None:
+    scheduler = make_scheduler(budget=10)
+    scheduler.add_request(make_request("a", 4, max_tokens=10))
+    out = scheduler.schedule()
+    scheduler.update_from_output(out, fake_run(out))
+    scheduler.add_request(make_request("b", 30))
+    out = scheduler.schedule()
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 9)]
+    assert out.num_batched_tokens == 10
+
+
+def test_max_num_seqs_bounds_running() -> None:
+    scheduler = make_scheduler(max_seqs=2, budget=100)
+    for name in "abc":
+        scheduler.add_request(make_request(name, 3))
+    out = scheduler.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["a", "b"]
+    assert [r.request_id for r in scheduler.waiting] == ["c"]
+
+
+def test_eos_finishes_and_frees() -> None:
+    scheduler = make_scheduler()
+    request = make_request("a", 5, max_tokens=100)
+    scheduler.add_request(request)
+    out = scheduler.schedule()
+    scheduler.update_from_output(out, fake_run(out, token=EOS))
+    assert request.is_finished and request.finish_reason is FinishReason.STOP
+    assert scheduler.num_unfinished == 0 and scheduler.kv_cache.pool.num_free_blocks == 64
+
+
+def test_out_of_blocks_preempts_the_newest_and_recomputes_it() -> None:
+    scheduler = make_scheduler(num_blocks=4, block_size=4, budget=64)
+    first, second = make_request("a", 7, max_tokens=20), make_request("b", 7, max_tokens=20)
+    scheduler.add_request(first)
+    scheduler.add_request(second)
+    preempted = []
+    for _ in range(6):
+        out = scheduler.schedule()
+        preempted.extend(out.preempted_ids)
+        scheduler.update_from_output(out, fake_run(out))
+    assert preempted == ["b"]
+    assert second.status is RequestStatus.WAITING and second.num_computed_tokens == 0
+    assert len(second.output_token_ids) == 2  # kept: recomputed with the prompt when readmitted
+    assert first.status is RequestStatus.RUNNING
+
+
+def test_abort_anywhere() -> None:
+    scheduler = make_scheduler(max_seqs=1)
+    scheduler.add_request(make_request("a", 3))
+    scheduler.add_request(make_request("b", 3))
+    out = scheduler.schedule()
+    scheduler.update_from_output(out, fake_run(out))
+    assert scheduler.finish_request("b", FinishReason.ABORT) is not None  # waiting
+    aborted = scheduler.finish_request("a", FinishReason.ABORT)  # running
+    assert aborted is not None and aborted.finish_reason is FinishReason.ABORT
+    assert scheduler.finish_request("a", FinishReason.ABORT) is None
+    assert scheduler.num_unfinished == 0 and scheduler.kv_cache.pool.num_free_blocks == 64
