@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -44,8 +45,11 @@ class LLMEngine:
                 f"({model_config.max_position_embeddings})"
             )
         num_blocks = self._num_blocks(config, dtype)
-        model_module = load_model(self.source, device, dtype, weight_dtype, progress)
-        self.tokenizer = load_tokenizer(self.source)
+        # The tokenizer (mostly importing transformers) loads on a thread while weights load.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tokenizer = pool.submit(load_tokenizer, self.source)
+            model_module = load_model(self.source, device, dtype, weight_dtype, progress)
+            self.tokenizer = tokenizer.result()
         eos = set(model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))

@@ -37,12 +37,17 @@ class ModelRunner:
         config = model.config
         self.model, self.config = model, config
         self.device, self.block_size = device, block_size
-        num_slots = num_blocks * block_size
-        shape = (num_slots, config.num_kv_heads, config.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_layers)
-        ]
+        # One spare slot past the blocks stays zero: padded context positions read it, so
+        # attention never reads a never-written slot, and the cache can be allocated without
+        # initialization (on CPU, pages become resident only as blocks are used).
+        self.null_slot = num_blocks * block_size
+        shape = (self.null_slot + 1, config.num_kv_heads, config.head_dim)
+        self.kv_caches = []
+        for _ in range(config.num_layers):
+            k_cache, v_cache = torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+            k_cache[self.null_slot].zero_()
+            v_cache[self.null_slot].zero_()
+            self.kv_caches.append((k_cache, v_cache))
         self.rotary = RotaryEmbedding(
             config.head_dim, max_model_len, config.rope_theta, config.rope_scaling, device, dtype
         )
@@ -133,11 +138,11 @@ class ModelRunner:
                 meta.kv_range = (table[0] * bs, table[0] * bs + max_context)
             if max_query == 1 and not windowed:
                 if meta.kv_range is None:
-                    meta.kv_slots = self._slots([table], max_context)
+                    meta.kv_slots = self._slots([table], context_lens, max_context)
                 return  # one query token sees its whole context: no mask
         if meta.kv_range is None:
             tables = [block_tables[s.request.request_id] for s in scheduled]
-            meta.kv_slots = self._slots(tables, max_context)
+            meta.kv_slots = self._slots(tables, context_lens, max_context)
         # query positions, padded rows at position 0 (they see key 0 only and are discarded)
         query_pos = torch.zeros(len(scheduled), max_query, dtype=torch.long)
         for row, (start, n) in enumerate(zip(starts, query_lens)):
@@ -157,14 +162,16 @@ class ModelRunner:
             meta.query_index = torch.tensor(query_index, dtype=torch.long, device=device)
             meta.output_index = torch.tensor(output_index, dtype=torch.long, device=device)
 
-    def _slots(self, tables: list[list[int]], max_context: int) -> torch.Tensor:
-        """[num_seqs, max_context] cache slot of every context position (padding reads block 0)."""
-        bs = self.block_size
+    def _slots(self, tables: list[list[int]], context_lens: list[int], max_context: int) -> torch.Tensor:
+        """[num_seqs, max_context] cache slot of every context position; padding reads the null slot."""
+        bs, device = self.block_size, self.device
         num_blocks = -(-max_context // bs)
         padded = [t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables]
-        block_ids = torch.tensor(padded, dtype=torch.long, device=self.device)
-        positions = torch.arange(max_context, device=self.device)
-        return block_ids[:, positions // bs] * bs + positions % bs
+        block_ids = torch.tensor(padded, dtype=torch.long, device=device)
+        positions = torch.arange(max_context, device=device)
+        slots = block_ids[:, positions // bs] * bs + positions % bs
+        lengths = torch.tensor(context_lens, dtype=torch.long, device=device).unsqueeze(1)
+        return torch.where(positions < lengths, slots, self.null_slot)
 
     def _generator(self, request: Request) -> torch.Generator | None:
         seed = request.sampling_params.seed

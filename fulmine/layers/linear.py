@@ -1,4 +1,4 @@
-"""Linear layers and how checkpoint tensors are loaded into them.
+"""Linear layers and the embedding table, and how checkpoint tensors are loaded into them.
 
 `MergedLinear` holds several projections that read the same input (q/k/v, gate/up) as one weight,
 so decode runs one matrix-vector product instead of three. Checkpoint tensors arrive one shard at
@@ -71,3 +71,14 @@ class MergedLinear(Linear):
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(y.split(self.out_sizes, dim=-1))
+
+
+class Embedding(nn.Module):
+    """Token embedding table (no random init: every value comes from the checkpoint)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)

@@ -14,7 +14,7 @@ from torch import nn
 from fulmine.config import ModelConfig
 from fulmine.layers.activation import silu_and_mul
 from fulmine.layers.attention import AttentionMetadata, paged_attention
-from fulmine.layers.linear import Linear, MergedLinear
+from fulmine.layers.linear import Embedding, Linear, MergedLinear
 from fulmine.layers.norm import RMSNorm
 from fulmine.layers.rotary import apply_rotary
 from fulmine.models.weights import WeightTensor, as_dense
@@ -92,13 +92,11 @@ class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
 
     def forward(
         self,
@@ -119,28 +117,50 @@ class DecoderModel(nn.Module):
         return self.lm_head(hidden).float()
 
     def narrow_weights(self, weight_dtype: torch.dtype) -> None:
-        """Store the matrices (linear layers, embedding) in `weight_dtype`; norms keep theirs."""
+        """Store the matrices (linear layers, embedding) in `weight_dtype`; norms and biases keep theirs."""
         for module in self.modules():
-            if isinstance(module, (Linear, nn.Embedding)):
+            if isinstance(module, (Linear, Embedding)):
                 module.weight.data = module.weight.data.to(weight_dtype)
 
-    def load_weight(self, name: str, tensor: WeightTensor) -> None:
-        """Load one checkpoint tensor given by its HF name (e.g. model.layers.0.self_attn.q_proj.weight)."""
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def weight_slots(self) -> set[tuple[str, int]]:
+        """Every (parameter name, shard) a checkpoint must fill."""
+        slots: set[tuple[str, int]] = set()
+        for module_name, module in self.named_modules():
+            num_shards = len(module.out_sizes) if isinstance(module, MergedLinear) else 1
+            for param_name, _ in module.named_parameters(recurse=False):
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                slots.update((full, shard) for shard in range(num_shards))
+        if self.config.tie_word_embeddings:
+            slots.discard(("lm_head.weight", 0))
+        return slots
+
+    def load_weight(self, name: str, tensor: WeightTensor) -> tuple[str, int] | None:
+        """Load one checkpoint tensor given by its HF name (e.g. model.layers.0.self_attn.q_proj.weight).
+
+        Returns the (parameter name, shard) it filled, or None for a tensor that is not needed.
+        """
         name = name.removeprefix("model.")
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            return  # tied checkpoints may still carry a copy
+            return None  # tied checkpoints may still carry a copy
+        if name.endswith("rotary_emb.inv_freq"):
+            return None  # old checkpoints store RoPE tables; fulmine computes its own
         parts = name.split(".")
         kind = parts[-1]  # weight or bias
         merged = _MERGED.get(parts[-2]) if len(parts) >= 2 else None
         if merged is not None:
-            module = self.get_submodule(".".join([*parts[:-2], merged[0]]))
+            module_name = ".".join([*parts[:-2], merged[0]])
+            module = self.get_submodule(module_name)
             assert isinstance(module, MergedLinear)
             module.load_shard(tensor, merged[1], is_bias=kind == "bias")
-            return
+            return f"{module_name}.{kind}", merged[1]
         module = self.get_submodule(".".join(parts[:-1]))
         if isinstance(module, Linear):
             module.load_shard(tensor, is_bias=kind == "bias")
-            return
-        param = getattr(module, kind)
-        value = as_dense(tensor, param.dtype).reshape(param.shape)
-        param.data.copy_(value)
+        else:
+            param = getattr(module, kind)
+            param.data.copy_(as_dense(tensor, param.dtype).reshape(param.shape))
+        return name, 0

@@ -57,6 +57,10 @@ class GGUFFile:
             nbytes = int(np.prod(shape)) // block_size * type_size
             self.tensors[name] = TensorInfo(name, shape, qtype, data_start + offset, nbytes)
 
+    def close(self) -> None:
+        """Unmap the file (tensors loaded earlier must have been copied out). Metadata stays."""
+        self._data = np.empty(0, dtype=np.uint8)
+
     def load(self, name: str) -> QuantizedTensor:
         """The tensor's raw blocks, one row of blocks per output row (mapped, not read yet)."""
         info = self.tensors[name]

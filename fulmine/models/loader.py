@@ -47,24 +47,34 @@ def load_model(
     weight_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> DecoderModel:
-    """`dtype` is the activations' (and norms'); `weight_dtype` the matrices', if narrower."""
-    with torch.device(device):
+    """`dtype` is the activations' (and norms'); `weight_dtype` the matrices', if narrower.
+
+    The model is laid out on the meta device and allocated uninitialized in its final dtypes,
+    so loading never holds a second, wider copy; every parameter must then come from the
+    checkpoint, which is checked.
+    """
+    with torch.device("meta"):
         model = DecoderModel(source.config).to(dtype)
     if weight_dtype is not None and weight_dtype != dtype:
         model.narrow_weights(weight_dtype)
+    model = model.to_empty(device=device)
+    model.tie_weights()
     names, tensors = _checkpoint(source)
-    expected = {name for name, _ in model.named_parameters()}
+    missing = model.weight_slots()
     bar = tqdm(total=len(names), desc=f"Loading {source.name}", unit="tensor", disable=not progress,
                leave=False, mininterval=0.25)
     for name, tensor in tensors:
         try:
-            model.load_weight(name, tensor)
+            missing.discard(model.load_weight(name, tensor))  # type: ignore[arg-type]
         except (AttributeError, ValueError) as error:
             raise ConfigError(f"checkpoint tensor {name!r} does not fit the model: {error}") from None
         bar.update()
     bar.close()
-    if not names and expected:
-        raise ConfigError(f"{source.path} holds no weights")
+    if source.gguf is not None:
+        source.gguf.close()  # every tensor is copied into the model; drop the file's pages
+    if missing:
+        names_missing = sorted({name for name, _ in missing})
+        raise ConfigError(f"{source.path} lacks {len(names_missing)} tensors, e.g. {names_missing[:3]}")
     return model.eval()
 
 
