@@ -23,7 +23,7 @@ _EXPORTS = {
     "ConfigError": "fulmine.config",
     "RequestOutput": "fulmine.engine.outputs",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["LLM", "SamplingParams", "FinishReason", "EngineConfig", "ConfigError", "RequestOutput"]
 
 if TYPE_CHECKING:
     from fulmine.config import ConfigError, EngineConfig

@@ -21,14 +21,18 @@ _ENGINE_FLAGS_SKIPPED = {"seed"}  # per-request --seed is the sampling seed
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--model", default=None, help="HF model directory, .gguf file or hub id "
-                       "(default: the embedded SmolLM2-135M-Instruct)")
+    group.add_argument(
+        "--model",
+        default=None,
+        help="HF model directory, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)",
+    )
     for field in dataclasses.fields(EngineConfig):
         if field.name in _ENGINE_FLAGS_SKIPPED:
             continue
         kind = {"int | None": int, "int": int, "float": float, "str": str}[str(field.type)]
-        group.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default,
-                           help=f"(default: {field.default})")
+        group.add_argument(
+            f"--{field.name.replace('_', '-')}", type=kind, default=field.default, help=f"(default: {field.default})"
+        )
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -77,16 +81,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load(args: argparse.Namespace) -> Any:
     print(f"fulmine: loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
-    engine_args = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
-                   if f.name not in _ENGINE_FLAGS_SKIPPED}
+    engine_args = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if f.name not in _ENGINE_FLAGS_SKIPPED
+    }
     config = EngineConfig(**engine_args)  # validated before the slow imports
     from fulmine.llm import LLM  # imports torch
 
     started = time.perf_counter()
     llm = LLM(args.model, **dataclasses.asdict(config))
     info = llm.engine.describe()
-    print(f"fulmine: {info['model']} ({info['architecture']}) on {info['device']}, "
-          f"loaded in {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    print(
+        f"fulmine: {info['model']} ({info['architecture']}) on {info['device']}, "
+        f"loaded in {time.perf_counter() - started:.2f} s",
+        file=sys.stderr,
+    )
     return llm
 
 
@@ -94,9 +102,17 @@ def _sampling_params(args: argparse.Namespace) -> Any:
     from fulmine.request import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
     )
 
 
@@ -150,8 +166,11 @@ def _print_answer(llm: Any, prompt: Any, params: Any) -> tuple[str, bool]:
     if first_token_at is not None and last_token_at is not None:
         decode = (num_tokens - 1) / (last_token_at - first_token_at) if last_token_at > first_token_at else 0.0
         note = ", interrupted" if interrupted else ""
-        print(f"[TTFT {1000 * (first_token_at - started):.0f} ms · {decode:.1f} tok/s decode · "
-              f"{num_tokens} tokens{note}]", file=sys.stderr)
+        print(
+            f"[TTFT {1000 * (first_token_at - started):.0f} ms · {decode:.1f} tok/s decode · "
+            f"{num_tokens} tokens{note}]",
+            file=sys.stderr,
+        )
     return "".join(pieces), interrupted
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

@@ -30,7 +30,9 @@ class LLMEngine:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None, progress: bool = True) -> None:
         config = config or EngineConfig()
         self.config = config
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+        device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+        )
         dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         weight_dtype = _DTYPES.get(config.weight_dtype) or (torch.float16 if device.type == "cpu" else dtype)
         if config.num_threads:
@@ -89,7 +91,10 @@ class LLMEngine:
         raise ConfigError("a prompt is a string, a list of token ids, or a list of chat messages")
 
     def add_request(
-        self, prompt: str | list[int] | list[Message], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int] | list[Message],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
     ) -> str:
         params = params or SamplingParams()
         prompt_ids = self.encode_prompt(prompt)

@@ -44,7 +44,10 @@ class ModelRunner:
         shape = (self.null_slot + 1, config.num_kv_heads, config.head_dim)
         self.kv_caches = []
         for _ in range(config.num_layers):
-            k_cache, v_cache = torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+            k_cache, v_cache = (
+                torch.empty(shape, dtype=dtype, device=device),
+                torch.empty(shape, dtype=dtype, device=device),
+            )
             k_cache[self.null_slot].zero_()
             v_cache[self.null_slot].zero_()
             self.kv_caches.append((k_cache, v_cache))
@@ -103,9 +106,7 @@ class ModelRunner:
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
         position_tensor = torch.tensor(positions, dtype=torch.long, device=device)
         cos, sin = self.rotary.lookup(position_tensor)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), cos=cos, sin=sin
-        )
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), cos=cos, sin=sin)
         self._layout(meta, scheduled, block_tables)
         if not sample_rows:
             return input_ids, meta, None, None
@@ -154,7 +155,9 @@ class ModelRunner:
             mask &= key_pos > query_pos - window
         meta.attn_mask = mask.unsqueeze(1)  # [num_seqs, 1, max_query, max_context]
         if len(scheduled) > 1:
-            query_index, output_index, offset = [], [], 0
+            query_index: list[list[int]] = []
+            output_index: list[int] = []
+            offset = 0
             for row, n in enumerate(query_lens):
                 query_index.append(list(range(offset, offset + n)) + [0] * (max_query - n))
                 output_index.extend(range(row * max_query, row * max_query + n))

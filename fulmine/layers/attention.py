@@ -65,9 +65,7 @@ def paged_attention(
 
     assert meta.output_index is not None
     queries = q[meta.query_index].transpose(1, 2)  # [num_seqs, num_heads, max_query_len, head_dim]
-    out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=meta.attn_mask, enable_gqa=True
-    )
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.attn_mask, enable_gqa=True)
     num_seqs, num_heads, max_query_len, head_dim = out.shape
     out = out.transpose(1, 2).reshape(num_seqs * max_query_len, num_heads * head_dim)
     return out[meta.output_index]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -18,8 +18,19 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from fulmine.models.weights import QuantizedTensor
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_NUMPY = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -35,11 +46,12 @@ class TensorInfo:
 class GGUFFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._data: np.ndarray = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._buffer = cast(Any, self._data)  # numpy arrays are buffers; its stubs do not say so
         self._pos = 0
         if bytes(self._data[:4]) != b"GGUF":
             raise ValueError(f"{self.path} is not a GGUF file")
-        version, num_tensors, num_kv = struct.unpack_from("<IQQ", self._data, 4)
+        version, num_tensors, num_kv = struct.unpack_from("<IQQ", self._buffer, 4)
         if version < 2:
             raise ValueError(f"{self.path}: GGUF version {version} is too old (need 2 or newer)")
         self._pos = 24
@@ -59,7 +71,7 @@ class GGUFFile:
 
     def close(self) -> None:
         """Unmap the file (tensors loaded earlier must have been copied out). Metadata stays."""
-        self._data = np.empty(0, dtype=np.uint8)
+        self._data = self._buffer = np.empty(0, dtype=np.uint8)
 
     def load(self, name: str) -> QuantizedTensor:
         """The tensor's raw blocks, one row of blocks per output row (mapped, not read yet)."""
@@ -70,7 +82,7 @@ class GGUFFile:
 
     # -- parsing helpers --------------------------------------------------------------------
     def _unpack(self, fmt: str) -> tuple[Any, ...]:
-        values = struct.unpack_from(fmt, self._data, self._pos)
+        values = struct.unpack_from(fmt, self._buffer, self._pos)
         self._pos += struct.calcsize(fmt)
         return values
 

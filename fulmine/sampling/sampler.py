@@ -8,6 +8,7 @@ so a seeded request draws the same tokens whether it runs alone or batched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device,
     ) -> SamplingBatch:
-        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        def column(values: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
         greedy = [p.is_greedy for p in params]
@@ -51,8 +52,7 @@ class SamplingBatch:
             temperature=column([1.0 if g else p.temperature for g, p in zip(greedy, params)]),
             is_greedy=column(greedy, torch.bool),
             all_greedy=all(greedy),
-            top_k=column([p.top_k or vocab_size for p in params], torch.long)
-            if any(p.top_k for p in params) else None,
+            top_k=column([p.top_k or vocab_size for p in params], torch.long) if any(p.top_k for p in params) else None,
             max_top_k=min(vocab_size, max(p.top_k or vocab_size for p in params)),
             top_p=column([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
             min_p=column([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None,
@@ -108,10 +108,7 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs is not None else None
         if batch.seen_mask is not None:
             logits = _apply_penalties(logits, batch)
-        if batch.all_greedy:
-            token_ids = logits.argmax(dim=-1)
-        else:
-            token_ids = self._sample(logits, batch)
+        token_ids = logits.argmax(dim=-1) if batch.all_greedy else self._sample(logits, batch)
         out = SamplerOutput(token_ids)
         if raw_logprobs is not None and batch.num_logprobs is not None:
             out.logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)

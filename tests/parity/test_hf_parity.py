@@ -52,8 +52,9 @@ def fulmine_greedy(llm: LLM, prompt_ids: list[int], num_steps: int) -> tuple[lis
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 def test_logits_and_greedy_match_transformers(tiny_model_factory, family: str, chunked: bool) -> None:
     path = tiny_model_factory(family)
-    llm = LLM(str(path), dtype="float32", weight_dtype="float32", progress=False,
-              max_num_batched_tokens=5 if chunked else 512)
+    llm = LLM(
+        str(path), dtype="float32", weight_dtype="float32", progress=False, max_num_batched_tokens=5 if chunked else 512
+    )
     prompt_ids = llm.tokenizer.encode(PROMPT)
     assert len(prompt_ids) > 10
     ref_tokens, ref_logits = hf_greedy(path, prompt_ids, NUM_STEPS)

@@ -80,8 +80,9 @@ def test_same_seed_same_tokens_alone_or_batched(make_llm) -> None:
     again = llm.generate(PROMPTS[0], seeded)[0].token_ids
     others = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
     batched = llm.generate(PROMPTS, [seeded, others, others, others])[0].token_ids
-    other_seed = llm.generate(PROMPTS[0], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=24,
-                                                         ignore_eos=True))[0].token_ids
+    other_seed = llm.generate(
+        PROMPTS[0], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=24, ignore_eos=True)
+    )[0].token_ids
     assert alone == again == batched
     assert other_seed != alone
 

@@ -15,8 +15,9 @@ VOCAB = len(PROBS)
 def draw(params: SamplingParams, num_draws: int = 20000, seed: int = 0) -> torch.Tensor:
     """Sample `num_draws` rows of the same distribution in one batch; returns token counts."""
     sampler = Sampler(torch.device("cpu"), seed)
-    batch = SamplingBatch.build([params] * num_draws, [None] * num_draws, [([], [])] * num_draws, VOCAB,
-                                torch.device("cpu"))
+    batch = SamplingBatch.build(
+        [params] * num_draws, [None] * num_draws, [([], [])] * num_draws, VOCAB, torch.device("cpu")
+    )
     logits = PROBS.log().repeat(num_draws, 1)
     tokens = sampler(logits, batch).token_ids
     return torch.bincount(tokens, minlength=VOCAB).float() / num_draws
