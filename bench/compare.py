@@ -1,0 +1,76 @@
+"""fulmine vs llama.cpp (and transformers fp32) on the same GGUF, in one run: medians and ratios.
+
+    python -m bench.compare                     # the embedded SmolLM2-135M-Instruct Q4_1
+    python -m bench.compare --reps 5 --engines fulmine llama.cpp
+
+Each (engine, repetition) is its own process; repetitions alternate engines so machine noise
+falls on all of them. Prints a table, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+METRICS = [
+    ("decode_tok_s", "decode tok/s (256 new)", True),
+    ("ttft_long_s", "TTFT 512-token prompt (s)", False),
+    ("prefill_tok_s", "prefill tok/s", True),
+    ("ttft_chat_s", "TTFT short chat (s)", False),
+    ("load_s", "load (s)", False),
+    ("peak_rss_mb", "peak RSS (MB)", False),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None, help="GGUF file (default: the embedded model)")
+    parser.add_argument("--engines", nargs="+", default=["fulmine", "llama.cpp", "transformers"])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.model is None:
+        from fulmine.models.source import default_model_path
+
+        args.model = str(default_model_path())
+    runs: dict[str, list[dict[str, Any]]] = {engine: [] for engine in args.engines}
+    for rep in range(args.reps):
+        for engine in args.engines:
+            command = [sys.executable, "-m", "bench.engines", engine, "--model", args.model,
+                       "--threads", str(args.threads), "--salt", str(rep)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(f"{engine} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            runs[engine].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"rep {rep} {engine}: {runs[engine][-1]}", file=sys.stderr)
+    medians = {
+        engine: {key: statistics.median(r[key] for r in results) for key, _, _ in METRICS}
+        for engine, results in runs.items() if results
+    }
+    engines = list(medians)
+    print(f"\nmedians of {args.reps} runs, {args.threads} threads, model {args.model}\n")
+    header = f"{'metric':28}" + "".join(f"{e:>14}" for e in engines)
+    others = [e for e in engines if e != "fulmine"]
+    header += "".join(f"{'fulmine/' + e:>24}" for e in others) if "fulmine" in medians else ""
+    print(header)
+    ratios: dict[str, dict[str, float]] = {}
+    for key, label, higher_is_better in METRICS:
+        row = f"{label:28}" + "".join(f"{medians[e][key]:14.3f}" for e in engines)
+        if "fulmine" in medians:
+            for other in others:
+                ratio = medians["fulmine"][key] / medians[other][key]
+                ratios.setdefault(other, {})[key] = ratio
+                better = ratio >= 1 if higher_is_better else ratio <= 1
+                row += f"{ratio:22.2f}{'✓' if better else '✗':>2}"
+        print(row)
+    print(json.dumps({"model": args.model, "reps": args.reps, "threads": args.threads, "medians": medians,
+                      "fulmine_over": ratios}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""One engine, one process: load it, time decode and prefill, print one JSON line.
+
+Run by bench/compare.py (python -m bench.engines ENGINE ...), so that load time and peak RSS
+belong to that engine alone. Every timed prompt is fresh (a unique first line), so no engine
+serves it from a prefix cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+CHAT_QUESTION = "What is the capital of France? Answer in one sentence."
+LONG_TEXT = (
+    "The history of computing is a story of ever smaller, faster and cheaper machines. "
+    "Early computers filled rooms and used vacuum tubes; transistors replaced tubes, and integrated "
+    "circuits put thousands, then billions, of transistors on one chip. "
+)
+
+
+def long_prompt(tokenize: Callable[[str], list[int]], num_tokens: int, salt: int) -> list[int]:
+    ids = tokenize(f"Document {salt}.\n" + LONG_TEXT * (num_tokens // 40 + 2))
+    return ids[:num_tokens]
+
+
+class Engine:
+    """What each engine provides: tokenization, chat prompts and a token stream."""
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def chat_prompt(self, question: str) -> list[int]:
+        raise NotImplementedError
+
+    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
+        """Yields once per generated token (greedy, EOS ignored)."""
+        raise NotImplementedError
+
+
+class Fulmine(Engine):
+    def __init__(self, model: str | None, threads: int) -> None:
+        from fulmine import LLM
+
+        self.llm = LLM(model, progress=False, num_threads=threads)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.llm.tokenizer.encode(text))
+
+    def chat_prompt(self, question: str) -> list[int]:
+        return self.llm.engine.encode_prompt([{"role": "user", "content": question}])
+
+    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
+        from fulmine import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        engine = self.llm.engine
+        engine.add_request(prompt_ids, params)
+        while engine.has_unfinished():
+            for _ in engine.step():
+                yield 1
+
+
+class LlamaCpp(Engine):
+    def __init__(self, model: str, threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model, n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=False, special=True)
+
+    def chat_prompt(self, question: str) -> list[int]:
+        from fulmine.models.source import resolve
+        from fulmine.tokenizer import apply_chat_template, load_tokenizer
+
+        tokenizer = load_tokenizer(resolve(self.model_path))
+        return apply_chat_template(tokenizer, [{"role": "user", "content": question}])
+
+    @property
+    def model_path(self) -> str:
+        return str(self.llm.model_path)
+
+    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
+        self.llm.reset()
+        count = 0
+        for token in self.llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+            yield token
+            count += 1
+            if count >= max_tokens:
+                return
+
+
+class Transformers(Engine):
+    def __init__(self, model: str, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        directory, name = model.rsplit("/", 1)
+        self.tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        self.model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def chat_prompt(self, question: str) -> list[int]:
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                  tokenize=False)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
+        import torch
+
+        with torch.no_grad():
+            out = self.model(torch.tensor([prompt_ids]), use_cache=True)
+            cache = out.past_key_values
+            token = out.logits[0, -1].argmax()
+            yield int(token)
+            for _ in range(max_tokens - 1):
+                out = self.model(token.view(1, 1), past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                token = out.logits[0, -1].argmax()
+                yield int(token)
+
+
+def time_stream(engine: Engine, prompt_ids: list[int], max_tokens: int) -> tuple[float, float]:
+    """(time to first token, decode tok/s over the rest)."""
+    started = time.perf_counter()
+    first = last = None
+    count = 0
+    for _ in engine.stream(prompt_ids, max_tokens):
+        last = time.perf_counter()
+        first = first or last
+        count += 1
+    assert first is not None and last is not None and count == max_tokens, count
+    return first - started, (count - 1) / (last - first)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("engine", choices=["fulmine", "llama.cpp", "transformers"])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--long-prompt", type=int, default=512)
+    parser.add_argument("--salt", type=int, default=0)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    engine: Engine
+    if args.engine == "fulmine":
+        import torch  # noqa: F401  (import time is not load time)
+
+        started = time.perf_counter()
+        engine = Fulmine(args.model, args.threads)
+    elif args.engine == "llama.cpp":
+        engine = LlamaCpp(args.model, args.threads)
+    else:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        started = time.perf_counter()
+        engine = Transformers(args.model, args.threads)
+    load_s = time.perf_counter() - started
+    time_stream(engine, engine.tokenize("Warm up."), 4)
+    chat_ttft, _ = time_stream(engine, engine.chat_prompt(f"({args.salt}) {CHAT_QUESTION}"), 2)
+    long_ids = long_prompt(engine.tokenize, args.long_prompt, args.salt)
+    long_ttft, _ = time_stream(engine, long_ids, 2)
+    _, decode = time_stream(engine, engine.chat_prompt(f"[{args.salt}] Tell me a story."), args.decode_tokens)
+    result: dict[str, Any] = {
+        "engine": args.engine,
+        "load_s": load_s,
+        "decode_tok_s": decode,
+        "ttft_long_s": long_ttft,
+        "long_prompt_tokens": len(long_ids),
+        "prefill_tok_s": len(long_ids) / long_ttft,
+        "ttft_chat_s": chat_ttft,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print(json.dumps(result))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
