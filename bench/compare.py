@@ -40,8 +40,18 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {engine: [] for engine in args.engines}
     for rep in range(args.reps):
         for engine in args.engines:
-            command = [sys.executable, "-m", "bench.engines", engine, "--model", args.model,
-                       "--threads", str(args.threads), "--salt", str(rep)]
+            command = [
+                sys.executable,
+                "-m",
+                "bench.engines",
+                engine,
+                "--model",
+                args.model,
+                "--threads",
+                str(args.threads),
+                "--salt",
+                str(rep),
+            ]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 print(f"{engine} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -50,7 +60,8 @@ def main() -> None:
             print(f"rep {rep} {engine}: {runs[engine][-1]}", file=sys.stderr)
     medians = {
         engine: {key: statistics.median(r[key] for r in results) for key, _, _ in METRICS}
-        for engine, results in runs.items() if results
+        for engine, results in runs.items()
+        if results
     }
     engines = list(medians)
     print(f"\nmedians of {args.reps} runs, {args.threads} threads, model {args.model}\n")
@@ -68,8 +79,17 @@ def main() -> None:
                 better = ratio >= 1 if higher_is_better else ratio <= 1
                 row += f"{ratio:22.2f}{'✓' if better else '✗':>2}"
         print(row)
-    print(json.dumps({"model": args.model, "reps": args.reps, "threads": args.threads, "medians": medians,
-                      "fulmine_over": ratios}))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "reps": args.reps,
+                "threads": args.threads,
+                "medians": medians,
+                "fulmine_over": ratios,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

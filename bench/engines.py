@@ -69,8 +69,7 @@ class LlamaCpp(Engine):
     def __init__(self, model: str, threads: int) -> None:
         from llama_cpp import Llama
 
-        self.llm = Llama(model, n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                         verbose=False)
+        self.llm = Llama(model, n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=False, special=True)
@@ -88,10 +87,8 @@ class LlamaCpp(Engine):
 
     def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
         self.llm.reset()
-        count = 0
-        for token in self.llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+        for count, token in enumerate(self.llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True), start=1):
             yield token
-            count += 1
             if count >= max_tokens:
                 return
 
@@ -110,8 +107,9 @@ class Transformers(Engine):
         return list(self.tokenizer.encode(text))
 
     def chat_prompt(self, question: str) -> list[int]:
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                                  tokenize=False)
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ def cache_dir() -> Path:
     return Path(base) / "fulmine"
 
 
-def load_tokenizer(source: ModelSource) -> Any:
+def load_tokenizer(source: ModelSource, progress: bool = False) -> Any:
     from transformers import AutoTokenizer  # deferred: importing transformers costs about a second
 
     if source.gguf is None:
@@ -35,6 +36,12 @@ def load_tokenizer(source: ModelSource) -> Any:
     cached = cache_dir() / "tokenizers" / key
     if (cached / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
+    if progress:
+        print(
+            f"fulmine: converting the GGUF tokenizer (first use only; cached in {cached.parent})",
+            file=sys.stderr,
+            flush=True,
+        )
     tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
     staging: Path | None = None
     try:  # write to a temp dir then rename, so a crash never leaves half a cache entry

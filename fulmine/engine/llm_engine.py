@@ -49,7 +49,7 @@ class LLMEngine:
         num_blocks = self._num_blocks(config, dtype)
         # The tokenizer (mostly importing transformers) loads on a thread while weights load.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            tokenizer = pool.submit(load_tokenizer, self.source)
+            tokenizer = pool.submit(load_tokenizer, self.source, progress)
             model_module = load_model(self.source, device, dtype, weight_dtype, progress)
             self.tokenizer = tokenizer.result()
         eos = set(model_config.eos_token_ids)

@@ -7,6 +7,8 @@ their logprobs when asked for).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from fulmine.config import ModelConfig
@@ -15,7 +17,16 @@ from fulmine.layers.attention import AttentionMetadata
 from fulmine.layers.rotary import RotaryEmbedding
 from fulmine.models.decoder import DecoderModel
 from fulmine.request import Request, TokenLogprobs
-from fulmine.sampling.sampler import Sampler, SamplingBatch
+from fulmine.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens], every scheduled request's new tokens, back to back
+    attention: AttentionMetadata
+    sample_index: torch.Tensor | None = None  # [num_sampling] rows of the hidden states to sample from
+    sampling: SamplingBatch | None = None
+    sampling_requests: list[Request] = field(default_factory=list)
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -59,36 +70,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
-        input_ids, meta, sample_index, sampling = self._prepare(out.scheduled, block_tables)
-        hidden = self.model(input_ids, self.kv_caches, meta)
-        if sample_index is None:
-            return ModelRunnerOutput(sampled={})
-        assert sampling is not None
-        samplers = [s.request for s in out.scheduled if s.samples]
-        logits = self.model.compute_logits(hidden[sample_index])
-        result = self.sampler(logits, sampling)
+        step = self._prepare(out.scheduled, block_tables)
+        hidden = self.model(step.input_ids, self.kv_caches, step.attention)
+        if step.sampling is None:
+            return ModelRunnerOutput(sampled={})  # only prefill chunks this step
+        logits = self.model.compute_logits(hidden[step.sample_index])
+        result = self.sampler(logits, step.sampling)
         token_ids = result.token_ids.tolist()  # the step's device-to-host copy
-        output = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(samplers, token_ids)})
+        requests = step.sampling_requests
+        output = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(requests, token_ids)})
         if result.logprobs is not None:
-            chosen = result.logprobs.tolist()
-            top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-            top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-            for row, request in enumerate(samplers):
-                k = request.sampling_params.logprobs
-                if k is None:
-                    continue
-                top = list(zip(top_ids[row][:k], top_lps[row][:k])) if top_ids and top_lps else []
-                output.logprobs[request.request_id] = TokenLogprobs(chosen[row], top)
+            output.logprobs = _pack_logprobs(requests, result)
         return output
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator."""
         self.generators.pop(request_id, None)
 
-    def _prepare(
-        self, scheduled: list[ScheduledRequest], block_tables: dict[str, list[int]]
-    ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor | None, SamplingBatch | None]:
-        bs = self.block_size
+    def _prepare(self, scheduled: list[ScheduledRequest], block_tables: dict[str, list[int]]) -> StepInputs:
+        bs, device = self.block_size, self.device
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -102,23 +102,22 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if s.samples:
                 sample_rows.append(len(token_ids) - 1)
-        device = self.device
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
-        position_tensor = torch.tensor(positions, dtype=torch.long, device=device)
-        cos, sin = self.rotary.lookup(position_tensor)
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), cos=cos, sin=sin)
-        self._layout(meta, scheduled, block_tables)
-        if not sample_rows:
-            return input_ids, meta, None, None
-        samplers = [s.request for s in scheduled if s.samples]
-        sampling = SamplingBatch.build(
-            [r.sampling_params for r in samplers],
-            [self._generator(r) for r in samplers],
-            [(r.prompt_token_ids, r.output_token_ids) for r in samplers],
-            self.config.vocab_size,
-            device,
-        )
-        return input_ids, meta, torch.tensor(sample_rows, dtype=torch.long, device=device), sampling
+        cos, sin = self.rotary.lookup(torch.tensor(positions, dtype=torch.long, device=device))
+        attention = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=device), cos, sin)
+        self._layout(attention, scheduled, block_tables)
+        step = StepInputs(torch.tensor(token_ids, dtype=torch.long, device=device), attention)
+        if sample_rows:
+            requests = [s.request for s in scheduled if s.samples]
+            step.sampling_requests = requests
+            step.sample_index = torch.tensor(sample_rows, dtype=torch.long, device=device)
+            step.sampling = SamplingBatch.build(
+                [r.sampling_params for r in requests],
+                [self._generator(r) for r in requests],
+                [(r.prompt_token_ids, r.output_token_ids) for r in requests],
+                self.config.vocab_size,
+                device,
+            )
+        return step
 
     def _layout(
         self, meta: AttentionMetadata, scheduled: list[ScheduledRequest], block_tables: dict[str, list[int]]
@@ -186,6 +185,21 @@ class ModelRunner:
             generator.manual_seed(seed)
             self.generators[request.request_id] = generator
         return generator
+
+
+def _pack_logprobs(requests: list[Request], result: SamplerOutput) -> dict[str, TokenLogprobs]:
+    assert result.logprobs is not None
+    chosen = result.logprobs.tolist()
+    top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+    top_logprobs = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+    packed = {}
+    for row, request in enumerate(requests):
+        k = request.sampling_params.logprobs
+        if k is None:
+            continue
+        top = list(zip(top_ids[row][:k], top_logprobs[row][:k])) if top_ids and top_logprobs else []
+        packed[request.request_id] = TokenLogprobs(chosen[row], top)
+    return packed
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:

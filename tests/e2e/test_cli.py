@@ -59,7 +59,11 @@ def test_chat_keeps_the_conversation(embedded: LLM) -> None:
 def test_ctrl_c_stops_the_answer_not_the_program() -> None:
     proc = subprocess.Popen(
         [*FULMINE, "chat", "--ignore-eos", "--max-tokens", "4000"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
     )
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write("Tell me a very long story.\n")
