@@ -29,10 +29,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(EngineConfig):
         if field.name in _ENGINE_FLAGS_SKIPPED:
             continue
+        flag = f"--{field.name.replace('_', '-')}"
+        if field.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            continue
         kind = {"int | None": int, "int": int, "float": float, "str": str}[str(field.type)]
-        group.add_argument(
-            f"--{field.name.replace('_', '-')}", type=kind, default=field.default, help=f"(default: {field.default})"
-        )
+        group.add_argument(flag, type=kind, default=field.default, help=f"(default: {field.default})")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:

@@ -55,6 +55,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget; longer prompts are prefilled in chunks
     block_size: int = 16  # tokens per KV cache block
     kv_cache_memory_gb: float = 1.0  # memory budget for the KV cache
+    enable_prefix_caching: bool = True  # reuse KV blocks of earlier requests with the same prefix
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     dtype: str = "auto"  # activations: "auto" is float32 on cpu, bfloat16 on cuda
     weight_dtype: str = "auto"  # matrices: "auto" is float16 on cpu (decode reads half the bytes), else dtype

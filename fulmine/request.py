@@ -95,6 +95,7 @@ class Request:
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[TokenLogprobs] = []  # one per output token, if asked for
         self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.first_scheduled_time: float | None = None

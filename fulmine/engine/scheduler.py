@@ -3,8 +3,9 @@
 One idea (vLLM v1's): a request's `num_computed_tokens` catches up with its `num_tokens`. Each
 step has a token budget; running requests are served first (a decode needs one token, an
 unfinished prefill takes what the budget allows), then waiting requests are admitted in arrival
-order, their prompts chunked to fit. When the KV cache runs out, the most recently admitted
-running request is preempted: its blocks are freed and it is recomputed later. Pure Python.
+order, starting from the longest cached prefix of their tokens, the rest chunked to fit. When
+the KV cache runs out, the most recently admitted running request is preempted: its blocks are
+freed and it is recomputed later. Pure Python.
 """
 
 from __future__ import annotations
@@ -52,11 +53,16 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv_cache.can_allocate(request.request_id, request.num_computed_tokens + num_new):
+            matched = self.kv_cache.match_prefix(request.all_token_ids)
+            num_cached = len(matched) * self.kv_cache.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.kv_cache.can_allocate(request.request_id, num_cached + num_new, matched):
                 break
-            self.kv_cache.allocate(request.request_id, request.num_computed_tokens + num_new)
+            self.kv_cache.allocate(request.request_id, num_cached + num_new, matched)
             self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
@@ -91,6 +97,7 @@ class Scheduler:
         for scheduled in out.scheduled:
             request = scheduled.request
             request.num_computed_tokens += scheduled.num_new_tokens
+            self.kv_cache.cache_full_blocks(request)
             token_id = result.sampled.get(request.request_id)
             if token_id is None:
                 continue  # a prefill chunk that did not reach the end of the prompt

@@ -100,3 +100,16 @@ def test_narrow_weights_agree_with_float32(make_llm, tiny_llama) -> None:
                 assert ref.logprobs is not None
                 assert b in [t for t, _ in ref.logprobs[step].top], f"step {step}: {b} not in the top 3"
                 break
+
+
+def test_prefix_cache_hit_equals_miss(make_llm, alone) -> None:
+    """Same outputs whether the prompt's KV comes from the cache or is computed (block_size 4)."""
+    llm = make_llm(block_size=4)
+    warm = llm.generate(PROMPTS, GREEDY)  # fills the cache, outputs included
+    again = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in warm] == [o.token_ids for o in again] == alone
+    assert llm.engine.kv_cache.num_hit_tokens > 0
+    # a follow-up that extends the first conversation, against an engine without the cache
+    follow_up = warm[0].prompt_token_ids + warm[0].token_ids + llm.tokenizer.encode(" and then")
+    cold = make_llm(block_size=4, enable_prefix_caching=False)
+    assert llm.generate([follow_up], GREEDY)[0].token_ids == cold.generate([follow_up], GREEDY)[0].token_ids

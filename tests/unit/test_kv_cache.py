@@ -41,3 +41,44 @@ def test_freed_run_comes_back_contiguous() -> None:
     manager.allocate("c", 8)  # takes the tail of the never-used blocks first
     table = manager.allocate("d", 16)
     assert table == list(range(table[0], table[0] + len(table))) or len(table) == 4
+
+
+def test_cached_blocks_survive_until_evicted_least_recent_first() -> None:
+    pool = BlockPool(4)
+    a, b = pool.allocate(2), pool.allocate(2)
+    pool.register(a[0], (0, (1, 2)))
+    pool.register(b[0], (0, (3, 4)))
+    pool.free(a)
+    pool.free(b)
+    assert pool.num_free_blocks == 4 and pool.usage == 0.0
+    assert pool.lookup((0, (1, 2))) == a[0]
+    pool.allocate(2)  # the two unregistered blocks: the cached ones survive
+    assert pool.lookup((0, (1, 2))) == a[0] and pool.lookup((0, (3, 4))) == b[0]
+    pool.allocate(1)  # evicts the least recently released cached block: a[0]
+    assert pool.lookup((0, (1, 2))) is None and pool.lookup((0, (3, 4))) == b[0]
+
+
+def test_touching_a_cached_block_takes_it_out_of_eviction() -> None:
+    pool = BlockPool(2)
+    (block,) = pool.allocate(1)
+    pool.register(block, (0, (9,)))
+    pool.free([block])
+    pool.touch([block])
+    assert pool.ref_counts[block] == 1 and pool.num_free_blocks == 1
+    other = pool.allocate(1)
+    assert other != [block] and not pool.can_allocate(1)
+
+
+def test_manager_counts_revived_blocks_against_capacity() -> None:
+    manager = KVCacheManager(num_blocks=4, block_size=2)
+    from fulmine.request import Request, SamplingParams
+
+    request = Request("a", [1, 2, 3, 4, 5], SamplingParams(), (), 100)
+    manager.allocate("a", 5)
+    request.num_computed_tokens = 5
+    manager.cache_full_blocks(request)
+    manager.free("a")
+    matched = manager.match_prefix([1, 2, 3, 4, 5])
+    assert len(matched) == 2
+    assert manager.num_blocks_needed("b", 6, matched) == 3  # 1 new + 2 revived from eviction
+    assert manager.can_allocate("b", 8, matched) and not manager.can_allocate("b", 10, matched)

@@ -10,9 +10,11 @@ from fulmine.request import FinishReason, Request, RequestStatus, SamplingParams
 EOS = 0
 
 
-def make_request(request_id: str, num_prompt: int, max_tokens: int = 4) -> Request:
+def make_request(request_id: str, num_prompt: int, max_tokens: int = 4, first_token: int | None = None) -> Request:
+    """A request whose prompt counts up from a token unique to its id (so no prefix is shared)."""
     params = SamplingParams(max_tokens=max_tokens)
-    return Request(request_id, list(range(1, num_prompt + 1)), params, (EOS,), max_total_tokens=1000)
+    start = first_token if first_token is not None else 1000 * (ord(request_id[0]) - ord("a") + 1)
+    return Request(request_id, list(range(start, start + num_prompt)), params, (EOS,), max_total_tokens=10**6)
 
 
 def fake_run(out: SchedulerOutput, token: int = 7) -> ModelRunnerOutput:
@@ -96,3 +98,32 @@ def test_abort_anywhere() -> None:
     assert aborted is not None and aborted.finish_reason is FinishReason.ABORT
     assert scheduler.finish_request("a", FinishReason.ABORT) is None
     assert scheduler.num_unfinished == 0 and scheduler.kv_cache.pool.num_free_blocks == 64
+
+
+def test_a_shared_prefix_is_computed_once() -> None:
+    scheduler = make_scheduler(num_blocks=64, block_size=4, budget=100)
+    first = make_request("a", 14, max_tokens=3, first_token=1)
+    scheduler.add_request(first)
+    while not first.is_finished:
+        out = scheduler.schedule()
+        scheduler.update_from_output(out, fake_run(out))
+    second = make_request("b", 18, max_tokens=1, first_token=1)  # same first 14 tokens
+    scheduler.add_request(second)
+    out = scheduler.schedule()
+    # blocks 0..2 (12 tokens) are full, computed and cached; the 14-token tail block is partial
+    assert second.num_cached_tokens == 12 and out.scheduled[0].num_new_tokens == 6
+    assert scheduler.kv_cache.hit_rate == 12 / (14 + 18)
+
+
+def test_a_finished_conversation_is_reused_output_included() -> None:
+    scheduler = make_scheduler(num_blocks=64, block_size=4, budget=100)
+    first = make_request("a", 6, max_tokens=7, first_token=1)
+    scheduler.add_request(first)
+    while not first.is_finished:
+        out = scheduler.schedule()
+        scheduler.update_from_output(out, fake_run(out))
+    # prompt 6 + 7 sampled tokens; the last sampled token was never computed: 12 computed tokens
+    follow_up = Request("b", first.all_token_ids + [5, 6, 7], SamplingParams(max_tokens=1), (EOS,), 10**6)
+    scheduler.add_request(follow_up)
+    scheduler.schedule()
+    assert follow_up.num_cached_tokens == 12
