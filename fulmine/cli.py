@@ -1,4 +1,4 @@
-"""The command line: `fulmine chat` and `fulmine generate`.
+"""The command line: `fulmine chat`, `fulmine generate` and `fulmine serve`.
 
 Engine flags are generated from EngineConfig's fields, so config lives in one place.
 """
@@ -14,9 +14,24 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-from fulmine.config import ConfigError, EngineConfig
+from fulmine.config import ConfigError, EngineConfig, ServerConfig
 
-_ENGINE_FLAGS_SKIPPED = {"seed"}  # per-request --seed is the sampling seed
+_ENGINE_FLAGS_SKIPPED = frozenset({"seed"})  # per-request --seed is the sampling seed
+
+
+def _add_config_flags(group: argparse._ArgumentGroup, config: type, skipped: frozenset[str] = frozenset()) -> None:
+    """One flag per dataclass field: --field-name, typed from the annotation."""
+    for field in dataclasses.fields(config):
+        if field.name in skipped:
+            continue
+        flag = f"--{field.name.replace('_', '-')}"
+        if field.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        elif field.type == "tuple[str, ...]":
+            group.add_argument(flag, action="append", default=[], help="(repeatable)")
+        else:
+            kind = {"int | None": int, "int": int, "float": float, "str": str}[str(field.type)]
+            group.add_argument(flag, type=kind, default=field.default, help=f"(default: {field.default})")
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -26,15 +41,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="HF model directory, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)",
     )
-    for field in dataclasses.fields(EngineConfig):
-        if field.name in _ENGINE_FLAGS_SKIPPED:
-            continue
-        flag = f"--{field.name.replace('_', '-')}"
-        if field.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-            continue
-        kind = {"int | None": int, "int": int, "float": float, "str": str}[str(field.type)]
-        group.add_argument(flag, type=kind, default=field.default, help=f"(default: {field.default})")
+    _add_config_flags(group, EngineConfig, _ENGINE_FLAGS_SKIPPED)
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -65,11 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stats", action="store_true", help="print TTFT and decode speed to stderr")
     _add_sampling_flags(generate, max_tokens=256)
     _add_engine_flags(generate)
+    serve = commands.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    _add_config_flags(serve.add_argument_group("server"), ServerConfig)
+    _add_engine_flags(serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     try:
         params = _sampling_params(args)  # bad values fail before the model loads
         llm = _load(args)
@@ -80,6 +92,62 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        **{
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(EngineConfig)
+            if f.name not in _ENGINE_FLAGS_SKIPPED
+        }
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
+    keys = [*fields["api_key"], *filter(None, os.environ.get("FULMINE_API_KEY", "").split(","))]
+    fields["api_key"] = tuple(keys)
+    fields["served_model_name"] = tuple(fields["served_model_name"])
+    try:
+        server_config, engine_config = ServerConfig(**fields), _engine_config(args)
+    except ConfigError as error:
+        print(f"fulmine: error: {error}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from fulmine.engine.llm_engine import LLMEngine
+    from fulmine.server.api import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    failed: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_error(error: BaseException) -> None:
+        failed.append(error)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(server_config, lambda: LLMEngine(args.model, engine_config, progress=True), on_load_error)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=server_config.host, port=server_config.port, log_level="info", timeout_graceful_shutdown=5
+        )
+    )
+    auth = f"{len(keys)} API key(s)" if keys else "no API key"
+    print(
+        f"fulmine: serving on http://{server_config.host}:{server_config.port} ({auth}); loading the model ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    server.run()
+    if failed:
+        print(f"fulmine: error: {failed[0]}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _load(args: argparse.Namespace) -> Any:

@@ -75,3 +75,30 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How `fulmine serve` listens. Every field is also a CLI flag."""
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    api_key: tuple[str, ...] = ()  # bearer tokens accepted (also FULMINE_API_KEY); empty: no auth
+    served_model_name: tuple[str, ...] = ()  # names clients may ask for (default: the model's name)
+    max_queue: int = 256  # requests waiting beyond the running batch; past it, 429
+    request_timeout_s: float = 600.0  # a request running longer is aborted
+    max_body_mb: float = 8.0  # larger request bodies get 413
+    max_n: int = 16  # largest n (choices per request)
+    log_prompts: bool = False  # prompts are not logged unless asked
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, "port must be in [0, 65535]"),
+            (self.max_queue >= 0, "max_queue must be >= 0"),
+            (self.request_timeout_s > 0, "request_timeout_s must be > 0"),
+            (self.max_body_mb > 0, "max_body_mb must be > 0"),
+            (self.max_n >= 1, "max_n must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)

@@ -30,6 +30,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return with each sampled token
     min_tokens: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +51,11 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (
+                all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
+                "logit_bias",
+                "values must be in [-100, 100]",
+            ),
         ]
         for ok, name, message in checks:
             if not ok:

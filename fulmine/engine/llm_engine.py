@@ -95,9 +95,21 @@ class LLMEngine:
         prompt: str | list[int] | list[Message],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        arrival_time: float | None = None,
     ) -> str:
         params = params or SamplingParams()
         prompt_ids = self.encode_prompt(prompt)
+        self.check_request(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        request = Request(request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
+        if arrival_time is not None:
+            request.arrival_time = arrival_time
+        self.scheduler.add_request(request)
+        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
+        return request_id
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ConfigError if the request cannot run as asked (thread-safe: reads only)."""
         if not prompt_ids:
             raise ConfigError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -105,11 +117,10 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len} "
                 "(prompt plus at least one generated token)"
             )
-        request_id = request_id or f"req-{next(self._ids)}"
-        request = Request(request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
-        self.scheduler.add_request(request)
-        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
-        return request_id
+        vocab = self.model_config.vocab_size
+        bad = [t for t in list(params.logit_bias) + params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.finish_request(request_id, FinishReason.ABORT)
@@ -151,6 +162,7 @@ class LLMEngine:
             finished=request.is_finished,
             finish_reason=request.finish_reason,
             logprobs=list(request.output_logprobs) if request.sampling_params.logprobs is not None else None,
+            num_cached_tokens=request.num_cached_tokens,
             metrics=RequestMetrics(
                 request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finished_time
             ),

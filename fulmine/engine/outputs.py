@@ -67,6 +67,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     logprobs: list[TokenLogprobs] | None
     metrics: RequestMetrics
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def num_prompt_tokens(self) -> int:

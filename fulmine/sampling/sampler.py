@@ -34,6 +34,7 @@ class SamplingBatch:
     seen_mask: torch.Tensor | None = None  # [num_rows, vocab] bool: token in prompt or output
     output_counts: torch.Tensor | None = None  # [num_rows, vocab] float: occurrences in output
     num_logprobs: int | None = None  # max top alternatives asked by any row; None: no logprobs
+    logit_bias: torch.Tensor | None = None  # [num_rows, vocab] added to the logits
 
     @classmethod
     def build(
@@ -58,6 +59,12 @@ class SamplingBatch:
             min_p=column([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None,
             generators=generators,
         )
+        if any(p.logit_bias for p in params):
+            bias = torch.zeros(len(params), vocab_size)
+            for row, p in enumerate(params):
+                if p.logit_bias:
+                    bias[row, list(p.logit_bias)] = torch.tensor(list(p.logit_bias.values()))
+            batch.logit_bias = bias.to(device)
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         batch.num_logprobs = max(wanted) if wanted else None
         if any(p.has_penalties for p in params):
@@ -106,6 +113,8 @@ class Sampler:
         """logits: [num_rows, vocab] float32 (modified in place)."""
         # Logprobs report the model's distribution, before penalties and truncation.
         raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs is not None else None
+        if batch.logit_bias is not None:
+            logits = logits + batch.logit_bias
         if batch.seen_mask is not None:
             logits = _apply_penalties(logits, batch)
         token_ids = logits.argmax(dim=-1) if batch.all_greedy else self._sample(logits, batch)

@@ -84,3 +84,10 @@ def test_logprobs_are_the_models_before_penalties() -> None:
     assert out.logprobs is not None and out.top_logprobs is not None and out.top_ids is not None
     torch.testing.assert_close(out.logprobs, expected.gather(1, out.token_ids[:, None])[:, 0])
     torch.testing.assert_close(out.top_logprobs, expected.topk(3, dim=-1).values)
+
+
+def test_logit_bias_can_force_or_forbid_a_token() -> None:
+    forced = draw(SamplingParams(temperature=1.0, logit_bias={3: 100.0}), num_draws=1000)
+    assert forced[3] == 1.0
+    forbidden = draw(SamplingParams(temperature=0.0, logit_bias={0: -100.0}), num_draws=10)
+    assert forbidden[0] == 0.0 and forbidden[1] == 1.0

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: protocol, the engine thread, routes, metrics."""

@@ -1,0 +1,252 @@
+"""The FastAPI app: routes, auth, body limits, and every error in OpenAI's shape.
+
+The model loads on a thread after the server starts listening, so `/health` can answer 503
+("loading") at once and 200 when ready; API routes answer 503 until then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fulmine.config import ServerConfig
+from fulmine.engine.llm_engine import LLMEngine
+from fulmine.server import protocol as p
+from fulmine.server.async_engine import AsyncEngine, EngineDead
+from fulmine.server.completions import Completions
+from fulmine.server.metrics import Metrics
+
+logger = logging.getLogger("fulmine.server")
+_OPEN_PATHS = ("/health",)
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: AsyncEngine | None = None
+    completions: Completions | None = None
+    model_names: list[str] = field(default_factory=list)
+    load_error: BaseException | None = None
+    created: int = field(default_factory=p.now)
+
+    def ready(self) -> Completions:
+        if self.completions is None:
+            status = "failed to load" if self.load_error else "still loading"
+            raise p.RequestError(
+                f"the model is {status}; retry when /health answers 200",
+                code="model_not_ready",
+                status=503,
+                error_type="service_unavailable",
+            )
+        return self.completions
+
+
+def _error(
+    status: int,
+    message: str,
+    error_type: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(p.error_body(message, error_type, param, code), status_code=status, headers=headers)
+
+
+class _Guard:
+    """Pure ASGI middleware (it leaves streaming and disconnect detection alone): bearer-token auth
+    on every route but /health, and a cap on request body size."""
+
+    def __init__(self, app: ASGIApp, config: ServerConfig) -> None:
+        self.app, self.keys = app, set(config.api_key)
+        self.max_body = int(config.max_body_mb * 2**20)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.keys and scope["path"] not in _OPEN_PATHS:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or token.strip() not in self.keys:
+                response = _error(
+                    401,
+                    "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                    "invalid_request_error",
+                    code="invalid_api_key",
+                )
+                await response(scope, receive, send)
+                return
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            await self._too_large(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit_mb = self.max_body / 2**20
+        await _error(413, f"request body exceeds {limit_mb:g} MB", "invalid_request_error", code="request_too_large")(
+            scope, receive, send
+        )
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(
+    config: ServerConfig,
+    load_engine: Callable[[], LLMEngine],
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    state = ServerState(config)
+
+    def load() -> None:
+        started = time.perf_counter()
+        try:
+            engine = load_engine()
+        except BaseException as error:
+            state.load_error = error
+            logger.error("loading the model failed: %s", error)
+            if on_load_error is not None:
+                on_load_error(error)
+            return
+        async_engine = AsyncEngine(engine)
+        state.metrics.watch(async_engine)
+        state.model_names = list(config.served_model_name) or [_default_name(engine)]
+        state.engine = async_engine
+        state.completions = Completions(async_engine, state.metrics, config, state.model_names)
+        logger.info("serving %s (%.1f s to load)", ", ".join(state.model_names), time.perf_counter() - started)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        loader = threading.Thread(target=load, name="fulmine-loader", daemon=True)
+        loader.start()
+        yield
+        if state.engine is not None:
+            state.engine.stop()
+
+    app = FastAPI(title="fulmine", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.fulmine = state
+    app.add_middleware(_Guard, config=config)
+    _install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine is not None and state.engine.error is None:
+            return JSONResponse({"status": "ok"})
+        status = "engine failed" if state.engine is not None else "failed" if state.load_error else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        state.ready()
+        return {"object": "list", "data": [_model_card(name, state.created) for name in state.model_names]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        state.ready().check_model(model)
+        return _model_card(model, state.created)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Any:
+        return await state.ready().chat(body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: p.CompletionRequest, request: Request) -> Any:
+        return await state.ready().completions(body, request)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _default_name(engine: LLMEngine) -> str:
+    name = engine.source.name
+    return name.split(".Q")[0] if engine.source.gguf is not None else name  # "SmolLM2-135M-Instruct"
+
+
+def _model_card(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "fulmine"}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def request_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, p.RequestError)
+        headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+        return _error(error.status, error.message, error.error_type, error.param, error.code, headers)
+
+    async def validation_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, RequestValidationError)
+        first = error.errors()[0] if error.errors() else {}
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(loc) or None
+        kind = first.get("type", "")
+        if kind == "json_invalid" or (kind == "missing" and not loc):
+            message = "We could not parse the JSON body of your request: send a JSON object."
+            param = None
+        elif kind == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param}"
+        else:
+            message = f"Invalid value for {param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg"))
+        return _error(400, message, "invalid_request_error", param, kind or None)
+
+    async def http_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, StarletteHTTPException)
+        message = {
+            404: f"unknown route {request.method} {request.url.path}",
+            405: f"method {request.method} is not allowed on {request.url.path}",
+        }.get(error.status_code, str(error.detail))
+        return _error(error.status_code, message, "invalid_request_error")
+
+    async def engine_dead(request: Request, error: Exception) -> Response:
+        return _error(503, f"the engine failed and cannot serve: {error}", "server_error", code="engine_dead")
+
+    async def unexpected(request: Request, error: Exception) -> Response:
+        logger.exception("unexpected error on %s", request.url.path)
+        return _error(500, "internal server error", "server_error")
+
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+        p.RequestError: request_error,
+        RequestValidationError: validation_error,
+        StarletteHTTPException: http_error,
+        EngineDead: engine_dead,
+        Exception: unexpected,
+    }
+    for kind, handler in handlers.items():
+        app.add_exception_handler(kind, handler)

@@ -1,0 +1,125 @@
+"""The engine on its own thread, driven from asyncio.
+
+Why a thread, not a process: the step's heavy work runs inside torch kernels that release the
+GIL, so the event loop keeps serving HTTP while the model runs, and outputs reach the handlers
+without serialization or IPC (a process would add a pickle + pipe hop per token). The engine is
+not thread-safe, so every call into it (add, abort) is queued as a command and run by the
+engine thread between steps; an abort therefore lands within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from fulmine.engine.llm_engine import LLMEngine
+from fulmine.engine.outputs import RequestOutput
+from fulmine.request import SamplingParams
+
+logger = logging.getLogger("fulmine.server")
+
+
+class EngineDead(RuntimeError):
+    """The engine thread failed; requests in flight cannot complete."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
+        self._num_pending = 0  # submitted, not yet in the scheduler
+        self._pending_lock = threading.Lock()
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fulmine-engine", daemon=True)
+        self._thread.start()
+
+    # -- read by the HTTP side (plain reads of ints and lengths are safe across threads) --------
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + self._num_pending
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=5)
+
+    # -- the HTTP side ---------------------------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival_time: float
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request, one per step that produced a token. Leaving early aborts it."""
+        if self.error is not None:
+            raise EngineDead(str(self.error))
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        with self._pending_lock:
+            self._num_pending += 1
+        self._submit(lambda: self._add(request_id, prompt_ids, params, arrival_time))
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(lambda: self._abort(request_id))
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    # -- the engine thread -----------------------------------------------------------------
+    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival_time: float) -> None:
+        with self._pending_lock:
+            self._num_pending -= 1
+        if request_id not in self._streams:
+            return  # the client left before the request reached the engine
+        try:
+            self.engine.add_request(prompt_ids, params, request_id, arrival_time)
+        except Exception as error:  # validated before submission; anything left is reported, not fatal
+            self._deliver(request_id, error)
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, outputs = stream
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            while True:
+                try:
+                    self._commands.get_nowait()()
+                except queue.Empty:
+                    break
+            if not self.engine.has_unfinished():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # a bug in the engine: fail everything in flight loudly
+                logger.exception("engine step failed; failing all requests in flight")
+                self.error = error
+                for request_id in list(self._streams):
+                    self._deliver(request_id, EngineDead(f"engine failure: {error}"))
+                return
+            for output in outputs:
+                self._deliver(output.request_id, output)

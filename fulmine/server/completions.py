@@ -1,0 +1,416 @@
+"""Chat and text completions: validate, tokenize, submit n choices, then stream or collect.
+
+Each choice is its own engine request (they share the prompt's KV blocks through the prefix
+cache). A client that disconnects, or a request past its deadline, leaves the output loop, which
+aborts every choice in the engine within a step and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from fulmine.config import ConfigError, ServerConfig
+from fulmine.engine.outputs import RequestOutput
+from fulmine.request import SamplingParams
+from fulmine.server import protocol as p
+from fulmine.server.async_engine import AsyncEngine
+from fulmine.server.metrics import Metrics
+
+_DISCONNECT_POLL_S = 0.1
+
+
+@dataclass
+class Choice:
+    """One choice's state as its outputs arrive."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = ""
+    last: RequestOutput | None = None
+    last_time: float | None = None
+    logprobs_sent: int = 0
+    text_parts: list[str] = field(default_factory=list)
+
+
+class Completions:
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, config: ServerConfig, model_names: list[str]) -> None:
+        self.engine, self.metrics, self.config, self.model_names = engine, metrics, config, model_names
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+        self.token_text = lru_cache(maxsize=65536)(self._token_text)
+
+    def _token_text(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))
+
+    # -- shared checks --------------------------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        if model not in self.model_names:
+            raise p.RequestError(
+                f"The model {model!r} does not exist; this server serves {', '.join(map(repr, self.model_names))}",
+                "model",
+                "model_not_found",
+                status=404,
+            )
+
+    async def _encode(self, prompt: Any) -> list[int]:
+        loop = asyncio.get_running_loop()
+        try:  # tokenizing long prompts takes milliseconds: keep it off the event loop
+            return await loop.run_in_executor(None, self.engine.engine.encode_prompt, prompt)
+        except ConfigError as error:
+            raise p.RequestError(str(error), "messages" if isinstance(prompt, list) else "prompt") from None
+
+    def _make_choices(
+        self, body: p._Sampling, prompts: list[list[int]], max_tokens: int | None, num_logprobs: int | None
+    ) -> list[Choice]:
+        if body.n > self.config.max_n:
+            raise p.RequestError(f"n must be <= {self.config.max_n}", "n")
+        choices = []
+        for prompt_index, prompt_ids in enumerate(prompts):
+            if max_tokens is not None and len(prompt_ids) + max_tokens > self.max_model_len:
+                raise p.RequestError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                    f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} in the "
+                    "completion). Please reduce the prompt or max_tokens.",
+                    "max_tokens",
+                    "context_length_exceeded",
+                )
+            for i in range(body.n):
+                try:
+                    params = body.sampling_params(max_tokens, num_logprobs, seed_offset=i)
+                    self.engine.engine.check_request(prompt_ids, params)
+                except ConfigError as error:
+                    raise p.RequestError(
+                        str(error), "messages", "context_length_exceeded" if "context window" in str(error) else None
+                    ) from None
+                choices.append(Choice(prompt_index * body.n + i, prompt_ids, params))
+        waiting = self.engine.num_waiting
+        if waiting + len(choices) > self.config.max_queue + max(
+            0, self.engine.engine.config.max_num_seqs - self.engine.num_running
+        ):
+            self.metrics.rejected.labels("queue_full").inc()
+            raise p.RequestError(
+                f"the server is at capacity ({waiting} requests waiting); retry shortly",
+                code="rate_limit_exceeded",
+                status=429,
+                error_type="rate_limit_error",
+            )
+        return choices
+
+    # -- the two endpoints ----------------------------------------------------------------------
+    async def chat(self, body: p.ChatCompletionRequest, request: Request) -> Any:
+        arrival = time.monotonic()
+        self.check_model(body.model)
+        body.check_supported()
+        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
+        prompt_ids = await self._encode(messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        choices = self._make_choices(body, [prompt_ids], max_tokens, body.num_logprobs)
+        run = _Run(self, body.model, p.new_id("chatcmpl"), choices, arrival, request)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return run.stream_response(self._chat_chunks(run, include_usage))
+        await run.collect()
+        body_out = {
+            "id": run.id,
+            "object": "chat.completion",
+            "created": run.created,
+            "model": run.model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": "".join(c.text_parts), "refusal": None},
+                    "logprobs": {"content": self._chat_logprobs(c, 0), "refusal": None} if body.logprobs else None,
+                    "finish_reason": p.finish_reason(c.last) if c.last else "stop",
+                }
+                for c in choices
+            ],
+            "usage": run.usage(),
+            "system_fingerprint": None,
+            "timing": run.timing(),
+        }
+        return run.json_response(body_out)
+
+    async def completions(self, body: p.CompletionRequest, request: Request) -> Any:
+        arrival = time.monotonic()
+        self.check_model(body.model)
+        body.check_supported()
+        prompts = [await self._encode(prompt) for prompt in body.prompts()]
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default here
+        choices = self._make_choices(body, prompts, max_tokens, body.logprobs)
+        run = _Run(self, body.model, p.new_id("cmpl"), choices, arrival, request)
+        echo = {c.index: self.tokenizer.decode(c.prompt_ids) for c in choices} if body.echo else {}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return run.stream_response(self._text_chunks(run, include_usage, echo, body.logprobs is not None))
+        await run.collect()
+        body_out = {
+            "id": run.id,
+            "object": "text_completion",
+            "created": run.created,
+            "model": run.model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": echo.get(c.index, "") + "".join(c.text_parts),
+                    "logprobs": self._text_logprobs(c, 0, 0) if body.logprobs is not None else None,
+                    "finish_reason": p.finish_reason(c.last) if c.last else "stop",
+                }
+                for c in choices
+            ],
+            "usage": run.usage(),
+            "system_fingerprint": None,
+            "timing": run.timing(),
+        }
+        return run.json_response(body_out)
+
+    # -- streams --------------------------------------------------------------------------------
+    async def _chat_chunks(self, run: _Run, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+            out = {
+                "id": run.id,
+                "object": "chat.completion.chunk",
+                "created": run.created,
+                "model": run.model,
+                "system_fingerprint": None,
+                "choices": choices,
+                **extra,
+            }
+            if include_usage:
+                out.setdefault("usage", None)
+            return out
+
+        for c in run.choices:
+            yield chunk(
+                [
+                    {
+                        "index": c.index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
+        async for c, output in run.outputs():
+            logprobs = None
+            if c.params.logprobs is not None:
+                logprobs = {"content": self._chat_logprobs(c, c.logprobs_sent), "refusal": None}
+                c.logprobs_sent = len(output.token_ids)
+            reason = p.finish_reason(output)
+            if output.new_text or logprobs:
+                yield chunk(
+                    [
+                        {
+                            "index": c.index,
+                            "delta": {"content": output.new_text},
+                            "logprobs": logprobs,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            if reason is not None:
+                yield chunk(
+                    [{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}],
+                    timing=p.timing(output),
+                )
+        if include_usage:
+            yield chunk([], usage=run.usage(), timing=run.timing())
+
+    async def _text_chunks(
+        self, run: _Run, include_usage: bool, echo: dict[int, str], logprobs: bool
+    ) -> AsyncIterator[dict[str, Any]]:
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+            out = {
+                "id": run.id,
+                "object": "text_completion",
+                "created": run.created,
+                "model": run.model,
+                "system_fingerprint": None,
+                "choices": choices,
+                **extra,
+            }
+            if include_usage:
+                out.setdefault("usage", None)
+            return out
+
+        for index, text in echo.items():
+            yield chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": None}])
+        async for c, output in run.outputs():
+            entry = None
+            if logprobs:
+                entry = self._text_logprobs(c, c.logprobs_sent, len("".join(c.text_parts[:-1])))
+                c.logprobs_sent = len(output.token_ids)
+            reason = p.finish_reason(output)
+            if output.new_text or entry or reason:
+                yield chunk(
+                    [{"index": c.index, "text": output.new_text, "logprobs": entry, "finish_reason": reason}],
+                    **({"timing": p.timing(output)} if reason else {}),
+                )
+        if include_usage:
+            yield chunk([], usage=run.usage(), timing=run.timing())
+
+    # -- logprobs in OpenAI's two shapes ---------------------------------------------------------
+    def _chat_logprobs(self, c: Choice, start: int) -> list[dict[str, Any]]:
+        assert c.last is not None
+        entries = []
+        for token_id, lp in zip(c.last.token_ids[start:], (c.last.logprobs or [])[start:]):
+            text = self.token_text(token_id)
+            entries.append(
+                {
+                    "token": text,
+                    "logprob": lp.logprob,
+                    "bytes": list(text.encode()),
+                    "top_logprobs": [
+                        {"token": self.token_text(t), "logprob": v, "bytes": list(self.token_text(t).encode())}
+                        for t, v in lp.top
+                    ],
+                }
+            )
+        return entries
+
+    def _text_logprobs(self, c: Choice, start: int, offset: int) -> dict[str, Any]:
+        assert c.last is not None
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for token_id, lp in zip(c.last.token_ids[start:], (c.last.logprobs or [])[start:]):
+            text = self.token_text(token_id)
+            tokens.append(text)
+            token_logprobs.append(lp.logprob)
+            top.append({self.token_text(t): v for t, v in lp.top})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+class _Run:
+    """The engine requests behind one HTTP request, and their shared bookkeeping."""
+
+    def __init__(
+        self, owner: Completions, model: str, run_id: str, choices: list[Choice], arrival: float, request: Request
+    ) -> None:
+        self.owner, self.model, self.id, self.choices = owner, model, run_id, choices
+        self.arrival, self.request, self.created = arrival, request, p.now()
+        for c in choices:
+            c.request_id = f"{run_id}-{c.index}"
+
+    async def outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+        """Every choice's outputs as they come, until all finish or the deadline passes."""
+        engine, metrics = self.owner.engine, self.owner.metrics
+        merged: asyncio.Queue[tuple[Choice, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(c: Choice) -> None:
+            try:
+                async for output in engine.generate(c.request_id, c.prompt_ids, c.params, self.arrival):
+                    await merged.put((c, output))
+            except Exception as error:
+                await merged.put((c, error))
+            finally:
+                await merged.put((c, None))
+
+        tasks = [asyncio.create_task(pump(c)) for c in self.choices]
+        deadline = self.arrival + self.owner.config.request_timeout_s
+        try:
+            remaining = len(tasks)
+            while remaining:
+                timeout = deadline - time.monotonic()
+                try:
+                    c, item = await asyncio.wait_for(merged.get(), timeout=max(timeout, 0.0))
+                except TimeoutError:
+                    raise p.RequestError(
+                        f"the request exceeded the server's timeout of {self.owner.config.request_timeout_s:g} s",
+                        code="timeout",
+                        status=408,
+                        error_type="timeout_error",
+                    ) from None
+                if item is None:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                now = time.monotonic()
+                if c.last_time is None:
+                    metrics.ttft.observe(now - self.arrival)
+                else:
+                    metrics.itl.observe(now - c.last_time)
+                c.last, c.last_time = item, now
+                c.text_parts.append(item.new_text)
+                if item.finished:
+                    self._record(item)
+                yield c, item
+        finally:
+            for task in tasks:
+                task.cancel()  # unfinished choices are aborted by engine.generate's cleanup
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _record(self, output: RequestOutput) -> None:
+        m = self.owner.metrics
+        m.e2e.observe(time.monotonic() - self.arrival)
+        if output.metrics.first_scheduled_time is not None:
+            m.queue.observe(output.metrics.first_scheduled_time - output.metrics.arrival_time)
+        m.prompt_tokens.inc(output.num_prompt_tokens)
+        m.generation_tokens.inc(output.num_output_tokens)
+        m.cached_tokens.inc(output.num_cached_tokens)
+        m.requests.labels(p.finish_reason(output) or "abort").inc()
+
+    async def collect(self) -> None:
+        """Run to the end; a client that disconnects meanwhile aborts everything."""
+
+        async def consume() -> None:
+            async for _ in self.outputs():
+                pass
+
+        task = asyncio.create_task(consume())
+        while not task.done():
+            await asyncio.wait([task], timeout=_DISCONNECT_POLL_S)
+            if not task.done() and await self.request.is_disconnected():
+                task.cancel()
+        await task
+
+    def usage(self) -> dict[str, Any]:
+        """Prompt tokens count once per prompt, however many choices share it."""
+        firsts = list({id(c.prompt_ids): c for c in reversed(self.choices)}.values())
+        prompt_tokens = sum(len(c.prompt_ids) for c in firsts)
+        completion = sum(len(c.last.token_ids) for c in self.choices if c.last)
+        cached = sum(c.last.num_cached_tokens for c in firsts if c.last)
+        return p.usage(prompt_tokens, completion, cached)
+
+    def timing(self) -> dict[str, float | None]:
+        finished = [c.last for c in self.choices if c.last is not None]
+        return (
+            p.timing(finished[0])
+            if len(finished) == 1
+            else {
+                "ttft_s": round(min((c.last_time or 0) for c in self.choices) - self.arrival, 6),
+                "total_s": round(time.monotonic() - self.arrival, 6),
+            }
+        )
+
+    def json_response(self, body: dict[str, Any]) -> JSONResponse:
+        return JSONResponse(body, headers={"Server-Timing": p.server_timing_header(body["timing"])})
+
+    def stream_response(self, chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+        return StreamingResponse(
+            _sse(chunks),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+
+async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """Server-sent events; an error after the stream started becomes an error event, then [DONE]."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+    except p.RequestError as error:
+        yield f"data: {json.dumps(p.error_body(error.message, error.error_type, error.param, error.code))}\n\n"
+    except Exception as error:  # the engine failed mid-stream: say so, do not hang the client
+        yield f"data: {json.dumps(p.error_body(f'internal error: {error}', 'server_error'))}\n\n"
+    yield "data: [DONE]\n\n"

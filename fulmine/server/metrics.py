@@ -1,0 +1,66 @@
+"""Prometheus metrics, on a registry of the app's own (so servers in one process never clash)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from fulmine.server.async_engine import AsyncEngine
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "fulmine_time_to_first_token_seconds", "Arrival to first token.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "fulmine_inter_token_latency_seconds", "Between tokens of one stream.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "fulmine_e2e_request_latency_seconds", "Arrival to finish.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue = Histogram(
+            "fulmine_request_queue_time_seconds", "Arrival to first scheduled.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("fulmine_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("fulmine_generation_tokens", "Tokens generated.", registry=r)
+        self.cached_tokens = Counter(
+            "fulmine_prefix_cache_hit_tokens", "Prompt tokens served from the cache.", registry=r
+        )
+        self.requests = Counter("fulmine_requests", "Finished requests.", ["finish_reason"], registry=r)
+        self.rejected = Counter("fulmine_requests_rejected", "Requests refused.", ["reason"], registry=r)
+        self.running = Gauge("fulmine_num_requests_running", "Requests in the running batch.", registry=r)
+        self.waiting = Gauge("fulmine_num_requests_waiting", "Requests waiting to run.", registry=r)
+        self.kv_usage = Gauge("fulmine_kv_cache_usage_ratio", "Fraction of KV blocks in use.", registry=r)
+        self.hit_rate = Gauge(
+            "fulmine_prefix_cache_hit_rate", "Prompt tokens found in the cache / queried.", registry=r
+        )
+
+    def watch(self, engine: AsyncEngine) -> None:
+        """Gauges read the engine at scrape time."""
+        self.running.set_function(lambda: engine.num_running)
+        self.waiting.set_function(lambda: engine.num_waiting)
+        self.kv_usage.set_function(lambda: engine.engine.kv_cache.usage)
+        self.hit_rate.set_function(lambda: engine.engine.kv_cache.hit_rate)

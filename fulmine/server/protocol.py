@@ -1,0 +1,266 @@
+"""OpenAI's request shapes as pydantic models (pydantic's only home), and the response builders.
+
+Requests are validated strictly: a field OpenAI does not define is rejected (as OpenAI does), a
+field that would change the output and that fulmine does not implement yet is rejected with a
+clear message, and fields that do not change the output (user, metadata, store, ...) are
+accepted. Responses are plain dicts in OpenAI's shapes, plus `timing` (per-request seconds).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fulmine.engine.outputs import RequestOutput
+from fulmine.request import SamplingParams
+
+MAX_STOP_SEQUENCES = 4
+
+
+class RequestError(Exception):
+    """A client mistake: becomes a 4xx in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        status: int = 400,
+        error_type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.error_type = message, param, code, status, error_type
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # tool_calls, refusal, ...: checked in `text`
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        if self.role in ("tool", "function") or getattr(self, "tool_calls", None):
+            raise RequestError("tool messages and tool calls are not supported yet", f"messages[{index}]")
+        if self.content is None:
+            if self.role == "assistant":
+                return ""
+            raise RequestError(f"messages[{index}].content is required", f"messages[{index}].content")
+        if isinstance(self.content, str):
+            return self.content
+        pieces = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(
+                    f"only text content parts are supported (got type {part.get('type')!r})",
+                    f"messages[{index}].content",
+                )
+            pieces.append(part["text"])
+        return "".join(pieces)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+
+class _Sampling(_Strict):
+    """Fields shared by chat and text completions (fulmine extensions marked)."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # extensions (vLLM's names), reachable from the openai client through extra_body
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError("logit_bias values must be in [-100, 100]")
+        return value
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, seed_offset: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            seed=None if self.seed is None else self.seed + seed_offset,
+            stop=list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            min_tokens=self.min_tokens,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+        )
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # accepted, no effect on the output
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    # would change the output, not supported yet
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise RequestError(
+                f"response_format {self.response_format.get('type')!r} is not supported yet", "response_format"
+            )
+        if self.tools or self.functions:
+            raise RequestError("tools and function calling are not supported yet", "tools")
+        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
+            raise RequestError("tool_choice is not supported yet", "tool_choice")
+        if self.modalities not in (None, ["text"]) or self.audio:
+            raise RequestError("only text output is supported", "modalities")
+        for name in ("prediction", "reasoning_effort", "verbosity", "web_search_options", "moderation"):
+            if getattr(self, name) is not None:
+                raise RequestError(f"{name} is not supported yet", name)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        if self.suffix:
+            raise RequestError("suffix is not supported", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError("best_of other than n is not supported yet", "best_of")
+        if self.echo and self.logprobs is not None:
+            raise RequestError("echo with logprobs (prompt logprobs) is not supported yet", "echo")
+
+    def prompts(self) -> list[str | list[int]]:
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise RequestError("prompt must not be empty", "prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
+
+# -- responses -------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def timing(output: RequestOutput) -> dict[str, float | None]:
+    """Seconds: queue (arrival -> first scheduled), prefill (-> first token), decode (-> finish)."""
+    m = output.metrics
+
+    def span(start: float | None, end: float | None) -> float | None:
+        return None if start is None or end is None else round(end - start, 6)
+
+    return {
+        "queue_s": span(m.arrival_time, m.first_scheduled_time),
+        "prefill_s": span(m.first_scheduled_time, m.first_token_time),
+        "decode_s": span(m.first_token_time, m.finished_time),
+        "ttft_s": span(m.arrival_time, m.first_token_time),
+        "total_s": span(m.arrival_time, m.finished_time),
+    }
+
+
+def server_timing_header(timings: dict[str, float | None]) -> str:
+    parts = [
+        f"{name.removesuffix('_s')};dur={1000 * value:.3f}" for name, value in timings.items() if value is not None
+    ]
+    return ", ".join(parts)
+
+
+def finish_reason(output: RequestOutput) -> str | None:
+    if not output.finished or output.finish_reason is None:
+        return None
+    return output.finish_reason.value if output.finish_reason.value in ("stop", "length") else "stop"
