@@ -7,6 +7,7 @@ The model loads on a thread after the server starts listening, so `/health` can 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from fulmine.server.metrics import Metrics
 
 logger = logging.getLogger("fulmine.server")
 _OPEN_PATHS = ("/health",)
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|\w+\[.*\]|function-\w+.*|tagged-union.*|[A-Z]\w*)$")
 
 
 @dataclass
@@ -214,7 +216,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, RequestValidationError)
         first = error.errors()[0] if error.errors() else {}
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        # pydantic names the union member that failed (e.g. "str", "list[int]"): not a field
+        loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _TYPE_TAG.match(str(part))]
         param = ".".join(loc) or None
         kind = first.get("type", "")
         if kind == "json_invalid" or (kind == "missing" and not loc):

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from fulmine import __version__
 from fulmine.config import ConfigError, ServerConfig
 from fulmine.engine.outputs import RequestOutput
 from fulmine.request import SamplingParams
@@ -48,6 +49,7 @@ class Completions:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
+        self.fingerprint = f"fulmine-{__version__}"
 
     def _token_text(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))
@@ -135,7 +137,7 @@ class Completions:
                 for c in choices
             ],
             "usage": run.usage(),
-            "system_fingerprint": None,
+            "system_fingerprint": self.fingerprint,
             "timing": run.timing(),
         }
         return run.json_response(body_out)
@@ -168,7 +170,7 @@ class Completions:
                 for c in choices
             ],
             "usage": run.usage(),
-            "system_fingerprint": None,
+            "system_fingerprint": self.fingerprint,
             "timing": run.timing(),
         }
         return run.json_response(body_out)
@@ -181,7 +183,7 @@ class Completions:
                 "object": "chat.completion.chunk",
                 "created": run.created,
                 "model": run.model,
-                "system_fingerprint": None,
+                "system_fingerprint": self.fingerprint,
                 "choices": choices,
                 **extra,
             }
@@ -234,7 +236,7 @@ class Completions:
                 "object": "text_completion",
                 "created": run.created,
                 "model": run.model,
-                "system_fingerprint": None,
+                "system_fingerprint": self.fingerprint,
                 "choices": choices,
                 **extra,
             }

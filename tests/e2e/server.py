@@ -1,0 +1,75 @@
+"""A real fulmine server on a free loopback port, in this process (so tests can read engine state)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+
+from fulmine.config import EngineConfig, ServerConfig
+from fulmine.engine.llm_engine import LLMEngine
+from fulmine.server.api import ServerState, create_app
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    state: ServerState
+
+    @property
+    def engine(self) -> LLMEngine:
+        assert self.state.engine is not None
+        return self.state.engine.engine
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Until no request runs or waits and every KV block is back in the pool."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            engine = self.engine
+            if not engine.has_unfinished() and engine.kv_cache.pool.usage == 0.0:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"server not idle: {self.engine.scheduler.num_unfinished} requests left")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve(load: Callable[[], LLMEngine], wait_ready: bool = True, **server_args: object) -> Iterator[RunningServer]:
+    port = free_port()
+    config = ServerConfig(host="127.0.0.1", port=port, **server_args)  # type: ignore[arg-type]
+    app = create_app(config, load)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            status = httpx.get(f"{base_url}/health", timeout=1).status_code
+            if status == 200 or (not wait_ready and status == 503):
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("server did not become ready")
+        time.sleep(0.05)
+    try:
+        yield RunningServer(base_url, app.state.fulmine)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def engine_loader(model: str | None, **engine_args: object) -> Callable[[], LLMEngine]:
+    return lambda: LLMEngine(model, EngineConfig(**engine_args), progress=False)  # type: ignore[arg-type]
