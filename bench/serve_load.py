@@ -1,0 +1,288 @@
+"""Load benchmark for OpenAI-compatible servers: fulmine vs llama.cpp's server on the same GGUF.
+
+    python -m bench.serve_load                       # both servers, the embedded model
+    python -m bench.serve_load --concurrency 1 4 8 --requests 16
+
+Starts each server on a free loopback port, one at a time (they would fight over 2 cores), and
+measures with streaming clients:
+- N concurrent chat streams: TTFT and inter-token latency p50/p99, end-to-end, throughput;
+- multi-turn chat: TTFT of each follow-up turn (the previous conversation is a prefix), for
+  fulmine with and without prefix caching, and llama.cpp (which keeps its slot's prompt cache);
+- a running stream's inter-token latency while a ~2k-token prompt arrives (chunked prefill).
+Prints a table, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give me three tips for better sleep.",
+    "Explain what a CPU cache is.",
+    "Write a haiku about rain.",
+    "What is 17 times 23?",
+    "Name five fruits.",
+    "How do airplanes fly?",
+    "What is photosynthesis?",
+    "Tell me a fun fact about octopuses.",
+    "How do I boil an egg?",
+]
+FOLLOW_UPS = ["Tell me more.", "Can you give an example?", "Summarize that in one sentence.", "Why is that?"]
+LONG_TEXT = "The history of computing is a story of ever smaller, faster and cheaper machines. " * 200
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(kind: str, model: str, threads: int, extra: list[str]) -> Iterator[tuple[str, str]]:
+    port = free_port()
+    if kind == "fulmine":
+        command = [
+            sys.executable,
+            "-m",
+            "fulmine",
+            "serve",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--num-threads",
+            str(threads),
+            "--served-model-name",
+            "m",
+            *extra,
+        ]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--n_threads",
+            str(threads),
+            "--n_threads_batch",
+            str(threads),
+            "--n_ctx",
+            "4096",
+            "--model_alias",
+            "m",
+            *extra,
+        ]
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"{kind}-", suffix=".log", delete=False)  # noqa: SIM115
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                ready = httpx.get(f"{base}/v1/models", timeout=2).status_code == 200
+                if ready:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{kind} did not start")
+            time.sleep(0.2)
+        yield base, "m"
+    except Exception:
+        log.seek(0)
+        print(f"--- {kind} server log (tail) ---\n{log.read()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+async def stream_chat(
+    client: httpx.AsyncClient, base: str, model: str, messages: list[dict[str, str]], max_tokens: int
+) -> dict[str, Any]:
+    """One streamed chat: TTFT, the gaps between content chunks, the text."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    started = time.perf_counter()
+    times: list[float] = []
+    parts: list[str] = []
+    async with client.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
+                parts.append(chunk["choices"][0]["delta"]["content"])
+    end = time.perf_counter()
+    return {
+        "ttft": times[0] - started if times else end - started,
+        "itl": [b - a for a, b in zip(times, times[1:])],
+        "e2e": end - started,
+        "tokens": len(times),
+        "text": "".join(parts),
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def concurrent_load(base: str, model: str, concurrency: int, num_requests: int, max_tokens: int) -> dict:
+    semaphore = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient() as client:
+
+        async def one(i: int) -> dict[str, Any] | None:
+            async with semaphore:
+                messages = [{"role": "user", "content": f"({i}) {QUESTIONS[i % len(QUESTIONS)]}"}]
+                try:
+                    return await stream_chat(client, base, model, messages, max_tokens)
+                except httpx.HTTPError as error:  # counted, not fatal: a peer may drop streams under load
+                    print(f"request {i} failed: {error!r}", file=sys.stderr)
+                    return None
+
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(*(one(i) for i in range(num_requests)))
+        wall = time.perf_counter() - started
+    results = [r for r in outcomes if r is not None]
+    if not results:
+        return {"concurrency": concurrency, "failed": num_requests}
+    ttft = [r["ttft"] for r in results]
+    itl = [gap for r in results for gap in r["itl"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "concurrency": concurrency,
+        "ttft_p50": pct(ttft, 0.5),
+        "ttft_p99": pct(ttft, 0.99),
+        "itl_p50": pct(itl, 0.5),
+        "itl_p99": pct(itl, 0.99),
+        "e2e_p50": pct([r["e2e"] for r in results], 0.5),
+        "throughput_tok_s": tokens / wall,
+        "per_user_tok_s": statistics.median(
+            (r["tokens"] - 1) / (r["e2e"] - r["ttft"]) for r in results if r["tokens"] > 1
+        ),
+    }
+
+
+async def multi_turn(base: str, model: str, turns: int, max_tokens: int) -> list[float]:
+    """TTFT of each turn of one conversation (turn 0 is cold)."""
+    messages = [{"role": "system", "content": "You are a helpful assistant. " * 20}]
+    ttfts = []
+    async with httpx.AsyncClient() as client:
+        for turn in range(turns):
+            question = QUESTIONS[turn % len(QUESTIONS)] if turn == 0 else FOLLOW_UPS[(turn - 1) % len(FOLLOW_UPS)]
+            messages.append({"role": "user", "content": question})
+            result = await stream_chat(client, base, model, messages, max_tokens)
+            ttfts.append(result["ttft"])
+            messages.append({"role": "assistant", "content": result["text"]})
+    return ttfts
+
+
+async def itl_under_long_prompt(base: str, model: str) -> dict[str, float]:
+    """Inter-token latency of a running stream while a ~2k-token prompt is prefilled beside it."""
+    async with httpx.AsyncClient() as client:
+        running = asyncio.create_task(
+            stream_chat(
+                client, base, model, [{"role": "user", "content": "Count slowly from one to one hundred."}], 160
+            )
+        )
+        await asyncio.sleep(1.0)
+        long = await stream_chat(client, base, model, [{"role": "user", "content": LONG_TEXT[:9000]}], 4)
+        result = await running
+    return {
+        "running_itl_p50": pct(result["itl"], 0.5),
+        "running_itl_max": max(result["itl"] or [0.0]),
+        "long_prompt_ttft": long["ttft"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--servers", nargs="+", default=["fulmine", "llama.cpp"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8])
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.model is None:
+        from fulmine.models.source import default_model_path
+
+        args.model = str(default_model_path())
+    report: dict[str, Any] = {"model": args.model, "load": {}, "multi_turn": {}, "long_prompt": {}}
+    variants = [("fulmine", []), ("fulmine (no prefix cache)", ["--no-enable-prefix-caching"])]
+    if "llama.cpp" in args.servers:
+        variants.append(("llama.cpp", []))
+    for name, extra in variants:
+        kind = "llama.cpp" if name == "llama.cpp" else "fulmine"
+        if kind not in args.servers:
+            continue
+        with server(kind, args.model, args.threads, extra) as (base, model):
+            asyncio.run(stream_chat_warmup(base, model))
+            report["multi_turn"][name] = asyncio.run(multi_turn(base, model, args.turns, 32))
+            if "no prefix" in name:
+                continue
+            report["load"][name] = [
+                asyncio.run(concurrent_load(base, model, c, args.requests, args.max_tokens)) for c in args.concurrency
+            ]
+            report["long_prompt"][name] = asyncio.run(itl_under_long_prompt(base, model))
+        print(f"done: {name}", file=sys.stderr)
+    print_report(report)
+    print(json.dumps(report))
+
+
+async def stream_chat_warmup(base: str, model: str) -> None:
+    async with httpx.AsyncClient() as client:
+        await stream_chat(client, base, model, [{"role": "user", "content": "Hi"}], 4)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"\nmodel {report['model']}\n")
+    print(
+        f"{'server':28}{'conc':>5}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
+        f"{'tok/s':>8}{'tok/s/user':>11}"
+    )
+    for name, rows in report["load"].items():
+        for r in rows:
+            if "ttft_p50" not in r:
+                print(f"{name:28}{r['concurrency']:>5}  all {r['failed']} requests failed")
+                continue
+            print(
+                f"{name:28}{r['concurrency']:>5}{r['ttft_p50']:>10.3f}{r['ttft_p99']:>10.3f}{r['itl_p50']:>9.3f}"
+                f"{r['itl_p99']:>9.3f}{r['throughput_tok_s']:>8.1f}{r['per_user_tok_s']:>11.1f}"
+            )
+    print("\nmulti-turn TTFT (s), turn 0 cold:")
+    for name, ttfts in report["multi_turn"].items():
+        print(f"  {name:28}" + " ".join(f"{t:7.3f}" for t in ttfts))
+    print("\na running stream while a ~2k-token prompt arrives:")
+    for name, r in report["long_prompt"].items():
+        print(
+            f"  {name:28} ITL p50 {r['running_itl_p50']:.3f} s, max {r['running_itl_max']:.3f} s; "
+            f"long prompt TTFT {r['long_prompt_ttft']:.2f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
