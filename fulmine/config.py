@@ -52,7 +52,9 @@ class EngineConfig:
 
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 64  # requests running at once
-    max_num_batched_tokens: int = 512  # per-step token budget; longer prompts are prefilled in chunks
+    # per-step token budget; longer prompts are prefilled in chunks of at most this, so a running
+    # stream waits at most one such step between tokens (256 costs nothing measurable in TTFT here)
+    max_num_batched_tokens: int = 256
     block_size: int = 16  # tokens per KV cache block
     kv_cache_memory_gb: float = 1.0  # memory budget for the KV cache
     enable_prefix_caching: bool = True  # reuse KV blocks of earlier requests with the same prefix

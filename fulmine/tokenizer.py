@@ -68,3 +68,18 @@ def apply_chat_template(tokenizer: Any, messages: list[Message]) -> list[int]:
         raise ConfigError("this model has no chat template; use plain-text generation instead")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[int] | list[Message], vocab_size: int) -> list[int]:
+    """Token ids of a prompt: a text, a list of token ids (checked), or chat messages (templated)."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt))
+    if prompt and all(isinstance(m, dict) for m in prompt):
+        return apply_chat_template(tokenizer, prompt)  # type: ignore[arg-type]
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids: list[int] = list(prompt)  # type: ignore[arg-type]
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ConfigError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        return ids
+    raise ConfigError("a prompt is a string, a list of token ids, or a list of chat messages")

@@ -21,7 +21,7 @@ from fulmine.kv_cache import KVCacheManager
 from fulmine.models.loader import load_model
 from fulmine.models.source import resolve
 from fulmine.request import FinishReason, Request, SamplingParams
-from fulmine.tokenizer import Message, apply_chat_template, load_tokenizer
+from fulmine.tokenizer import Message, encode_prompt, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,17 +78,7 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int] | list[Message]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        if prompt and all(isinstance(m, dict) for m in prompt):
-            return apply_chat_template(self.tokenizer, prompt)  # type: ignore[arg-type]
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]  # type: ignore[operator]
-            if bad:
-                raise ConfigError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
-            return ids  # type: ignore[return-value]
-        raise ConfigError("a prompt is a string, a list of token ids, or a list of chat messages")
+        return encode_prompt(self.tokenizer, prompt, self.model_config.vocab_size)
 
     def add_request(
         self,

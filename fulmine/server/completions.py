@@ -8,9 +8,11 @@ aborts every choice in the engine within a step and frees its blocks.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -25,6 +27,7 @@ from fulmine.request import SamplingParams
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import AsyncEngine
 from fulmine.server.metrics import Metrics
+from fulmine.tokenizer import encode_prompt
 
 _DISCONNECT_POLL_S = 0.1
 
@@ -46,7 +49,12 @@ class Choice:
 class Completions:
     def __init__(self, engine: AsyncEngine, metrics: Metrics, config: ServerConfig, model_names: list[str]) -> None:
         self.engine, self.metrics, self.config, self.model_names = engine, metrics, config, model_names
-        self.tokenizer = engine.engine.tokenizer
+        # The HTTP side encodes with its own copy of the tokenizer, on one thread of its own (off
+        # the event loop; one long prompt at a time). Decoding a few tokens stays on the loop:
+        # it only reads the tokenizer, which a HF fast tokenizer allows from several threads.
+        self.tokenizer = copy.deepcopy(engine.engine.tokenizer)
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulmine-tokenizer")
+        self.vocab_size = engine.engine.model_config.vocab_size
         self.max_model_len = engine.engine.max_model_len
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
         self.fingerprint = f"fulmine-{__version__}"
@@ -67,7 +75,9 @@ class Completions:
     async def _encode(self, prompt: Any) -> list[int]:
         loop = asyncio.get_running_loop()
         try:  # tokenizing long prompts takes milliseconds: keep it off the event loop
-            return await loop.run_in_executor(None, self.engine.engine.encode_prompt, prompt)
+            return await loop.run_in_executor(
+                self._tokenizer_thread, encode_prompt, self.tokenizer, prompt, self.vocab_size
+            )
         except ConfigError as error:
             raise p.RequestError(str(error), "messages" if isinstance(prompt, list) else "prompt") from None
 
