@@ -117,10 +117,16 @@ def server(kind: str, model: str, threads: int, extra: list[str]) -> Iterator[tu
 
 
 async def stream_chat(
-    client: httpx.AsyncClient, base: str, model: str, messages: list[dict[str, str]], max_tokens: int
+    client: httpx.AsyncClient,
+    base: str,
+    model: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    **extra: Any,
 ) -> dict[str, Any]:
     """One streamed chat: TTFT, the gaps between content chunks, the text."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body.update(extra)
     started = time.perf_counter()
     times: list[float] = []
     parts: list[str] = []
@@ -173,6 +179,7 @@ async def concurrent_load(base: str, model: str, concurrency: int, num_requests:
     tokens = sum(r["tokens"] for r in results)
     return {
         "concurrency": concurrency,
+        "failed": num_requests - len(results),
         "ttft_p50": pct(ttft, 0.5),
         "ttft_p99": pct(ttft, 0.99),
         "itl_p50": pct(itl, 0.5),
@@ -203,8 +210,13 @@ async def itl_under_long_prompt(base: str, model: str) -> dict[str, float]:
     """Inter-token latency of a running stream while a ~2k-token prompt is prefilled beside it."""
     async with httpx.AsyncClient() as client:
         running = asyncio.create_task(
-            stream_chat(
-                client, base, model, [{"role": "user", "content": "Count slowly from one to one hundred."}], 160
+            stream_chat(  # ignore_eos: an extension fulmine honours; llama.cpp's server ignores it
+                client,
+                base,
+                model,
+                [{"role": "user", "content": "Write a long story about a dragon."}],
+                300,
+                ignore_eos=True,
             )
         )
         await asyncio.sleep(1.0)
@@ -272,6 +284,7 @@ def print_report(report: dict[str, Any]) -> None:
             print(
                 f"{name:28}{r['concurrency']:>5}{r['ttft_p50']:>10.3f}{r['ttft_p99']:>10.3f}{r['itl_p50']:>9.3f}"
                 f"{r['itl_p99']:>9.3f}{r['throughput_tok_s']:>8.1f}{r['per_user_tok_s']:>11.1f}"
+                + (f"  ({r['failed']} of the requests failed)" if r["failed"] else "")
             )
     print("\nmulti-turn TTFT (s), turn 0 cold:")
     for name, ttfts in report["multi_turn"].items():

