@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 
@@ -350,3 +351,13 @@ def test_health_is_503_while_loading(tiny_llama) -> None:
         while httpx.get(f"{s.base_url}/health").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_prompts_are_logged_only_when_asked(tiny_llama, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "my secret question"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": secret}], "max_tokens": 2}
+    caplog.set_level(logging.INFO, logger="fulmine.server")
+    for log_prompts in (False, True):
+        with serve(engine_loader(str(tiny_llama)), served_model_name=(MODEL,), log_prompts=log_prompts) as s:
+            assert raw(s, "/v1/chat/completions", body).status_code == 200
+        assert (secret in caplog.text) is log_prompts

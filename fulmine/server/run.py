@@ -1,0 +1,175 @@
+"""The engine requests behind one HTTP request, and how their outputs reach the client.
+
+A `Run` holds the n choices of one request (each its own engine request), merges their outputs
+as they come, enforces the request's deadline, and aborts every unfinished choice when the
+caller stops listening: a closed stream, a disconnected client, a timeout or an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from fulmine.engine.outputs import RequestOutput
+from fulmine.request import SamplingParams
+from fulmine.server import protocol as p
+from fulmine.server.async_engine import AsyncEngine
+from fulmine.server.metrics import Metrics
+
+_DISCONNECT_POLL_S = 0.1
+
+
+@dataclass
+class Choice:
+    """One choice's state as its outputs arrive."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = ""
+    last: RequestOutput | None = None
+    last_time: float | None = None
+    logprobs_sent: int = 0
+    text_parts: list[str] = field(default_factory=list)
+
+
+class Run:
+    """The engine requests behind one HTTP request, and their shared bookkeeping."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        metrics: Metrics,
+        timeout_s: float,
+        model: str,
+        run_id: str,
+        choices: list[Choice],
+        arrival: float,
+        request: Request,
+    ) -> None:
+        self.engine, self.metrics, self.timeout_s = engine, metrics, timeout_s
+        self.model, self.id, self.choices = model, run_id, choices
+        self.arrival, self.request, self.created = arrival, request, p.now()
+        for c in choices:
+            c.request_id = f"{run_id}-{c.index}"
+
+    async def outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+        """Every choice's outputs as they come, until all finish or the deadline passes."""
+        engine, metrics = self.engine, self.metrics
+        merged: asyncio.Queue[tuple[Choice, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(c: Choice) -> None:
+            try:
+                async for output in engine.generate(c.request_id, c.prompt_ids, c.params, self.arrival):
+                    await merged.put((c, output))
+            except Exception as error:
+                await merged.put((c, error))
+            finally:
+                await merged.put((c, None))
+
+        tasks = [asyncio.create_task(pump(c)) for c in self.choices]
+        deadline = self.arrival + self.timeout_s
+        try:
+            remaining = len(tasks)
+            while remaining:
+                timeout = deadline - time.monotonic()
+                try:
+                    c, item = await asyncio.wait_for(merged.get(), timeout=max(timeout, 0.0))
+                except TimeoutError:
+                    raise p.RequestError(
+                        f"the request exceeded the server's timeout of {self.timeout_s:g} s",
+                        code="timeout",
+                        status=408,
+                        error_type="timeout_error",
+                    ) from None
+                if item is None:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                now = time.monotonic()
+                if c.last_time is None:
+                    metrics.ttft.observe(now - self.arrival)
+                else:
+                    metrics.itl.observe(now - c.last_time)
+                c.last, c.last_time = item, now
+                c.text_parts.append(item.new_text)
+                if item.finished:
+                    self._record(item)
+                yield c, item
+        finally:
+            for task in tasks:
+                task.cancel()  # unfinished choices are aborted by engine.generate's cleanup
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _record(self, output: RequestOutput) -> None:
+        m = self.metrics
+        m.e2e.observe(time.monotonic() - self.arrival)
+        if output.metrics.first_scheduled_time is not None:
+            m.queue.observe(output.metrics.first_scheduled_time - output.metrics.arrival_time)
+        m.prompt_tokens.inc(output.num_prompt_tokens)
+        m.generation_tokens.inc(output.num_output_tokens)
+        m.cached_tokens.inc(output.num_cached_tokens)
+        m.requests.labels(p.finish_reason(output) or "abort").inc()
+
+    async def collect(self) -> None:
+        """Run to the end; a client that disconnects meanwhile aborts everything."""
+
+        async def consume() -> None:
+            async for _ in self.outputs():
+                pass
+
+        task = asyncio.create_task(consume())
+        while not task.done():
+            await asyncio.wait([task], timeout=_DISCONNECT_POLL_S)
+            if not task.done() and await self.request.is_disconnected():
+                task.cancel()
+        await task
+
+    def usage(self) -> dict[str, Any]:
+        """Prompt tokens count once per prompt, however many choices share it."""
+        firsts = list({id(c.prompt_ids): c for c in reversed(self.choices)}.values())
+        prompt_tokens = sum(len(c.prompt_ids) for c in firsts)
+        completion = sum(len(c.last.token_ids) for c in self.choices if c.last)
+        cached = sum(c.last.num_cached_tokens for c in firsts if c.last)
+        return p.usage(prompt_tokens, completion, cached)
+
+    def timing(self) -> dict[str, float | None]:
+        finished = [c.last for c in self.choices if c.last is not None]
+        return (
+            p.timing(finished[0])
+            if len(finished) == 1
+            else {
+                "ttft_s": round(min((c.last_time or 0) for c in self.choices) - self.arrival, 6),
+                "total_s": round(time.monotonic() - self.arrival, 6),
+            }
+        )
+
+    def json_response(self, body: dict[str, Any]) -> JSONResponse:
+        return JSONResponse(body, headers={"Server-Timing": p.server_timing_header(body["timing"])})
+
+    def stream_response(self, chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+        return StreamingResponse(
+            _sse(chunks),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+
+async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """Server-sent events; an error after the stream started becomes an error event, then [DONE]."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+    except p.RequestError as error:
+        yield f"data: {json.dumps(p.error_body(error.message, error.error_type, error.param, error.code))}\n\n"
+    except Exception as error:  # the engine failed mid-stream: say so, do not hang the client
+        yield f"data: {json.dumps(p.error_body(f'internal error: {error}', 'server_error'))}\n\n"
+    yield "data: [DONE]\n\n"
