@@ -111,40 +111,24 @@ class Completions:
         prompt_ids = await self._encode(messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         choices = self._make_choices(body, [prompt_ids], max_tokens, body.num_logprobs)
-        run = Run(
-            self.engine,
-            self.metrics,
-            self.config.request_timeout_s,
-            body.model,
-            p.new_id("chatcmpl"),
-            choices,
-            arrival,
-            request,
-        )
+        run = self._run(body.model, "chatcmpl", choices, arrival, request)
         self._log_prompt(run.id, messages)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return run.stream_response(self._chat_chunks(run, include_usage))
         await run.collect()
-        body_out = {
-            "id": run.id,
-            "object": "chat.completion",
-            "created": run.created,
-            "model": run.model,
-            "choices": [
-                {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": "".join(c.text_parts), "refusal": None},
-                    "logprobs": {"content": self._chat_logprobs(c, 0), "refusal": None} if body.logprobs else None,
-                    "finish_reason": p.finish_reason(c.last) if c.last else "stop",
-                }
-                for c in choices
-            ],
-            "usage": run.usage(),
-            "system_fingerprint": self.fingerprint,
-            "timing": run.timing(),
-        }
-        return run.json_response(body_out)
+        message_choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": "".join(c.text_parts), "refusal": None},
+                "logprobs": {"content": self._chat_logprobs(c, 0), "refusal": None} if body.logprobs else None,
+                "finish_reason": p.finish_reason(c.last) if c.last else "stop",
+            }
+            for c in choices
+        ]
+        return run.json_response(
+            self._envelope(run, "chat.completion", message_choices, usage=run.usage(), timing=run.timing())
+        )
 
     async def completions(self, body: p.CompletionRequest, request: Request) -> Any:
         arrival = time.monotonic()
@@ -153,41 +137,47 @@ class Completions:
         prompts = [await self._encode(prompt) for prompt in body.prompts()]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default here
         choices = self._make_choices(body, prompts, max_tokens, body.logprobs)
-        run = Run(
-            self.engine,
-            self.metrics,
-            self.config.request_timeout_s,
-            body.model,
-            p.new_id("cmpl"),
-            choices,
-            arrival,
-            request,
-        )
+        run = self._run(body.model, "cmpl", choices, arrival, request)
         self._log_prompt(run.id, body.prompt)
         echo = {c.index: self.tokenizer.decode(c.prompt_ids) for c in choices} if body.echo else {}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return run.stream_response(self._text_chunks(run, include_usage, echo, body.logprobs is not None))
         await run.collect()
-        body_out = {
+        text_choices = [
+            {
+                "index": c.index,
+                "text": echo.get(c.index, "") + "".join(c.text_parts),
+                "logprobs": self._text_logprobs(c, 0, 0) if body.logprobs is not None else None,
+                "finish_reason": p.finish_reason(c.last) if c.last else "stop",
+            }
+            for c in choices
+        ]
+        return run.json_response(
+            self._envelope(run, "text_completion", text_choices, usage=run.usage(), timing=run.timing())
+        )
+
+    def _run(self, model: str, id_prefix: str, choices: list[Choice], arrival: float, request: Request) -> Run:
+        timeout_s = self.config.request_timeout_s
+        return Run(self.engine, self.metrics, timeout_s, model, p.new_id(id_prefix), choices, arrival, request)
+
+    def _envelope(
+        self, run: Run, kind: str, choices: list[dict[str, Any]], stream_usage: bool = False, **extra: Any
+    ) -> dict[str, Any]:
+        """The fields every response and chunk shares; streamed chunks carry `usage: null` until the
+        last one when the client asked for usage."""
+        out = {
             "id": run.id,
-            "object": "text_completion",
+            "object": kind,
             "created": run.created,
             "model": run.model,
-            "choices": [
-                {
-                    "index": c.index,
-                    "text": echo.get(c.index, "") + "".join(c.text_parts),
-                    "logprobs": self._text_logprobs(c, 0, 0) if body.logprobs is not None else None,
-                    "finish_reason": p.finish_reason(c.last) if c.last else "stop",
-                }
-                for c in choices
-            ],
-            "usage": run.usage(),
             "system_fingerprint": self.fingerprint,
-            "timing": run.timing(),
+            "choices": choices,
+            **extra,
         }
-        return run.json_response(body_out)
+        if stream_usage:
+            out.setdefault("usage", None)
+        return out
 
     def _log_prompt(self, run_id: str, prompt: Any) -> None:
         """Prompts stay out of the logs unless the operator asked for them (--log-prompts)."""
@@ -197,18 +187,7 @@ class Completions:
     # -- streams --------------------------------------------------------------------------------
     async def _chat_chunks(self, run: Run, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-            out = {
-                "id": run.id,
-                "object": "chat.completion.chunk",
-                "created": run.created,
-                "model": run.model,
-                "system_fingerprint": self.fingerprint,
-                "choices": choices,
-                **extra,
-            }
-            if include_usage:
-                out.setdefault("usage", None)
-            return out
+            return self._envelope(run, "chat.completion.chunk", choices, stream_usage=include_usage, **extra)
 
         for c in run.choices:
             yield chunk(
@@ -250,18 +229,7 @@ class Completions:
         self, run: Run, include_usage: bool, echo: dict[int, str], logprobs: bool
     ) -> AsyncIterator[dict[str, Any]]:
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-            out = {
-                "id": run.id,
-                "object": "text_completion",
-                "created": run.created,
-                "model": run.model,
-                "system_fingerprint": self.fingerprint,
-                "choices": choices,
-                **extra,
-            }
-            if include_usage:
-                out.setdefault("usage", None)
-            return out
+            return self._envelope(run, "text_completion", choices, stream_usage=include_usage, **extra)
 
         for index, text in echo.items():
             yield chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": None}])

@@ -21,6 +21,13 @@ def fake_run(out: SchedulerOutput, token: int = 7) -> ModelRunnerOutput:
     return ModelRunnerOutput(sampled={s.request.request_id: token for s in out.scheduled if s.samples})
 
 
+def run_to_end(scheduler: Scheduler, request: Request) -> None:
+    scheduler.add_request(request)
+    while not request.is_finished:
+        out = scheduler.schedule()
+        scheduler.update_from_output(out, fake_run(out))
+
+
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_seqs: int = 8, budget: int = 16) -> Scheduler:
     return Scheduler(KVCacheManager(num_blocks, block_size), max_seqs, budget)
 
@@ -103,10 +110,7 @@ def test_abort_anywhere() -> None:
 def test_a_shared_prefix_is_computed_once() -> None:
     scheduler = make_scheduler(num_blocks=64, block_size=4, budget=100)
     first = make_request("a", 14, max_tokens=3, first_token=1)
-    scheduler.add_request(first)
-    while not first.is_finished:
-        out = scheduler.schedule()
-        scheduler.update_from_output(out, fake_run(out))
+    run_to_end(scheduler, first)
     second = make_request("b", 18, max_tokens=1, first_token=1)  # same first 14 tokens
     scheduler.add_request(second)
     out = scheduler.schedule()
@@ -118,10 +122,7 @@ def test_a_shared_prefix_is_computed_once() -> None:
 def test_a_finished_conversation_is_reused_output_included() -> None:
     scheduler = make_scheduler(num_blocks=64, block_size=4, budget=100)
     first = make_request("a", 6, max_tokens=7, first_token=1)
-    scheduler.add_request(first)
-    while not first.is_finished:
-        out = scheduler.schedule()
-        scheduler.update_from_output(out, fake_run(out))
+    run_to_end(scheduler, first)
     # prompt 6 + 7 sampled tokens; the last sampled token was never computed: 12 computed tokens
     follow_up = Request("b", first.all_token_ids + [5, 6, 7], SamplingParams(max_tokens=1), (EOS,), 10**6)
     scheduler.add_request(follow_up)
