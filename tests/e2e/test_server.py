@@ -361,3 +361,34 @@ def test_prompts_are_logged_only_when_asked(tiny_llama, caplog: pytest.LogCaptur
         with serve(engine_loader(str(tiny_llama)), served_model_name=(MODEL,), log_prompts=log_prompts) as s:
             assert raw(s, "/v1/chat/completions", body).status_code == 200
         assert (secret in caplog.text) is log_prompts
+
+
+def test_bad_requests_never_disturb_streams_in_flight(server: RunningServer) -> None:
+    prompts = [f"Numbers {i}: " + " ".join(str(j) for j in range(i, i + 5)) for i in range(4)]
+    client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+    async def good(prompt: str) -> str:
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def bad(body: dict) -> int:
+        async with httpx.AsyncClient() as http:
+            response = await http.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=30)
+            return response.status_code
+
+    async def run() -> tuple[list[str], list[str], list[int]]:
+        alone = [await good(p) for p in prompts]
+        mixed = await asyncio.gather(*(good(p) for p in prompts), *(bad(b) for b, _, _ in BAD_REQUESTS))
+        return alone, list(mixed[: len(prompts)]), list(mixed[len(prompts) :])  # type: ignore[arg-type]
+
+    alone, together, statuses = asyncio.run(run())
+    assert together == alone
+    assert statuses == [status for _, status, _ in BAD_REQUESTS]
+    server.wait_idle()
