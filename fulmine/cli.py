@@ -25,13 +25,15 @@ def _add_config_flags(group: argparse._ArgumentGroup, config: type, skipped: fro
         if field.name in skipped:
             continue
         flag = f"--{field.name.replace('_', '-')}"
+        text = field.metadata.get("help", "")
         if field.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=text)
         elif field.type == "tuple[str, ...]":
-            group.add_argument(flag, action="append", default=[], help="(repeatable)")
+            group.add_argument(flag, action="append", default=[], help=text)
         else:
             kind = {"int | None": int, "int": int, "float": float, "str": str}[str(field.type)]
-            group.add_argument(flag, type=kind, default=field.default, help=f"(default: {field.default})")
+            default = "" if field.default is None else f" (default: {field.default})"
+            group.add_argument(flag, type=kind, default=field.default, help=text + default)
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:

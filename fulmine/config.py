@@ -6,10 +6,15 @@ describes how fulmine runs it (memory, batching). CLI flags are derived from `En
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A config field with a default and the help text its CLI flag shows."""
+    return field(default=default, metadata={"help": help})
 
 
 class ConfigError(ValueError):
@@ -48,21 +53,23 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the engine runs a model. Every field is also a CLI flag (see cli.py)."""
+    """How the engine runs a model. Every field is also a CLI flag (see cli.py), its help the metadata."""
 
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_num_seqs: int = 64  # requests running at once
-    # per-step token budget; longer prompts are prefilled in chunks of at most this, so a running
-    # stream waits at most one such step between tokens (256 costs nothing measurable in TTFT here)
-    max_num_batched_tokens: int = 256
-    block_size: int = 16  # tokens per KV cache block
-    kv_cache_memory_gb: float = 1.0  # memory budget for the KV cache
-    enable_prefix_caching: bool = True  # reuse KV blocks of earlier requests with the same prefix
-    device: str = "auto"  # "auto" picks cuda when available, else cpu
-    dtype: str = "auto"  # activations: "auto" is float32 on cpu, bfloat16 on cuda
-    weight_dtype: str = "auto"  # matrices: "auto" is float16 on cpu (decode reads half the bytes), else dtype
-    num_threads: int | None = None  # torch intra-op threads on CPU (default: all cores)
-    seed: int = 0  # seed for requests that do not bring their own
+    max_model_len: int | None = _opt(None, "context window (default: the model's)")
+    max_num_seqs: int = _opt(64, "requests running at once")
+    max_num_batched_tokens: int = _opt(
+        256,
+        "per-step token budget: longer prompts are prefilled in chunks of at most this, so a running "
+        "stream waits at most one such step between tokens (256 costs nothing measurable in TTFT here)",
+    )
+    block_size: int = _opt(16, "tokens per KV cache block")
+    kv_cache_memory_gb: float = _opt(1.0, "memory budget for the KV cache")
+    enable_prefix_caching: bool = _opt(True, "reuse KV blocks of earlier requests with the same prefix")
+    device: str = _opt("auto", "auto picks cuda when available, else cpu")
+    dtype: str = _opt("auto", "activations: auto is float32 on cpu, bfloat16 on cuda")
+    weight_dtype: str = _opt("auto", "matrices: auto is float16 on cpu (decode reads half the bytes), else dtype")
+    num_threads: int | None = _opt(None, "torch intra-op threads on CPU (default: all cores)")
+    seed: int = _opt(0, "seed for requests that do not bring their own")
 
     def __post_init__(self) -> None:
         checks = [
@@ -81,17 +88,17 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How `fulmine serve` listens. Every field is also a CLI flag."""
+    """How `fulmine serve` listens. Every field is also a CLI flag, its help the metadata."""
 
-    host: str = "127.0.0.1"  # loopback unless told otherwise
-    port: int = 8000
-    api_key: tuple[str, ...] = ()  # bearer tokens accepted (also FULMINE_API_KEY); empty: no auth
-    served_model_name: tuple[str, ...] = ()  # names clients may ask for (default: the model's name)
-    max_queue: int = 256  # requests waiting beyond the running batch; past it, 429
-    request_timeout_s: float = 600.0  # a request running longer is aborted
-    max_body_mb: float = 8.0  # larger request bodies get 413
-    max_n: int = 16  # largest n (choices per request)
-    log_prompts: bool = False  # prompts are not logged unless asked
+    host: str = _opt("127.0.0.1", "address to bind (loopback unless told otherwise)")
+    port: int = _opt(8000, "port to listen on")
+    api_key: tuple[str, ...] = _opt((), "bearer token the API accepts (repeatable; also FULMINE_API_KEY=k1,k2)")
+    served_model_name: tuple[str, ...] = _opt((), "name clients ask for (repeatable; default: the model's)")
+    max_queue: int = _opt(256, "requests that may wait beyond the running batch; past it, 429")
+    request_timeout_s: float = _opt(600.0, "a request running longer is aborted (408)")
+    max_body_mb: float = _opt(8.0, "larger request bodies get 413")
+    max_n: int = _opt(16, "largest n (choices per request)")
+    log_prompts: bool = _opt(False, "log prompts (they are not logged otherwise)")
 
     def __post_init__(self) -> None:
         checks = [

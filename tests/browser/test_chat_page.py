@@ -11,10 +11,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fulmine.engine.outputs import RequestOutput
-from tests.e2e.server import RunningServer, engine_loader, serve
+from tests.e2e.server import RunningServer, engine_loader, serve, wait_for_first_token
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -95,6 +96,7 @@ def ask(page, text: str) -> None:
 
 def test_answer_streams_with_speed_and_screenshot(page, server: RunningServer) -> None:
     set_setting(page, "temperature", "0")
+    set_setting(page, "max-tokens", "200")
     page.click("#settings-toggle")  # closed again, for the screenshot
     ask(page, "Write a long poem about lightning and thunder, with a title in bold.")
     answer = page.locator(".message.assistant .content").last
@@ -186,4 +188,36 @@ def test_errors_are_readable_and_the_page_recovers(browser, tiny_llama) -> None:
             "document.querySelectorAll('.message.assistant .numbers')[1]?.textContent.includes('tokens')"
         )
         assert error.is_hidden()
+        page.close()
+
+
+def test_busy_server_is_a_readable_429(browser, tiny_llama) -> None:
+    loader = engine_loader(str(tiny_llama), max_num_seqs=1, max_model_len=256)
+    with serve(loader, served_model_name=("tiny",), max_queue=0) as server:
+        slow_engine(server, 0.05)
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 200,
+            "stream": True,
+            "logprobs": True,
+            "ignore_eos": True,
+        }
+        page = browser.new_page()
+        page.goto(server.base_url + "/")
+        page.wait_for_function("document.getElementById('model').options.length > 0")
+        with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=60) as busy:
+            lines = wait_for_first_token(busy)  # noqa: F841 (held open: another user holds the only slot)
+            ask(page, "hello")
+            error = page.locator("#error")
+            error.wait_for(state="visible")
+            assert "busy" in (error.text_content() or "") and "(429)" in (error.text_content() or "")
+            assert page.locator("#send").is_visible() and page.locator("#input").is_enabled()
+        restore_engine(server)
+        server.wait_idle(timeout=10)
+        ask(page, "hello again")  # the page recovers once the server has room
+        page.wait_for_function(
+            "document.querySelectorAll('.message.assistant .numbers')[1]?.textContent.includes('tokens')"
+        )
+        assert page.locator("#error").is_hidden()
         page.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -36,6 +37,22 @@ class RunningServer:
                 return
             time.sleep(0.02)
         raise AssertionError(f"server not idle: {self.engine.scheduler.num_unfinished} requests left")
+
+
+def wait_for_first_token(stream: httpx.Response) -> Iterator[str]:
+    """Read a streamed chat response until its first sampled token: the request is then running
+    in the engine (the role chunk alone is sent before the request reaches the engine). Ask for
+    logprobs: a token whose text is still an incomplete character then shows up as logprobs.
+
+    Keep the returned line iterator referenced: once it is garbage, httpx closes the response,
+    which the server rightly takes as a disconnect and aborts the request."""
+    lines = stream.iter_lines()
+    for line in lines:
+        if line.startswith("data: {"):
+            choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+            if choice.get("delta", {}).get("content") or (choice.get("logprobs") or {}).get("content"):
+                return lines
+    raise AssertionError("the stream ended without content")
 
 
 def free_port() -> int:

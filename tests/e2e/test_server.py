@@ -14,7 +14,7 @@ import pytest
 
 from fulmine.engine.llm_engine import LLMEngine
 from tests.e2e.openai_schemas import validate
-from tests.e2e.server import RunningServer, engine_loader, serve
+from tests.e2e.server import RunningServer, engine_loader, serve, wait_for_first_token
 
 MODEL = "tiny"
 CHAT = [{"role": "user", "content": "The quick brown fox"}]
@@ -263,7 +263,7 @@ def test_concurrent_streams_equal_each_alone(server: RunningServer) -> None:
 
 
 def test_client_disconnect_mid_stream_frees_the_kv_cache(server: RunningServer) -> None:
-    body = {"model": MODEL, "messages": CHAT, "max_tokens": 100, "stream": True, "ignore_eos": True}
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 100, "stream": True, "ignore_eos": True, "logprobs": True}
     with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=30) as response:
         for i, _ in enumerate(response.iter_lines()):
             if i == 3:
@@ -293,9 +293,16 @@ def test_overload_answers_429_with_retry_after(tiny_llama) -> None:
     with serve(loader, served_model_name=(MODEL,), max_queue=0) as s:
         original = s.engine.step
         s.engine.step = lambda: (time.sleep(0.02), original())[1]  # type: ignore[method-assign]
-        body = {"model": MODEL, "messages": CHAT, "max_tokens": 200, "stream": True, "ignore_eos": True}
+        body = {
+            "model": MODEL,
+            "messages": CHAT,
+            "max_tokens": 200,
+            "stream": True,
+            "ignore_eos": True,
+            "logprobs": True,
+        }
         with httpx.stream("POST", f"{s.base_url}/v1/chat/completions", json=body, timeout=30) as first:
-            next(first.iter_lines())
+            lines = wait_for_first_token(first)  # noqa: F841 (held open on purpose)
             second = raw(s, "/v1/chat/completions", {**body, "stream": False})
             assert second.status_code == 429 and second.headers["retry-after"] == "1"
             validate(second.json(), "ErrorResponse")

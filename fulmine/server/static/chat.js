@@ -115,8 +115,8 @@ function requestBody(messages) {
   const body = {
     model: $("model").value, messages, stream: true, stream_options: { include_usage: true },
     temperature: Number($("temperature").value), top_p: Number($("top-p").value),
-    max_tokens: Number($("max-tokens").value),
   };
+  if ($("max-tokens").value.trim() !== "") body.max_tokens = Number($("max-tokens").value);
   if ($("seed").value.trim() !== "") body.seed = Number($("seed").value);
   return body;
 }
