@@ -237,20 +237,25 @@ def test_openai_client_raises_typed_errors(client: openai.OpenAI) -> None:
 
 
 # -- concurrency, cancellation, overload ------------------------------------------------------------
+async def greedy_stream(client: openai.AsyncOpenAI, prompt: str, max_tokens: int) -> str:
+    """The text of one streamed greedy chat answer of exactly `max_tokens` tokens."""
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+
 def test_concurrent_streams_equal_each_alone(server: RunningServer) -> None:
     prompts = [f"Numbers {i}: " + " ".join(str(j) for j in range(i, i + 6)) for i in range(8)]
     client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
 
     async def one(prompt: str) -> str:
-        stream = await client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=16,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        return await greedy_stream(client, prompt, max_tokens=16)
 
     async def run() -> tuple[list[str], list[str]]:
         alone = [await one(p) for p in prompts]
@@ -375,15 +380,7 @@ def test_bad_requests_never_disturb_streams_in_flight(server: RunningServer) -> 
     client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
 
     async def good(prompt: str) -> str:
-        stream = await client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=24,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        return await greedy_stream(client, prompt, max_tokens=24)
 
     async def bad(body: dict) -> int:
         async with httpx.AsyncClient() as http:
