@@ -153,6 +153,9 @@ class LLMEngine:
             finish_reason=request.finish_reason,
             logprobs=list(request.output_logprobs) if request.sampling_params.logprobs is not None else None,
             num_cached_tokens=request.num_cached_tokens,
+            prompt_logprobs=list(request.prompt_logprobs)
+            if request.sampling_params.prompt_logprobs is not None
+            else None,
             metrics=RequestMetrics(
                 request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finished_time
             ),

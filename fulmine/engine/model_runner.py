@@ -27,6 +27,7 @@ class StepInputs:
     sample_index: torch.Tensor | None = None  # [num_sampling] rows of the hidden states to sample from
     sampling: SamplingBatch | None = None
     sampling_requests: list[Request] = field(default_factory=list)
+    row_offsets: list[int] = field(default_factory=list)  # first row of each scheduled request
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -72,16 +73,44 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
         step = self._prepare(out.scheduled, block_tables)
         hidden = self.model(step.input_ids, self.kv_caches, step.attention)
-        if step.sampling is None:
-            return ModelRunnerOutput(sampled={})  # only prefill chunks this step
+        prompt_logprobs = self._prompt_logprobs(out.scheduled, step.row_offsets, hidden)
+        if step.sampling is None:  # only prefill chunks this step
+            return ModelRunnerOutput(sampled={}, prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[step.sample_index])
         result = self.sampler(logits, step.sampling)
         token_ids = result.token_ids.tolist()  # the step's device-to-host copy
         requests = step.sampling_requests
-        output = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(requests, token_ids)})
+        output = ModelRunnerOutput({r.request_id: t for r, t in zip(requests, token_ids)}, {}, prompt_logprobs)
         if result.logprobs is not None:
             output.logprobs = _pack_logprobs(requests, result)
         return output
+
+    def _prompt_logprobs(
+        self, scheduled: list[ScheduledRequest], row_offsets: list[int], hidden: torch.Tensor
+    ) -> dict[str, list[TokenLogprobs]]:
+        """Logprobs of each prompt token given the ones before it, for requests that ask for them.
+
+        Prompt position p (computed this step) predicts prompt token p + 1; a chunk's rows are
+        contiguous in `hidden`. The prompt's last position predicts the first generated token,
+        which the sampler reports.
+        """
+        out: dict[str, list[TokenLogprobs]] = {}
+        for s, offset in zip(scheduled, row_offsets):
+            request = s.request
+            k = request.sampling_params.prompt_logprobs
+            start = request.num_computed_tokens
+            end = min(start + s.num_new_tokens, request.num_prompt_tokens - 1)
+            if k is None or end <= start:
+                continue
+            logprobs = self.model.compute_logits(hidden[offset : offset + end - start]).log_softmax(dim=-1)
+            targets = torch.tensor(request.prompt_token_ids[start + 1 : end + 1], device=self.device)
+            chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+            top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+            out[request.request_id] = [
+                TokenLogprobs(lp, list(zip(ids, values)))
+                for lp, ids, values in zip(chosen, top_ids.tolist(), top_values.tolist())
+            ]
+        return out
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator."""
@@ -93,10 +122,12 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
+        row_offsets: list[int] = []
         for s in scheduled:
             request, start = s.request, s.request.num_computed_tokens
             end = start + s.num_new_tokens
             table = block_tables[request.request_id]
+            row_offsets.append(len(token_ids))
             token_ids.extend(_token_slice(request, start, end))
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
@@ -106,6 +137,7 @@ class ModelRunner:
         attention = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=device), cos, sin)
         self._layout(attention, scheduled, block_tables)
         step = StepInputs(torch.tensor(token_ids, dtype=torch.long, device=device), attention)
+        step.row_offsets = row_offsets
         if sample_rows:
             requests = [s.request for s in scheduled if s.samples]
             step.sampling_requests = requests

@@ -39,6 +39,7 @@ class ModelRunnerOutput:
 
     sampled: dict[str, int]  # request id -> token id
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # this step's chunk
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt_logprobs: list[TokenLogprobs] | None = None  # for prompt tokens 1.., if asked for
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -53,7 +53,9 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            matched = self.kv_cache.match_prefix(request.all_token_ids)
+            # prompt logprobs need every prompt position computed, so such a request skips the cache
+            wants_prompt_logprobs = request.sampling_params.prompt_logprobs is not None
+            matched = [] if wants_prompt_logprobs else self.kv_cache.match_prefix(request.all_token_ids)
             num_cached = len(matched) * self.kv_cache.block_size
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv_cache.can_allocate(request.request_id, num_cached + num_new, matched):
@@ -84,6 +86,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request.request_id)
         request.num_computed_tokens = 0
+        request.prompt_logprobs.clear()  # recomputed with the prompt
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -97,6 +100,9 @@ class Scheduler:
         for scheduled in out.scheduled:
             request = scheduled.request
             request.num_computed_tokens += scheduled.num_new_tokens
+            chunk_logprobs = result.prompt_logprobs.get(request.request_id)
+            if chunk_logprobs:
+                request.prompt_logprobs.extend(chunk_logprobs)
             self.kv_cache.cache_full_blocks(request)
             token_id = result.sampled.get(request.request_id)
             if token_id is None:

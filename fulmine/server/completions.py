@@ -148,7 +148,7 @@ class Completions:
             {
                 "index": c.index,
                 "text": echo.get(c.index, "") + "".join(c.text_parts),
-                "logprobs": self._text_logprobs(c, 0, 0) if body.logprobs is not None else None,
+                "logprobs": self._echo_and_text_logprobs(c, echo.get(c.index)) if body.logprobs is not None else None,
                 "finish_reason": p.finish_reason(c.last) if c.last else "stop",
             }
             for c in choices
@@ -231,12 +231,19 @@ class Completions:
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             return self._envelope(run, "text_completion", choices, stream_usage=include_usage, **extra)
 
-        for index, text in echo.items():
-            yield chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": None}])
+        if not logprobs:  # echoed prompts go first; with logprobs, once the prefill has scored them
+            for index, text in echo.items():
+                yield chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": None}])
         async for c, output in run.outputs():
             entry = None
             if logprobs:
-                entry = self._text_logprobs(c, c.logprobs_sent, len("".join(c.text_parts[:-1])))
+                if c.index in echo and c.logprobs_sent == 0:
+                    echo_entry = self._echo_logprobs(c)
+                    yield chunk(
+                        [{"index": c.index, "text": echo[c.index], "logprobs": echo_entry, "finish_reason": None}]
+                    )
+                offset = len(echo.get(c.index, "")) + len("".join(c.text_parts[:-1]))
+                entry = self._text_logprobs(c, c.logprobs_sent, offset)
                 c.logprobs_sent = len(output.token_ids)
             reason = p.finish_reason(output)
             if output.new_text or entry or reason:
@@ -265,6 +272,25 @@ class Completions:
                 }
             )
         return entries
+
+    def _echo_logprobs(self, c: Choice) -> dict[str, Any]:
+        """The echoed prompt's tokens; the first has no logprob (nothing precedes it), as in OpenAI's API."""
+        assert c.last is not None and c.last.prompt_logprobs is not None
+        tokens = [self.token_text(t) for t in c.prompt_ids]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [None] + [lp.logprob for lp in c.last.prompt_logprobs],
+            "top_logprobs": [None] + [{self.token_text(t): v for t, v in lp.top} for lp in c.last.prompt_logprobs],
+            "text_offset": offsets,
+        }
+
+    def _echo_and_text_logprobs(self, c: Choice, echo: str | None) -> dict[str, Any]:
+        completion = self._text_logprobs(c, 0, len(echo or ""))
+        if echo is None:
+            return completion
+        prompt = self._echo_logprobs(c)
+        return {key: prompt[key] + completion[key] for key in completion}
 
     def _text_logprobs(self, c: Choice, start: int, offset: int) -> dict[str, Any]:
         assert c.last is not None

@@ -205,8 +205,12 @@ class CompletionRequest(_Sampling):
             raise RequestError("suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError("best_of other than n is not supported yet", "best_of")
-        if self.echo and self.logprobs is not None:
-            raise RequestError("echo with logprobs (prompt logprobs) is not supported yet", "echo")
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, seed_offset: int) -> SamplingParams:
+        params = super().sampling_params(max_tokens, logprobs, seed_offset)
+        if self.echo and self.logprobs is not None:  # the echoed prompt is scored too
+            params.prompt_logprobs = self.logprobs
+        return params
 
     def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt

@@ -396,3 +396,29 @@ def test_bad_requests_never_disturb_streams_in_flight(server: RunningServer) -> 
     assert together == alone
     assert statuses == [status for _, status, _ in BAD_REQUESTS]
     server.wait_idle()
+
+
+def test_echo_with_logprobs_scores_the_prompt(server: RunningServer) -> None:
+    """What evaluation harnesses use: the prompt's own token logprobs, echoed before the answer."""
+    ids = server.engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2}
+    plain = raw(server, "/v1/completions", body)
+    assert plain.status_code == 200, plain.text
+    logprobs = plain.json()["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(ids) + 3
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None  # as OpenAI's API
+    assert all(lp <= 0 for lp in logprobs["token_logprobs"][1:])
+    assert "".join(logprobs["tokens"]) == plain.json()["choices"][0]["text"]
+    assert logprobs["text_offset"] == [sum(len(t) for t in logprobs["tokens"][:i]) for i in range(len(ids) + 3)]
+    # OpenAI's schema says numbers only; its API sends null for the first echoed token
+    trimmed = {**logprobs, **{k: logprobs[k][1:] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}}
+    validate(
+        {**plain.json(), "choices": [{**plain.json()["choices"][0], "logprobs": trimmed}]}, "CreateCompletionResponse"
+    )
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for chunk in chunks:
+        for key in streamed:
+            streamed[key] += (chunk["choices"][0]["logprobs"] or {}).get(key, [])
+    assert streamed == {k: logprobs[k] for k in streamed}

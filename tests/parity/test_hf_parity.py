@@ -63,3 +63,29 @@ def test_logits_and_greedy_match_transformers(tiny_model_factory, family: str, c
     for step, (ours, ref) in enumerate(zip(logits, ref_logits)):
         torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
     assert tokens == ref_tokens
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_prompt_logprobs_match_transformers(tiny_llama, chunked: bool) -> None:
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(
+        str(tiny_llama),
+        dtype="float32",
+        weight_dtype="float32",
+        progress=False,
+        block_size=4,
+        max_num_batched_tokens=5 if chunked else 512,
+    )
+    prompt_ids = llm.tokenizer.encode(PROMPT)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = model(torch.tensor([prompt_ids])).logits[0].log_softmax(dim=-1)  # [num_prompt, vocab]
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=2)
+    for _ in range(2):  # the second time the prompt is in the prefix cache, which must not skip it
+        out = llm.generate([prompt_ids], params)[0]
+        assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt_ids) - 1
+        for p, entry in enumerate(out.prompt_logprobs):
+            assert entry.logprob == pytest.approx(float(reference[p, prompt_ids[p + 1]]), abs=2e-4)
+            top = reference[p].topk(2)
+            assert [t for t, _ in entry.top] == top.indices.tolist()
