@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import time
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fulmine generate ... | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -108,7 +112,6 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
-    import os
 
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
     keys = [*fields["api_key"], *filter(None, os.environ.get("FULMINE_API_KEY", "").split(","))]
