@@ -144,7 +144,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     auth = f"{len(keys)} API key(s)" if keys else "no API key"
     print(
-        f"fulmine: serving on http://{server_config.host}:{server_config.port} ({auth}); loading the model ...",
+        f"fulmine: serving the OpenAI API at http://{server_config.host}:{server_config.port}/v1 and a chat "
+        f"page at http://{server_config.host}:{server_config.port}/ ({auth}); loading the model ...",
         file=sys.stderr,
         flush=True,
     )
