@@ -78,3 +78,13 @@ class RequestOutput:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Token counts in OpenAI's terms, plus the prompt tokens served from the prefix cache."""
+        return {
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": self.num_output_tokens,
+            "total_tokens": self.num_prompt_tokens + self.num_output_tokens,
+            "cached_tokens": self.num_cached_tokens,
+        }

@@ -120,4 +120,5 @@ def test_python_api_errors(tiny_llama: Path) -> None:
         SamplingParams(temperature=-0.5)
     with pytest.raises(TypeError, match="unknown engine arguments"):
         LLM(str(tiny_llama), no_such_flag=1)
-    assert llm.generate("word", SamplingParams(max_tokens=2))[0].num_output_tokens == 2  # still works
+    out = llm.generate("word", SamplingParams(max_tokens=2))[0]  # still works
+    assert out.usage["completion_tokens"] == 2 and out.usage["total_tokens"] == len(out.prompt_token_ids) + 2
