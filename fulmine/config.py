@@ -40,10 +40,28 @@ class ModelConfig:
     o_bias: bool = False  # bias on the attention output projection (Llama attention_bias=True)
     qk_norm: bool = False  # RMSNorm on each head of q and k before RoPE (Qwen3)
     sliding_window: int | None = None
+    # Per layer "full" or "sliding" (Gemma 3 alternates them); empty: every layer uses sliding_window.
+    layer_types: tuple[str, ...] = ()
+    rope_theta_sliding: float | None = None  # RoPE base of sliding layers, if it differs (Gemma 3)
+    # Gemma-style variations of the Llama block (defaults are Llama's)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight); folded into the weight at load
+    embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden_size))
+    sandwich_norms: bool = False  # extra norms after attention and around the MLP (Gemma 2/3)
+    hidden_act: str = "silu"  # gated MLP activation: silu or gelu_tanh
+    attn_scale: float | None = None  # softmax scale (default 1/sqrt(head_dim))
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
+    def is_sliding(self, layer: int) -> bool:
+        if self.sliding_window is None:
+            return False
+        return not self.layer_types or self.layer_types[layer] == "sliding"
+
     def __post_init__(self) -> None:
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ConfigError(f"hidden activation {self.hidden_act!r} is not supported (silu, gelu_tanh)")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "

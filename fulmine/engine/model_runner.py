@@ -23,7 +23,7 @@ from fulmine.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [num_tokens], every scheduled request's new tokens, back to back
-    attention: AttentionMetadata
+    attention: list[AttentionMetadata]  # per layer; layers of one kind share one object
     sample_index: torch.Tensor | None = None  # [num_sampling] rows of the hidden states to sample from
     sampling: SamplingBatch | None = None
     sampling_requests: list[Request] = field(default_factory=list)
@@ -66,6 +66,12 @@ class ModelRunner:
         self.rotary = RotaryEmbedding(
             config.head_dim, max_model_len, config.rope_theta, config.rope_scaling, device, dtype
         )
+        self.rotary_sliding = self.rotary
+        if config.rope_theta_sliding is not None:  # Gemma 3: local layers use their own base
+            self.rotary_sliding = RotaryEmbedding(
+                config.head_dim, max_model_len, config.rope_theta_sliding, None, device, dtype
+            )
+        self.layer_is_sliding = [config.is_sliding(layer) for layer in range(config.num_layers)]
         self.sampler = Sampler(device, seed)
         self.generators: dict[str, torch.Generator] = {}
 
@@ -133,9 +139,14 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if s.samples:
                 sample_rows.append(len(token_ids) - 1)
-        cos, sin = self.rotary.lookup(torch.tensor(positions, dtype=torch.long, device=device))
-        attention = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=device), cos, sin)
-        self._layout(attention, scheduled, block_tables)
+        position_ids = torch.tensor(positions, dtype=torch.long, device=device)
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
+        by_kind: dict[bool, AttentionMetadata] = {}
+        for sliding in set(self.layer_is_sliding):  # full-context layers, sliding-window layers
+            rotary = self.rotary_sliding if sliding else self.rotary
+            by_kind[sliding] = AttentionMetadata(slot_mapping, *rotary.lookup(position_ids))
+            self._layout(by_kind[sliding], scheduled, block_tables, self.config.sliding_window if sliding else None)
+        attention = [by_kind[sliding] for sliding in self.layer_is_sliding]
         step = StepInputs(torch.tensor(token_ids, dtype=torch.long, device=device), attention)
         step.row_offsets = row_offsets
         if sample_rows:
@@ -152,10 +163,14 @@ class ModelRunner:
         return step
 
     def _layout(
-        self, meta: AttentionMetadata, scheduled: list[ScheduledRequest], block_tables: dict[str, list[int]]
+        self,
+        meta: AttentionMetadata,
+        scheduled: list[ScheduledRequest],
+        block_tables: dict[str, list[int]],
+        window: int | None,
     ) -> None:
         """Choose how attention reads the cache this step (see layers/attention.py)."""
-        bs, device, window = self.block_size, self.device, self.config.sliding_window
+        bs, device = self.block_size, self.device
         starts = [s.request.num_computed_tokens for s in scheduled]
         query_lens = [s.num_new_tokens for s in scheduled]
         context_lens = [a + n for a, n in zip(starts, query_lens)]

@@ -102,12 +102,12 @@ class DecoderModel(nn.Module):
         self,
         input_ids: torch.Tensor,  # [num_tokens]
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
+        metas: list[AttentionMetadata],  # one per layer
     ) -> torch.Tensor:
         """Final hidden states, [num_tokens, hidden_size]."""
         x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
         residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache, meta in zip(self.layers, kv_caches, metas):
             x, residual = layer(x, residual, kv_cache, meta)
         assert residual is not None
         return self.norm.add_and_norm(x, residual)[0]
