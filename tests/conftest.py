@@ -34,6 +34,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mistral_window": dict(cls="MistralConfig", sliding_window=12),
     "qwen2": dict(cls="Qwen2Config"),
     "qwen3": dict(cls="Qwen3Config", head_dim=32),
+    # alternating sliding-window (8 tokens, RoPE base 10k) and global layers (base 1M), sandwich norms
+    "gemma3": dict(
+        cls="Gemma3TextConfig",
+        head_dim=16,
+        sliding_window=8,
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=24,
+    ),
 }
 
 
@@ -68,11 +77,11 @@ def build_tiny_model(family: str, path: Path) -> Path:
     spec = dict(FAMILIES[family])
     config_cls = getattr(transformers, spec.pop("cls"))
     tokenizer = build_tokenizer(path)
+    spec.setdefault("num_hidden_layers", 2)
     config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,

@@ -36,6 +36,7 @@ def paged_attention(
     k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
+    scale: float | None = None,  # softmax scale; None: 1 / sqrt(head_dim)
 ) -> torch.Tensor:
     """Returns [num_tokens, num_heads * head_dim]."""
     num_tokens = q.shape[0]
@@ -44,7 +45,7 @@ def paged_attention(
 
     if meta.is_fresh:
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True, scale=scale
         )  # [num_heads, num_tokens, head_dim]
         return out.transpose(0, 1).reshape(num_tokens, -1)
 
@@ -59,13 +60,13 @@ def paged_attention(
 
     if meta.query_index is None:  # one sequence: no padding
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), keys, values, attn_mask=meta.attn_mask, enable_gqa=True
+            q.transpose(0, 1).unsqueeze(0), keys, values, attn_mask=meta.attn_mask, enable_gqa=True, scale=scale
         )  # [1, num_heads, num_tokens, head_dim]
         return out[0].transpose(0, 1).reshape(num_tokens, -1)
 
     assert meta.output_index is not None
     queries = q[meta.query_index].transpose(1, 2)  # [num_seqs, num_heads, max_query_len, head_dim]
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.attn_mask, enable_gqa=True)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.attn_mask, enable_gqa=True, scale=scale)
     num_seqs, num_heads, max_query_len, head_dim = out.shape
     out = out.transpose(1, 2).reshape(num_seqs * max_query_len, num_heads * head_dim)
     return out[meta.output_index]

@@ -1,8 +1,10 @@
-"""The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3.
+"""The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3 and Gemma 3.
 
 Pre-norm blocks: RMSNorm -> attention (GQA, RoPE, optional q/k norm and qkv bias) -> RMSNorm ->
-SwiGLU MLP. Parameter names follow HF's, except that q/k/v and gate/up are merged
-(`qkv_proj`, `gate_up_proj`); `load_weight` maps checkpoint names onto them.
+gated MLP. Gemma 3 adds "sandwich" norms (after attention, and before and after the MLP), a
+GeGLU MLP, scaled embeddings, (1 + w) norms (folded into w at load) and its own softmax scale.
+Parameter names follow HF's, except that q/k/v and gate/up are merged (`qkv_proj`,
+`gate_up_proj`); `load_weight` maps checkpoint names onto them.
 Inputs are flat: all tokens of all scheduled requests in one [num_tokens] vector.
 """
 
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 
 from fulmine.config import ModelConfig
-from fulmine.layers.activation import silu_and_mul
+from fulmine.layers.activation import gelu_tanh_and_mul, silu_and_mul
 from fulmine.layers.attention import AttentionMetadata, paged_attention
 from fulmine.layers.linear import Embedding, Linear, MergedLinear
 from fulmine.layers.norm import RMSNorm
@@ -38,6 +40,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(q_size, config.hidden_size, config.o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.scale = config.attn_scale
 
     def forward(
         self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
@@ -50,7 +53,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, meta.cos, meta.sin), apply_rotary(k, meta.cos, meta.sin)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out)
 
 
@@ -59,9 +62,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.act_and_mul = gelu_tanh_and_mul if config.hidden_act == "gelu_tanh" else silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -88,12 +92,40 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+class SandwichDecoderLayer(nn.Module):
+    """Gemma 2/3: each sub-block's output is normalized before it joins the residual stream."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dim, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(dim, eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(dim, eps)
+        self.pre_feedforward_layernorm = RMSNorm(dim, eps)
+        self.mlp = MLP(config)
+        self.post_feedforward_layernorm = RMSNorm(dim, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = x if residual is None else x + residual
+        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(residual), kv_cache, meta))
+        residual = residual + h
+        h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(residual)))
+        return h, residual
+
+
 class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        layer_class = SandwichDecoderLayer if config.sandwich_norms else DecoderLayer
+        self.layers = nn.ModuleList(layer_class(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.tie_weights()
@@ -106,6 +138,8 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states, [num_tokens, hidden_size]."""
         x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
         residual: torch.Tensor | None = None
         for layer, kv_cache, meta in zip(self.layers, kv_caches, metas):
             x, residual = layer(x, residual, kv_cache, meta)
@@ -121,6 +155,13 @@ class DecoderModel(nn.Module):
         for module in self.modules():
             if isinstance(module, (Linear, Embedding)):
                 module.weight.data = module.weight.data.to(weight_dtype)
+
+    def fold_norm_offsets(self) -> None:
+        """Norms that scale by (offset + w) hold offset + w from now on (Gemma's offset is 1)."""
+        if self.config.norm_offset:
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.weight.data += self.config.norm_offset
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

@@ -79,6 +79,7 @@ def load_model(
             raise ConfigError(f"checkpoint tensor {name!r} does not fit the model: {error}") from None
         bar.update()
     bar.close()
+    model.fold_norm_offsets()
     if source.gguf is not None:
         source.gguf.close()  # every tensor is copied into the model; drop the file's pages
     if missing:

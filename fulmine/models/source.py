@@ -98,7 +98,7 @@ def config_from_hf(raw: dict[str, Any]) -> tuple[ModelConfig, Family]:
     if family.sliding_window_key and not raw.get(family.sliding_window_key):
         window = None
     qkv_bias = family.qkv_bias if family.qkv_bias is not None else bool(raw.get("attention_bias", False))
-    config = ModelConfig(
+    fields: dict[str, Any] = dict(
         architecture=family.hf_architecture,
         vocab_size=int(raw["vocab_size"]),
         hidden_size=int(raw["hidden_size"]),
@@ -119,7 +119,40 @@ def config_from_hf(raw: dict[str, Any]) -> tuple[ModelConfig, Family]:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw.get("eos_token_id")),
     )
-    return config, family
+    if family.name == "gemma3":
+        fields.update(_gemma3_fields(raw, fields["hidden_size"], fields["head_dim"], fields["num_layers"]))
+    return ModelConfig(**fields), family
+
+
+def _gemma3_fields(raw: dict[str, Any], hidden_size: int, head_dim: int, num_layers: int) -> dict[str, Any]:
+    """Gemma 3's departures from Llama, from its config.json (transformers 4.5x and 5.x spellings)."""
+    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if raw.get(cap) is not None:
+            raise ConfigError(f"{cap} is not supported")
+    per_type = raw.get("rope_parameters") or {}
+    full = dict(
+        per_type.get("full_attention") or {"rope_theta": raw.get("rope_theta", 1e6), **(raw.get("rope_scaling") or {})}
+    )
+    local = per_type.get("sliding_attention") or {"rope_theta": raw.get("rope_local_base_freq", 10000.0)}
+    if local.get("rope_type", "default") != "default":
+        raise ConfigError("RoPE scaling on Gemma 3's sliding-window layers is not supported")
+    theta = float(full.pop("rope_theta", 1e6))
+    pattern = int(raw.get("sliding_window_pattern", 6))
+    types = raw.get("layer_types") or [
+        "full_attention" if (layer + 1) % pattern == 0 else "sliding_attention" for layer in range(num_layers)
+    ]
+    return dict(
+        rope_theta=theta,
+        rope_scaling=full if full.get("rope_type", full.get("type", "default")) != "default" else None,
+        rope_theta_sliding=float(local["rope_theta"]),
+        layer_types=tuple("sliding" if kind == "sliding_attention" else "full" for kind in types),
+        norm_offset=1.0,
+        embed_scale=hidden_size**0.5,
+        sandwich_norms=True,
+        hidden_act="gelu_tanh",
+        attn_scale=float(raw.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+    )
 
 
 def config_from_gguf(gguf: GGUFFile) -> tuple[ModelConfig, Family]:
