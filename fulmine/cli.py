@@ -6,6 +6,7 @@ Engine flags are generated from EngineConfig's fields, so config lives in one pl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -149,7 +150,8 @@ def _serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    server.run()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down gracefully, then re-raises Ctrl-C
+        server.run()
     if failed:
         print(f"fulmine: error: {failed[0]}", file=sys.stderr)
         return 2

@@ -122,3 +122,57 @@ def test_python_api_errors(tiny_llama: Path) -> None:
         LLM(str(tiny_llama), no_such_flag=1)
     out = llm.generate("word", SamplingParams(max_tokens=2))[0]  # still works
     assert out.usage["completion_tokens"] == 2 and out.usage["total_tokens"] == len(out.prompt_token_ids) + 2
+
+
+def test_serve_command_end_to_end(tiny_llama: Path) -> None:
+    """`fulmine serve` as the README runs it: flags, FULMINE_API_KEY, /health, a request, Ctrl-C."""
+    import httpx
+
+    from tests.e2e.server import free_port
+
+    port = free_port()
+    env = {**ENV, "FULMINE_API_KEY": "from-env"}
+    proc = subprocess.Popen(
+        [
+            *FULMINE,
+            "serve",
+            "--model",
+            str(tiny_llama),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+            "--api-key",
+            "from-flag",
+            "--max-model-len",
+            "128",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "zebra-secret"}], "max_tokens": 3}
+        url = f"{base}/v1/chat/completions"
+        assert httpx.post(url, json=body, timeout=30).status_code == 401
+        for key in ("from-flag", "from-env"):
+            response = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+        assert httpx.get(f"{base}/").status_code == 200  # the chat page needs no key
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "serving the OpenAI API" in stderr and "Traceback" not in stderr
+    assert "zebra-secret" not in stderr  # prompts are not logged by default
