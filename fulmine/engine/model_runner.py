@@ -17,7 +17,7 @@ from fulmine.layers.attention import AttentionMetadata
 from fulmine.layers.rotary import RotaryEmbedding
 from fulmine.models.decoder import DecoderModel
 from fulmine.request import Request, TokenLogprobs
-from fulmine.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
+from fulmine.sampling.sampler import Sampler, SamplerOutput, SamplingBatch, logprobs_of
 
 
 @dataclass
@@ -110,12 +110,8 @@ class ModelRunner:
                 continue
             logprobs = self.model.compute_logits(hidden[offset : offset + end - start]).log_softmax(dim=-1)
             targets = torch.tensor(request.prompt_token_ids[start + 1 : end + 1], device=self.device)
-            chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-            top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-            out[request.request_id] = [
-                TokenLogprobs(lp, list(zip(ids, values)))
-                for lp, ids, values in zip(chosen, top_ids.tolist(), top_values.tolist())
-            ]
+            rows = _token_logprobs(logprobs_of(logprobs, targets, k), [k] * (end - start))
+            out[request.request_id] = [row for row in rows if row is not None]
         return out
 
     def release(self, request_id: str) -> None:
@@ -235,18 +231,24 @@ class ModelRunner:
 
 
 def _pack_logprobs(requests: list[Request], result: SamplerOutput) -> dict[str, TokenLogprobs]:
+    rows = _token_logprobs(result, [r.sampling_params.logprobs for r in requests])
+    return {r.request_id: row for r, row in zip(requests, rows) if row is not None}
+
+
+def _token_logprobs(result: SamplerOutput, ks: list[int | None]) -> list[TokenLogprobs | None]:
+    """A batch's logprobs copied to the host once, each row cut to its own top k (None: not asked)."""
     assert result.logprobs is not None
     chosen = result.logprobs.tolist()
     top_ids = result.top_ids.tolist() if result.top_ids is not None else None
     top_logprobs = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-    packed = {}
-    for row, request in enumerate(requests):
-        k = request.sampling_params.logprobs
+    rows: list[TokenLogprobs | None] = []
+    for row, k in enumerate(ks):
         if k is None:
+            rows.append(None)
             continue
         top = list(zip(top_ids[row][:k], top_logprobs[row][:k])) if top_ids and top_logprobs else []
-        packed[request.request_id] = TokenLogprobs(chosen[row], top)
-    return packed
+        rows.append(TokenLogprobs(chosen[row], top))
+    return rows
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:

@@ -104,6 +104,17 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None = None  # [num_rows, num_logprobs]
 
 
+def logprobs_of(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> SamplerOutput:
+    """Each row's logprob of its token, and the row's k most likely (when k > 0).
+
+    logprobs: [num_rows, vocab] log-softmaxed; token_ids: [num_rows].
+    """
+    out = SamplerOutput(token_ids, logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1))
+    if k > 0:
+        out.top_logprobs, out.top_ids = logprobs.topk(k, dim=-1)
+    return out
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.generator = torch.Generator(device=device)
@@ -118,12 +129,9 @@ class Sampler:
         if batch.seen_mask is not None:
             logits = _apply_penalties(logits, batch)
         token_ids = logits.argmax(dim=-1) if batch.all_greedy else self._sample(logits, batch)
-        out = SamplerOutput(token_ids)
         if raw_logprobs is not None and batch.num_logprobs is not None:
-            out.logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-            if batch.num_logprobs > 0:
-                out.top_logprobs, out.top_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
-        return out
+            return logprobs_of(raw_logprobs, token_ids, batch.num_logprobs)
+        return SamplerOutput(token_ids)
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         greedy_ids = logits.argmax(dim=-1)
