@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -86,6 +87,21 @@ class EngineConfig:
     device: str = _opt("auto", "auto picks cuda when available, else cpu")
     dtype: str = _opt("auto", "activations: auto is float32 on cpu, bfloat16 on cuda")
     weight_dtype: str = _opt("auto", "matrices: auto is float16 on cpu (decode reads half the bytes), else dtype")
+    quantization: str = _opt(
+        "auto",
+        "weights in memory: auto keeps a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are (when the C kernels "
+        "are built); none dequantizes them; int8 / int4 quantize every matrix (Q8_0 / Q4_1) on load",
+    )
+    exact_kernels: bool = _opt(
+        False,
+        "quantized matrices multiply float32 activations (matches a dequantized reference to rounding; "
+        "slower) instead of int8-quantized ones as llama.cpp does",
+    )
+    speculative: str = _opt(
+        "ngram",
+        "speculative decoding: ngram drafts from the request's own text (prompt lookup), off disables it",
+    )
+    num_speculative_tokens: int = _opt(4, "most tokens drafted per step when speculating")
     num_threads: int | None = _opt(None, "torch intra-op threads on CPU (default: all cores)")
     seed: int = _opt(0, "seed for requests that do not bring their own")
 
@@ -98,6 +114,9 @@ class EngineConfig:
             (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
             (self.dtype in _DTYPES, f"dtype must be one of {', '.join(_DTYPES)}"),
             (self.weight_dtype in _DTYPES, f"weight_dtype must be one of {', '.join(_DTYPES)}"),
+            (self.quantization in _QUANTIZATIONS, f"quantization must be one of {', '.join(_QUANTIZATIONS)}"),
+            (self.speculative in ("ngram", "off"), "speculative must be ngram or off"),
+            (1 <= self.num_speculative_tokens <= 16, "num_speculative_tokens must be in [1, 16]"),
         ]
         for ok, message in checks:
             if not ok:

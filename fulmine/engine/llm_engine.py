@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from fulmine import kernels
 from fulmine.config import ConfigError, EngineConfig
 from fulmine.engine.detokenizer import IncrementalDetokenizer
 from fulmine.engine.model_runner import ModelRunner, kv_cache_bytes_per_token
@@ -37,6 +38,7 @@ class LLMEngine:
         weight_dtype = _DTYPES.get(config.weight_dtype) or (torch.float16 if device.type == "cpu" else dtype)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        kernels.set_threads(torch.get_num_threads())
         self.source = resolve(model)
         model_config = self.source.config
         self.model_config = model_config
@@ -50,7 +52,9 @@ class LLMEngine:
         # The tokenizer (mostly importing transformers) loads on a thread while weights load.
         with ThreadPoolExecutor(max_workers=1) as pool:
             tokenizer = pool.submit(load_tokenizer, self.source, progress)
-            model_module = load_model(self.source, device, dtype, weight_dtype, progress)
+            model_module = load_model(
+                self.source, device, dtype, weight_dtype, progress, config.quantization, config.exact_kernels
+            )
             self.tokenizer = tokenizer.result()
         eos = set(model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -59,7 +63,14 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
-            model_module, num_blocks, config.block_size, self.max_model_len, device, dtype, config.seed
+            model_module,
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
+            device,
+            dtype,
+            config.seed,
+            config.exact_kernels,
         )
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()

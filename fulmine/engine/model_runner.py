@@ -16,6 +16,7 @@ from fulmine.engine.outputs import ModelRunnerOutput, ScheduledRequest, Schedule
 from fulmine.layers.attention import AttentionMetadata
 from fulmine.layers.rotary import RotaryEmbedding
 from fulmine.models.decoder import DecoderModel
+from fulmine.models.fused import FUSED_MAX_TOKENS, FusedDecoder, unsupported_reason
 from fulmine.request import Request, TokenLogprobs
 from fulmine.sampling.sampler import Sampler, SamplerOutput, SamplingBatch, logprobs_of
 
@@ -23,7 +24,8 @@ from fulmine.sampling.sampler import Sampler, SamplerOutput, SamplingBatch, logp
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [num_tokens], every scheduled request's new tokens, back to back
-    attention: list[AttentionMetadata]  # per layer; layers of one kind share one object
+    attention: list[AttentionMetadata]  # per layer; layers of one kind share one object (PyTorch path)
+    fused: tuple[list[int], list[int], list[int], list[list[int]]] | None = None  # FusedDecoder's arguments
     sample_index: torch.Tensor | None = None  # [num_sampling] rows of the hidden states to sample from
     sampling: SamplingBatch | None = None
     sampling_requests: list[Request] = field(default_factory=list)
@@ -45,6 +47,7 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         seed: int,
+        exact_kernels: bool = False,
     ) -> None:
         config = model.config
         self.model, self.config = model, config
@@ -72,13 +75,28 @@ class ModelRunner:
                 config.head_dim, max_model_len, config.rope_theta_sliding, None, device, dtype
             )
         self.layer_is_sliding = [config.is_sliding(layer) for layer in range(config.num_layers)]
+        self.fused: FusedDecoder | None = None
+        if unsupported_reason(model, device, dtype) is None:
+            self.fused = FusedDecoder(
+                model,
+                self.kv_caches,
+                self.rotary,
+                self.rotary_sliding,
+                self.layer_is_sliding,
+                block_size,
+                exact_kernels,
+            )
         self.sampler = Sampler(device, seed)
         self.generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
         step = self._prepare(out.scheduled, block_tables)
-        hidden = self.model(step.input_ids, self.kv_caches, step.attention)
+        if step.fused is not None:
+            assert self.fused is not None
+            hidden = self.fused(*step.fused)
+        else:
+            hidden = self.model(step.input_ids, self.kv_caches, step.attention)
         prompt_logprobs = self._prompt_logprobs(out.scheduled, step.row_offsets, hidden)
         if step.sampling is None:  # only prefill chunks this step
             return ModelRunnerOutput(sampled={}, prompt_logprobs=prompt_logprobs)
@@ -135,15 +153,16 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if s.samples:
                 sample_rows.append(len(token_ids) - 1)
-        position_ids = torch.tensor(positions, dtype=torch.long, device=device)
-        slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
-        by_kind: dict[bool, AttentionMetadata] = {}
-        for sliding in set(self.layer_is_sliding):  # full-context layers, sliding-window layers
-            rotary = self.rotary_sliding if sliding else self.rotary
-            by_kind[sliding] = AttentionMetadata(slot_mapping, *rotary.lookup(position_ids))
-            self._layout(by_kind[sliding], scheduled, block_tables, self.config.sliding_window if sliding else None)
-        attention = [by_kind[sliding] for sliding in self.layer_is_sliding]
-        step = StepInputs(torch.tensor(token_ids, dtype=torch.long, device=device), attention)
+        if self.fused is not None and len(token_ids) <= FUSED_MAX_TOKENS:
+            step = StepInputs(torch.empty(0), [])
+            seq_index = [i for i, s in enumerate(scheduled) for _ in range(s.num_new_tokens)]
+            tables = [block_tables[s.request.request_id] for s in scheduled]
+            step.fused = (token_ids, positions, seq_index, tables)
+        else:
+            step = StepInputs(
+                torch.tensor(token_ids, dtype=torch.long, device=device),
+                self._attention(scheduled, block_tables, positions, slots),
+            )
         step.row_offsets = row_offsets
         if sample_rows:
             requests = [s.request for s in scheduled if s.samples]
@@ -157,6 +176,23 @@ class ModelRunner:
                 device,
             )
         return step
+
+    def _attention(
+        self,
+        scheduled: list[ScheduledRequest],
+        block_tables: dict[str, list[int]],
+        positions: list[int],
+        slots: list[int],
+    ) -> list[AttentionMetadata]:
+        device = self.device
+        position_ids = torch.tensor(positions, dtype=torch.long, device=device)
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
+        by_kind: dict[bool, AttentionMetadata] = {}
+        for sliding in set(self.layer_is_sliding):  # full-context layers, sliding-window layers
+            rotary = self.rotary_sliding if sliding else self.rotary
+            by_kind[sliding] = AttentionMetadata(slot_mapping, *rotary.lookup(position_ids))
+            self._layout(by_kind[sliding], scheduled, block_tables, self.config.sliding_window if sliding else None)
+        return [by_kind[sliding] for sliding in self.layer_is_sliding]
 
     def _layout(
         self,

@@ -2,19 +2,24 @@
 
 `MergedLinear` holds several projections that read the same input (q/k/v, gate/up) as one weight,
 so decode runs one matrix-vector product instead of three. Checkpoint tensors arrive one shard at
-a time through `load_shard`; a quantized checkpoint tensor is dequantized there, which is the one
-place a low-bit layer will plug in.
+a time through `load_shard`. With `keep_blocks` set (GGUF files, when the C kernels are built),
+quantized shards are kept as they are and become a `QuantizedWeight` in `finish_loading` when
+every shard of the layer has the same block type; otherwise they are dequantized into the dense
+weight. `quantize` turns a dense layer into blocks (`--quantization int8|int4`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fulmine.models.weights import WeightTensor, as_dense
+from fulmine import kernels
+from fulmine.layers.quantized import QuantizedWeight, quantize
+from fulmine.models.weights import QuantizedTensor, WeightTensor, as_dense
 
 # Up to this many rows, a narrow-weight linear runs in the weight's dtype. Measured on the 2-core
 # AVX-512 CPU, whole decode steps of the embedded model: batch 8 decodes at 40 tok/s with the
@@ -30,8 +35,19 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.quant: QuantizedWeight | None = None
+        self.exact = False  # quantized products with float32 activations (see kernels/_cpu.c)
+        self.keep_blocks = False
+        self._blocks: dict[int, QuantizedTensor] = {}
+
+    @property
+    def num_shards(self) -> int:
+        return 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            y = self.quant.matmul(x.float(), self.exact).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         weight = self.weight
         if weight.dtype == x.dtype:
             return F.linear(x, weight, self.bias)
@@ -48,12 +64,46 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def load_shard(self, tensor: WeightTensor, shard: int = 0, is_bias: bool = False) -> None:
+        if self._keeps(tensor, is_bias):
+            assert isinstance(tensor, QuantizedTensor)
+            self._blocks[shard] = tensor
+        else:
+            self._load_dense(tensor, shard, is_bias)
+
+    def _keeps(self, tensor: WeightTensor, is_bias: bool) -> bool:
+        if not self.keep_blocks or is_bias or not isinstance(tensor, QuantizedTensor):
+            return False
+        return int(tensor.qtype) in kernels.BLOCK_TYPES and tensor.shape[-1] % 32 == 0
+
+    def _load_dense(self, tensor: WeightTensor, shard: int, is_bias: bool) -> None:
         target = self.bias if is_bias else self.weight
         assert target is not None
         value = as_dense(tensor, target.dtype)
         if value.shape != target.shape:
             raise ValueError(f"shape {tuple(value.shape)} does not fit {tuple(target.shape)}")
         target.data.copy_(value)
+
+    def finish_loading(self) -> None:
+        """Kept blocks become the layer's QuantizedWeight if every shard has the same type, else dense."""
+        blocks, self._blocks = self._blocks, {}
+        if not blocks:
+            return
+        types = {int(t.qtype) for t in blocks.values()}
+        if len(blocks) == self.num_shards and len(types) == 1:
+            raw = np.concatenate([np.ascontiguousarray(blocks[i].raw) for i in range(self.num_shards)])
+            shape = (self.out_features, self.in_features)
+            self.set_quantized(QuantizedWeight(torch.from_numpy(raw), types.pop(), shape))
+        else:
+            for shard, tensor in blocks.items():
+                self._load_dense(tensor, shard, False)
+
+    def set_quantized(self, weight: QuantizedWeight) -> None:
+        self.quant = weight
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)  # the dense matrix is not kept
+
+    def quantize(self, qtype: int) -> None:
+        if self.quant is None and self.in_features % 32 == 0:
+            self.set_quantized(quantize(self.weight.data, qtype))
 
 
 class MergedLinear(Linear):
@@ -64,7 +114,11 @@ class MergedLinear(Linear):
         self.out_sizes = list(out_sizes)
         self.offsets = [sum(self.out_sizes[:i]) for i in range(len(self.out_sizes))]
 
-    def load_shard(self, tensor: WeightTensor, shard: int = 0, is_bias: bool = False) -> None:
+    @property
+    def num_shards(self) -> int:
+        return len(self.out_sizes)
+
+    def _load_dense(self, tensor: WeightTensor, shard: int, is_bias: bool) -> None:
         target = self.bias if is_bias else self.weight
         assert target is not None
         start, size = self.offsets[shard], self.out_sizes[shard]
@@ -78,12 +132,17 @@ class MergedLinear(Linear):
         return tuple(y.split(self.out_sizes, dim=-1))
 
 
-class Embedding(nn.Module):
-    """Token embedding table (no random init: every value comes from the checkpoint)."""
+class Embedding(Linear):
+    """Token embedding table (no random init: every value comes from the checkpoint).
+
+    A Linear from hidden size to vocabulary, so the table is stored, kept quantized and loaded the
+    same way; its forward looks rows up. A tied lm_head shares it.
+    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)
+        super().__init__(embedding_dim, num_embeddings)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.embed(input_ids)
         return F.embedding(input_ids, self.weight)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fulmine import kernels
 from fulmine.config import ModelConfig
 from fulmine.layers.activation import gelu_tanh_and_mul, silu_and_mul
 from fulmine.layers.attention import AttentionMetadata, paged_attention
@@ -150,6 +151,29 @@ class DecoderModel(nn.Module):
         """[num_sampled, hidden_size] -> [num_sampled, vocab_size] in float32."""
         return self.lm_head(hidden).float()
 
+    def finish_loading(self, quantize: int | None = None, exact: bool = False) -> None:
+        """Kept GGUF blocks become quantized weights; `quantize` (a GGML type) quantizes the dense rest.
+
+        The embedding table (and a tied lm_head with it) is quantized to Q8_0 whatever `quantize`
+        asks, as llama.cpp keeps its output layer at higher precision.
+        """
+        tied = self.config.tie_word_embeddings
+        for module in self.modules():
+            if isinstance(module, Linear) and not (tied and module is self.lm_head):
+                module.finish_loading()
+                if quantize is not None:
+                    is_table = isinstance(module, Embedding) or module is self.lm_head
+                    module.quantize(kernels.Q8_0 if is_table else quantize)
+                module.exact = exact
+        if tied:
+            self.lm_head.quant, self.lm_head.exact = self.embed_tokens.quant, exact
+
+    def keep_blocks(self) -> None:
+        """Keep GGUF blocks the kernels read as they are (call before loading)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.keep_blocks = True
+
     def narrow_weights(self, weight_dtype: torch.dtype) -> None:
         """Store the matrices (linear layers, embedding) in `weight_dtype`; norms and biases keep theirs."""
         for module in self.modules():
@@ -199,7 +223,7 @@ class DecoderModel(nn.Module):
             module.load_shard(tensor, merged[1], is_bias=kind == "bias")
             return f"{module_name}.{kind}", merged[1]
         module = self.get_submodule(".".join(parts[:-1]))
-        if isinstance(module, Linear):
+        if isinstance(module, Linear):  # Embedding included
             module.load_shard(tensor, is_bias=kind == "bias")
         else:
             param = getattr(module, kind)

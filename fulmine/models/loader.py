@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from fulmine import kernels
 from fulmine.config import ConfigError
 from fulmine.models.decoder import DecoderModel
 from fulmine.models.source import ModelSource
@@ -47,19 +48,28 @@ def load_model(
     dtype: torch.dtype,
     weight_dtype: torch.dtype | None = None,
     progress: bool = True,
+    quantization: str = "none",
+    exact_kernels: bool = False,
 ) -> DecoderModel:
     """`dtype` is the activations' (and norms'); `weight_dtype` the matrices', if narrower.
 
     The model is laid out on the meta device and allocated uninitialized in its final dtypes,
     so loading never holds a second, wider copy; every parameter must then come from the
-    checkpoint, which is checked.
+    checkpoint, which is checked. `quantization` is EngineConfig's (auto, none, int8, int4).
     """
+    if quantization in ("int8", "int4") and (kernels.cpu() is None or device.type != "cpu"):
+        raise ConfigError(f"--quantization {quantization} needs fulmine's C kernels on the CPU, which are not built")
+    keep_blocks = (
+        quantization == "auto" and kernels.cpu() is not None and device.type == "cpu" and dtype == torch.float32
+    )
     with torch.device("meta"):
         model = DecoderModel(source.config).to(dtype)
     if weight_dtype is not None and weight_dtype != dtype:
         model.narrow_weights(weight_dtype)
     model = model.to_empty(device=device)
     model.tie_weights()
+    if keep_blocks:
+        model.keep_blocks()
     names, tensors = _checkpoint(source)
     missing = model.weight_slots()
     bar = tqdm(
@@ -80,6 +90,7 @@ def load_model(
         bar.update()
     bar.close()
     model.fold_norm_offsets()
+    model.finish_loading({"int8": kernels.Q8_0, "int4": kernels.Q4_1}.get(quantization), exact_kernels)
     if source.gguf is not None:
         source.gguf.close()  # every tensor is copied into the model; drop the file's pages
     if missing:

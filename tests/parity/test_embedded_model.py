@@ -38,7 +38,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def exact() -> LLM:
-    return LLM(dtype="float32", weight_dtype="float32", progress=False)
+    return LLM(dtype="float32", weight_dtype="float32", exact_kernels=True, progress=False)
 
 
 def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:

@@ -1,0 +1,45 @@
+"""fulmine's C kernels (_cpu.c), when the install could build them.
+
+`cpu()` is the extension module or None; callers keep a pure-PyTorch path for None. Setting
+FULMINE_NO_KERNELS=1 forces that path (the tests use it to check the fallback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+try:
+    _module: ModuleType | None = importlib.import_module("fulmine.kernels._cpu")
+except ImportError:  # not built (no compiler at install time): PyTorch paths only
+    _module = None
+
+# GGML type ids (as GGUF stores them) the kernels read directly
+F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
+BLOCK_TYPES = (Q4_0, Q4_1, Q8_0)
+
+_threads: int | None = None
+
+
+def cpu() -> ModuleType | None:
+    if _module is None or os.environ.get("FULMINE_NO_KERNELS") == "1":
+        return None
+    return _module
+
+
+def set_threads(n: int) -> None:
+    """The kernels' worker count (the calling thread is one of them)."""
+    global _threads
+    module = cpu()
+    if module is not None and n != _threads:
+        module.set_threads(n)
+        _threads = n
+
+
+def describe() -> str:
+    module = cpu()
+    if module is None:
+        return "PyTorch (C kernels not built or disabled)"
+    info = module.info()
+    return f"C kernels ({info['isa']}, {info['threads']} threads)"

@@ -1,0 +1,980 @@
+/* fulmine's CPU kernels: matrix products on weights kept in their checkpoint's block format
+ * (GGUF Q8_0, Q4_0, Q4_1; float16; float32), and the whole decoder for a few tokens in one call.
+ *
+ * Plain C with no torch dependency, so it builds with the package (setup.py) on any compiler and
+ * works with any torch: Python hands in raw pointers (tensor.data_ptr()). AVX2/FMA/F16C paths are
+ * chosen at import when the CPU has them (function-level target attributes: the module itself is
+ * built for the baseline ISA), a portable scalar path otherwise. Work is split over a small pool of
+ * spinning pthreads (the caller is thread 0); the GIL is released while kernels run.
+ *
+ * Numerics, two modes. Exact: float32 activations times the dequantized weight, d * sum(q * x) +
+ * m * sum(x) per block (Q4_1; Q4_0 is m = -8 d), equal to a dequantized reference up to float
+ * rounding. Fast (the default, what llama.cpp does): each 32-value block of an activation row is
+ * quantized to int8 with its own scale, and blocks multiply as integers (AVX2 maddubs, or AVX-512
+ * VNNI dpbusd), about 3x fewer instructions per weight. Both modes equal (to rounding) a float32
+ * product of the dequantized weight with the activations as given (exact) or as quantized (fast),
+ * which is how larger batches compute it (fulmine/layers/quantized.py). Float16 and float32 weights
+ * always multiply in float32.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define FULMINE_X86 1
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+/* GGML type ids, as GGUF stores them */
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };
+
+static int type_ok(int t) { return t == T_F32 || t == T_F16 || t == T_Q4_0 || t == T_Q4_1 || t == T_Q8_0; }
+
+static size_t row_bytes(int type, int64_t K) {
+    switch (type) {
+    case T_F32: return (size_t)K * 4;
+    case T_F16: return (size_t)K * 2;
+    case T_Q4_0: return (size_t)(K / 32) * 18;
+    case T_Q4_1: return (size_t)(K / 32) * 20;
+    case T_Q8_0: return (size_t)(K / 32) * 34;
+    }
+    return 0;
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: renormalize */
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) {
+                mant <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float load_half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return half_to_float(h);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Thread pool: workers spin on a generation counter, then sleep on a condition variable when idle.
+ */
+#define MAX_THREADS 64
+#define SPIN_ITERS 4096 /* ~50-100 us: long enough between the phases of one call, short enough not to
+                          * steal a core from torch's own threads between calls */
+
+typedef void (*task_fn)(void *ctx, int ith, int nth);
+
+static struct {
+    int nth;
+    pthread_t threads[MAX_THREADS];
+    task_fn fn;
+    void *ctx;
+    atomic_int gen;
+    atomic_int pending;
+    atomic_int sleepers;
+    atomic_int stop;
+    int start_gen; /* the generation workers start from: read before they exist, so none misses a job */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} pool = {.nth = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static void *worker_main(void *arg) {
+    int ith = (int)(intptr_t)arg;
+    int seen = pool.start_gen;
+    for (;;) {
+        int g, spins = 0;
+        while ((g = atomic_load(&pool.gen)) == seen) {
+            if (++spins < SPIN_ITERS) {
+                CPU_RELAX();
+                continue;
+            }
+            pthread_mutex_lock(&pool.mu);
+            atomic_fetch_add(&pool.sleepers, 1);
+            while ((g = atomic_load(&pool.gen)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            pthread_mutex_unlock(&pool.mu);
+            break;
+        }
+        seen = g;
+        if (atomic_load(&pool.stop)) return NULL;
+        pool.fn(pool.ctx, ith, pool.nth);
+        atomic_fetch_sub(&pool.pending, 1);
+    }
+}
+
+static void pool_stop(void) {
+    if (pool.nth <= 1) return;
+    atomic_store(&pool.stop, 1);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add(&pool.gen, 1);
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+    for (int i = 1; i < pool.nth; i++) pthread_join(pool.threads[i], NULL);
+    atomic_store(&pool.stop, 0);
+    pool.nth = 1;
+}
+
+static int pool_start(int nth) {
+    if (nth < 1) nth = 1;
+    if (nth > MAX_THREADS) nth = MAX_THREADS;
+    if (nth == pool.nth) return 0;
+    pool_stop();
+    pool.start_gen = atomic_load(&pool.gen);
+    for (int i = 1; i < nth; i++) {
+        if (pthread_create(&pool.threads[i], NULL, worker_main, (void *)(intptr_t)i) != 0) {
+            pool.nth = i;
+            pool_stop();
+            return -1;
+        }
+        pool.nth = i + 1;
+    }
+    return 0;
+}
+
+static void pool_run(task_fn fn, void *ctx) {
+    if (pool.nth == 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    atomic_store(&pool.pending, pool.nth - 1);
+    atomic_fetch_add(&pool.gen, 1);
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    fn(ctx, 0, pool.nth);
+    while (atomic_load(&pool.pending) > 0) CPU_RELAX();
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Row kernels: out[r] = dot(weight row, x[r]) for r < R (R <= 4), x rows K floats apart.
+ * xsum[r * nb + b] is the sum of block b of x row r (used by Q4_0 / Q4_1).
+ */
+typedef void (*row_fn)(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out);
+
+/* The fast mode's activations: qx[r * K + k] int8, dx[r * nb + b] the block scale, xsum as above. */
+typedef struct {
+    const int8_t *qx;
+    const float *dx, *xsum;
+} QAct;
+typedef void (*qrow_fn)(const uint8_t *w, const QAct *a, int R, int64_t K, float *out);
+
+static void qrow_scalar(const uint8_t *w, const QAct *a, int R, int64_t K, float *out, int type) {
+    int64_t nb = K / 32;
+    size_t bsz = type == T_Q8_0 ? 34 : type == T_Q4_1 ? 20 : 18;
+    for (int r = 0; r < R; r++) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = w + b * bsz;
+            const int8_t *xq = a->qx + r * K + b * 32;
+            float d = load_half(blk), dx = a->dx[r * nb + b];
+            int s = 0;
+            if (type == T_Q8_0) {
+                for (int i = 0; i < 32; i++) s += ((const int8_t *)(blk + 2))[i] * xq[i];
+                acc += d * dx * (float)s;
+            } else {
+                const uint8_t *qs = blk + (type == T_Q4_1 ? 4 : 2);
+                float m = type == T_Q4_1 ? load_half(blk + 2) : -8.f * d;
+                for (int i = 0; i < 16; i++) s += (qs[i] & 0x0f) * xq[i] + (qs[i] >> 4) * xq[i + 16];
+                acc += d * dx * (float)s + m * a->xsum[r * nb + b];
+            }
+        }
+        out[r] = acc;
+    }
+}
+static void qrow_q8_0_scalar(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { qrow_scalar(w, a, R, K, out, T_Q8_0); }
+static void qrow_q4_0_scalar(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { qrow_scalar(w, a, R, K, out, T_Q4_0); }
+static void qrow_q4_1_scalar(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { qrow_scalar(w, a, R, K, out, T_Q4_1); }
+
+/* x row [K] -> int8 blocks q with scales dx (x ~ dx * q) and xsum = dx * sum(q), the block sum of
+ * the quantized values, so a product equals the dequantized activations times the weight. */
+static void quantize_row_scalar(const float *x, int64_t K, int8_t *q, float *dx, float *xsum) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) {
+            float v = fabsf(xb[i]);
+            amax = v > amax ? v : amax;
+        }
+        float id = amax > 0.f ? 127.f / amax : 0.f;
+        int s = 0;
+        for (int i = 0; i < 32; i++) s += q[b * 32 + i] = (int8_t)lrintf(xb[i] * id);
+        dx[b] = amax / 127.f;
+        xsum[b] = dx[b] * (float)s;
+    }
+}
+
+static void row_f32_scalar(const uint8_t *w8, const float *x, int R, int64_t K, const float *xsum, float *out) {
+    (void)xsum;
+    const float *w = (const float *)w8;
+    for (int r = 0; r < R; r++) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; k++) acc += w[k] * x[r * K + k];
+        out[r] = acc;
+    }
+}
+
+static void row_f16_scalar(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out) {
+    (void)xsum;
+    for (int r = 0; r < R; r++) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; k++) acc += load_half(w + 2 * k) * x[r * K + k];
+        out[r] = acc;
+    }
+}
+
+static void row_q8_0_scalar(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out) {
+    (void)xsum;
+    int64_t nb = K / 32;
+    for (int r = 0; r < R; r++) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = w + b * 34;
+            const int8_t *q = (const int8_t *)(blk + 2);
+            const float *xb = x + r * K + b * 32;
+            float s = 0.f;
+            for (int i = 0; i < 32; i++) s += q[i] * xb[i];
+            acc += load_half(blk) * s;
+        }
+        out[r] = acc;
+    }
+}
+
+static void row_q4_scalar(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out,
+                          int is_q4_1) {
+    int64_t nb = K / 32;
+    size_t bsz = is_q4_1 ? 20 : 18;
+    for (int r = 0; r < R; r++) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = w + b * bsz;
+            const uint8_t *qs = blk + (is_q4_1 ? 4 : 2);
+            const float *xb = x + r * K + b * 32;
+            float d = load_half(blk), m = is_q4_1 ? load_half(blk + 2) : -8.f * d;
+            float s = 0.f;
+            for (int i = 0; i < 16; i++) s += (qs[i] & 0x0f) * xb[i] + (qs[i] >> 4) * xb[i + 16];
+            acc += d * s + m * xsum[r * nb + b];
+        }
+        out[r] = acc;
+    }
+}
+
+static void row_q4_0_scalar(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out) {
+    row_q4_scalar(w, x, R, K, xsum, out, 0);
+}
+
+static void row_q4_1_scalar(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out) {
+    row_q4_scalar(w, x, R, K, xsum, out, 1);
+}
+
+#ifdef FULMINE_X86
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static inline float half_avx2(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* Each kernel is written for a compile-time row count RG (1..4) and inlined, so the per-row
+ * accumulators live in registers; the wrappers below pick RG = R. */
+#define ROW_WRAPPERS(name)                                                                                 \
+    AVX2 static void name(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out) { \
+        switch (R) {                                                                                       \
+        case 1: name##_rg(w, x, 1, K, xsum, out); break;                                                   \
+        case 2: name##_rg(w, x, 2, K, xsum, out); break;                                                   \
+        case 3: name##_rg(w, x, 3, K, xsum, out); break;                                                   \
+        default: name##_rg(w, x, 4, K, xsum, out); break;                                                  \
+        }                                                                                                  \
+    }
+
+AVX2 static inline __attribute__((always_inline)) void row_f32_avx2_rg(const uint8_t *w8, const float *x, const int RG,
+                                                                       int64_t K, const float *xsum, float *out) {
+    (void)xsum;
+    const float *w = (const float *)w8;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv = _mm256_loadu_ps(w + k);
+        for (int r = 0; r < RG; r++) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), acc[r]);
+    }
+    for (int r = 0; r < RG; r++) {
+        float s = hsum256(acc[r]);
+        for (int64_t t = k; t < K; t++) s += w[t] * x[r * K + t];
+        out[r] = s;
+    }
+}
+ROW_WRAPPERS(row_f32_avx2)
+
+AVX2 static inline __attribute__((always_inline)) void row_f16_avx2_rg(const uint8_t *w8, const float *x, const int RG,
+                                                                       int64_t K, const float *xsum, float *out) {
+    (void)xsum;
+    const uint16_t *w = (const uint16_t *)w8;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k)));
+        for (int r = 0; r < RG; r++) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), acc[r]);
+    }
+    for (int r = 0; r < RG; r++) {
+        float s = hsum256(acc[r]);
+        for (int64_t t = k; t < K; t++) s += _cvtsh_ss(w[t]) * x[r * K + t];
+        out[r] = s;
+    }
+}
+ROW_WRAPPERS(row_f16_avx2)
+
+AVX2 static inline __attribute__((always_inline)) void row_q8_0_avx2_rg(const uint8_t *w, const float *x, const int RG,
+                                                                        int64_t K, const float *xsum, float *out) {
+    (void)xsum;
+    int64_t nb = K / 32;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * 34;
+        __m128i q0 = _mm_loadu_si128((const __m128i *)(blk + 2));
+        __m128i q1 = _mm_loadu_si128((const __m128i *)(blk + 18));
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8)));
+        __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1));
+        __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8)));
+        __m256 d = _mm256_set1_ps(half_avx2(blk));
+        for (int r = 0; r < RG; r++) {
+            const float *xb = x + r * K + b * 32;
+            __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
+            t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), t);
+            t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), t);
+            t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), t);
+            acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
+        }
+    }
+    for (int r = 0; r < RG; r++) out[r] = hsum256(acc[r]);
+}
+ROW_WRAPPERS(row_q8_0_avx2)
+
+AVX2 static inline __attribute__((always_inline)) void row_q4_avx2_rg(const uint8_t *w, const float *x, const int RG,
+                                                                      int64_t K, const float *xsum, float *out,
+                                                                      const int is_q4_1) {
+    int64_t nb = K / 32;
+    const size_t bsz = is_q4_1 ? 20 : 18;
+    const __m128i low = _mm_set1_epi8(0x0f);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float macc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * bsz;
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + (is_q4_1 ? 4 : 2)));
+        __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        float df = half_avx2(blk), m = is_q4_1 ? half_avx2(blk + 2) : -8.f * df;
+        __m256 d = _mm256_set1_ps(df);
+        for (int r = 0; r < RG; r++) {
+            const float *xb = x + r * K + b * 32;
+            __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
+            t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), t);
+            t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), t);
+            t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), t);
+            acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
+            macc[r] += m * xsum[r * nb + b];
+        }
+    }
+    for (int r = 0; r < RG; r++) out[r] = hsum256(acc[r]) + macc[r];
+}
+
+AVX2 static inline __attribute__((always_inline)) void row_q4_0_avx2_rg(const uint8_t *w, const float *x, const int RG,
+                                                                        int64_t K, const float *xsum, float *out) {
+    row_q4_avx2_rg(w, x, RG, K, xsum, out, 0);
+}
+ROW_WRAPPERS(row_q4_0_avx2)
+
+AVX2 static inline __attribute__((always_inline)) void row_q4_1_avx2_rg(const uint8_t *w, const float *x, const int RG,
+                                                                        int64_t K, const float *xsum, float *out) {
+    row_q4_avx2_rg(w, x, RG, K, xsum, out, 1);
+}
+ROW_WRAPPERS(row_q4_1_avx2)
+
+/* The fast mode's block kernels, once with AVX2 (maddubs + madd) and once with AVX-512 VNNI
+ * (dpbusd on 256-bit vectors): u8 weights times s8 activations, summed to int32 per 4 lanes. */
+#define QROW_KERNELS(SUFFIX, TARGET, DOT)                                                                    \
+    TARGET static inline __attribute__((always_inline)) void qrow_q4_##SUFFIX##_rg(                           \
+        const uint8_t *w, const QAct *a, const int RG, int64_t K, float *out, const int is_q4_1) {            \
+        int64_t nb = K / 32;                                                                                 \
+        const size_t bsz = is_q4_1 ? 20 : 18;                                                                \
+        const __m256i low = _mm256_set1_epi8(0x0f);                                                          \
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        float macc[4] = {0.f, 0.f, 0.f, 0.f};                                                                \
+        for (int64_t b = 0; b < nb; b++) {                                                                   \
+            const uint8_t *blk = w + b * bsz;                                                                \
+            __m128i q = _mm_loadu_si128((const __m128i *)(blk + (is_q4_1 ? 4 : 2)));                        \
+            __m256i wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);                  \
+            float d = half_avx2(blk), m = is_q4_1 ? half_avx2(blk + 2) : -8.f * d;                           \
+            for (int r = 0; r < RG; r++) {                                                                   \
+                __m256i xq = _mm256_loadu_si256((const __m256i *)(a->qx + r * K + b * 32));                 \
+                __m256 p = _mm256_cvtepi32_ps(DOT(wq, xq));                                                  \
+                acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * a->dx[r * nb + b]), acc[r]);                  \
+                macc[r] += m * a->xsum[r * nb + b];                                                          \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int r = 0; r < RG; r++) out[r] = hsum256(acc[r]) + macc[r];                                    \
+    }                                                                                                        \
+    TARGET static inline __attribute__((always_inline)) void qrow_q8_0_##SUFFIX##_rg(                         \
+        const uint8_t *w, const QAct *a, const int RG, int64_t K, float *out) {                              \
+        int64_t nb = K / 32;                                                                                 \
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        for (int64_t b = 0; b < nb; b++) {                                                                   \
+            const uint8_t *blk = w + b * 34;                                                                 \
+            __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));                                    \
+            __m256i aw = _mm256_sign_epi8(wq, wq);                                                           \
+            float d = half_avx2(blk);                                                                        \
+            for (int r = 0; r < RG; r++) {                                                                   \
+                __m256i xq = _mm256_loadu_si256((const __m256i *)(a->qx + r * K + b * 32));                 \
+                __m256 p = _mm256_cvtepi32_ps(DOT(aw, _mm256_sign_epi8(xq, wq)));                            \
+                acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * a->dx[r * nb + b]), acc[r]);                  \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int r = 0; r < RG; r++) out[r] = hsum256(acc[r]);                                               \
+    }                                                                                                        \
+    TARGET static void qrow_q4_0_##SUFFIX(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) {     \
+        switch (R) {                                                                                         \
+        case 1: qrow_q4_##SUFFIX##_rg(w, a, 1, K, out, 0); break;                                            \
+        case 2: qrow_q4_##SUFFIX##_rg(w, a, 2, K, out, 0); break;                                            \
+        case 3: qrow_q4_##SUFFIX##_rg(w, a, 3, K, out, 0); break;                                            \
+        default: qrow_q4_##SUFFIX##_rg(w, a, 4, K, out, 0); break;                                           \
+        }                                                                                                    \
+    }                                                                                                        \
+    TARGET static void qrow_q4_1_##SUFFIX(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) {     \
+        switch (R) {                                                                                         \
+        case 1: qrow_q4_##SUFFIX##_rg(w, a, 1, K, out, 1); break;                                            \
+        case 2: qrow_q4_##SUFFIX##_rg(w, a, 2, K, out, 1); break;                                            \
+        case 3: qrow_q4_##SUFFIX##_rg(w, a, 3, K, out, 1); break;                                            \
+        default: qrow_q4_##SUFFIX##_rg(w, a, 4, K, out, 1); break;                                           \
+        }                                                                                                    \
+    }                                                                                                        \
+    TARGET static void qrow_q8_0_##SUFFIX(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) {     \
+        switch (R) {                                                                                         \
+        case 1: qrow_q8_0_##SUFFIX##_rg(w, a, 1, K, out); break;                                             \
+        case 2: qrow_q8_0_##SUFFIX##_rg(w, a, 2, K, out); break;                                             \
+        case 3: qrow_q8_0_##SUFFIX##_rg(w, a, 3, K, out); break;                                             \
+        default: qrow_q8_0_##SUFFIX##_rg(w, a, 4, K, out); break;                                            \
+        }                                                                                                    \
+    }
+
+#define DOT_AVX2(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+QROW_KERNELS(avx2, AVX2, DOT_AVX2)
+
+#define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#define DOT_VNNI(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+QROW_KERNELS(vnni, VNNI, DOT_VNNI)
+
+AVX2 static void quantize_row_avx2(const float *x, int64_t K, int8_t *q, float *dx, float *xsum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + b * 32;
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
+               v3 = _mm256_loadu_ps(xb + 24);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4);
+        float id = amax > 0.f ? 127.f / amax : 0.f;
+        dx[b] = amax / 127.f;
+        __m256 idv = _mm256_set1_ps(id);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, idv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, idv));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, idv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, idv));
+        __m256i isum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        xsum[b] = dx[b] * hsum256(_mm256_cvtepi32_ps(isum));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(q + b * 32), _mm256_permutevar8x32_epi32(p, perm));
+    }
+}
+
+AVX2 static float dot_avx2(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum256(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+AVX2 static void axpy_avx2(float *y, float a, const float *x, int n) {
+    __m256 av = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+#endif
+
+static float dot_scalar(const float *a, const float *b, int n) {
+    float s = 0.f;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void axpy_scalar(float *y, float a, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static struct {
+    row_fn f32, f16, q8_0, q4_0, q4_1;
+    qrow_fn iq8_0, iq4_0, iq4_1;
+    void (*quantize_row)(const float *, int64_t, int8_t *, float *, float *);
+    float (*dot)(const float *, const float *, int);
+    void (*axpy)(float *, float, const float *, int);
+    const char *isa;
+} K_ = {row_f32_scalar,      row_f16_scalar,   row_q8_0_scalar,   row_q4_0_scalar,     row_q4_1_scalar,
+        qrow_q8_0_scalar,    qrow_q4_0_scalar, qrow_q4_1_scalar,  quantize_row_scalar, dot_scalar,
+        axpy_scalar,         "scalar"};
+
+static void choose_isa(void) {
+#ifdef FULMINE_X86
+    __builtin_cpu_init();
+    if (getenv("FULMINE_KERNELS_SCALAR") == NULL && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        K_.f32 = row_f32_avx2;
+        K_.f16 = row_f16_avx2;
+        K_.q8_0 = row_q8_0_avx2;
+        K_.q4_0 = row_q4_0_avx2;
+        K_.q4_1 = row_q4_1_avx2;
+        K_.iq8_0 = qrow_q8_0_avx2;
+        K_.iq4_0 = qrow_q4_0_avx2;
+        K_.iq4_1 = qrow_q4_1_avx2;
+        K_.quantize_row = quantize_row_avx2;
+        K_.dot = dot_avx2;
+        K_.axpy = axpy_avx2;
+        K_.isa = "avx2";
+        if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+            getenv("FULMINE_KERNELS_AVX2") == NULL) {
+            K_.iq8_0 = qrow_q8_0_vnni;
+            K_.iq4_0 = qrow_q4_0_vnni;
+            K_.iq4_1 = qrow_q4_1_vnni;
+            K_.isa = "avx2+avx512vnni";
+        }
+    }
+#endif
+}
+
+static qrow_fn qrow_kernel(int type) {
+    switch (type) {
+    case T_Q8_0: return K_.iq8_0;
+    case T_Q4_0: return K_.iq4_0;
+    case T_Q4_1: return K_.iq4_1;
+    }
+    return NULL;
+}
+
+static row_fn row_kernel(int type) {
+    switch (type) {
+    case T_F32: return K_.f32;
+    case T_F16: return K_.f16;
+    case T_Q8_0: return K_.q8_0;
+    case T_Q4_0: return K_.q4_0;
+    case T_Q4_1: return K_.q4_1;
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * y[R, N] = x[R, K] @ W[N, K]^T, split over output rows.
+ */
+typedef struct {
+    const uint8_t *data;
+    int type;
+    int64_t N, K;
+} Mat;
+
+typedef struct {
+    const float *x;
+    int R;
+    Mat w;
+    float *y;
+    int64_t ldy;
+    const float *xsum;
+    const QAct *qa; /* fast mode: quantized activations; NULL: exact */
+} MatmulJob;
+
+static void matmul_task(void *ctx, int ith, int nth) {
+    MatmulJob *j = (MatmulJob *)ctx;
+    int64_t N = j->w.N, K = j->w.K;
+    int64_t per = ((N + nth - 1) / nth + 7) / 8 * 8;
+    int64_t n0 = per * ith, n1 = n0 + per < N ? n0 + per : N;
+    size_t rb = row_bytes(j->w.type, K);
+    row_fn fn = row_kernel(j->w.type);
+    qrow_fn qfn = qrow_kernel(j->w.type);
+    int64_t nb = K / 32;
+    float out[4];
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = j->w.data + (size_t)n * rb;
+        for (int r0 = 0; r0 < j->R; r0 += 4) {
+            int rg = j->R - r0 < 4 ? j->R - r0 : 4;
+            if (j->qa) {
+                QAct a = {j->qa->qx + (size_t)r0 * K, j->qa->dx + (size_t)r0 * nb, j->qa->xsum + (size_t)r0 * nb};
+                qfn(row, &a, rg, K, out);
+            } else {
+                fn(row, j->x + (size_t)r0 * K, rg, K, j->xsum ? j->xsum + (size_t)r0 * nb : NULL, out);
+            }
+            for (int r = 0; r < rg; r++) j->y[(size_t)(r0 + r) * j->ldy + n] = out[r];
+        }
+    }
+}
+
+/* Scratch for one product's activations: R * K / 32 floats each for xsum and dx, R * K int8. */
+typedef struct {
+    float *xsum, *dx;
+    int8_t *qx;
+} Scratch;
+
+static int scratch_alloc(Scratch *s, size_t R, size_t K) {
+    size_t nb = K / 32 + 1;
+    s->xsum = malloc(sizeof(float) * R * nb * 2 + R * K + 64);
+    if (!s->xsum) return -1;
+    s->dx = s->xsum + R * nb;
+    s->qx = (int8_t *)(s->dx + R * nb);
+    return 0;
+}
+
+static void matmul(const float *x, int R, Mat w, float *y, int64_t ldy, const Scratch *s, int exact) {
+    int64_t nb = w.K / 32;
+    float *xsum = s->xsum;
+    if (!exact && (w.type == T_Q8_0 || w.type == T_Q4_0 || w.type == T_Q4_1)) {
+        for (int r = 0; r < R; r++)
+            K_.quantize_row(x + (size_t)r * w.K, w.K, s->qx + (size_t)r * w.K, s->dx + r * nb, xsum + r * nb);
+        QAct qa = {s->qx, s->dx, xsum};
+        MatmulJob job = {x, R, w, y, ldy, xsum, &qa};
+        pool_run(matmul_task, &job);
+        return;
+    }
+    if (w.type == T_Q4_0 || w.type == T_Q4_1) {
+        for (int r = 0; r < R; r++)
+            for (int64_t b = 0; b < nb; b++) {
+                const float *xb = x + (size_t)r * w.K + b * 32;
+                float s = 0.f;
+                for (int i = 0; i < 32; i++) s += xb[i];
+                xsum[r * nb + b] = s;
+            }
+    }
+    MatmulJob job = {x, R, w, y, ldy, xsum, NULL};
+    pool_run(matmul_task, &job);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Dequantization: W[N, K] -> float32, split over rows.
+ */
+static void dequant_row(const uint8_t *w, int type, int64_t K, float *out) {
+    int64_t nb = K / 32;
+    switch (type) {
+    case T_F32: memcpy(out, w, (size_t)K * 4); return;
+    case T_F16:
+        for (int64_t k = 0; k < K; k++) out[k] = load_half(w + 2 * k);
+        return;
+    case T_Q8_0:
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = w + b * 34;
+            float d = load_half(blk);
+            for (int i = 0; i < 32; i++) out[b * 32 + i] = d * (float)((const int8_t *)(blk + 2))[i];
+        }
+        return;
+    case T_Q4_0:
+    case T_Q4_1: {
+        int q41 = type == T_Q4_1;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = w + b * (q41 ? 20 : 18), *qs = blk + (q41 ? 4 : 2);
+            float d = load_half(blk), m = q41 ? load_half(blk + 2) : -8.f * d;
+            for (int i = 0; i < 16; i++) {
+                out[b * 32 + i] = d * (float)(qs[i] & 0x0f) + m;
+                out[b * 32 + 16 + i] = d * (float)(qs[i] >> 4) + m;
+            }
+        }
+        return;
+    }
+    }
+}
+
+typedef struct {
+    Mat w;
+    float *out;
+} DequantJob;
+
+static void dequant_task(void *ctx, int ith, int nth) {
+    DequantJob *j = (DequantJob *)ctx;
+    int64_t per = (j->w.N + nth - 1) / nth, n0 = per * ith, n1 = n0 + per < j->w.N ? n0 + per : j->w.N;
+    size_t rb = row_bytes(j->w.type, j->w.K);
+    for (int64_t n = n0; n < n1; n++) dequant_row(j->w.data + (size_t)n * rb, j->w.type, j->w.K, j->out + n * j->w.K);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The decoder for a few tokens (decode rows, speculative verification, short prompts): the
+ * Llama block (RMSNorm, GQA with RoPE, optional qkv bias, q/k norm and sliding window, SwiGLU)
+ * over the paged KV cache, layer after layer in one call.
+ */
+enum {
+    L_IN_NORM, L_QKV, L_QKV_TYPE, L_QKV_BIAS, L_Q_NORM, L_K_NORM, L_O, L_O_TYPE, L_O_BIAS, L_POST_NORM,
+    L_GATE_UP, L_GATE_UP_TYPE, L_DOWN, L_DOWN_TYPE, L_K_CACHE, L_V_CACHE, L_WINDOW, L_COS, L_SIN, L_FIELDS
+};
+
+typedef struct {
+    int T, H, nh, nkv, D, I, bs, max_blocks;
+    float eps, scale;
+    const int64_t *layer;
+    const int32_t *pos, *seq, *tables;
+    const float *q;   /* [T, nh * D] queries after RoPE */
+    float *out;       /* [T, nh * D] */
+    float *scores;    /* per thread: max_ctx floats */
+    int max_ctx;
+} AttnJob;
+
+static void attention_task(void *ctx, int ith, int nth) {
+    AttnJob *j = (AttnJob *)ctx;
+    const float *kc = (const float *)(intptr_t)j->layer[L_K_CACHE], *vc = (const float *)(intptr_t)j->layer[L_V_CACHE];
+    int window = (int)j->layer[L_WINDOW], D = j->D, group = j->nh / j->nkv;
+    float *scores = j->scores + (size_t)ith * j->max_ctx;
+    for (int task = ith; task < j->T * j->nh; task += nth) {
+        int t = task / j->nh, h = task % j->nh, g = h / group, p = j->pos[t];
+        const int32_t *table = j->tables + (size_t)j->seq[t] * j->max_blocks;
+        int lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+        const float *q = j->q + ((size_t)t * j->nh + h) * D;
+        float mx = -INFINITY;
+        for (int c = lo; c <= p; c++) {
+            int64_t slot = (int64_t)table[c / j->bs] * j->bs + c % j->bs;
+            float s = K_.dot(q, kc + (slot * j->nkv + g) * D, D) * j->scale;
+            scores[c - lo] = s;
+            if (s > mx) mx = s;
+        }
+        float sum = 0.f;
+        for (int c = lo; c <= p; c++) sum += scores[c - lo] = expf(scores[c - lo] - mx);
+        float *o = j->out + ((size_t)t * j->nh + h) * D, inv = 1.f / sum;
+        memset(o, 0, sizeof(float) * D);
+        for (int c = lo; c <= p; c++) {
+            int64_t slot = (int64_t)table[c / j->bs] * j->bs + c % j->bs;
+            K_.axpy(o, scores[c - lo] * inv, vc + (slot * j->nkv + g) * D, D);
+        }
+    }
+}
+
+static void rms_norm(const float *x, const float *w, float *out, int n, float eps) {
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+static void rope(float *x, const float *cos, const float *sin, int D) {
+    int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+static Mat layer_mat(const int64_t *l, int ptr, int type, int64_t N, int64_t K) {
+    Mat m = {(const uint8_t *)(intptr_t)l[ptr], (int)l[type], N, K};
+    return m;
+}
+
+/* h: [T, H] embeddings in, final normed hidden states out. Returns 0, or -1 on allocation failure. */
+static int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *final_norm, const int32_t *pos,
+                           const int32_t *seq, const int32_t *tables, int max_blocks, const int *dims, float eps,
+                           float scale, int exact) {
+    int H = dims[0], nh = dims[1], nkv = dims[2], D = dims[3], I = dims[4], bs = dims[5];
+    int qkv_n = (nh + 2 * nkv) * D, max_ctx = 0;
+    for (int t = 0; t < T; t++) max_ctx = pos[t] + 1 > max_ctx ? pos[t] + 1 : max_ctx;
+    int kmax = H > I ? H : I;
+    if (nh * D > kmax) kmax = nh * D;
+    size_t n_x = (size_t)T * H, n_qkv = (size_t)T * qkv_n, n_att = (size_t)T * nh * D, n_gu = (size_t)T * 2 * I;
+    size_t n_act = (size_t)T * I, n_scores = (size_t)pool.nth * max_ctx;
+    float *buf = malloc(sizeof(float) * (n_x + n_qkv + n_att + n_gu + n_act + n_scores + (size_t)T * kmax));
+    Scratch sc;
+    if (!buf || scratch_alloc(&sc, T, kmax)) {
+        free(buf);
+        return -1;
+    }
+    float *xn = buf, *qkv = xn + n_x, *att = qkv + n_qkv, *gu = att + n_att, *act = gu + n_gu;
+    float *scores = act + n_act, *tmp = scores + n_scores;
+    for (int l = 0; l < L; l++) {
+        const int64_t *ly = layers + (size_t)l * L_FIELDS;
+        const float *qkv_bias = (const float *)(intptr_t)ly[L_QKV_BIAS];
+        const float *q_norm = (const float *)(intptr_t)ly[L_Q_NORM], *k_norm = (const float *)(intptr_t)ly[L_K_NORM];
+        const float *o_bias = (const float *)(intptr_t)ly[L_O_BIAS];
+        const float *cos = (const float *)(intptr_t)ly[L_COS], *sin = (const float *)(intptr_t)ly[L_SIN];
+        float *kc = (float *)(intptr_t)ly[L_K_CACHE], *vc = (float *)(intptr_t)ly[L_V_CACHE];
+        for (int t = 0; t < T; t++) rms_norm(h + (size_t)t * H, (const float *)(intptr_t)ly[L_IN_NORM], xn + (size_t)t * H, H, eps);
+        matmul(xn, T, layer_mat(ly, L_QKV, L_QKV_TYPE, qkv_n, H), qkv, qkv_n, &sc, exact);
+        for (int t = 0; t < T; t++) {
+            float *row = qkv + (size_t)t * qkv_n;
+            if (qkv_bias)
+                for (int i = 0; i < qkv_n; i++) row[i] += qkv_bias[i];
+            for (int hd = 0; hd < nh + nkv; hd++) {
+                float *v = row + (size_t)hd * D;
+                const float *nw = hd < nh ? q_norm : k_norm;
+                if (nw) {
+                    memcpy(tmp, v, sizeof(float) * D);
+                    rms_norm(tmp, nw, v, D, eps);
+                }
+                rope(v, cos + (size_t)pos[t] * (D / 2), sin + (size_t)pos[t] * (D / 2), D);
+            }
+            const int32_t *table = tables + (size_t)seq[t] * max_blocks;
+            int64_t slot = (int64_t)table[pos[t] / bs] * bs + pos[t] % bs;
+            memcpy(kc + slot * nkv * D, row + (size_t)nh * D, sizeof(float) * nkv * D);
+            memcpy(vc + slot * nkv * D, row + (size_t)(nh + nkv) * D, sizeof(float) * nkv * D);
+        }
+        for (int t = 0; t < T; t++) memcpy(att + (size_t)t * nh * D, qkv + (size_t)t * qkv_n, sizeof(float) * nh * D);
+        /* queries are copied out so the attention job reads them densely; the output goes to tmp rows */
+        AttnJob aj = {T, H, nh, nkv, D, I, bs, max_blocks, eps, scale, ly, pos, seq, tables, att, qkv, scores, max_ctx};
+        /* qkv is free now: reuse it for the attention output ([T, nh*D] fits in [T, qkv_n]) */
+        pool_run(attention_task, &aj);
+        matmul(qkv, T, layer_mat(ly, L_O, L_O_TYPE, H, (int64_t)nh * D), xn, H, &sc, exact);
+        for (size_t i = 0; i < n_x; i++) h[i] += xn[i] + (o_bias ? o_bias[i % H] : 0.f);
+        for (int t = 0; t < T; t++)
+            rms_norm(h + (size_t)t * H, (const float *)(intptr_t)ly[L_POST_NORM], xn + (size_t)t * H, H, eps);
+        matmul(xn, T, layer_mat(ly, L_GATE_UP, L_GATE_UP_TYPE, 2 * (int64_t)I, H), gu, 2 * I, &sc, exact);
+        for (int t = 0; t < T; t++) {
+            const float *g = gu + (size_t)t * 2 * I, *u = g + I;
+            float *a = act + (size_t)t * I;
+            for (int i = 0; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        }
+        matmul(act, T, layer_mat(ly, L_DOWN, L_DOWN_TYPE, H, I), xn, H, &sc, exact);
+        for (size_t i = 0; i < n_x; i++) h[i] += xn[i];
+    }
+    for (int t = 0; t < T; t++) {
+        memcpy(tmp, h + (size_t)t * H, sizeof(float) * H);
+        rms_norm(tmp, final_norm, h + (size_t)t * H, H, eps);
+    }
+    free(buf);
+    free(sc.xsum);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Python bindings. Pointers arrive as integers (tensor.data_ptr()); shapes are checked by the
+ * Python wrapper (fulmine/kernels/cpu.py), which is the only caller.
+ */
+#define PTR(v) ((void *)(uintptr_t)(v))
+
+static PyObject *py_matmul(PyObject *self, PyObject *args) {
+    unsigned long long x, w, y;
+    int R, type, exact;
+    long long K, N;
+    if (!PyArg_ParseTuple(args, "KiLKiLKp", &x, &R, &K, &w, &type, &N, &y, &exact)) return NULL;
+    if (!type_ok(type) || (type >= T_Q4_0 && K % 32)) return PyErr_Format(PyExc_ValueError, "bad weight type %d / K %lld", type, K);
+    Scratch sc;
+    if (scratch_alloc(&sc, R < 64 ? R : 64, K)) return PyErr_NoMemory();
+    Mat m = {PTR(w), type, N, K};
+    Py_BEGIN_ALLOW_THREADS;
+    for (int r0 = 0; r0 < R; r0 += 64) { /* bounded activation tile: stays in L2 */
+        int rg = R - r0 < 64 ? R - r0 : 64;
+        matmul((const float *)PTR(x) + (size_t)r0 * K, rg, m, (float *)PTR(y) + (size_t)r0 * N, N, &sc, exact);
+    }
+    Py_END_ALLOW_THREADS;
+    free(sc.xsum);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    unsigned long long w, out;
+    int type;
+    long long N, K;
+    if (!PyArg_ParseTuple(args, "KiLLK", &w, &type, &N, &K, &out)) return NULL;
+    if (!type_ok(type)) return PyErr_Format(PyExc_ValueError, "bad weight type %d", type);
+    DequantJob job = {{PTR(w), type, N, K}, (float *)PTR(out)};
+    Py_BEGIN_ALLOW_THREADS;
+    pool_run(dequant_task, &job);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_embed(PyObject *self, PyObject *args) {
+    unsigned long long w, ids, out;
+    int type, T;
+    long long K;
+    if (!PyArg_ParseTuple(args, "KiLKiK", &w, &type, &K, &ids, &T, &out)) return NULL;
+    if (!type_ok(type)) return PyErr_Format(PyExc_ValueError, "bad weight type %d", type);
+    size_t rb = row_bytes(type, K);
+    const int64_t *id = (const int64_t *)PTR(ids);
+    for (int t = 0; t < T; t++) dequant_row((const uint8_t *)PTR(w) + (size_t)id[t] * rb, type, K, (float *)PTR(out) + (size_t)t * K);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_decoder_forward(PyObject *self, PyObject *args) {
+    unsigned long long h, layers, final_norm, pos, seq, tables;
+    int T, L, max_blocks, H, nh, nkv, D, I, bs;
+    float eps, scale;
+    int exact;
+    if (!PyArg_ParseTuple(args, "KiiKKKKKi(iiiiii)ffp", &h, &T, &L, &layers, &final_norm, &pos, &seq, &tables,
+                          &max_blocks, &H, &nh, &nkv, &D, &I, &bs, &eps, &scale, &exact))
+        return NULL;
+    int dims[6] = {H, nh, nkv, D, I, bs};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS;
+    rc = decoder_forward((float *)PTR(h), T, L, (const int64_t *)PTR(layers), (const float *)PTR(final_norm),
+                         (const int32_t *)PTR(pos), (const int32_t *)PTR(seq), (const int32_t *)PTR(tables),
+                         max_blocks, dims, eps, scale, exact);
+    Py_END_ALLOW_THREADS;
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_threads(PyObject *self, PyObject *args) {
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    if (pool_start(n)) return PyErr_Format(PyExc_RuntimeError, "could not start %d threads", n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_info(PyObject *self, PyObject *args) {
+    return Py_BuildValue("{s:s,s:i,s:i}", "isa", K_.isa, "threads", pool.nth, "layer_fields", (int)L_FIELDS);
+}
+
+static PyMethodDef methods[] = {
+    {"matmul", py_matmul, METH_VARARGS, "matmul(x, R, K, w, type, N, y, exact): y[R,N] = x[R,K] @ W[N,K]^T"},
+    {"dequantize", py_dequantize, METH_VARARGS, "dequantize(w, type, N, K, out): W -> float32 [N, K]"},
+    {"embed", py_embed, METH_VARARGS, "embed(w, type, K, ids, T, out): rows ids of W as float32"},
+    {"decoder_forward", py_decoder_forward, METH_VARARGS, "the whole decoder over T tokens, in place"},
+    {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): the kernels' thread count"},
+    {"info", py_info, METH_NOARGS, "{'isa', 'threads', 'layer_fields'}"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "fulmine's CPU kernels", -1, methods};
+
+PyMODINIT_FUNC PyInit__cpu(void) {
+    choose_isa();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,101 @@
+"""Weights kept in GGUF block formats (Q8_0, Q4_0, Q4_1), multiplied without dequantizing.
+
+A `QuantizedWeight` is what a Linear or Embedding holds instead of a dense matrix: the raw
+blocks, row by row. A few rows (decode, verification, short prompts) go through the C kernel's
+fused dequantize-and-dot; a prefill-sized batch dequantizes the matrix once into float32 and uses
+the BLAS GEMM, which is faster there. `quantize` turns a dense matrix into such blocks
+(`--quantization int8|int4` on a float checkpoint).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fulmine import kernels
+
+# Above this many rows a product dequantizes the weight and runs the float32 GEMM. Measured on the
+# 2-core AVX-512 CPU, embedded model's 1536x576 Q4_1 matrix (bench.kernels): the kernel leads
+# up to ~24 rows; 16 leaves margin for wider matrices.
+KERNEL_MAX_ROWS = 16
+
+_BLOCK_BYTES = {kernels.Q8_0: 34, kernels.Q4_0: 18, kernels.Q4_1: 20}
+
+
+class QuantizedWeight:
+    def __init__(self, raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> None:
+        rows, cols = shape
+        if qtype not in _BLOCK_BYTES or cols % 32:
+            raise ValueError(f"GGML type {qtype} with {cols} columns is not supported by the kernels")
+        expected = (rows, cols // 32 * _BLOCK_BYTES[qtype])
+        if raw.dtype != torch.uint8 or tuple(raw.shape) != expected:
+            raise ValueError(f"raw blocks {tuple(raw.shape)} do not fit {shape} of type {qtype}")
+        self.raw, self.qtype, self.shape = raw.contiguous(), qtype, shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    def matmul(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """x [R, K] float32 -> [R, N] float32; `exact` keeps activations in float32 (see _cpu.c)."""
+        module = kernels.cpu()
+        assert module is not None, "quantized weights are only kept when the kernels are built"
+        x = x.contiguous()
+        rows = x.shape[0]
+        if rows > KERNEL_MAX_ROWS:  # the same numbers as the kernel, through the GEMM
+            return F.linear(x if exact else quantize_activations(x), self.dequantize())
+        y = torch.empty(rows, self.shape[0], dtype=torch.float32)
+        module.matmul(
+            x.data_ptr(), rows, self.shape[1], self.raw.data_ptr(), self.qtype, self.shape[0], y.data_ptr(), exact
+        )
+        return y
+
+    def dequantize(self) -> torch.Tensor:
+        module = kernels.cpu()
+        assert module is not None
+        out = torch.empty(self.shape, dtype=torch.float32)
+        module.dequantize(self.raw.data_ptr(), self.qtype, self.shape[0], self.shape[1], out.data_ptr())
+        return out
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` as float32 [len(ids), K]."""
+        module = kernels.cpu()
+        assert module is not None
+        ids = ids.to(torch.long).contiguous()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.shape[0]):
+            raise IndexError(f"token id out of range [0, {self.shape[0]})")
+        out = torch.empty(ids.numel(), self.shape[1], dtype=torch.float32)
+        module.embed(self.raw.data_ptr(), self.qtype, self.shape[1], ids.data_ptr(), ids.numel(), out.data_ptr())
+        return out
+
+
+def quantize(weight: torch.Tensor, qtype: int) -> QuantizedWeight:
+    """Dense [N, K] -> blocks of 32 along K: Q8_0 (int8, one scale) or Q4_1 (4-bit, scale and minimum)."""
+    rows, cols = weight.shape
+    blocks = weight.float().reshape(rows, cols // 32, 32)
+    if qtype == kernels.Q8_0:
+        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        d = (amax / 127).to(torch.float16)
+        inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros_like(amax))
+        q = (blocks * inv).round().clamp(-127, 127).to(torch.int8)
+        raw = torch.cat([d.view(torch.uint8), q.view(torch.uint8)], dim=-1)
+    elif qtype == kernels.Q4_1:
+        lo, hi = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
+        d = ((hi - lo) / 15).to(torch.float16)
+        m = lo.to(torch.float16)
+        inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros_like(lo))
+        q = ((blocks - m.float()) * inv).round().clamp(0, 15).to(torch.uint8)
+        packed = q[..., :16] | (q[..., 16:] << 4)
+        raw = torch.cat([d.view(torch.uint8), m.view(torch.uint8), packed], dim=-1)
+    else:
+        raise ValueError(f"cannot quantize to GGML type {qtype}")
+    return QuantizedWeight(raw.reshape(rows, -1), qtype, (rows, cols))
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Rows rounded as the kernel's fast mode sees them: int8 per block of 32 with scale amax / 127."""
+    rows, cols = x.shape
+    blocks = x.reshape(rows, cols // 32, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inverse) * (amax / 127.0)).reshape(rows, cols)

@@ -1,0 +1,151 @@
+"""The whole decoder for a few tokens in one C call: decode steps, speculative verification, short chunks.
+
+PyTorch spends ~10 us dispatching each small op; a decode step of a 30-layer model is ~700 of
+them, more time than reading the weights. `FusedDecoder` hands the C kernel (kernels/_cpu.c,
+`decoder_forward`) a table of every layer's weight, norm and cache pointers once, then each step
+passes only the tokens, their positions and their block tables. Same cache layout and numerics
+as the PyTorch path (float32 activations; quantized matrices as in `Linear`), so steps may
+alternate between the two. Llama-style blocks only (Llama, Mistral, Qwen2, Qwen3); other models
+and long prefill chunks take the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fulmine import kernels
+from fulmine.layers.linear import Linear
+from fulmine.layers.rotary import RotaryEmbedding
+from fulmine.models.decoder import DecoderLayer, DecoderModel
+
+# Steps with at most this many tokens run fused; above, the batched GEMMs of the PyTorch path win.
+FUSED_MAX_TOKENS = 16
+
+_DENSE_TYPES = {torch.float32: kernels.F32, torch.float16: kernels.F16}
+
+
+def _matrix(linear: Linear) -> tuple[int, int] | None:
+    """(pointer, GGML type) of a layer's matrix as the kernel reads it, or None if it cannot."""
+    if linear.quant is not None:
+        return linear.quant.raw.data_ptr(), linear.quant.qtype
+    weight = linear.weight
+    if weight.dtype not in _DENSE_TYPES or not weight.is_contiguous():
+        return None
+    return weight.data_ptr(), _DENSE_TYPES[weight.dtype]
+
+
+def _pointer(tensor: torch.Tensor | None) -> int:
+    if tensor is None:
+        return 0
+    assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+    return tensor.data_ptr()
+
+
+def unsupported_reason(model: DecoderModel, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why this model cannot run fused here, or None if it can."""
+    config = model.config
+    if kernels.cpu() is None:
+        return "the C kernels are not built"
+    if device.type != "cpu" or dtype != torch.float32:
+        return "fused steps run on the CPU with float32 activations"
+    if config.sandwich_norms or config.hidden_act != "silu":
+        return "only Llama-style blocks (pre-norm, SwiGLU) run fused"
+    if config.head_dim % 2 or config.hidden_size % 32 or config.intermediate_size % 32:
+        return "dimensions the kernel does not tile"
+    for layer in model.layers:
+        assert isinstance(layer, DecoderLayer)
+        attn, mlp = layer.self_attn, layer.mlp
+        if any(_matrix(m) is None for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+            return "a matrix is stored in a type the kernel does not read"
+    return None
+
+
+class FusedDecoder:
+    def __init__(
+        self,
+        model: DecoderModel,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        rotary: RotaryEmbedding,
+        rotary_sliding: RotaryEmbedding,
+        layer_is_sliding: list[bool],
+        block_size: int,
+        exact: bool,
+    ) -> None:
+        config = model.config
+        self.model, self.config, self.exact = model, config, exact
+        module = kernels.cpu()
+        assert module is not None
+        self._kernel = module.decoder_forward
+        rows = []
+        for layer, (k_cache, v_cache), sliding in zip(model.layers, kv_caches, layer_is_sliding):
+            assert isinstance(layer, DecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            rope = rotary_sliding if sliding else rotary
+            qkv, o, gate_up, down = (_matrix(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+            assert qkv and o and gate_up and down
+            rows.append(
+                [
+                    _pointer(layer.input_layernorm.weight),
+                    *qkv,
+                    _pointer(attn.qkv_proj.bias),
+                    _pointer(attn.q_norm.weight if attn.q_norm is not None else None),
+                    _pointer(attn.k_norm.weight if attn.k_norm is not None else None),
+                    *o,
+                    _pointer(attn.o_proj.bias),
+                    _pointer(layer.post_attention_layernorm.weight),
+                    *gate_up,
+                    *down,
+                    _pointer(k_cache),
+                    _pointer(v_cache),
+                    config.sliding_window if sliding and config.sliding_window else 0,
+                    _pointer(rope.cos),
+                    _pointer(rope.sin),
+                ]
+            )
+        assert len(rows[0]) == module.info()["layer_fields"]
+        self.layer_table = torch.tensor(rows, dtype=torch.int64)  # the pointers stay valid: the model owns them
+        self.final_norm = model.norm.weight
+        self.dims = (
+            config.hidden_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            config.intermediate_size,
+            block_size,
+        )
+        self.scale = config.attn_scale if config.attn_scale is not None else 1 / math.sqrt(config.head_dim)
+
+    def __call__(
+        self, input_ids: list[int], positions: list[int], seq_index: list[int], tables: list[list[int]]
+    ) -> torch.Tensor:
+        """Final hidden states [num_tokens, hidden_size] of tokens at `positions` of sequences `seq_index`.
+
+        tables[s] is sequence s's block table; every token's own key/value is written to the cache
+        before any token attends, so a sequence's tokens see each other causally.
+        """
+        hidden = self.model.embed_tokens(torch.tensor(input_ids, dtype=torch.long)).float()
+        if self.config.embed_scale != 1.0:
+            hidden = hidden * self.config.embed_scale
+        hidden = hidden.contiguous()
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        pos = torch.tensor(positions, dtype=torch.int32)
+        seq = torch.tensor(seq_index, dtype=torch.int32)
+        self._kernel(
+            hidden.data_ptr(),
+            len(input_ids),
+            len(self.layer_table),
+            self.layer_table.data_ptr(),
+            self.final_norm.data_ptr(),
+            pos.data_ptr(),
+            seq.data_ptr(),
+            table.data_ptr(),
+            width,
+            self.dims,
+            self.config.rms_norm_eps,
+            self.scale,
+            self.exact,
+        )
+        return hidden
