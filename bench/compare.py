@@ -2,6 +2,7 @@
 
     python -m bench.compare                     # the embedded SmolLM2-135M-Instruct Q4_1
     python -m bench.compare --reps 5 --engines fulmine llama.cpp
+    python -m bench.compare --engines fulmine fulmine:speculative=off llama.cpp   # variants by config
 
 Each (engine, repetition) is its own process; repetitions alternate engines so machine noise
 falls on all of them. Prints a table, then one JSON line last.
@@ -65,19 +66,23 @@ def main() -> None:
     }
     engines = list(medians)
     print(f"\nmedians of {args.reps} runs, {args.threads} threads, model {args.model}\n")
-    header = f"{'metric':28}" + "".join(f"{e:>14}" for e in engines)
-    others = [e for e in engines if e != "fulmine"]
-    header += "".join(f"{'fulmine/' + e:>24}" for e in others) if "fulmine" in medians else ""
-    print(header)
+    ours = [e for e in engines if e.startswith("fulmine")]
+    others = [e for e in engines if not e.startswith("fulmine")]
+    pairs = [(a, b) for a in ours for b in others]
+    width = max([14, *(len(e) + 2 for e in engines)])
+    print(
+        f"{'metric':28}"
+        + "".join(f"{e:>{width}}" for e in engines)
+        + "".join(f"{a + '/' + b:>{len(a) + len(b) + 6}}" for a, b in pairs)
+    )
     ratios: dict[str, dict[str, float]] = {}
     for key, label, higher_is_better in METRICS:
-        row = f"{label:28}" + "".join(f"{medians[e][key]:14.3f}" for e in engines)
-        if "fulmine" in medians:
-            for other in others:
-                ratio = medians["fulmine"][key] / medians[other][key]
-                ratios.setdefault(other, {})[key] = ratio
-                better = ratio >= 1 if higher_is_better else ratio <= 1
-                row += f"{ratio:22.2f}{'✓' if better else '✗':>2}"
+        row = f"{label:28}" + "".join(f"{medians[e][key]:{width}.3f}" for e in engines)
+        for a, b in pairs:
+            ratio = medians[a][key] / medians[b][key]
+            ratios.setdefault(b if a == "fulmine" else f"{a}/{b}", {})[key] = ratio
+            better = ratio >= 1 if higher_is_better else ratio <= 1
+            row += f"{ratio:{len(a) + len(b) + 4}.2f}{'✓' if better else '✗':>2}"
         print(row)
     print(
         json.dumps(

@@ -43,10 +43,10 @@ class Engine:
 
 
 class Fulmine(Engine):
-    def __init__(self, model: str | None, threads: int) -> None:
+    def __init__(self, model: str | None, threads: int, **engine_args: Any) -> None:
         from fulmine import LLM
 
-        self.llm = LLM(model, progress=False, num_threads=threads)
+        self.llm = LLM(model, progress=False, num_threads=threads, **engine_args)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.llm.tokenizer.encode(text))
@@ -61,8 +61,9 @@ class Fulmine(Engine):
         engine = self.llm.engine
         engine.add_request(prompt_ids, params)
         while engine.has_unfinished():
-            for _ in engine.step():
-                yield 1
+            for out in engine.step():
+                for _ in out.new_token_ids:  # a speculative step may bring several
+                    yield 1
 
 
 class LlamaCpp(Engine):
@@ -140,9 +141,20 @@ def time_stream(engine: Engine, prompt_ids: list[int], max_tokens: int) -> tuple
     return first - started, (count - 1) / (last - first)
 
 
+def engine_options(text: str) -> dict[str, Any]:
+    """'speculative=off,num_speculative_tokens=3' -> EngineConfig keyword arguments."""
+    options: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("engine", choices=["fulmine", "llama.cpp", "transformers"])
+    parser.add_argument(
+        "engine", help="fulmine, llama.cpp or transformers; fulmine:key=value,... passes EngineConfig fields"
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decode-tokens", type=int, default=256)
@@ -151,19 +163,22 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     engine: Engine
-    if args.engine == "fulmine":
+    name, _, options = args.engine.partition(":")
+    if name == "fulmine":
         import torch  # noqa: F401  (import time is not load time)
 
         started = time.perf_counter()
-        engine = Fulmine(args.model, args.threads)
-    elif args.engine == "llama.cpp":
+        engine = Fulmine(args.model, args.threads, **engine_options(options))
+    elif name == "llama.cpp":
         engine = LlamaCpp(args.model, args.threads)
-    else:
+    elif name == "transformers":
         import torch  # noqa: F401
         import transformers  # noqa: F401
 
         started = time.perf_counter()
         engine = Transformers(args.model, args.threads)
+    else:
+        parser.error(f"unknown engine {name!r}")
     load_s = time.perf_counter() - started
     time_stream(engine, engine.tokenize("Warm up."), 4)
     chat_ttft, _ = time_stream(engine, engine.chat_prompt(f"({args.salt}) {CHAT_QUESTION}"), 2)

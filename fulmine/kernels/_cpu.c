@@ -80,33 +80,50 @@ static inline float load_half(const uint8_t *p) {
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Thread pool: workers spin on a generation counter, then sleep on a condition variable when idle.
+ * Thread pool. A job is split into chunks that threads claim one at a time; the claim counter
+ * carries the job's generation, so a worker that wakes late cannot take a chunk of a newer job,
+ * and the caller (which works too) waits only for chunks that were claimed. A worker that the OS
+ * has not scheduled (another process, torch's own spinning threads) costs parallelism, never a
+ * stall. Idle workers spin briefly, then sleep on a condition variable.
  */
 #define MAX_THREADS 64
 #define SPIN_ITERS 4096 /* ~50-100 us: long enough between the phases of one call, short enough not to
-                          * steal a core from torch's own threads between calls */
+                         * steal a core from torch's own threads between calls */
 
-typedef void (*task_fn)(void *ctx, int ith, int nth);
+typedef void (*task_fn)(void *ctx, int chunk, int nchunks);
 
 static struct {
     int nth;
     pthread_t threads[MAX_THREADS];
     task_fn fn;
     void *ctx;
-    atomic_int gen;
-    atomic_int pending;
+    int nchunks;
+    _Atomic uint64_t claim; /* generation << 32 | next chunk */
+    atomic_int done;
+    atomic_uint gen;
     atomic_int sleepers;
     atomic_int stop;
-    int start_gen; /* the generation workers start from: read before they exist, so none misses a job */
+    unsigned start_gen; /* the generation workers start from: read before they exist */
     pthread_mutex_t mu;
     pthread_cond_t cv;
 } pool = {.nth = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
-static void *worker_main(void *arg) {
-    int ith = (int)(intptr_t)arg;
-    int seen = pool.start_gen;
+static void run_chunks(unsigned g, task_fn fn, void *ctx, int n) {
     for (;;) {
-        int g, spins = 0;
+        uint64_t v = atomic_load(&pool.claim);
+        if ((unsigned)(v >> 32) != g || (int)(uint32_t)v >= n) return;
+        if (!atomic_compare_exchange_weak(&pool.claim, &v, v + 1)) continue;
+        fn(ctx, (int)(uint32_t)v, n);
+        atomic_fetch_add(&pool.done, 1);
+    }
+}
+
+static void *worker_main(void *arg) {
+    (void)arg;
+    unsigned seen = pool.start_gen;
+    for (;;) {
+        unsigned g;
+        int spins = 0;
         while ((g = atomic_load(&pool.gen)) == seen) {
             if (++spins < SPIN_ITERS) {
                 CPU_RELAX();
@@ -121,8 +138,8 @@ static void *worker_main(void *arg) {
         }
         seen = g;
         if (atomic_load(&pool.stop)) return NULL;
-        pool.fn(pool.ctx, ith, pool.nth);
-        atomic_fetch_sub(&pool.pending, 1);
+        /* fn, ctx and nchunks belong to generation g if a claim for g succeeds (see run_chunks) */
+        run_chunks(g, pool.fn, pool.ctx, pool.nchunks);
     }
 }
 
@@ -145,7 +162,7 @@ static int pool_start(int nth) {
     pool_stop();
     pool.start_gen = atomic_load(&pool.gen);
     for (int i = 1; i < nth; i++) {
-        if (pthread_create(&pool.threads[i], NULL, worker_main, (void *)(intptr_t)i) != 0) {
+        if (pthread_create(&pool.threads[i], NULL, worker_main, NULL) != 0) {
             pool.nth = i;
             pool_stop();
             return -1;
@@ -155,22 +172,32 @@ static int pool_start(int nth) {
     return 0;
 }
 
-static void pool_run(task_fn fn, void *ctx) {
-    if (pool.nth == 1) {
-        fn(ctx, 0, 1);
+/* Runs fn(ctx, chunk, nchunks) for every chunk in [0, nchunks) across the pool; returns when all are done. */
+static void pool_run(task_fn fn, void *ctx, int nchunks) {
+    if (pool.nth == 1 || nchunks == 1) {
+        for (int c = 0; c < nchunks; c++) fn(ctx, c, nchunks);
         return;
     }
+    unsigned g = atomic_load(&pool.gen) + 1;
     pool.fn = fn;
     pool.ctx = ctx;
-    atomic_store(&pool.pending, pool.nth - 1);
-    atomic_fetch_add(&pool.gen, 1);
+    pool.nchunks = nchunks;
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.claim, (uint64_t)g << 32);
+    atomic_store(&pool.gen, g);
     if (atomic_load(&pool.sleepers) > 0) {
         pthread_mutex_lock(&pool.mu);
         pthread_cond_broadcast(&pool.cv);
         pthread_mutex_unlock(&pool.mu);
     }
-    fn(ctx, 0, pool.nth);
-    while (atomic_load(&pool.pending) > 0) CPU_RELAX();
+    run_chunks(g, fn, ctx, nchunks);
+    while (atomic_load(&pool.done) < nchunks) CPU_RELAX();
+}
+
+/* chunks per job: a few per thread, so a slow thread's share is picked up by the others */
+static int pool_chunks(int64_t work) {
+    int64_t n = (int64_t)pool.nth * 4;
+    return (int)(work < n ? (work > 0 ? work : 1) : n);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -630,11 +657,11 @@ typedef struct {
     const QAct *qa; /* fast mode: quantized activations; NULL: exact */
 } MatmulJob;
 
-static void matmul_task(void *ctx, int ith, int nth) {
+static void matmul_task(void *ctx, int chunk, int nchunks) {
     MatmulJob *j = (MatmulJob *)ctx;
     int64_t N = j->w.N, K = j->w.K;
-    int64_t per = ((N + nth - 1) / nth + 7) / 8 * 8;
-    int64_t n0 = per * ith, n1 = n0 + per < N ? n0 + per : N;
+    int64_t per = (N + nchunks - 1) / nchunks;
+    int64_t n0 = per * chunk, n1 = n0 + per < N ? n0 + per : N;
     size_t rb = row_bytes(j->w.type, K);
     row_fn fn = row_kernel(j->w.type);
     qrow_fn qfn = qrow_kernel(j->w.type);
@@ -678,7 +705,7 @@ static void matmul(const float *x, int R, Mat w, float *y, int64_t ldy, const Sc
             K_.quantize_row(x + (size_t)r * w.K, w.K, s->qx + (size_t)r * w.K, s->dx + r * nb, xsum + r * nb);
         QAct qa = {s->qx, s->dx, xsum};
         MatmulJob job = {x, R, w, y, ldy, xsum, &qa};
-        pool_run(matmul_task, &job);
+        pool_run(matmul_task, &job, pool_chunks(w.N / 16));
         return;
     }
     if (w.type == T_Q4_0 || w.type == T_Q4_1) {
@@ -691,7 +718,7 @@ static void matmul(const float *x, int R, Mat w, float *y, int64_t ldy, const Sc
             }
     }
     MatmulJob job = {x, R, w, y, ldy, xsum, NULL};
-    pool_run(matmul_task, &job);
+    pool_run(matmul_task, &job, pool_chunks(w.N / 16));
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -732,9 +759,9 @@ typedef struct {
     float *out;
 } DequantJob;
 
-static void dequant_task(void *ctx, int ith, int nth) {
+static void dequant_task(void *ctx, int chunk, int nchunks) {
     DequantJob *j = (DequantJob *)ctx;
-    int64_t per = (j->w.N + nth - 1) / nth, n0 = per * ith, n1 = n0 + per < j->w.N ? n0 + per : j->w.N;
+    int64_t per = (j->w.N + nchunks - 1) / nchunks, n0 = per * chunk, n1 = n0 + per < j->w.N ? n0 + per : j->w.N;
     size_t rb = row_bytes(j->w.type, j->w.K);
     for (int64_t n = n0; n < n1; n++) dequant_row(j->w.data + (size_t)n * rb, j->w.type, j->w.K, j->out + n * j->w.K);
 }
@@ -760,12 +787,12 @@ typedef struct {
     int max_ctx;
 } AttnJob;
 
-static void attention_task(void *ctx, int ith, int nth) {
+static void attention_task(void *ctx, int chunk, int nchunks) {
     AttnJob *j = (AttnJob *)ctx;
     const float *kc = (const float *)(intptr_t)j->layer[L_K_CACHE], *vc = (const float *)(intptr_t)j->layer[L_V_CACHE];
     int window = (int)j->layer[L_WINDOW], D = j->D, group = j->nh / j->nkv;
-    float *scores = j->scores + (size_t)ith * j->max_ctx;
-    for (int task = ith; task < j->T * j->nh; task += nth) {
+    float *scores = j->scores + (size_t)chunk * j->max_ctx; /* one score row per chunk */
+    for (int task = chunk; task < j->T * j->nh; task += nchunks) {
         int t = task / j->nh, h = task % j->nh, g = h / group, p = j->pos[t];
         const int32_t *table = j->tables + (size_t)j->seq[t] * j->max_blocks;
         int lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
@@ -819,7 +846,8 @@ static int decoder_forward(float *h, int T, int L, const int64_t *layers, const 
     int kmax = H > I ? H : I;
     if (nh * D > kmax) kmax = nh * D;
     size_t n_x = (size_t)T * H, n_qkv = (size_t)T * qkv_n, n_att = (size_t)T * nh * D, n_gu = (size_t)T * 2 * I;
-    size_t n_act = (size_t)T * I, n_scores = (size_t)pool.nth * max_ctx;
+    int n_chunks_att = pool_chunks((int64_t)T * nh);
+    size_t n_act = (size_t)T * I, n_scores = (size_t)n_chunks_att * max_ctx;
     float *buf = malloc(sizeof(float) * (n_x + n_qkv + n_att + n_gu + n_act + n_scores + (size_t)T * kmax));
     Scratch sc;
     if (!buf || scratch_alloc(&sc, T, kmax)) {
@@ -859,7 +887,7 @@ static int decoder_forward(float *h, int T, int L, const int64_t *layers, const 
         /* queries are copied out so the attention job reads them densely; the output goes to tmp rows */
         AttnJob aj = {T, H, nh, nkv, D, I, bs, max_blocks, eps, scale, ly, pos, seq, tables, att, qkv, scores, max_ctx};
         /* qkv is free now: reuse it for the attention output ([T, nh*D] fits in [T, qkv_n]) */
-        pool_run(attention_task, &aj);
+        pool_run(attention_task, &aj, n_chunks_att);
         matmul(qkv, T, layer_mat(ly, L_O, L_O_TYPE, H, (int64_t)nh * D), xn, H, &sc, exact);
         for (size_t i = 0; i < n_x; i++) h[i] += xn[i] + (o_bias ? o_bias[i % H] : 0.f);
         for (int t = 0; t < T; t++)
@@ -915,7 +943,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     if (!type_ok(type)) return PyErr_Format(PyExc_ValueError, "bad weight type %d", type);
     DequantJob job = {{PTR(w), type, N, K}, (float *)PTR(out)};
     Py_BEGIN_ALLOW_THREADS;
-    pool_run(dequant_task, &job);
+    pool_run(dequant_task, &job, pool_chunks(N / 16));
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }

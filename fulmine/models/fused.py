@@ -21,7 +21,9 @@ from fulmine.layers.rotary import RotaryEmbedding
 from fulmine.models.decoder import DecoderLayer, DecoderModel
 
 # Steps with at most this many tokens run fused; above, the batched GEMMs of the PyTorch path win.
-FUSED_MAX_TOKENS = 16
+# Measured on the 2-core AVX-512 CPU, embedded model, one prompt (fused vs PyTorch): 16 tokens
+# 32 vs 38 ms, 32: 60 vs 129, 64: 124 vs 179, 128: 268 vs 308, 256: 539 vs 465.
+FUSED_MAX_TOKENS = 128
 
 _DENSE_TYPES = {torch.float32: kernels.F32, torch.float16: kernels.F16}
 
