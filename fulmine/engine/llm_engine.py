@@ -22,6 +22,7 @@ from fulmine.kv_cache import KVCacheManager
 from fulmine.models.loader import load_model
 from fulmine.models.source import resolve
 from fulmine.request import FinishReason, Request, SamplingParams
+from fulmine.speculative.governor import Governor
 from fulmine.tokenizer import Message, encode_prompt, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,7 +62,8 @@ class LLMEngine:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids = tuple(sorted(eos))
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.governor = Governor(config.num_speculative_tokens) if config.speculative == "ngram" else None
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, self.governor)
         self.runner = ModelRunner(
             model_module,
             num_blocks,
@@ -139,19 +141,34 @@ class LLMEngine:
         now = time.monotonic()
         for s in scheduled.scheduled:
             s.request.first_scheduled_time = s.request.first_scheduled_time or now
+        started = time.perf_counter()
         result = self.runner.execute(scheduled, self.kv_cache.block_tables)
+        if self.governor is not None and all(s.samples for s in scheduled.scheduled):  # decode steps
+            self.governor.record_step(scheduled.num_batched_tokens, time.perf_counter() - started)
         updated = self.scheduler.update_from_output(scheduled, result)
-        return [self._output(request, [request.output_token_ids[-1]]) for request in updated]
+        if self.governor is not None:
+            for request, tokens in updated:
+                self.governor.observe(request.request_id, tokens)
+        return [self._output(request, tokens) for request, tokens in updated]
 
     def _output(self, request: Request, new_token_ids: list[int]) -> RequestOutput:
         detokenizer = self.detokenizers[request.request_id]
-        for token_id in new_token_ids:
+        for index, token_id in enumerate(new_token_ids):
             if detokenizer.add_token(token_id) and not request.is_finished:
                 self.scheduler.finish_request(request.request_id, FinishReason.STOP)
+                # a stop string ended the text here: tokens accepted after it are not output
+                extra = len(new_token_ids) - index - 1
+                if extra:
+                    del request.output_token_ids[-extra:]
+                    del request.output_logprobs[len(request.output_token_ids) :]
+                    new_token_ids = new_token_ids[: index + 1]
+                break
         if request.is_finished:
             detokenizer.flush()
             del self.detokenizers[request.request_id]
             self.runner.release(request.request_id)
+            if self.governor is not None:
+                self.governor.release(request.request_id)
         new_text = detokenizer.release(request.is_finished)
         return RequestOutput(
             request_id=request.request_id,
@@ -179,4 +196,7 @@ class LLMEngine:
             "device": str(self.runner.device),
             "max_model_len": self.max_model_len,
             "kv_cache_blocks": self.kv_cache.pool.num_blocks,
+            "kernels": kernels.describe(),
+            "fused_decoder": self.runner.fused is not None,
+            "speculative": self.config.speculative,
         }

@@ -28,7 +28,9 @@ class StepInputs:
     fused: tuple[list[int], list[int], list[int], list[list[int]]] | None = None  # FusedDecoder's arguments
     sample_index: torch.Tensor | None = None  # [num_sampling] rows of the hidden states to sample from
     sampling: SamplingBatch | None = None
-    sampling_requests: list[Request] = field(default_factory=list)
+    sampling_requests: list[Request] = field(default_factory=list)  # per sampled row
+    draft_ids: torch.Tensor | None = None  # [num_sampling] draft token each row verifies, -1: none
+    drafts: dict[str, list[int]] = field(default_factory=dict)  # request id -> its drafts this step
     row_offsets: list[int] = field(default_factory=list)  # first row of each scheduled request
 
 
@@ -101,10 +103,14 @@ class ModelRunner:
         if step.sampling is None:  # only prefill chunks this step
             return ModelRunnerOutput(sampled={}, prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[step.sample_index])
-        result = self.sampler(logits, step.sampling)
+        result = self.sampler(logits, step.sampling, step.draft_ids)
         token_ids = result.token_ids.tolist()  # the step's device-to-host copy
         requests = step.sampling_requests
-        output = ModelRunnerOutput({r.request_id: t for r, t in zip(requests, token_ids)}, {}, prompt_logprobs)
+        output = ModelRunnerOutput({}, {}, prompt_logprobs)
+        if result.accepted is None:
+            output.sampled = {r.request_id: [t] for r, t in zip(requests, token_ids)}
+        else:
+            output.sampled = _verified(requests, token_ids, result.accepted.tolist(), step.drafts)
         if result.logprobs is not None:
             output.logprobs = _pack_logprobs(requests, result)
         return output
@@ -143,19 +149,26 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []
         row_offsets: list[int] = []
+        sample_requests: list[Request] = []
+        row_drafts: list[int] = []  # per sampled row: the draft it verifies, -1 for none
         for s in scheduled:
             request, start = s.request, s.request.num_computed_tokens
-            end = start + s.num_new_tokens
+            drafts = s.draft_token_ids
+            end = start + s.num_new_tokens + len(drafts)
             table = block_tables[request.request_id]
             row_offsets.append(len(token_ids))
-            token_ids.extend(_token_slice(request, start, end))
+            token_ids.extend(_token_slice(request, start, end - len(drafts)))
+            token_ids.extend(drafts)
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if s.samples:
-                sample_rows.append(len(token_ids) - 1)
+            if s.samples:  # the last real token's row, then one row per draft
+                first = len(token_ids) - 1 - len(drafts)
+                sample_rows.extend(range(first, len(token_ids)))
+                sample_requests.extend([request] * (len(drafts) + 1))
+                row_drafts.extend([*drafts, -1])
         if self.fused is not None and len(token_ids) <= FUSED_MAX_TOKENS:
             step = StepInputs(torch.empty(0), [])
-            seq_index = [i for i, s in enumerate(scheduled) for _ in range(s.num_new_tokens)]
+            seq_index = [i for i, s in enumerate(scheduled) for _ in range(s.num_new_tokens + len(s.draft_token_ids))]
             tables = [block_tables[s.request.request_id] for s in scheduled]
             step.fused = (token_ids, positions, seq_index, tables)
         else:
@@ -165,8 +178,11 @@ class ModelRunner:
             )
         step.row_offsets = row_offsets
         if sample_rows:
-            requests = [s.request for s in scheduled if s.samples]
+            requests = sample_requests
             step.sampling_requests = requests
+            step.drafts = {s.request.request_id: s.draft_token_ids for s in scheduled if s.draft_token_ids}
+            if step.drafts:
+                step.draft_ids = torch.tensor(row_drafts, dtype=torch.long, device=device)
             step.sample_index = torch.tensor(sample_rows, dtype=torch.long, device=device)
             step.sampling = SamplingBatch.build(
                 [r.sampling_params for r in requests],
@@ -204,7 +220,7 @@ class ModelRunner:
         """Choose how attention reads the cache this step (see layers/attention.py)."""
         bs, device = self.block_size, self.device
         starts = [s.request.num_computed_tokens for s in scheduled]
-        query_lens = [s.num_new_tokens for s in scheduled]
+        query_lens = [s.num_new_tokens + len(s.draft_token_ids) for s in scheduled]
         context_lens = [a + n for a, n in zip(starts, query_lens)]
         max_query, max_context = max(query_lens), max(context_lens)
         windowed = window is not None and window < max_context
@@ -264,6 +280,25 @@ class ModelRunner:
             generator.manual_seed(seed)
             self.generators[request.request_id] = generator
         return generator
+
+
+def _verified(
+    requests: list[Request], token_ids: list[int], accepted: list[bool], drafts: dict[str, list[int]]
+) -> dict[str, list[int]]:
+    """Per request: its drafts up to the first rejected one, then the token sampled at that row."""
+    out: dict[str, list[int]] = {}
+    row = 0
+    while row < len(requests):
+        request_id = requests[row].request_id
+        tokens = out[request_id] = []
+        for draft in drafts.get(request_id, []):
+            if not accepted[row]:
+                break
+            tokens.append(draft)
+            row += 1
+        tokens.append(token_ids[row])
+        row += len(drafts.get(request_id, [])) - len(tokens) + 2  # to the request's next row
+    return out
 
 
 def _pack_logprobs(requests: list[Request], result: SamplerOutput) -> dict[str, TokenLogprobs]:

@@ -12,6 +12,7 @@ from fulmine.request import FinishReason, Request, TokenLogprobs
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    draft_token_ids: list[int] = field(default_factory=list)  # speculated tokens verified after them
 
     @property
     def samples(self) -> bool:
@@ -26,7 +27,7 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(s.num_new_tokens + len(s.draft_token_ids) for s in self.scheduled)
 
     @property
     def is_empty(self) -> bool:
@@ -37,7 +38,7 @@ class SchedulerOutput:
 class ModelRunnerOutput:
     """One entry per scheduled request that sampled this step."""
 
-    sampled: dict[str, int]  # request id -> token id
+    sampled: dict[str, list[int]]  # request id -> new tokens (several when drafts were accepted)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # this step's chunk
 

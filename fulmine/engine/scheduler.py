@@ -5,7 +5,9 @@ step has a token budget; running requests are served first (a decode needs one t
 unfinished prefill takes what the budget allows), then waiting requests are admitted in arrival
 order, starting from the longest cached prefix of their tokens, the rest chunked to fit. When
 the KV cache runs out, the most recently admitted running request is preempted: its blocks are
-freed and it is recomputed later. Pure Python.
+freed and it is recomputed later. With a speculation governor, a decoding request may also
+carry draft tokens to verify (they take budget and KV slots; rejected ones are simply not counted
+as computed, and their slots are overwritten later). Pure Python.
 """
 
 from __future__ import annotations
@@ -16,11 +18,19 @@ from collections import deque
 from fulmine.engine.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from fulmine.kv_cache import KVCacheManager
 from fulmine.request import FinishReason, Request, RequestStatus
+from fulmine.speculative.governor import Governor
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        kv_cache: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        governor: Governor | None = None,
+    ) -> None:
         self.kv_cache = kv_cache
+        self.governor = governor
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -44,10 +54,11 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, out):
+            drafts = self._drafts(request, num_new, budget)
+            if not self._allocate_or_preempt(request, num_new + len(drafts), out):
                 break  # the request itself was preempted, so nothing after it can run either
-            out.scheduled.append(ScheduledRequest(request, num_new))
-            budget -= num_new
+            out.scheduled.append(ScheduledRequest(request, num_new, drafts))
+            budget -= num_new + len(drafts)
             index += 1
         if out.preempted_ids:  # a step that had to preempt admits nobody new
             return out
@@ -71,6 +82,15 @@ class Scheduler:
             budget -= num_new
         return out
 
+    def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
+        if self.governor is None or request.num_computed_tokens + num_new != request.num_tokens:
+            return []  # only a request about to sample its next token can speculate
+        params = request.sampling_params
+        room = min(budget - num_new, request.max_total_tokens - request.num_tokens)
+        if params.max_tokens is not None:
+            room = min(room, params.max_tokens - len(request.output_token_ids) - 1)
+        return self.governor.drafts(request, room, len(self.running)) if room > 0 else []
+
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Make room for `num_new` more tokens of a running request, preempting from the back."""
         total = request.num_computed_tokens + num_new
@@ -91,30 +111,38 @@ class Scheduler:
         request.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Request, list[int]]]:
         """Advance computed tokens, append sampled tokens, finish requests that hit a stop.
 
-        Returns the requests that got a new token this step (finished ones included).
+        Returns each request that got tokens this step (finished ones included) with those tokens:
+        one, or with speculation the accepted drafts and the token after them, cut at a stop.
         """
         updated = []
         for scheduled in out.scheduled:
             request = scheduled.request
-            request.num_computed_tokens += scheduled.num_new_tokens
+            tokens = result.sampled.get(request.request_id, [])
+            # accepted drafts were computed with the right context; the last token is new
+            request.num_computed_tokens += scheduled.num_new_tokens + max(len(tokens) - 1, 0)
             chunk_logprobs = result.prompt_logprobs.get(request.request_id)
             if chunk_logprobs:
                 request.prompt_logprobs.extend(chunk_logprobs)
-            self.kv_cache.cache_full_blocks(request)
-            token_id = result.sampled.get(request.request_id)
-            if token_id is None:
+            if not tokens:
+                self.kv_cache.cache_full_blocks(request)
                 continue  # a prefill chunk that did not reach the end of the prompt
-            request.append_token(token_id)
-            logprobs = result.logprobs.get(request.request_id)
-            if logprobs is not None:
-                request.output_logprobs.append(logprobs)
-            reason = request.check_stop_token()
+            appended, reason = [], None
+            for token_id in tokens:
+                request.append_token(token_id)
+                appended.append(token_id)
+                logprobs = result.logprobs.get(request.request_id)
+                if logprobs is not None:
+                    request.output_logprobs.append(logprobs)
+                reason = request.check_stop_token()
+                if reason is not None:
+                    break
+            self.kv_cache.cache_full_blocks(request)  # before a finish frees them: follow-ups reuse them
             if reason is not None:
                 self.finish_request(request.request_id, reason)
-            updated.append(request)
+            updated.append((request, appended))
         return updated
 
     def finish_request(self, request_id: str, reason: FinishReason) -> Request | None:

@@ -4,6 +4,12 @@ Everything runs as tensor ops over the whole batch on the logits' device; the on
 is the caller's read of the result. Sampling draws by the exponential race (argmax of p / E with
 E ~ Exp(1)), which equals a categorical draw and lets each seeded request use its own generator,
 so a seeded request draws the same tokens whether it runs alone or batched.
+
+Speculative verification (`draft_ids`): a row whose next token was drafted accepts the draft if
+it is the greedy choice, or, when sampling, with probability p(draft) under the row's final
+distribution (a drafter that proposes one token with certainty); a rejected row draws from p with
+the draft removed and renormalized. Together this samples exactly from p, so speculation changes
+speed, never the distribution (tested statistically).
 """
 
 from __future__ import annotations
@@ -102,6 +108,7 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None  # [num_rows] logprob of the sampled token
     top_ids: torch.Tensor | None = None  # [num_rows, num_logprobs]
     top_logprobs: torch.Tensor | None = None  # [num_rows, num_logprobs]
+    accepted: torch.Tensor | None = None  # [num_rows] bool: the row's draft was accepted (verification)
 
 
 def logprobs_of(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> SamplerOutput:
@@ -120,21 +127,55 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        """logits: [num_rows, vocab] float32 (modified in place)."""
+    def __call__(
+        self, logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """logits: [num_rows, vocab] float32 (modified in place); draft_ids: [num_rows], -1 where none."""
         # Logprobs report the model's distribution, before penalties and truncation.
         raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs is not None else None
         if batch.logit_bias is not None:
             logits = logits + batch.logit_bias
         if batch.seen_mask is not None:
             logits = _apply_penalties(logits, batch)
-        token_ids = logits.argmax(dim=-1) if batch.all_greedy else self._sample(logits, batch)
+        accepted = None
+        if batch.all_greedy:
+            token_ids = logits.argmax(dim=-1)
+            if draft_ids is not None:
+                accepted = token_ids == draft_ids
+        else:
+            probs = self._probabilities(logits, batch)
+            token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), self._draw(probs, batch))
+            if draft_ids is not None:
+                token_ids, accepted = self._verify(logits, probs, batch, draft_ids, token_ids)
+        out = SamplerOutput(token_ids)
         if raw_logprobs is not None and batch.num_logprobs is not None:
-            return logprobs_of(raw_logprobs, token_ids, batch.num_logprobs)
-        return SamplerOutput(token_ids)
+            out = logprobs_of(raw_logprobs, token_ids, batch.num_logprobs)
+        out.accepted = accepted
+        return out
 
-    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _verify(
+        self,
+        logits: torch.Tensor,
+        probs: torch.Tensor,
+        batch: SamplingBatch,
+        draft_ids: torch.Tensor,
+        sampled: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token per row, draft accepted per row); see the module docstring."""
+        has_draft = draft_ids >= 0
+        draft = draft_ids.clamp(min=0).unsqueeze(1)
+        uniform = torch.empty(probs.shape[0], device=probs.device)
+        for row, generator in enumerate(batch.generators):
+            uniform[row : row + 1].uniform_(generator=generator if generator is not None else self.generator)
+        accept_sampled = has_draft & (uniform < probs.gather(1, draft).squeeze(1))
+        residual = self._draw(probs.scatter(1, draft, 0.0), batch)
+        tokens = torch.where(has_draft, torch.where(accept_sampled, draft.squeeze(1), residual), sampled)
         greedy_ids = logits.argmax(dim=-1)
+        accepted = torch.where(batch.is_greedy, greedy_ids == draft_ids, accept_sampled)
+        return torch.where(batch.is_greedy, greedy_ids, tokens), accepted
+
+    def _probabilities(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Each row's final distribution: temperature, top-k, top-p, min-p (greedy rows: temperature 1)."""
         logits = logits / batch.temperature.unsqueeze(1)
         if batch.top_k is not None:
             logits = _top_k(logits, batch.top_k, batch.max_top_k)
@@ -144,14 +185,17 @@ class Sampler:
         if batch.min_p is not None:
             max_prob = probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < batch.min_p.unsqueeze(1) * max_prob, 0.0)
+        return probs
+
+    def _draw(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """One token per row from (unnormalized) probs, by the exponential race."""
         race = torch.empty_like(probs)
         if all(g is None for g in batch.generators):
             race.exponential_(generator=self.generator)
         else:
             for row, generator in enumerate(batch.generators):
                 race[row].exponential_(generator=generator if generator is not None else self.generator)
-        sampled = (probs / race).argmax(dim=-1)
-        return torch.where(batch.is_greedy, greedy_ids, sampled)
+        return (probs / race).argmax(dim=-1)
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

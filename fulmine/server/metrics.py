@@ -57,6 +57,8 @@ class Metrics:
         self.hit_rate = Gauge(
             "fulmine_prefix_cache_hit_rate", "Prompt tokens found in the cache / queried.", registry=r
         )
+        self.drafted = Gauge("fulmine_spec_draft_tokens", "Speculative tokens drafted and verified.", registry=r)
+        self.accepted = Gauge("fulmine_spec_accepted_tokens", "Speculative tokens accepted.", registry=r)
 
     def watch(self, engine: AsyncEngine) -> None:
         """Gauges read the engine at scrape time."""
@@ -64,3 +66,6 @@ class Metrics:
         self.waiting.set_function(lambda: engine.num_waiting)
         self.kv_usage.set_function(lambda: engine.engine.kv_cache.usage)
         self.hit_rate.set_function(lambda: engine.engine.kv_cache.hit_rate)
+        governor = engine.engine.governor
+        self.drafted.set_function(lambda: governor.num_drafted if governor else 0)
+        self.accepted.set_function(lambda: governor.num_accepted if governor else 0)

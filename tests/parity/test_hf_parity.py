@@ -53,7 +53,12 @@ def fulmine_greedy(llm: LLM, prompt_ids: list[int], num_steps: int) -> tuple[lis
 def test_logits_and_greedy_match_transformers(tiny_model_factory, family: str, chunked: bool) -> None:
     path = tiny_model_factory(family)
     llm = LLM(
-        str(path), dtype="float32", weight_dtype="float32", progress=False, max_num_batched_tokens=5 if chunked else 512
+        str(path),
+        dtype="float32",
+        weight_dtype="float32",
+        progress=False,
+        max_num_batched_tokens=5 if chunked else 512,
+        speculative="off",  # logits are captured one step per token (speculation: test_speculation_parity.py)
     )
     prompt_ids = llm.tokenizer.encode(PROMPT)
     assert len(prompt_ids) > 10

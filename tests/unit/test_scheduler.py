@@ -18,7 +18,7 @@ def make_request(request_id: str, num_prompt: int, max_tokens: int = 4, first_to
 
 
 def fake_run(out: SchedulerOutput, token: int = 7) -> ModelRunnerOutput:
-    return ModelRunnerOutput(sampled={s.request.request_id: token for s in out.scheduled if s.samples})
+    return ModelRunnerOutput(sampled={s.request.request_id: [token] for s in out.scheduled if s.samples})
 
 
 def run_to_end(scheduler: Scheduler, request: Request) -> None:

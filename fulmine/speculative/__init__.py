@@ -1,0 +1,1 @@
+"""Speculative decoding: draft tokens cheaply, verify them all in one forward of the model."""

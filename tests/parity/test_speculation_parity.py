@@ -1,0 +1,94 @@
+"""Speculation on == off: greedy output identical with drafting forced on every step it can."""
+
+from __future__ import annotations
+
+import pytest
+
+from fulmine import LLM, SamplingParams
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9. Numbers: 0 1 2 3",
+    "def main(): return 42",
+]
+
+
+def forced(llm: LLM) -> LLM:
+    governor = llm.engine.governor
+    assert governor is not None
+    governor.always_draft = True
+    governor.proposer.min_n = 1  # random tiny models rarely repeat 2-grams: draft from single tokens too
+    return llm
+
+
+class OracleProposer:
+    """Drafts the true greedy continuation (from a run without speculation), every other proposal
+    with its third token wrong, so verification both accepts and rejects in every batch shape."""
+
+    def __init__(self, continuations: dict[tuple[int, ...], list[int]]) -> None:
+        self.continuations = continuations
+        self.calls = 0
+
+    def propose(self, request_id: str, tokens: list[int], k: int) -> list[int]:
+        for prompt, output in self.continuations.items():
+            if tuple(tokens[: len(prompt)]) == prompt and tokens[len(prompt) :] == output[: len(tokens) - len(prompt)]:
+                drafts = output[len(tokens) - len(prompt) : len(tokens) - len(prompt) + k]
+                self.calls += 1
+                if self.calls % 2 and len(drafts) >= 3:
+                    drafts[2] = (drafts[2] + 1) % 50
+                return drafts
+        return []
+
+    def release(self, request_id: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral_window", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("weights", [{"weight_dtype": "float32"}, {"quantization": "int4"}], ids=["float32", "int4"])
+def test_greedy_is_identical_with_speculation(tiny_model_factory, family: str, weights: dict) -> None:
+    if family == "gemma3" and "quantization" in weights:
+        weights = {"weight_dtype": "float32"}  # (same test; gemma runs the PyTorch layers either way)
+    path = str(tiny_model_factory(family))
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True),  # max_tokens inside a draft run
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[" fox", "4 5"]),
+    ]
+    plain = LLM(path, dtype="float32", speculative="off", progress=False, **weights)
+    spec = forced(LLM(path, dtype="float32", num_speculative_tokens=5, progress=False, **weights))
+    for p in params:
+        expected = plain.generate(PROMPTS, p)
+        governor = spec.engine.governor
+        assert governor is not None
+        governor.proposer = OracleProposer(  # type: ignore[assignment]
+            {tuple(o.prompt_token_ids): o.token_ids for o in expected}
+        )
+        got = spec.generate(PROMPTS, p)  # all three batched: drafts of several requests in one step
+        assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
+            (o.token_ids, o.text, o.finish_reason) for o in expected
+        ]
+    assert 0 < governor.num_accepted < governor.num_drafted
+
+
+@pytest.mark.slow
+def test_embedded_model_greedy_is_identical_with_speculation() -> None:
+    chat = [{"role": "user", "content": "Repeat exactly: red, green, blue, red, green, blue, red, green, blue."}]
+    params = SamplingParams(temperature=0.0, max_tokens=48)
+    expected = LLM(speculative="off", progress=False).chat(chat, params)
+    spec = forced(LLM(progress=False))
+    got = spec.chat(chat, params)
+    assert got.token_ids == expected.token_ids and got.text == expected.text
+    assert spec.engine.governor is not None and spec.engine.governor.num_accepted > 0
+
+
+def test_seeded_sampling_is_unchanged_by_speculation(tiny_llama) -> None:
+    params = SamplingParams(temperature=0.9, seed=7, max_tokens=24, ignore_eos=True)
+    plain = LLM(str(tiny_llama), dtype="float32", speculative="off", progress=False)
+    spec = forced(LLM(str(tiny_llama), dtype="float32", progress=False))
+    assert spec.generate(PROMPTS, params)[0].token_ids == plain.generate(PROMPTS, params)[0].token_ids
+
+
+def test_unseeded_sampling_with_speculation_runs(tiny_llama) -> None:
+    spec = forced(LLM(str(tiny_llama), dtype="float32", progress=False))
+    outs = spec.generate(PROMPTS, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=30, ignore_eos=True))
+    assert all(len(o.token_ids) == 30 for o in outs)
