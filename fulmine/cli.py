@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="the OpenAI-compatible HTTP server")
     _add_config_flags(serve.add_argument_group("server"), ServerConfig)
     _add_engine_flags(serve)
+    bench = commands.add_parser(
+        "bench",
+        help="latency benchmark of an OpenAI-compatible endpoint (TTFT, ITL, TPOT, goodput), or fulmine vs llama.cpp",
+    )
+    from fulmine.benchmark.run import add_arguments
+
+    add_arguments(bench)
     return parser
 
 
@@ -86,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "bench":
+        from fulmine.benchmark.run import main as bench
+
+        return bench(args)
     try:
         params = _sampling_params(args)  # bad values fail before the model loads
         llm = _load(args)

@@ -19,6 +19,7 @@ from fulmine.engine.model_runner import ModelRunner, kv_cache_bytes_per_token
 from fulmine.engine.outputs import RequestMetrics, RequestOutput
 from fulmine.engine.scheduler import Scheduler
 from fulmine.kv_cache import KVCacheManager
+from fulmine.layers.linear import Embedding, Linear
 from fulmine.models.loader import load_model
 from fulmine.models.source import resolve
 from fulmine.request import FinishReason, Request, SamplingParams
@@ -188,6 +189,15 @@ class LLMEngine:
                 request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finished_time
             ),
         )
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the matrices one decode step reads (the embedding table only as a tied lm_head)."""
+        total = 0
+        for module in self.runner.model.modules():  # a tied lm_head holds the table's storage
+            if isinstance(module, Linear) and not isinstance(module, Embedding):
+                total += module.quant.nbytes if module.quant is not None else module.weight.nbytes
+        return total
 
     def describe(self) -> dict[str, Any]:
         return {

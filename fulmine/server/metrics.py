@@ -57,6 +57,9 @@ class Metrics:
         self.hit_rate = Gauge(
             "fulmine_prefix_cache_hit_rate", "Prompt tokens found in the cache / queried.", registry=r
         )
+        self.weight_bytes = Gauge(
+            "fulmine_model_weight_bytes", "Bytes of weight matrices a decode step reads.", registry=r
+        )
         self.drafted = Gauge("fulmine_spec_draft_tokens", "Speculative tokens drafted and verified.", registry=r)
         self.accepted = Gauge("fulmine_spec_accepted_tokens", "Speculative tokens accepted.", registry=r)
 
@@ -66,6 +69,7 @@ class Metrics:
         self.waiting.set_function(lambda: engine.num_waiting)
         self.kv_usage.set_function(lambda: engine.engine.kv_cache.usage)
         self.hit_rate.set_function(lambda: engine.engine.kv_cache.hit_rate)
+        self.weight_bytes.set_function(lambda: engine.engine.weight_bytes)
         governor = engine.engine.governor
         self.drafted.set_function(lambda: governor.num_drafted if governor else 0)
         self.accepted.set_function(lambda: governor.num_accepted if governor else 0)
