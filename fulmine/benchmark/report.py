@@ -108,6 +108,9 @@ def ratios(summaries: list[Summary], ours: str, peer: str) -> dict[str, dict[str
         if endpoint != ours or b is None:
             continue
         entry: dict[str, float] = {}
+        if b.errors:  # the peer dropped requests: its figures are of the survivors, not comparable
+            out[f"{workload}@{concurrency}"] = {"peer_failed": float(b.errors)}
+            continue
         if a.tok_s_per_user and b.tok_s_per_user:
             entry["tok_s_per_user"] = a.tok_s_per_user / b.tok_s_per_user
         for key in ("ttft_s", "tpot_s"):

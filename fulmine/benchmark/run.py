@@ -13,6 +13,7 @@ import asyncio
 import json
 import shlex
 import time
+import uuid
 from typing import Any
 from urllib.parse import urlparse
 
@@ -35,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--requests", type=int, default=8, help="requests per level (at least the concurrency)")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument(
+        "--allow-cache",
+        action="store_true",
+        help="send prompts as they are; by default each request starts with a unique tag, so no server "
+        "answers from a prefix cache filled by an earlier level",
+    )
     parser.add_argument("--long-prompt-tokens", type=int, default=1000)
     parser.add_argument("--slo-ttft", type=float, default=1.0, help="seconds, for goodput")
     parser.add_argument("--slo-itl", type=float, default=0.1, help="seconds, mean per request, for goodput")
@@ -48,10 +55,14 @@ async def run_level(
     limit = asyncio.Semaphore(concurrency)
     timeout = httpx.Timeout(600.0, connect=10.0)
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=concurrency + 2)) as client:
+        nonce = uuid.uuid4().hex[:8]
 
         async def one(i: int) -> RequestResult:
             async with limit:
                 messages = load.prompts[i % len(load.prompts)]
+                if not args.allow_cache:
+                    first = {**messages[0], "content": f"[{nonce}-{i}] {messages[0]['content']}"}
+                    messages = [first, *messages[1:]]
                 return await stream_chat(
                     client, base_url, model, messages, load.max_tokens, args.temperature, args.api_key
                 )

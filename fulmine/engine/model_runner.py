@@ -16,7 +16,7 @@ from fulmine.engine.outputs import ModelRunnerOutput, ScheduledRequest, Schedule
 from fulmine.layers.attention import AttentionMetadata
 from fulmine.layers.rotary import RotaryEmbedding
 from fulmine.models.decoder import DecoderModel
-from fulmine.models.fused import FUSED_MAX_TOKENS, FusedDecoder, unsupported_reason
+from fulmine.models.fused import FusedDecoder, unsupported_reason
 from fulmine.request import Request, TokenLogprobs
 from fulmine.sampling.sampler import Sampler, SamplerOutput, SamplingBatch, logprobs_of
 
@@ -166,7 +166,7 @@ class ModelRunner:
                 sample_rows.extend(range(first, len(token_ids)))
                 sample_requests.extend([request] * (len(drafts) + 1))
                 row_drafts.extend([*drafts, -1])
-        if self.fused is not None and len(token_ids) <= FUSED_MAX_TOKENS:
+        if self.fused is not None and len(token_ids) <= self.fused.max_tokens:
             step = StepInputs(torch.empty(0), [])
             seq_index = [i for i, s in enumerate(scheduled) for _ in range(s.num_new_tokens + len(s.draft_token_ids))]
             tables = [block_tables[s.request.request_id] for s in scheduled]

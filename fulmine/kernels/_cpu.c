@@ -756,14 +756,30 @@ static void dequant_row(const uint8_t *w, int type, int64_t K, float *out) {
 
 typedef struct {
     Mat w;
-    float *out;
+    void *out;
+    int bf16; /* out is bfloat16 (round to nearest even) instead of float32 */
 } DequantJob;
 
 static void dequant_task(void *ctx, int chunk, int nchunks) {
     DequantJob *j = (DequantJob *)ctx;
-    int64_t per = (j->w.N + nchunks - 1) / nchunks, n0 = per * chunk, n1 = n0 + per < j->w.N ? n0 + per : j->w.N;
-    size_t rb = row_bytes(j->w.type, j->w.K);
-    for (int64_t n = n0; n < n1; n++) dequant_row(j->w.data + (size_t)n * rb, j->w.type, j->w.K, j->out + n * j->w.K);
+    int64_t K = j->w.K, per = (j->w.N + nchunks - 1) / nchunks, n0 = per * chunk;
+    int64_t n1 = n0 + per < j->w.N ? n0 + per : j->w.N;
+    size_t rb = row_bytes(j->w.type, K);
+    float *row = j->bf16 ? malloc(sizeof(float) * K) : NULL;
+    for (int64_t n = n0; n < n1; n++) {
+        if (!j->bf16) {
+            dequant_row(j->w.data + (size_t)n * rb, j->w.type, K, (float *)j->out + n * K);
+            continue;
+        }
+        dequant_row(j->w.data + (size_t)n * rb, j->w.type, K, row);
+        uint16_t *out = (uint16_t *)j->out + n * K;
+        for (int64_t k = 0; k < K; k++) {
+            uint32_t bits;
+            memcpy(&bits, row + k, 4);
+            out[k] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+        }
+    }
+    free(row);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -937,11 +953,11 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
 
 static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     unsigned long long w, out;
-    int type;
+    int type, bf16 = 0;
     long long N, K;
-    if (!PyArg_ParseTuple(args, "KiLLK", &w, &type, &N, &K, &out)) return NULL;
+    if (!PyArg_ParseTuple(args, "KiLLK|p", &w, &type, &N, &K, &out, &bf16)) return NULL;
     if (!type_ok(type)) return PyErr_Format(PyExc_ValueError, "bad weight type %d", type);
-    DequantJob job = {{PTR(w), type, N, K}, (float *)PTR(out)};
+    DequantJob job = {{PTR(w), type, N, K}, PTR(out), bf16};
     Py_BEGIN_ALLOW_THREADS;
     pool_run(dequant_task, &job, pool_chunks(N / 16));
     Py_END_ALLOW_THREADS;
@@ -992,7 +1008,7 @@ static PyObject *py_info(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(x, R, K, w, type, N, y, exact): y[R,N] = x[R,K] @ W[N,K]^T"},
-    {"dequantize", py_dequantize, METH_VARARGS, "dequantize(w, type, N, K, out): W -> float32 [N, K]"},
+    {"dequantize", py_dequantize, METH_VARARGS, "dequantize(w, type, N, K, out, bf16=False): W -> float32 or bfloat16 [N, K]"},
     {"embed", py_embed, METH_VARARGS, "embed(w, type, K, ids, T, out): rows ids of W as float32"},
     {"decoder_forward", py_decoder_forward, METH_VARARGS, "the whole decoder over T tokens, in place"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): the kernels' thread count"},

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fulmine import kernels
-from fulmine.layers.quantized import QuantizedWeight, quantize
+from fulmine.layers.quantized import KERNEL_MAX_ROWS, QuantizedWeight, quantize
 from fulmine.models.weights import QuantizedTensor, WeightTensor, as_dense
 
 # Up to this many rows, a narrow-weight linear runs in the weight's dtype. Measured on the 2-core
@@ -37,6 +37,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.quant: QuantizedWeight | None = None
         self.exact = False  # quantized products with float32 activations (see kernels/_cpu.c)
+        self.max_kernel_rows = KERNEL_MAX_ROWS  # more rows: dequantize and GEMM (layers/quantized.py)
         self.keep_blocks = False
         self._blocks: dict[int, QuantizedTensor] = {}
 
@@ -46,7 +47,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
-            y = self.quant.matmul(x.float(), self.exact).to(x.dtype)
+            y = self.quant.matmul(x.float(), self.exact, self.max_kernel_rows).to(x.dtype)
             return y if self.bias is None else y + self.bias
         weight = self.weight
         if weight.dtype == x.dtype:

@@ -2,9 +2,10 @@
 
 A `QuantizedWeight` is what a Linear or Embedding holds instead of a dense matrix: the raw
 blocks, row by row. A few rows (decode, verification, short prompts) go through the C kernel's
-fused dequantize-and-dot; a prefill-sized batch dequantizes the matrix once into float32 and uses
-the BLAS GEMM, which is faster there. `quantize` turns a dense matrix into such blocks
-(`--quantization int8|int4` on a float checkpoint).
+fused dequantize-and-dot; a prefill-sized batch dequantizes the matrix once and uses the BLAS
+GEMM, which is faster there: in bfloat16 by default (2.1x the float32 GEMM's throughput on the
+AVX512-BF16 CPU, 256x576x1536: 395-427 vs 190-195 GFLOP/s), in float32 when exact. `quantize`
+turns a dense matrix into such blocks (`--quantization int8|int4` on a float checkpoint).
 """
 
 from __future__ import annotations
@@ -36,25 +37,29 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return self.raw.numel()
 
-    def matmul(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, exact: bool = False, max_kernel_rows: int = KERNEL_MAX_ROWS) -> torch.Tensor:
         """x [R, K] float32 -> [R, N] float32; `exact` keeps activations in float32 (see _cpu.c)."""
         module = kernels.cpu()
         assert module is not None, "quantized weights are only kept when the kernels are built"
         x = x.contiguous()
         rows = x.shape[0]
-        if rows > KERNEL_MAX_ROWS:  # the same numbers as the kernel, through the GEMM
-            return F.linear(x if exact else quantize_activations(x), self.dequantize())
+        if rows > max_kernel_rows:
+            if exact:
+                return F.linear(x, self.dequantize())
+            return F.linear(x.to(torch.bfloat16), self.dequantize(torch.bfloat16)).float()
         y = torch.empty(rows, self.shape[0], dtype=torch.float32)
         module.matmul(
             x.data_ptr(), rows, self.shape[1], self.raw.data_ptr(), self.qtype, self.shape[0], y.data_ptr(), exact
         )
         return y
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """float32, or bfloat16 (rounded to nearest even) for the fast prefill GEMM."""
         module = kernels.cpu()
-        assert module is not None
-        out = torch.empty(self.shape, dtype=torch.float32)
-        module.dequantize(self.raw.data_ptr(), self.qtype, self.shape[0], self.shape[1], out.data_ptr())
+        assert module is not None and dtype in (torch.float32, torch.bfloat16)
+        out = torch.empty(self.shape, dtype=dtype)
+        bf16 = dtype == torch.bfloat16
+        module.dequantize(self.raw.data_ptr(), self.qtype, self.shape[0], self.shape[1], out.data_ptr(), bf16)
         return out
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -90,12 +95,3 @@ def quantize(weight: torch.Tensor, qtype: int) -> QuantizedWeight:
     else:
         raise ValueError(f"cannot quantize to GGML type {qtype}")
     return QuantizedWeight(raw.reshape(rows, -1), qtype, (rows, cols))
-
-
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """Rows rounded as the kernel's fast mode sees them: int8 per block of 32 with scale amax / 127."""
-    rows, cols = x.shape
-    blocks = x.reshape(rows, cols // 32, 32)
-    amax = blocks.abs().amax(dim=-1, keepdim=True)
-    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    return (torch.round(blocks * inverse) * (amax / 127.0)).reshape(rows, cols)

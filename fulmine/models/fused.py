@@ -21,9 +21,11 @@ from fulmine.layers.rotary import RotaryEmbedding
 from fulmine.models.decoder import DecoderLayer, DecoderModel
 
 # Steps with at most this many tokens run fused; above, the batched GEMMs of the PyTorch path win.
-# Measured on the 2-core AVX-512 CPU, embedded model, one prompt (fused vs PyTorch): 16 tokens
-# 32 vs 38 ms, 32: 60 vs 129, 64: 124 vs 179, 128: 268 vs 308, 256: 539 vs 465.
-FUSED_MAX_TOKENS = 128
+# Measured on the 2-core AVX-512 CPU, embedded model, one prompt, fused vs PyTorch path:
+# exact (float32 GEMM): 16 tokens 32 vs 38 ms, 32: 60 vs 129, 64: 124 vs 179, 128: 268 vs 308,
+# 256: 539 vs 465; fast (bfloat16 GEMM): 32: 66 vs 94, 48: 100 vs 95, 64: 139 vs 108, 128: 275 vs 166.
+FUSED_MAX_TOKENS_EXACT = 128
+FUSED_MAX_TOKENS_FAST = 48
 
 _DENSE_TYPES = {torch.float32: kernels.F32, torch.float16: kernels.F16}
 
@@ -77,6 +79,7 @@ class FusedDecoder:
     ) -> None:
         config = model.config
         self.model, self.config, self.exact = model, config, exact
+        self.max_tokens = FUSED_MAX_TOKENS_EXACT if exact else FUSED_MAX_TOKENS_FAST
         module = kernels.cpu()
         assert module is not None
         self._kernel = module.decoder_forward

@@ -30,9 +30,11 @@ TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of Fra
     [
         {"weight_dtype": "float32"},
         {"quantization": "int8", "exact_kernels": True},
-        {"quantization": "int4"},  # int8 activations
+        {"quantization": "int4", "exact_kernels": True},
     ],
-    ids=["float32", "int8-exact", "int4-fast"],
+    # (fast mode: the fused step quantizes activations to int8, the PyTorch path's prefill GEMM runs
+    # in bfloat16; they agree to that rounding only, which test_quantized_weights_stay_close_to_float bounds)
+    ids=["float32", "int8-exact", "int4-exact"],
 )
 def test_fused_decoder_equals_pytorch_path(tiny_model_factory, family: str, weights: dict) -> None:
     """Whole batches (several sequences' prefills and decodes in one fused call) vs PyTorch layers."""
