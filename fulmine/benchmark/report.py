@@ -146,14 +146,8 @@ def plot(
                 xs = sorted(v * 1000 for v in values)
                 ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"{endpoint} {workload} c{concurrency}")
     for ax, title in zip(axes, ("TTFT (ms)", "TPOT (ms)")):
-        ax.set_xlabel(title)
-        ax.set_ylabel("fraction of requests")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(directory / "latency_cdf.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+        _label(ax, title, "fraction of requests")
+    written.append(_save(plt, fig, directory / "latency_cdf.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for endpoint, workload in sorted({(s.endpoint, s.workload) for s in summaries}):
         points = sorted(
@@ -163,12 +157,20 @@ def plot(
         )
         if points:
             ax.plot([c for c, _ in points], [v for _, v in points], marker="o", label=f"{endpoint} {workload}")
-    ax.set_xlabel("concurrent users")
-    ax.set_ylabel("tokens/s per user")
+    _label(ax, "concurrent users", "tokens/s per user")
+    written.append(_save(plt, fig, directory / "tok_s_per_user.png"))
+    return written
+
+
+def _label(ax: Any, x: str, y: str) -> None:
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    written.append(directory / "tok_s_per_user.png")
-    fig.savefig(written[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return written
+    return path

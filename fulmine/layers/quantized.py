@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from fulmine import kernels
 
-# Above this many rows a product dequantizes the weight and runs the float32 GEMM. Measured on the
-# 2-core AVX-512 CPU, embedded model's 1536x576 Q4_1 matrix (bench.kernels): the kernel leads
+# Above this many rows a product dequantizes the weight and runs the GEMM (bfloat16, or float32 when exact).
+# `python -m bench.kernels` measures the crossover for one matrix (see docs/BENCHMARKS.md); the kernel leads
 # up to ~24 rows; 16 leaves margin for wider matrices.
 KERNEL_MAX_ROWS = 16
 

@@ -11,16 +11,10 @@ import pytest
 import torch
 
 from fulmine import LLM, SamplingParams, kernels
+from tests.parity.test_invariance import GREEDY, PROMPTS
 
 pytestmark = pytest.mark.skipif(kernels.cpu() is None, reason="C kernels not built")
 
-PROMPTS = [
-    "The quick brown fox",
-    "Paris is the capital of France. Numbers: 0 1 2 3",
-    "def main(): return 42",
-    "Café, naïve, 東京, 🎉 emoji. The lazy dog",
-]
-GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France. Numbers: 0 1 2 3 4 5 6 7 8 9."
 
 
