@@ -321,6 +321,8 @@ static void row_q4_1_scalar(const uint8_t *w, const float *x, int R, int64_t K, 
     row_q4_scalar(w, x, R, K, xsum, out, 1);
 }
 
+static void wsum_scalar(float *o, const float *w, const float *base, const int64_t *offs, int n, int D);
+
 #ifdef FULMINE_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -562,6 +564,41 @@ AVX2 static float dot_avx2(const float *a, const float *b, int n) {
     return s;
 }
 
+AVX2 static void scores_avx2(const float *q, const float *base, const int64_t *offs, int n, int D, float scale, float *out) {
+    if (D % 16) {
+        for (int i = 0; i < n; i++) out[i] = dot_avx2(q, base + offs[i], D) * scale;
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        const float *k = base + offs[i];
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(k + d + 8), a1);
+        }
+        out[i] = hsum256(_mm256_add_ps(a0, a1)) * scale;
+    }
+}
+
+/* the output row stays in registers (up to 64 floats at a time) across every position */
+AVX2 static void wsum_avx2(float *o, const float *w, const float *base, const int64_t *offs, int n, int D) {
+    if (D % 8) {
+        wsum_scalar(o, w, base, offs, n, D);
+        return;
+    }
+    for (int d0 = 0; d0 < D; d0 += 64) {
+        int lanes = (D - d0 < 64 ? D - d0 : 64) / 8;
+        __m256 acc[8];
+        for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
+        for (int i = 0; i < n; i++) {
+            const float *v = base + offs[i] + d0;
+            __m256 wi = _mm256_set1_ps(w[i]);
+            for (int u = 0; u < lanes; u++) acc[u] = _mm256_fmadd_ps(wi, _mm256_loadu_ps(v + 8 * u), acc[u]);
+        }
+        for (int u = 0; u < lanes; u++) _mm256_storeu_ps(o + d0 + 8 * u, acc[u]);
+    }
+}
+
 AVX2 static void axpy_avx2(float *y, float a, const float *x, int n) {
     __m256 av = _mm256_set1_ps(a);
     int i = 0;
@@ -580,16 +617,28 @@ static void axpy_scalar(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+/* Attention over gathered cache rows: out[i] = scale * q . base[offs[i] ..], and o = sum_i w[i] * base[offs[i] ..] */
+static void scores_scalar(const float *q, const float *base, const int64_t *offs, int n, int D, float scale, float *out) {
+    for (int i = 0; i < n; i++) out[i] = dot_scalar(q, base + offs[i], D) * scale;
+}
+
+static void wsum_scalar(float *o, const float *w, const float *base, const int64_t *offs, int n, int D) {
+    memset(o, 0, sizeof(float) * D);
+    for (int i = 0; i < n; i++) axpy_scalar(o, w[i], base + offs[i], D);
+}
+
 static struct {
     row_fn f32, f16, q8_0, q4_0, q4_1;
     qrow_fn iq8_0, iq4_0, iq4_1;
     void (*quantize_row)(const float *, int64_t, int8_t *, float *, float *);
     float (*dot)(const float *, const float *, int);
     void (*axpy)(float *, float, const float *, int);
+    void (*scores)(const float *, const float *, const int64_t *, int, int, float, float *);
+    void (*wsum)(float *, const float *, const float *, const int64_t *, int, int);
     const char *isa;
 } K_ = {row_f32_scalar,      row_f16_scalar,   row_q8_0_scalar,   row_q4_0_scalar,     row_q4_1_scalar,
         qrow_q8_0_scalar,    qrow_q4_0_scalar, qrow_q4_1_scalar,  quantize_row_scalar, dot_scalar,
-        axpy_scalar,         "scalar"};
+        axpy_scalar,         scores_scalar,    wsum_scalar,       "scalar"};
 
 static void choose_isa(void) {
 #ifdef FULMINE_X86
@@ -606,6 +655,8 @@ static void choose_isa(void) {
         K_.quantize_row = quantize_row_avx2;
         K_.dot = dot_avx2;
         K_.axpy = axpy_avx2;
+        K_.scores = scores_avx2;
+        K_.wsum = wsum_avx2;
         K_.isa = "avx2";
         if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
             getenv("FULMINE_KERNELS_AVX2") == NULL) {
@@ -807,27 +858,21 @@ static void attention_task(void *ctx, int chunk, int nchunks) {
     AttnJob *j = (AttnJob *)ctx;
     const float *kc = (const float *)(intptr_t)j->layer[L_K_CACHE], *vc = (const float *)(intptr_t)j->layer[L_V_CACHE];
     int window = (int)j->layer[L_WINDOW], D = j->D, group = j->nh / j->nkv;
-    float *scores = j->scores + (size_t)chunk * j->max_ctx; /* one score row per chunk */
+    /* per chunk: a score row and the context's row offsets into the cache */
+    float *scores = j->scores + (size_t)chunk * j->max_ctx * 3;
+    int64_t *offs = (int64_t *)(scores + j->max_ctx);
     for (int task = chunk; task < j->T * j->nh; task += nchunks) {
         int t = task / j->nh, h = task % j->nh, g = h / group, p = j->pos[t];
         const int32_t *table = j->tables + (size_t)j->seq[t] * j->max_blocks;
-        int lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-        const float *q = j->q + ((size_t)t * j->nh + h) * D;
-        float mx = -INFINITY;
-        for (int c = lo; c <= p; c++) {
-            int64_t slot = (int64_t)table[c / j->bs] * j->bs + c % j->bs;
-            float s = K_.dot(q, kc + (slot * j->nkv + g) * D, D) * j->scale;
-            scores[c - lo] = s;
-            if (s > mx) mx = s;
-        }
-        float sum = 0.f;
-        for (int c = lo; c <= p; c++) sum += scores[c - lo] = expf(scores[c - lo] - mx);
-        float *o = j->out + ((size_t)t * j->nh + h) * D, inv = 1.f / sum;
-        memset(o, 0, sizeof(float) * D);
-        for (int c = lo; c <= p; c++) {
-            int64_t slot = (int64_t)table[c / j->bs] * j->bs + c % j->bs;
-            K_.axpy(o, scores[c - lo] * inv, vc + (slot * j->nkv + g) * D, D);
-        }
+        int lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n = p - lo + 1;
+        for (int c = lo; c <= p; c++)
+            offs[c - lo] = (((int64_t)table[c / j->bs] * j->bs + c % j->bs) * j->nkv + g) * D;
+        K_.scores(j->q + ((size_t)t * j->nh + h) * D, kc, offs, n, D, j->scale, scores);
+        float mx = -INFINITY, sum = 0.f;
+        for (int i = 0; i < n; i++) mx = scores[i] > mx ? scores[i] : mx;
+        for (int i = 0; i < n; i++) sum += scores[i] = expf(scores[i] - mx);
+        for (int i = 0; i < n; i++) scores[i] /= sum;
+        K_.wsum(j->out + ((size_t)t * j->nh + h) * D, scores, vc, offs, n, D);
     }
 }
 
@@ -863,7 +908,7 @@ static int decoder_forward(float *h, int T, int L, const int64_t *layers, const 
     if (nh * D > kmax) kmax = nh * D;
     size_t n_x = (size_t)T * H, n_qkv = (size_t)T * qkv_n, n_att = (size_t)T * nh * D, n_gu = (size_t)T * 2 * I;
     int n_chunks_att = pool_chunks((int64_t)T * nh);
-    size_t n_act = (size_t)T * I, n_scores = (size_t)n_chunks_att * max_ctx;
+    size_t n_act = (size_t)T * I, n_scores = (size_t)n_chunks_att * max_ctx * 3; /* scores + int64 offsets */
     float *buf = malloc(sizeof(float) * (n_x + n_qkv + n_att + n_gu + n_act + n_scores + (size_t)T * kmax));
     Scratch sc;
     if (!buf || scratch_alloc(&sc, T, kmax)) {
