@@ -99,8 +99,10 @@ class EngineConfig:
     )
     speculative: str = _opt(
         "ngram",
-        "speculative decoding: ngram drafts from the request's own text (prompt lookup), off disables it",
+        "speculative decoding: ngram drafts from the request's own text (prompt lookup), draft from "
+        "--draft-model, off disables it",
     )
+    draft_model: str | None = _opt(None, "smaller model sharing the tokenizer, for --speculative draft")
     num_speculative_tokens: int = _opt(4, "most tokens drafted per step when speculating")
     num_threads: int | None = _opt(None, "torch intra-op threads on CPU (default: all cores)")
     seed: int = _opt(0, "seed for requests that do not bring their own")
@@ -115,7 +117,11 @@ class EngineConfig:
             (self.dtype in _DTYPES, f"dtype must be one of {', '.join(_DTYPES)}"),
             (self.weight_dtype in _DTYPES, f"weight_dtype must be one of {', '.join(_DTYPES)}"),
             (self.quantization in _QUANTIZATIONS, f"quantization must be one of {', '.join(_QUANTIZATIONS)}"),
-            (self.speculative in ("ngram", "off"), "speculative must be ngram or off"),
+            (self.speculative in ("ngram", "draft", "off"), "speculative must be ngram, draft or off"),
+            (
+                (self.speculative == "draft") == (self.draft_model is not None),
+                "--draft-model goes with --speculative draft",
+            ),
             (1 <= self.num_speculative_tokens <= 16, "num_speculative_tokens must be in [1, 16]"),
         ]
         for ok, message in checks:

@@ -23,6 +23,7 @@ from fulmine.layers.linear import Embedding, Linear
 from fulmine.models.loader import load_model
 from fulmine.models.source import resolve
 from fulmine.request import FinishReason, Request, SamplingParams
+from fulmine.speculative.draft import DraftModelProposer
 from fulmine.speculative.governor import Governor
 from fulmine.tokenizer import Message, encode_prompt, load_tokenizer
 
@@ -63,7 +64,15 @@ class LLMEngine:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids = tuple(sorted(eos))
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.governor = Governor(config.num_speculative_tokens) if config.speculative == "ngram" else None
+        self.governor = None
+        if config.speculative == "ngram":
+            self.governor = Governor(config.num_speculative_tokens)
+        elif config.speculative == "draft":
+            assert config.draft_model is not None
+            proposer = DraftModelProposer(
+                config.draft_model, config, model_config.vocab_size, self.max_model_len, device, dtype, weight_dtype
+            )
+            self.governor = Governor(config.num_speculative_tokens, proposer)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, self.governor)
         self.runner = ModelRunner(
             model_module,
@@ -136,13 +145,13 @@ class LLMEngine:
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one forward over the scheduled batch; outputs for requests that got a token."""
+        started = time.perf_counter()  # scheduling included: it runs the draft model, if any
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
         now = time.monotonic()
         for s in scheduled.scheduled:
             s.request.first_scheduled_time = s.request.first_scheduled_time or now
-        started = time.perf_counter()
         result = self.runner.execute(scheduled, self.kv_cache.block_tables)
         if self.governor is not None and all(s.samples for s in scheduled.scheduled):  # decode steps
             self.governor.record_step(scheduled.num_batched_tokens, time.perf_counter() - started)

@@ -15,9 +15,19 @@ per second for the batch, so a request whose drafts are rarely accepted stops dr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from fulmine.request import Request
 from fulmine.speculative.ngram import NgramProposer
+
+
+class Proposer(Protocol):
+    """Where drafts come from: n-gram lookup (ngram.py) or a draft model (draft.py)."""
+
+    def propose(self, request_id: str, tokens: list[int], k: int) -> list[int]: ...
+
+    def release(self, request_id: str) -> None: ...
+
 
 # Before any measurement: an extra token costs this fraction of a one-token step (measured ~0.35
 # for the embedded model's fused step on the 2-core CPU; the fit replaces it within a few steps).
@@ -76,9 +86,9 @@ def expected_tokens(acceptance: float, k: int) -> float:
 
 
 class Governor:
-    def __init__(self, max_drafts: int, proposer: NgramProposer | None = None) -> None:
+    def __init__(self, max_drafts: int, proposer: Proposer | None = None) -> None:
         self.max_drafts = max_drafts
-        self.proposer = proposer or NgramProposer()
+        self.proposer: Proposer = proposer or NgramProposer()
         self.requests: dict[str, _Acceptance] = {}
         self.cost = _CostFit()
         self.num_drafted = 0  # totals, for metrics
@@ -94,8 +104,10 @@ class Governor:
             return []  # a seed promises the same text; drafting (timing-driven) would change the draws
         state = self.requests.setdefault(request.request_id, _Acceptance())
         limit = min(limit, self.max_drafts)
-        proposal = self.proposer.propose(request.request_id, request.all_token_ids, limit)
-        k = self.choose(state.rate, len(proposal), batch_size)
+        # k first: a draft model pays per drafted token (off, it still drafts one, to score it)
+        k = self.choose(state.rate, limit, batch_size)
+        proposal = self.proposer.propose(request.request_id, request.all_token_ids, max(k, 1))
+        k = min(k, len(proposal))
         state.pending, state.drafted = (proposal[:k], True) if k else (proposal[:1], False)
         return proposal[:k]
 

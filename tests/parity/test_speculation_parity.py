@@ -92,3 +92,33 @@ def test_unseeded_sampling_with_speculation_runs(tiny_llama) -> None:
     spec = forced(LLM(str(tiny_llama), dtype="float32", progress=False))
     outs = spec.generate(PROMPTS, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=30, ignore_eos=True))
     assert all(len(o.token_ids) == 30 for o in outs)
+
+
+@pytest.mark.parametrize("draft_family", ["llama", "qwen2"])
+def test_draft_model_speculation_is_identical(tiny_model_factory, draft_family: str) -> None:
+    """The target as its own draft accepts every draft; another model (same tokenizer) accepts some."""
+    target, draft = str(tiny_model_factory("llama")), str(tiny_model_factory(draft_family))
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    plain = LLM(target, dtype="float32", speculative="off", progress=False)
+    spec = LLM(
+        target, dtype="float32", speculative="draft", draft_model=draft, num_speculative_tokens=4, progress=False
+    )
+    governor = spec.engine.governor
+    assert governor is not None
+    governor.always_draft = True
+    expected = [o.token_ids for o in plain.generate(PROMPTS, params)]
+    assert [o.token_ids for o in spec.generate(PROMPTS, params)] == expected
+    assert governor.num_drafted > 0
+    if draft_family == "llama":
+        assert governor.num_accepted == governor.num_drafted
+    spec.generate(PROMPTS[0], params)  # a request after others: the draft's cache was freed and reused
+
+
+def test_draft_model_must_share_the_vocabulary(tiny_llama) -> None:
+    from fulmine.config import ConfigError
+    from fulmine.models.source import default_model_path
+
+    with pytest.raises(ConfigError, match="tokenizer"):
+        LLM(str(tiny_llama), speculative="draft", draft_model=str(default_model_path()), progress=False)
+    with pytest.raises(ConfigError, match="draft-model"):
+        LLM(str(tiny_llama), speculative="draft", progress=False)
