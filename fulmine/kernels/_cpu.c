@@ -323,6 +323,15 @@ static void row_q4_1_scalar(const uint8_t *w, const float *x, int R, int64_t K, 
 
 static void wsum_scalar(float *o, const float *w, const float *base, const int64_t *offs, int n, int D);
 
+/* float32 -> bfloat16, rounding to nearest even (torch's rounding) */
+static void to_bf16_scalar(const float *x, uint16_t *out, int64_t n) {
+    for (int64_t k = 0; k < n; k++) {
+        uint32_t bits;
+        memcpy(&bits, x + k, 4);
+        out[k] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+    }
+}
+
 #ifdef FULMINE_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -599,6 +608,20 @@ AVX2 static void wsum_avx2(float *o, const float *w, const float *base, const in
     }
 }
 
+AVX2 static void to_bf16_avx2(const float *x, uint16_t *out, int64_t n) {
+    const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        __m256i a = _mm256_castps_si256(_mm256_loadu_ps(x + k)), b = _mm256_castps_si256(_mm256_loadu_ps(x + k + 8));
+        a = _mm256_srli_epi32(_mm256_add_epi32(a, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(a, 16), one))), 16);
+        b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(b, 16), one))), 16);
+        /* packus works per 128-bit lane: put the halves back in order */
+        __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xd8);
+        _mm256_storeu_si256((__m256i *)(out + k), packed);
+    }
+    to_bf16_scalar(x + k, out + k, n - k);
+}
+
 AVX2 static void axpy_avx2(float *y, float a, const float *x, int n) {
     __m256 av = _mm256_set1_ps(a);
     int i = 0;
@@ -635,10 +658,11 @@ static struct {
     void (*axpy)(float *, float, const float *, int);
     void (*scores)(const float *, const float *, const int64_t *, int, int, float, float *);
     void (*wsum)(float *, const float *, const float *, const int64_t *, int, int);
+    void (*to_bf16)(const float *, uint16_t *, int64_t);
     const char *isa;
 } K_ = {row_f32_scalar,      row_f16_scalar,   row_q8_0_scalar,   row_q4_0_scalar,     row_q4_1_scalar,
         qrow_q8_0_scalar,    qrow_q4_0_scalar, qrow_q4_1_scalar,  quantize_row_scalar, dot_scalar,
-        axpy_scalar,         scores_scalar,    wsum_scalar,       "scalar"};
+        axpy_scalar,         scores_scalar,    wsum_scalar,       to_bf16_scalar,      "scalar"};
 
 static void choose_isa(void) {
 #ifdef FULMINE_X86
@@ -657,6 +681,7 @@ static void choose_isa(void) {
         K_.axpy = axpy_avx2;
         K_.scores = scores_avx2;
         K_.wsum = wsum_avx2;
+        K_.to_bf16 = to_bf16_avx2;
         K_.isa = "avx2";
         if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
             getenv("FULMINE_KERNELS_AVX2") == NULL) {
@@ -823,12 +848,7 @@ static void dequant_task(void *ctx, int chunk, int nchunks) {
             continue;
         }
         dequant_row(j->w.data + (size_t)n * rb, j->w.type, K, row);
-        uint16_t *out = (uint16_t *)j->out + n * K;
-        for (int64_t k = 0; k < K; k++) {
-            uint32_t bits;
-            memcpy(&bits, row + k, 4);
-            out[k] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-        }
+        K_.to_bf16(row, (uint16_t *)j->out + n * K, K);
     }
     free(row);
 }

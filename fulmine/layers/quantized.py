@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from fulmine import kernels
 
 # Above this many rows a product dequantizes the weight and runs the GEMM (bfloat16, or float32 when exact).
-# `python -m bench.kernels` (1536x576 Q4_1, 2 threads): fast kernel vs dequantize + bf16 GEMM 224 vs
-# 583 us at 16 rows, 443 vs 637 at 32, 898 vs 744 at 64; exact kernel vs float32 GEMM 622 vs 1675 at 32.
+# `python -m bench.kernels` (1536x576 Q4_1, 2 threads): fast kernel vs dequantize + bf16 GEMM 32 vs
+# 393 us at 1 row, 405 vs 424 at 32, 815 vs 539 at 64; exact kernel vs float32 GEMM 616 vs 683 at 32.
 KERNEL_MAX_ROWS = 32
 
 _BLOCK_BYTES = {kernels.Q8_0: 34, kernels.Q4_0: 18, kernels.Q4_1: 20}

@@ -107,3 +107,19 @@ def test_bad_shapes_are_refused() -> None:
         QuantizedWeight(torch.zeros(4, 33, dtype=torch.uint8), kernels.Q8_0, (4, 32))
     with pytest.raises(ValueError):
         QuantizedWeight(torch.zeros(4, 34, dtype=torch.uint8), kernels.Q8_0, (4, 31))
+
+
+@pytest.mark.parametrize("qtype", list(TYPES))
+def test_bfloat16_dequantization_rounds_like_torch(qtype: int, threads: int) -> None:
+    weight, reference = gguf_weight(qtype, rows=40, cols=96)
+    assert torch.equal(weight.dequantize(torch.bfloat16), reference.bfloat16())
+
+
+def test_bfloat16_ties_round_to_even(threads: int) -> None:
+    """A Q8_0 block with scale 1 + 2^-8: d * 1 and d * 2 lie exactly halfway between two bfloat16 numbers."""
+    scale = torch.tensor([1.0 + 2**-8], dtype=torch.float16).view(torch.uint8)
+    q = torch.tensor([1, -1, 2, -2, 3, 127, -128, 0] * 4, dtype=torch.int8).view(torch.uint8)
+    weight = QuantizedWeight(torch.cat([scale, q]).reshape(1, 34), kernels.Q8_0, (1, 32))
+    values = weight.dequantize()
+    assert values[0, 0] == 1.0 + 2**-8
+    assert torch.equal(weight.dequantize(torch.bfloat16), values.bfloat16())
