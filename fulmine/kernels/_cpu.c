@@ -350,17 +350,22 @@ AVX2 static inline float half_avx2(const uint8_t *p) {
 
 /* Each kernel is written for a compile-time row count RG (1..4) and inlined, so the per-row
  * accumulators live in registers; the wrappers below pick RG = R. */
-#define ROW_WRAPPERS(name)                                                                                 \
-    AVX2 static void name(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out) { \
-        switch (R) {                                                                                       \
-        case 1: name##_rg(w, x, 1, K, xsum, out); break;                                                   \
-        case 2: name##_rg(w, x, 2, K, xsum, out); break;                                                   \
-        case 3: name##_rg(w, x, 3, K, xsum, out); break;                                                   \
-        default: name##_rg(w, x, 4, K, xsum, out); break;                                                  \
-        }                                                                                                  \
+/* R (1..4) as a compile-time row count: FN(RG, args...) is inlined with its per-row accumulators in
+ * registers. Every kernel below is written for RG and reached through this switch. */
+#define SWITCH_RG(R, FN, ...)                                                                              \
+    switch (R) {                                                                                           \
+    case 1: FN(1, __VA_ARGS__); break;                                                                     \
+    case 2: FN(2, __VA_ARGS__); break;                                                                     \
+    case 3: FN(3, __VA_ARGS__); break;                                                                     \
+    default: FN(4, __VA_ARGS__); break;                                                                    \
     }
 
-AVX2 static inline __attribute__((always_inline)) void row_f32_avx2_rg(const uint8_t *w8, const float *x, const int RG,
+#define ROW_WRAPPER(name, FN, ...)                                                                         \
+    AVX2 static void name(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out) { \
+        SWITCH_RG(R, FN, w, x, K, xsum, out, ##__VA_ARGS__)                                               \
+    }
+
+AVX2 static inline __attribute__((always_inline)) void row_f32_avx2_rg(const int RG, const uint8_t *w8, const float *x,
                                                                        int64_t K, const float *xsum, float *out) {
     (void)xsum;
     const float *w = (const float *)w8;
@@ -376,9 +381,9 @@ AVX2 static inline __attribute__((always_inline)) void row_f32_avx2_rg(const uin
         out[r] = s;
     }
 }
-ROW_WRAPPERS(row_f32_avx2)
+ROW_WRAPPER(row_f32_avx2, row_f32_avx2_rg)
 
-AVX2 static inline __attribute__((always_inline)) void row_f16_avx2_rg(const uint8_t *w8, const float *x, const int RG,
+AVX2 static inline __attribute__((always_inline)) void row_f16_avx2_rg(const int RG, const uint8_t *w8, const float *x,
                                                                        int64_t K, const float *xsum, float *out) {
     (void)xsum;
     const uint16_t *w = (const uint16_t *)w8;
@@ -394,9 +399,9 @@ AVX2 static inline __attribute__((always_inline)) void row_f16_avx2_rg(const uin
         out[r] = s;
     }
 }
-ROW_WRAPPERS(row_f16_avx2)
+ROW_WRAPPER(row_f16_avx2, row_f16_avx2_rg)
 
-AVX2 static inline __attribute__((always_inline)) void row_q8_0_avx2_rg(const uint8_t *w, const float *x, const int RG,
+AVX2 static inline __attribute__((always_inline)) void row_q8_0_avx2_rg(const int RG, const uint8_t *w, const float *x,
                                                                         int64_t K, const float *xsum, float *out) {
     (void)xsum;
     int64_t nb = K / 32;
@@ -421,9 +426,9 @@ AVX2 static inline __attribute__((always_inline)) void row_q8_0_avx2_rg(const ui
     }
     for (int r = 0; r < RG; r++) out[r] = hsum256(acc[r]);
 }
-ROW_WRAPPERS(row_q8_0_avx2)
+ROW_WRAPPER(row_q8_0_avx2, row_q8_0_avx2_rg)
 
-AVX2 static inline __attribute__((always_inline)) void row_q4_avx2_rg(const uint8_t *w, const float *x, const int RG,
+AVX2 static inline __attribute__((always_inline)) void row_q4_avx2_rg(const int RG, const uint8_t *w, const float *x,
                                                                       int64_t K, const float *xsum, float *out,
                                                                       const int is_q4_1) {
     int64_t nb = K / 32;
@@ -454,23 +459,15 @@ AVX2 static inline __attribute__((always_inline)) void row_q4_avx2_rg(const uint
     for (int r = 0; r < RG; r++) out[r] = hsum256(acc[r]) + macc[r];
 }
 
-AVX2 static inline __attribute__((always_inline)) void row_q4_0_avx2_rg(const uint8_t *w, const float *x, const int RG,
-                                                                        int64_t K, const float *xsum, float *out) {
-    row_q4_avx2_rg(w, x, RG, K, xsum, out, 0);
-}
-ROW_WRAPPERS(row_q4_0_avx2)
+ROW_WRAPPER(row_q4_0_avx2, row_q4_avx2_rg, 0)
 
-AVX2 static inline __attribute__((always_inline)) void row_q4_1_avx2_rg(const uint8_t *w, const float *x, const int RG,
-                                                                        int64_t K, const float *xsum, float *out) {
-    row_q4_avx2_rg(w, x, RG, K, xsum, out, 1);
-}
-ROW_WRAPPERS(row_q4_1_avx2)
+ROW_WRAPPER(row_q4_1_avx2, row_q4_avx2_rg, 1)
 
 /* The fast mode's block kernels, once with AVX2 (maddubs + madd) and once with AVX-512 VNNI
  * (dpbusd on 256-bit vectors): u8 weights times s8 activations, summed to int32 per 4 lanes. */
 #define QROW_KERNELS(SUFFIX, TARGET, DOT)                                                                    \
     TARGET static inline __attribute__((always_inline)) void qrow_q4_##SUFFIX##_rg(                           \
-        const uint8_t *w, const QAct *a, const int RG, int64_t K, float *out, const int is_q4_1) {            \
+        const int RG, const uint8_t *w, const QAct *a, int64_t K, float *out, const int is_q4_1) {              \
         int64_t nb = K / 32;                                                                                 \
         const size_t bsz = is_q4_1 ? 20 : 18;                                                                \
         const __m256i low = _mm256_set1_epi8(0x0f);                                                          \
@@ -491,7 +488,7 @@ ROW_WRAPPERS(row_q4_1_avx2)
         for (int r = 0; r < RG; r++) out[r] = hsum256(acc[r]) + macc[r];                                    \
     }                                                                                                        \
     TARGET static inline __attribute__((always_inline)) void qrow_q8_0_##SUFFIX##_rg(                         \
-        const uint8_t *w, const QAct *a, const int RG, int64_t K, float *out) {                              \
+        const int RG, const uint8_t *w, const QAct *a, int64_t K, float *out) {                              \
         int64_t nb = K / 32;                                                                                 \
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
         for (int64_t b = 0; b < nb; b++) {                                                                   \
@@ -508,28 +505,13 @@ ROW_WRAPPERS(row_q4_1_avx2)
         for (int r = 0; r < RG; r++) out[r] = hsum256(acc[r]);                                               \
     }                                                                                                        \
     TARGET static void qrow_q4_0_##SUFFIX(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) {     \
-        switch (R) {                                                                                         \
-        case 1: qrow_q4_##SUFFIX##_rg(w, a, 1, K, out, 0); break;                                            \
-        case 2: qrow_q4_##SUFFIX##_rg(w, a, 2, K, out, 0); break;                                            \
-        case 3: qrow_q4_##SUFFIX##_rg(w, a, 3, K, out, 0); break;                                            \
-        default: qrow_q4_##SUFFIX##_rg(w, a, 4, K, out, 0); break;                                           \
-        }                                                                                                    \
+        SWITCH_RG(R, qrow_q4_##SUFFIX##_rg, w, a, K, out, 0)                                                  \
     }                                                                                                        \
     TARGET static void qrow_q4_1_##SUFFIX(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) {     \
-        switch (R) {                                                                                         \
-        case 1: qrow_q4_##SUFFIX##_rg(w, a, 1, K, out, 1); break;                                            \
-        case 2: qrow_q4_##SUFFIX##_rg(w, a, 2, K, out, 1); break;                                            \
-        case 3: qrow_q4_##SUFFIX##_rg(w, a, 3, K, out, 1); break;                                            \
-        default: qrow_q4_##SUFFIX##_rg(w, a, 4, K, out, 1); break;                                           \
-        }                                                                                                    \
+        SWITCH_RG(R, qrow_q4_##SUFFIX##_rg, w, a, K, out, 1)                                                  \
     }                                                                                                        \
     TARGET static void qrow_q8_0_##SUFFIX(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) {     \
-        switch (R) {                                                                                         \
-        case 1: qrow_q8_0_##SUFFIX##_rg(w, a, 1, K, out); break;                                             \
-        case 2: qrow_q8_0_##SUFFIX##_rg(w, a, 2, K, out); break;                                             \
-        case 3: qrow_q8_0_##SUFFIX##_rg(w, a, 3, K, out); break;                                             \
-        default: qrow_q8_0_##SUFFIX##_rg(w, a, 4, K, out); break;                                            \
-        }                                                                                                    \
+        SWITCH_RG(R, qrow_q8_0_##SUFFIX##_rg, w, a, K, out)                                                  \
     }
 
 #define DOT_AVX2(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
