@@ -604,12 +604,6 @@ AVX2 static void to_bf16_avx2(const float *x, uint16_t *out, int64_t n) {
     to_bf16_scalar(x + k, out + k, n - k);
 }
 
-AVX2 static void axpy_avx2(float *y, float a, const float *x, int n) {
-    __m256 av = _mm256_set1_ps(a);
-    int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * x[i];
-}
 #endif
 
 static float dot_scalar(const float *a, const float *b, int n) {
@@ -636,15 +630,13 @@ static struct {
     row_fn f32, f16, q8_0, q4_0, q4_1;
     qrow_fn iq8_0, iq4_0, iq4_1;
     void (*quantize_row)(const float *, int64_t, int8_t *, float *, float *);
-    float (*dot)(const float *, const float *, int);
-    void (*axpy)(float *, float, const float *, int);
     void (*scores)(const float *, const float *, const int64_t *, int, int, float, float *);
     void (*wsum)(float *, const float *, const float *, const int64_t *, int, int);
     void (*to_bf16)(const float *, uint16_t *, int64_t);
     const char *isa;
-} K_ = {row_f32_scalar,      row_f16_scalar,   row_q8_0_scalar,   row_q4_0_scalar,     row_q4_1_scalar,
-        qrow_q8_0_scalar,    qrow_q4_0_scalar, qrow_q4_1_scalar,  quantize_row_scalar, dot_scalar,
-        axpy_scalar,         scores_scalar,    wsum_scalar,       to_bf16_scalar,      "scalar"};
+} K_ = {row_f32_scalar,   row_f16_scalar,   row_q8_0_scalar,     row_q4_0_scalar, row_q4_1_scalar, qrow_q8_0_scalar,
+        qrow_q4_0_scalar, qrow_q4_1_scalar, quantize_row_scalar, scores_scalar,   wsum_scalar,     to_bf16_scalar,
+        "scalar"};
 
 static void choose_isa(void) {
 #ifdef FULMINE_X86
@@ -659,8 +651,6 @@ static void choose_isa(void) {
         K_.iq4_0 = qrow_q4_0_avx2;
         K_.iq4_1 = qrow_q4_1_avx2;
         K_.quantize_row = quantize_row_avx2;
-        K_.dot = dot_avx2;
-        K_.axpy = axpy_avx2;
         K_.scores = scores_avx2;
         K_.wsum = wsum_avx2;
         K_.to_bf16 = to_bf16_avx2;
