@@ -59,7 +59,9 @@ class SamplingBatch:
             temperature=column([1.0 if g else p.temperature for g, p in zip(greedy, params)]),
             is_greedy=column(greedy, torch.bool),
             all_greedy=all(greedy),
-            top_k=column([p.top_k or vocab_size for p in params], torch.long) if any(p.top_k for p in params) else None,
+            top_k=column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.long)
+            if any(p.top_k for p in params)
+            else None,
             max_top_k=min(vocab_size, max(p.top_k or vocab_size for p in params)),
             top_p=column([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
             min_p=column([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None,
@@ -144,7 +146,7 @@ class Sampler:
                 accepted = token_ids == draft_ids
         else:
             probs = self._probabilities(logits, batch)
-            token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), self._draw(probs, batch))
+            token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), self._draw(probs, batch.generators))
             if draft_ids is not None:
                 token_ids, accepted = self._verify(logits, probs, batch, draft_ids, token_ids)
         out = SamplerOutput(token_ids)
@@ -164,11 +166,15 @@ class Sampler:
         """(token per row, draft accepted per row); see the module docstring."""
         has_draft = draft_ids >= 0
         draft = draft_ids.clamp(min=0).unsqueeze(1)
+        # Rows without a draft draw here too (the batch is verified as a whole), but from the shared
+        # generator: a seeded row's own generator advances only by the draws its own tokens need,
+        # so its tokens do not depend on whether its neighbours speculate.
+        generators = [g if drafted else None for g, drafted in zip(batch.generators, has_draft.tolist())]
         uniform = torch.empty(probs.shape[0], device=probs.device)
-        for row, generator in enumerate(batch.generators):
+        for row, generator in enumerate(generators):
             uniform[row : row + 1].uniform_(generator=generator if generator is not None else self.generator)
         accept_sampled = has_draft & (uniform < probs.gather(1, draft).squeeze(1))
-        residual = self._draw(probs.scatter(1, draft, 0.0), batch)
+        residual = self._draw(probs.scatter(1, draft, 0.0), generators)
         tokens = torch.where(has_draft, torch.where(accept_sampled, draft.squeeze(1), residual), sampled)
         greedy_ids = logits.argmax(dim=-1)
         accepted = torch.where(batch.is_greedy, greedy_ids == draft_ids, accept_sampled)
@@ -187,13 +193,13 @@ class Sampler:
             probs = probs.masked_fill(probs < batch.min_p.unsqueeze(1) * max_prob, 0.0)
         return probs
 
-    def _draw(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         """One token per row from (unnormalized) probs, by the exponential race."""
         race = torch.empty_like(probs)
-        if all(g is None for g in batch.generators):
+        if all(g is None for g in generators):
             race.exponential_(generator=self.generator)
         else:
-            for row, generator in enumerate(batch.generators):
+            for row, generator in enumerate(generators):
                 race[row].exponential_(generator=generator if generator is not None else self.generator)
         return (probs / race).argmax(dim=-1)
 

@@ -113,3 +113,15 @@ def test_prefix_cache_hit_equals_miss(make_llm, alone) -> None:
     follow_up = warm[0].prompt_token_ids + warm[0].token_ids + llm.tokenizer.encode(" and then")
     cold = make_llm(block_size=4, enable_prefix_caching=False)
     assert llm.generate([follow_up], GREEDY)[0].token_ids == cold.generate([follow_up], GREEDY)[0].token_ids
+
+
+def test_seeded_sampling_is_the_same_beside_speculating_neighbours(make_llm) -> None:
+    """Greedy neighbours draft n-gram tokens, so their steps verify; the seeded request's own
+    generator must advance only by its own draws (it once drew for the neighbours' verification)."""
+    llm = make_llm()
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = llm.generate(PROMPTS[2], seeded)[0].token_ids
+    for neighbours in ([0, 3], [0, 1, 3], [1]):
+        prompts = [PROMPTS[i] for i in neighbours] + [PROMPTS[2]]
+        outputs = llm.generate(prompts, [GREEDY] * len(neighbours) + [seeded])
+        assert outputs[-1].token_ids == alone, neighbours
