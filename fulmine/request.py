@@ -8,10 +8,15 @@ the next token.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
 from fulmine.config import ConfigError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Temperatures below this sample greedily: dividing logits by ~0 would overflow to inf and NaN.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -40,8 +45,12 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids)
         if self.top_k == -1:
             self.top_k = 0
+        self._check_types()
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
         checks = [
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (self.seed is None or INT64_MIN <= self.seed <= INT64_MAX, "seed", "must be a 64-bit signed integer"),
             (0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]"),
             (self.top_k >= 0, "top_k", "must be >= 0 (0 or -1 disables it)"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
@@ -63,6 +72,24 @@ class SamplingParams:
             if not ok:
                 raise ConfigError(f"{name} {message} (got {getattr(self, name)!r})")
 
+    def _check_types(self) -> None:
+        """Every value the engine will see is of its type: ints are ints (not bools), floats finite."""
+        for name in ("max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "min_tokens"):
+            value = getattr(self, name)
+            optional = name not in ("top_k", "min_tokens")
+            if not (_is_int(value) or (optional and value is None)):
+                raise ConfigError(f"{name} must be an integer (got {value!r})")
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in floats:
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise ConfigError(f"{name} must be a finite number (got {value!r})")
+            setattr(self, name, float(value))
+        if not all(_is_int(t) for t in self.stop_token_ids):
+            raise ConfigError(f"stop_token_ids must be integers (got {self.stop_token_ids!r})")
+        if not all(_is_int(t) and _is_real(b) for t, b in self.logit_bias.items()):
+            raise ConfigError("logit_bias maps integer token ids to finite numbers")
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
@@ -70,6 +97,14 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -88,6 +123,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # an EOS / stop token / stop string
     LENGTH = "length"  # max_tokens or the context window
     ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # the engine could not run this request (Request.error says why); others went on
 
 
 @dataclass
@@ -107,6 +143,7 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
+        self.error: str | None = None  # with FinishReason.ERROR: what failed
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None

@@ -6,6 +6,7 @@ Not thread-safe: one thread drives it (the server runs it in its own thread).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,7 +17,7 @@ from fulmine import kernels
 from fulmine.config import ConfigError, EngineConfig
 from fulmine.engine.detokenizer import IncrementalDetokenizer
 from fulmine.engine.model_runner import ModelRunner, kv_cache_bytes_per_token
-from fulmine.engine.outputs import RequestMetrics, RequestOutput
+from fulmine.engine.outputs import ModelRunnerOutput, RequestMetrics, RequestOutput, ScheduledRequest, SchedulerOutput
 from fulmine.engine.scheduler import Scheduler
 from fulmine.kv_cache import KVCacheManager
 from fulmine.layers.linear import Embedding, Linear
@@ -27,6 +28,7 @@ from fulmine.speculative.draft import DraftModelProposer
 from fulmine.speculative.governor import Governor
 from fulmine.tokenizer import Message, encode_prompt, load_tokenizer
 
+logger = logging.getLogger("fulmine.engine")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -144,7 +146,7 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one forward over the scheduled batch; outputs for requests that got a token."""
+        """Run one forward over the scheduled batch; outputs for requests that got a token or failed."""
         started = time.perf_counter()  # scheduling included: it runs the draft model, if any
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
@@ -152,14 +154,65 @@ class LLMEngine:
         now = time.monotonic()
         for s in scheduled.scheduled:
             s.request.first_scheduled_time = s.request.first_scheduled_time or now
-        result = self.runner.execute(scheduled, self.kv_cache.block_tables)
-        if self.governor is not None and all(s.samples for s in scheduled.scheduled):  # decode steps
+        result, failed = self._execute(scheduled)
+        if failed:
+            failed_ids = {request.request_id for request, _ in failed}
+            scheduled = SchedulerOutput([s for s in scheduled.scheduled if s.request.request_id not in failed_ids])
+        elif self.governor is not None and all(s.samples for s in scheduled.scheduled):  # decode steps
             self.governor.record_step(scheduled.num_batched_tokens, time.perf_counter() - started)
         updated = self.scheduler.update_from_output(scheduled, result)
         if self.governor is not None:
             for request, tokens in updated:
                 self.governor.observe(request.request_id, tokens)
-        return [self._output(request, tokens) for request, tokens in updated]
+        outputs = [self._fail(request, error) for request, error in failed]
+        for request, tokens in updated:
+            try:
+                outputs.append(self._output(request, tokens))
+            except Exception as error:  # detokenizing this request's tokens failed: it alone ends
+                outputs.append(self._fail(request, error))
+        return outputs
+
+    def _execute(self, scheduled: SchedulerOutput) -> tuple[ModelRunnerOutput, list[tuple[Request, Exception]]]:
+        """Run the batch. If it raises, find the requests that make it raise by running halves of the
+        batch (bisecting) and return, with the others' results, each failing request and its error.
+
+        Rerunning is safe: a request's KV slots are rewritten with the same values, and each seeded
+        request's generator is rewound to where it stood before the step, so the requests that did
+        not fail get the tokens they would have had in a step without the failing ones."""
+        tables = self.kv_cache.block_tables
+        rng = self.runner.rng_states([s.request for s in scheduled.scheduled])
+        try:
+            return self.runner.execute(scheduled, tables), []
+        except Exception as error:
+            merged, failed = ModelRunnerOutput({}), []
+
+            def bisect(group: list[ScheduledRequest], error: Exception) -> None:
+                if len(group) == 1:
+                    failed.append((group[0].request, error))
+                    return
+                for part in (group[: len(group) // 2], group[len(group) // 2 :]):
+                    self.runner.set_rng_states(rng, [s.request.request_id for s in part])
+                    try:
+                        merged.merge(self.runner.execute(SchedulerOutput(part), tables))
+                    except Exception as part_error:
+                        bisect(part, part_error)
+
+            bisect(scheduled.scheduled, error)
+            return merged, failed
+
+    def _fail(self, request: Request, error: BaseException) -> RequestOutput:
+        """End one request with FinishReason.ERROR; the engine and every other request go on."""
+        logger.error("request %s failed and was ended; the others go on", request.request_id, exc_info=error)
+        if not request.is_finished:
+            self.scheduler.finish_request(request.request_id, FinishReason.ERROR)
+        request.finish_reason = FinishReason.ERROR
+        request.error = f"{type(error).__name__}: {error}"
+        detokenizer = self.detokenizers.pop(request.request_id, None)
+        self.runner.release(request.request_id)
+        if self.governor is not None:
+            self.governor.release(request.request_id)
+        text = detokenizer.text[: detokenizer.num_released] if detokenizer is not None else ""
+        return self._request_output(request, text, "", [])
 
     def _output(self, request: Request, new_token_ids: list[int]) -> RequestOutput:
         detokenizer = self.detokenizers[request.request_id]
@@ -180,15 +233,20 @@ class LLMEngine:
             if self.governor is not None:
                 self.governor.release(request.request_id)
         new_text = detokenizer.release(request.is_finished)
+        return self._request_output(request, detokenizer.text[: detokenizer.num_released], new_text, new_token_ids)
+
+    @staticmethod
+    def _request_output(request: Request, text: str, new_text: str, new_token_ids: list[int]) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
-            text=detokenizer.text[: detokenizer.num_released],
+            text=text,
             token_ids=list(request.output_token_ids),
             new_text=new_text,
             new_token_ids=new_token_ids,
             finished=request.is_finished,
             finish_reason=request.finish_reason,
+            error=request.error,
             logprobs=list(request.output_logprobs) if request.sampling_params.logprobs is not None else None,
             num_cached_tokens=request.num_cached_tokens,
             prompt_logprobs=list(request.prompt_logprobs)

@@ -138,6 +138,20 @@ class ModelRunner:
             out[request.request_id] = [row for row in rows if row is not None]
         return out
 
+    def rng_states(self, requests: list[Request]) -> dict[str, torch.Tensor | None]:
+        """Where each seeded request's generator stands (None: not made yet), to rewind a failed step."""
+        if not self.generators:
+            return {}
+        return {r.request_id: g.get_state() if (g := self.generators.get(r.request_id)) else None for r in requests}
+
+    def set_rng_states(self, states: dict[str, torch.Tensor | None], request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            state = states.get(request_id)
+            if state is None:
+                self.generators.pop(request_id, None)  # made by the failed attempt: made afresh
+            else:
+                self.generators[request_id].set_state(state)
+
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator."""
         self.generators.pop(request_id, None)

@@ -42,6 +42,12 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # this step's chunk
 
+    def merge(self, other: ModelRunnerOutput) -> None:
+        """Add the results of another part of the same step (disjoint requests)."""
+        self.sampled.update(other.sampled)
+        self.logprobs.update(other.logprobs)
+        self.prompt_logprobs.update(other.prompt_logprobs)
+
 
 @dataclass
 class RequestMetrics:
@@ -71,6 +77,7 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[TokenLogprobs] | None = None  # for prompt tokens 1.., if asked for
+    error: str | None = None  # with FinishReason.ERROR: why the engine ended this request
 
     @property
     def num_prompt_tokens(self) -> int:

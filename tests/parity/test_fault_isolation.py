@@ -1,0 +1,102 @@
+"""A step that raises for one request ends that request alone: the others in the batch finish with
+the tokens they would have had without it (seeded sampling included), and no KV block leaks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from fulmine import LLM, SamplingParams
+from fulmine.engine.model_runner import ModelRunner
+from fulmine.request import FinishReason
+from tests.parity.test_invariance import GREEDY, PROMPTS
+
+SEEDED = SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
+PARAMS = [GREEDY, GREEDY, SEEDED, GREEDY]
+POISONED = "Poisoned prompt: the step fails once this request has a few tokens"
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama) -> LLM:
+    return LLM(str(tiny_llama), dtype="float32", weight_dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def alone(llm: LLM) -> list[list[int]]:
+    return [llm.generate(p, params)[0].token_ids for p, params in zip(PROMPTS, PARAMS)]
+
+
+@contextmanager
+def failing_step(llm: LLM, after_tokens: int) -> Iterator[list[int]]:
+    """Every forward that includes the poisoned request, once it has `after_tokens` tokens, raises."""
+    poisoned = llm.engine.encode_prompt(POISONED)
+    calls = []
+    original = ModelRunner.execute
+
+    def execute(self, out, block_tables):  # type: ignore[no-untyped-def]
+        calls.append(len(out.scheduled))
+        for s in out.scheduled:
+            if s.request.prompt_token_ids == poisoned and len(s.request.output_token_ids) >= after_tokens:
+                raise RuntimeError("injected fault")
+        return original(self, out, block_tables)
+
+    ModelRunner.execute = execute  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        ModelRunner.execute = original  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("after_tokens", [0, 5], ids=["in-prefill", "mid-decode"])
+def test_failing_request_ends_alone(llm: LLM, alone: list[list[int]], after_tokens: int) -> None:
+    prompts = [*PROMPTS[:2], POISONED, *PROMPTS[2:]]
+    params = [*PARAMS[:2], GREEDY, *PARAMS[2:]]
+    with failing_step(llm, after_tokens) as calls:
+        outputs = llm.generate(prompts, params)
+    failed = outputs.pop(2)
+    assert failed.finished and failed.finish_reason is FinishReason.ERROR
+    assert failed.error == "RuntimeError: injected fault"
+    assert len(failed.token_ids) == after_tokens
+    assert [o.token_ids for o in outputs] == alone  # the seeded one too: its generator was rewound
+    assert all(o.finish_reason is FinishReason.LENGTH for o in outputs)
+    assert max(calls) == 5 and 1 in calls  # the whole batch was tried, then halves down to the culprit
+    assert llm.engine.kv_cache.pool.usage == 0.0 and not llm.engine.has_unfinished()
+    assert not llm.engine.detokenizers and not llm.engine.runner.generators
+
+
+def test_a_failing_detokenizer_ends_its_request_alone(llm: LLM, alone: list[list[int]]) -> None:
+    engine = llm.engine
+    ids = [engine.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
+    broken = engine.detokenizers[ids[1]]
+
+    def add_token(token_id: int) -> bool:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+
+    broken.add_token = add_token  # type: ignore[method-assign]
+    finals = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.finished:
+                finals[output.request_id] = output
+    assert finals[ids[1]].finish_reason is FinishReason.ERROR and "injected" in (finals[ids[1]].error or "")
+    assert [finals[i].token_ids for i in ids if i != ids[1]] == [alone[0], *alone[2:]]
+    assert engine.kv_cache.pool.usage == 0.0 and not engine.detokenizers
+
+
+def test_every_request_failing_ends_each_with_its_error(llm: LLM) -> None:
+    """A fault that is not any one request's (every forward raises) ends them all, one by one."""
+    original = ModelRunner.execute
+
+    def execute(self, out, block_tables):  # type: ignore[no-untyped-def]
+        raise MemoryError("injected: out of memory")
+
+    ModelRunner.execute = execute  # type: ignore[method-assign]
+    try:
+        outputs = llm.generate(PROMPTS, GREEDY)
+    finally:
+        ModelRunner.execute = original  # type: ignore[method-assign]
+    assert all(o.finish_reason is FinishReason.ERROR and "out of memory" in (o.error or "") for o in outputs)
+    assert llm.engine.kv_cache.pool.usage == 0.0
+    assert llm.generate(PROMPTS[0], GREEDY)[0].finish_reason is FinishReason.LENGTH  # and it serves again
