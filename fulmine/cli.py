@@ -138,21 +138,23 @@ def _serve(args: argparse.Namespace) -> int:
 
     from fulmine.engine.llm_engine import LLMEngine
     from fulmine.server.api import create_app
+    from fulmine.server.lifecycle import Server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     failed: list[BaseException] = []
-    server: uvicorn.Server | None = None
+    server: Server | None = None
 
-    def on_load_error(error: BaseException) -> None:
+    def on_fatal(error: BaseException) -> None:  # from the loader or a dead engine's thread
         failed.append(error)
         if server is not None:
             server.should_exit = True
 
-    app = create_app(server_config, lambda: LLMEngine(args.model, engine_config, progress=True), on_load_error)
-    server = uvicorn.Server(
+    app = create_app(server_config, lambda: LLMEngine(args.model, engine_config, progress=True), on_fatal)
+    server = Server(
         uvicorn.Config(
             app, host=server_config.host, port=server_config.port, log_level="info", timeout_graceful_shutdown=5
-        )
+        ),
+        app.state.fulmine,
     )
     auth = f"{len(keys)} API key(s)" if keys else "no API key"
     print(
@@ -165,7 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
         server.run()
     if failed:
         print(f"fulmine: error: {failed[0]}", file=sys.stderr)
-        return 2
+        return 2 if app.state.fulmine.load_error is not None else 1
     return 0
 
 

@@ -142,6 +142,8 @@ class ServerConfig:
     max_body_mb: float = _opt(8.0, "larger request bodies get 413")
     max_n: int = _opt(16, "largest n (choices per request)")
     log_prompts: bool = _opt(False, "log prompts (they are not logged otherwise)")
+    drain_timeout_s: float = _opt(30.0, "on SIGTERM, requests in flight may finish for this long; then they end")
+    max_engine_restarts: int = _opt(3, "engine failures (in 10 minutes) met by a reload; one more exits non-zero")
 
     def __post_init__(self) -> None:
         checks = [
@@ -150,6 +152,8 @@ class ServerConfig:
             (self.request_timeout_s > 0, "request_timeout_s must be > 0"),
             (self.max_body_mb > 0, "max_body_mb must be > 0"),
             (self.max_n >= 1, "max_n must be >= 1"),
+            (self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0"),
+            (self.max_engine_restarts >= 0, "max_engine_restarts must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,18 +1,15 @@
 """The FastAPI app: routes, the chat page, auth, body limits, and every error in OpenAI's shape.
 
-The model loads on a thread after the server starts listening, so `/health` can answer 503
-("loading") at once and 200 when ready; API routes answer 503 until then.
+The engine's life (loading after the server starts listening, restarts, draining) and what
+`/health` says of it are in lifecycle.py; API routes answer 503 with Retry-After unless it serves.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +24,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fulmine.config import ServerConfig
 from fulmine.engine.llm_engine import LLMEngine
 from fulmine.server import protocol as p
-from fulmine.server.async_engine import AsyncEngine, EngineDead
-from fulmine.server.completions import Completions
-from fulmine.server.metrics import Metrics
+from fulmine.server.async_engine import EngineDead
+from fulmine.server.lifecycle import ServerState
 
 logger = logging.getLogger("fulmine.server")
 _OPEN_PATHS = ("/health", "/")  # and the chat page's assets under /static/
 _STATIC = Path(__file__).parent / "static"
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|\w+\[.*\]|function-\w+.*|tagged-union.*|[A-Z]\w*)$")
-
-
-@dataclass
-class ServerState:
-    config: ServerConfig
-    metrics: Metrics = field(default_factory=Metrics)
-    engine: AsyncEngine | None = None
-    completions: Completions | None = None
-    model_names: list[str] = field(default_factory=list)
-    load_error: BaseException | None = None
-    created: int = field(default_factory=p.now)
-
-    def ready(self) -> Completions:
-        if self.completions is None:
-            status = "failed to load" if self.load_error else "still loading"
-            raise p.RequestError(
-                f"the model is {status}; retry when /health answers 200",
-                code="model_not_ready",
-                status=503,
-                error_type="service_unavailable",
-            )
-        return self.completions
 
 
 def _error(
@@ -133,40 +107,43 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _InFlight:
+    """Counts API requests until their response is fully sent (a stream's last event included), so
+    a drain knows when the requests in flight are done."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
+
+
 def create_app(
     config: ServerConfig,
     load_engine: Callable[[], LLMEngine],
-    on_load_error: Callable[[BaseException], None] | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    state = ServerState(config)
-
-    def load() -> None:
-        started = time.perf_counter()
-        try:
-            engine = load_engine()
-        except BaseException as error:
-            state.load_error = error
-            logger.error("loading the model failed: %s", error)
-            if on_load_error is not None:
-                on_load_error(error)
-            return
-        async_engine = AsyncEngine(engine)
-        state.metrics.watch(async_engine)
-        state.model_names = list(config.served_model_name) or [_default_name(engine)]
-        state.engine = async_engine
-        state.completions = Completions(async_engine, state.metrics, config, state.model_names)
-        logger.info("serving %s (%.1f s to load)", ", ".join(state.model_names), time.perf_counter() - started)
+    """`on_fatal(error)`: the model cannot be loaded, or the engine died too often; the caller
+    should end the process (non-zero) so that a supervisor restarts it."""
+    state = ServerState(config, load_engine, on_fatal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        loader = threading.Thread(target=load, name="fulmine-loader", daemon=True)
-        loader.start()
+        state.start()
         yield
         if state.engine is not None:
             state.engine.stop()
 
     app = FastAPI(title="fulmine", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.fulmine = state
+    app.add_middleware(_InFlight, state=state)
     app.add_middleware(_Guard, config=config)
     _install_error_handlers(app)
 
@@ -178,10 +155,10 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
-        if state.engine is not None and state.engine.error is None:
+        """200 {"status": "ok"} when serving; otherwise 503 with the state (see server/lifecycle.py)."""
+        if state.status == "ready":
             return JSONResponse({"status": "ok"})
-        status = "engine failed" if state.engine is not None else "failed" if state.load_error else "loading"
-        return JSONResponse({"status": status}, status_code=503)
+        return JSONResponse({"status": state.status}, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -206,11 +183,6 @@ def create_app(
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _default_name(engine: LLMEngine) -> str:
-    name = engine.source.name
-    return name.split(".Q")[0] if engine.source.gguf is not None else name  # "SmolLM2-135M-Instruct"
 
 
 def _model_card(name: str, created: int) -> dict[str, Any]:
@@ -248,7 +220,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(error.status_code, message, "invalid_request_error")
 
     async def engine_dead(request: Request, error: Exception) -> Response:
-        return _error(503, f"the engine failed and cannot serve: {error}", "server_error", code="engine_dead")
+        return _error(
+            503,
+            f"the engine failed ({error}); it is restarting, retry shortly",
+            "service_unavailable",
+            code="engine_restarting",
+            headers={"Retry-After": "1"},
+        )
 
     async def unexpected(request: Request, error: Exception) -> Response:
         logger.exception("unexpected error on %s", request.url.path)

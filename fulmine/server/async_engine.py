@@ -27,13 +27,17 @@ class EngineDead(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    """`on_death(error)` is called on the engine thread if a step fails in a way the engine could not
+    pin on some requests (they are ended alone inside `LLMEngine.step`); the server restarts it."""
+
+    def __init__(self, engine: LLMEngine, on_death: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
+        self._on_death = on_death
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
         self._num_pending = 0  # submitted, not yet in the scheduler
-        self._pending_lock = threading.Lock()
+        self._pending_lock = threading.Lock()  # also orders registering a stream against the engine's death
         self._stopped = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="fulmine-engine", daemon=True)
@@ -48,21 +52,30 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self._num_pending
 
+    @property
+    def num_in_flight(self) -> int:
+        """Engine requests whose outputs someone awaits."""
+        return len(self._streams)
+
     def stop(self) -> None:
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout=5)
+
+    def abort_all(self, error: BaseException) -> None:
+        """End every request in flight: each is aborted in the engine and its caller gets `error`."""
+        self._submit(lambda: self._abort_all(error))
 
     # -- the HTTP side ---------------------------------------------------------------------
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival_time: float
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request, one per step that produced a token. Leaving early aborts it."""
-        if self.error is not None:
-            raise EngineDead(str(self.error))
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         with self._pending_lock:
+            if self.error is not None:
+                raise EngineDead(str(self.error))
+            self._streams[request_id] = (asyncio.get_running_loop(), outputs)
             self._num_pending += 1
         self._submit(lambda: self._add(request_id, prompt_ids, params, arrival_time))
         finished = False
@@ -96,6 +109,11 @@ class AsyncEngine:
     def _abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
+    def _abort_all(self, error: BaseException) -> None:
+        for request_id in list(self._streams):
+            self.engine.abort(request_id)
+            self._deliver(request_id, error)
+
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
@@ -104,22 +122,29 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._stopped:
-            while True:
-                try:
-                    self._commands.get_nowait()()
-                except queue.Empty:
-                    break
-            if not self.engine.has_unfinished():
-                self._wakeup.wait()
-                self._wakeup.clear()
-                continue
             try:
+                while True:
+                    try:
+                        command = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    command()
+                if not self.engine.has_unfinished():
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
                 outputs = self.engine.step()
-            except Exception as error:  # a bug in the engine: fail everything in flight loudly
-                logger.exception("engine step failed; failing all requests in flight")
-                self.error = error
-                for request_id in list(self._streams):
-                    self._deliver(request_id, EngineDead(f"engine failure: {error}"))
+            except Exception as error:  # not pinned on any request (see LLMEngine.step): the engine is dead
+                self._die(error)
                 return
             for output in outputs:
                 self._deliver(output.request_id, output)
+
+    def _die(self, error: BaseException) -> None:
+        logger.error("the engine failed; ending every request in flight", exc_info=error)
+        with self._pending_lock:
+            self.error = error
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineDead(f"engine failure: {error}"))
+        if self._on_death is not None:
+            self._on_death(error)

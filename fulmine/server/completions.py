@@ -56,14 +56,14 @@ class Completions:
                 status=404,
             )
 
-    async def _encode(self, prompt: Any) -> list[int]:
+    async def _encode(self, prompt: Any, param: str) -> list[int]:
         loop = asyncio.get_running_loop()
         try:  # tokenizing long prompts takes milliseconds: keep it off the event loop
             return await loop.run_in_executor(
                 self._tokenizer_thread, encode_prompt, self.tokenizer, prompt, self.vocab_size
             )
         except ConfigError as error:
-            raise p.RequestError(str(error), "messages" if isinstance(prompt, list) else "prompt") from None
+            raise p.RequestError(str(error), param) from None
 
     def _make_choices(
         self, body: p._Sampling, prompts: list[list[int]], max_tokens: int | None, num_logprobs: int | None
@@ -86,7 +86,9 @@ class Completions:
                     self.engine.engine.check_request(prompt_ids, params)
                 except ConfigError as error:
                     raise p.RequestError(
-                        str(error), "messages", "context_length_exceeded" if "context window" in str(error) else None
+                        str(error),
+                        "messages" if isinstance(body, p.ChatCompletionRequest) else "prompt",
+                        "context_length_exceeded" if "context window" in str(error) else None,
                     ) from None
                 choices.append(Choice(prompt_index * body.n + i, prompt_ids, params))
         waiting = self.engine.num_waiting
@@ -105,10 +107,11 @@ class Completions:
     # -- the two endpoints ----------------------------------------------------------------------
     async def chat(self, body: p.ChatCompletionRequest, request: Request) -> Any:
         arrival = time.monotonic()
+        p.check_unicode(body.model_dump(exclude_none=True))
         self.check_model(body.model)
         body.check_supported()
         messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
-        prompt_ids = await self._encode(messages)
+        prompt_ids = await self._encode(messages, "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
         choices = self._make_choices(body, [prompt_ids], max_tokens, body.num_logprobs)
         run = self._run(body.model, "chatcmpl", choices, arrival, request)
@@ -132,9 +135,10 @@ class Completions:
 
     async def completions(self, body: p.CompletionRequest, request: Request) -> Any:
         arrival = time.monotonic()
+        p.check_unicode(body.model_dump(exclude_none=True))
         self.check_model(body.model)
         body.check_supported()
-        prompts = [await self._encode(prompt) for prompt in body.prompts()]
+        prompts = [await self._encode(prompt, "prompt") for prompt in body.prompts()]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default here
         choices = self._make_choices(body, prompts, max_tokens, body.logprobs)
         run = self._run(body.model, "cmpl", choices, arrival, request)

@@ -51,6 +51,9 @@ class Metrics:
         )
         self.requests = Counter("fulmine_requests", "Finished requests.", ["finish_reason"], registry=r)
         self.rejected = Counter("fulmine_requests_rejected", "Requests refused.", ["reason"], registry=r)
+        self.engine_deaths = Counter(
+            "fulmine_engine_deaths", "Engine failures no request could be blamed for (each restarts it).", registry=r
+        )
         self.running = Gauge("fulmine_num_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("fulmine_num_requests_waiting", "Requests waiting to run.", registry=r)
         self.kv_usage = Gauge("fulmine_kv_cache_usage_ratio", "Fraction of KV blocks in use.", registry=r)

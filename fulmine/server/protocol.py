@@ -8,16 +8,21 @@ accepted. Responses are plain dicts in OpenAI's shapes, plus `timing` (per-reque
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fulmine.engine.outputs import RequestOutput
-from fulmine.request import SamplingParams
+from fulmine.request import INT64_MAX, INT64_MIN, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
+# Every integer a request carries fits the engine's 64-bit integers; larger ones are a 400 here.
+# (Only in a union or a list: a field of its own with Field(ge=...) would lose that bound to this one.)
+Int = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+_TOKEN_ID = re.compile(r"^-?[0-9]{1,19}$")
 
 
 class RequestError(Exception):
@@ -40,7 +45,7 @@ def error_body(message: str, error_type: str, param: str | None = None, code: st
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN and Infinity parse as JSON here
 
 
 class TextPart(_Strict):
@@ -49,7 +54,7 @@ class TextPart(_Strict):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, refusal, ...: checked in `text`
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # tool_calls, refusal, ...: checked in `text`
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -83,25 +88,25 @@ class _Sampling(_Strict):
     """Fields shared by chat and text completions (fulmine extensions marked)."""
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: Int | None = None
     user: str | None = None
     # extensions (vLLM's names), reachable from the openai client through extra_body
-    top_k: int | None = Field(None, ge=-1)
+    top_k: Int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=INT64_MAX)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -117,7 +122,7 @@ class _Sampling(_Strict):
     @classmethod
     def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not _TOKEN_ID.match(key):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError("logit_bias values must be in [-100, 100]")
@@ -133,7 +138,7 @@ class _Sampling(_Strict):
             repetition_penalty=self.repetition_penalty or 1.0,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            seed=None if self.seed is None else self.seed + seed_offset,
+            seed=None if self.seed is None else _wrap_int64(self.seed + seed_offset),
             stop=list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
@@ -145,9 +150,9 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -194,10 +199,10 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[Int] | list[list[Int]]
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-    best_of: int | None = Field(None, ge=1)
+    logprobs: Int | None = Field(None, ge=0, le=20)
+    best_of: Int | None = Field(None, ge=1)
     suffix: str | None = None
 
     def check_supported(self) -> None:
@@ -221,6 +226,34 @@ class CompletionRequest(_Sampling):
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
+
+
+def _wrap_int64(value: int) -> int:
+    """Choice i of a seeded request uses seed + i, wrapped into the signed 64-bit range."""
+    return (value - INT64_MIN) % 2**64 + INT64_MIN
+
+
+def check_unicode(value: Any, path: str = "") -> None:
+    """Raise a 400 naming the first string (or key) that is not valid Unicode: JSON's \\ud800
+    escapes decode to lone UTF-16 surrogates, which no tokenizer or response encoder accepts."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise RequestError(
+                f"{path or 'the request'} is not valid Unicode: a lone UTF-16 surrogate "
+                f"(\\u{ord(value[error.start]):04x}) at character {error.start}; send each surrogate pair "
+                "whole, or the character itself",
+                path or None,
+                "invalid_unicode",
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key, f"{path}.{key!r}" if path else repr(key))
+            check_unicode(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_unicode(item, f"{path}[{index}]")
 
 
 # -- responses -------------------------------------------------------------------------------

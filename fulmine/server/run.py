@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from fulmine.engine.outputs import RequestOutput
-from fulmine.request import SamplingParams
+from fulmine.request import FinishReason, SamplingParams
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import AsyncEngine
 from fulmine.server.metrics import Metrics
@@ -103,6 +103,14 @@ class Run:
                 c.text_parts.append(item.new_text)
                 if item.finished:
                     self._record(item)
+                    if item.finish_reason is FinishReason.ERROR:
+                        raise p.RequestError(
+                            f"the engine could not run this request ({item.error}); other requests were not "
+                            f"affected (request {item.request_id} in the server log)",
+                            code="engine_error",
+                            status=500,
+                            error_type="server_error",
+                        )
                 yield c, item
         finally:
             for task in tasks:
@@ -117,7 +125,8 @@ class Run:
         m.prompt_tokens.inc(output.num_prompt_tokens)
         m.generation_tokens.inc(output.num_output_tokens)
         m.cached_tokens.inc(output.num_cached_tokens)
-        m.requests.labels(p.finish_reason(output) or "abort").inc()
+        failed = output.finish_reason is FinishReason.ERROR
+        m.requests.labels("error" if failed else p.finish_reason(output) or "abort").inc()
 
     async def collect(self) -> None:
         """Run to the end; a client that disconnects meanwhile aborts everything."""

@@ -15,13 +15,15 @@ import uvicorn
 
 from fulmine.config import EngineConfig, ServerConfig
 from fulmine.engine.llm_engine import LLMEngine
-from fulmine.server.api import ServerState, create_app
+from fulmine.server.api import create_app
+from fulmine.server.lifecycle import Server, ServerState
 
 
 @dataclass
 class RunningServer:
     base_url: str
     state: ServerState
+    server: Server  # server.handle_exit(signal.SIGTERM, None) is what a SIGTERM does
 
     @property
     def engine(self) -> LLMEngine:
@@ -62,11 +64,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(load: Callable[[], LLMEngine], wait_ready: bool = True, **server_args: object) -> Iterator[RunningServer]:
+def serve(
+    load: Callable[[], LLMEngine],
+    wait_ready: bool = True,
+    on_fatal: Callable[[BaseException], None] | None = None,
+    **server_args: object,
+) -> Iterator[RunningServer]:
     port = free_port()
     config = ServerConfig(host="127.0.0.1", port=port, **server_args)  # type: ignore[arg-type]
-    app = create_app(config, load)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(config, load, on_fatal)
+    server = Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app.state.fulmine)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
@@ -82,7 +89,7 @@ def serve(load: Callable[[], LLMEngine], wait_ready: bool = True, **server_args:
             raise RuntimeError("server did not become ready")
         time.sleep(0.05)
     try:
-        yield RunningServer(base_url, app.state.fulmine)
+        yield RunningServer(base_url, app.state.fulmine, server)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -176,3 +176,47 @@ def test_serve_command_end_to_end(tiny_llama: Path) -> None:
     assert proc.returncode == 0, stderr
     assert "serving the OpenAI API" in stderr and "Traceback" not in stderr
     assert "zebra-secret" not in stderr  # prompts are not logged by default
+
+
+def test_serve_drains_on_sigterm(tiny_llama: Path) -> None:
+    """A real SIGTERM to `fulmine serve` with a stream in flight: the stream ends whole, the process exits 0."""
+    import httpx
+
+    from tests.e2e.server import free_port
+
+    port = free_port()
+    command = [*FULMINE, "serve", "--model", str(tiny_llama), "--port", str(port), "--served-model-name", "tiny"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "count"}],
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if '"content"' in line)  # streaming has begun
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        _, stderr = proc.communicate(timeout=60)  # it exits by itself once the stream is done
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rest[-1] == "data: [DONE]"
+    usage = json.loads(next(line for line in reversed(rest) if '"usage": {' in line)[6:])["usage"]
+    assert usage["completion_tokens"] == 200, rest[-6:]
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
