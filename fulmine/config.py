@@ -19,7 +19,12 @@ def _opt(default: Any, help: str) -> Any:
 
 
 class ConfigError(ValueError):
-    """A configuration or input the user can fix; the message says how."""
+    """A configuration or input the user can fix; the message says how. `param`: the request field at
+    fault, when one is (the server's 400 names it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)

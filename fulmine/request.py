@@ -70,7 +70,7 @@ class SamplingParams:
         ]
         for ok, name, message in checks:
             if not ok:
-                raise ConfigError(f"{name} {message} (got {getattr(self, name)!r})")
+                raise ConfigError(f"{name} {message} (got {getattr(self, name)!r})", name)
 
     def _check_types(self) -> None:
         """Every value the engine will see is of its type: ints are ints (not bools), floats finite."""
@@ -78,17 +78,17 @@ class SamplingParams:
             value = getattr(self, name)
             optional = name not in ("top_k", "min_tokens")
             if not (_is_int(value) or (optional and value is None)):
-                raise ConfigError(f"{name} must be an integer (got {value!r})")
+                raise ConfigError(f"{name} must be an integer (got {value!r})", name)
         floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
         for name in floats:
             value = getattr(self, name)
             if not _is_real(value):
-                raise ConfigError(f"{name} must be a finite number (got {value!r})")
+                raise ConfigError(f"{name} must be a finite number (got {value!r})", name)
             setattr(self, name, float(value))
         if not all(_is_int(t) for t in self.stop_token_ids):
-            raise ConfigError(f"stop_token_ids must be integers (got {self.stop_token_ids!r})")
+            raise ConfigError(f"stop_token_ids must be integers (got {self.stop_token_ids!r})", "stop_token_ids")
         if not all(_is_int(t) and _is_real(b) for t, b in self.logit_bias.items()):
-            raise ConfigError("logit_bias maps integer token ids to finite numbers")
+            raise ConfigError("logit_bias maps integer token ids to finite numbers", "logit_bias")
 
     @property
     def is_greedy(self) -> bool:

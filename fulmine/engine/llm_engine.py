@@ -133,9 +133,10 @@ class LLMEngine:
                 "(prompt plus at least one generated token)"
             )
         vocab = self.model_config.vocab_size
-        bad = [t for t in list(params.logit_bias) + params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ConfigError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        for name, token_ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in token_ids if not 0 <= t < vocab]
+            if bad:
+                raise ConfigError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})", name)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.finish_request(request_id, FinishReason.ABORT)

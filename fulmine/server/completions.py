@@ -87,7 +87,7 @@ class Completions:
                 except ConfigError as error:
                     raise p.RequestError(
                         str(error),
-                        "messages" if isinstance(body, p.ChatCompletionRequest) else "prompt",
+                        error.param or ("messages" if isinstance(body, p.ChatCompletionRequest) else "prompt"),
                         "context_length_exceeded" if "context window" in str(error) else None,
                     ) from None
                 choices.append(Choice(prompt_index * body.n + i, prompt_ids, params))

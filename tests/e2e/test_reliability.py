@@ -194,7 +194,7 @@ def test_a_failing_request_fails_alone(server: RunningServer, poisoned_requests_
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
             results = await asyncio.gather(
                 *(greedy_stream(client, p, max_tokens=24) for p in prompts),
-                http.post("/v1/chat/completions", json={**poisoned, "stream": True}),
+                http.post("/v1/chat/completions", json={**poisoned, "stream": True, "logprobs": True}),
                 http.post("/v1/chat/completions", json=poisoned),
             )
         return alone, list(results[:4]), list(results[4:])  # type: ignore[arg-type]
@@ -207,7 +207,8 @@ def test_a_failing_request_fails_alone(server: RunningServer, poisoned_requests_
     events = sse_events(stream)
     assert stream.status_code == 200 and events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "engine_error"  # an error event, after the tokens it had
-    assert any(e["choices"] and e["choices"][0]["delta"].get("content") for e in events[1:-2])
+    streamed = [e for e in events[1:-2] if e["choices"] and (e["choices"][0]["logprobs"] or {}).get("content")]
+    assert sum(len(e["choices"][0]["logprobs"]["content"]) for e in streamed) >= 2  # its tokens came first
     metrics = httpx.get(f"{server.base_url}/metrics").text
     assert 'fulmine_requests_total{finish_reason="error"} 2.0' in metrics
     assert_serving(server)

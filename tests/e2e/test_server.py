@@ -193,7 +193,7 @@ BAD_REQUESTS = [
     ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ({"model": MODEL, "messages": CHAT, "frobnicate": True}, 400, "frobnicate"),
-    ({"model": MODEL, "messages": CHAT, "logit_bias": {"999999": 5}}, 400, "messages"),
+    ({"model": MODEL, "messages": CHAT, "logit_bias": {"999999": 5}}, 400, "logit_bias"),
     ({"model": MODEL, "messages": CHAT, "top_logprobs": 3}, 400, "top_logprobs"),
     (
         {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
