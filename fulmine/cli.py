@@ -238,13 +238,22 @@ def _stream(llm: Any, prompt: Any, params: Any, interrupt: _Interrupt) -> Iterat
         stream.close()
 
 
+@contextlib.contextmanager
+def _reported_errors() -> Iterator[None]:
+    """An answer the engine could not finish is reported on one line; the chat goes on."""
+    try:
+        yield
+    except RuntimeError as error:
+        print(f"\nfulmine: error: {error}", file=sys.stderr)
+
+
 def _print_answer(llm: Any, prompt: Any, params: Any) -> tuple[str, bool]:
     """Stream one answer to stdout; returns (text, interrupted). Stats go to stderr."""
     started = time.monotonic()
     pieces: list[str] = []
     first_token_at = last_token_at = None
     num_tokens = 0
-    with _Interrupt() as interrupt:
+    with _Interrupt() as interrupt, _reported_errors():
         for output in _stream(llm, prompt, params, interrupt):
             now = time.monotonic()
             first_token_at = first_token_at or output.metrics.first_token_time or now
@@ -273,10 +282,14 @@ def _generate(llm: Any, args: argparse.Namespace, params: Any) -> int:
     if args.stats:
         _print_answer(llm, prompt, params)
         return 0
-    with _Interrupt() as interrupt:
-        for output in _stream(llm, prompt, params, interrupt):
-            sys.stdout.write(output.new_text)
-            sys.stdout.flush()
+    try:
+        with _Interrupt() as interrupt:
+            for output in _stream(llm, prompt, params, interrupt):
+                sys.stdout.write(output.new_text)
+                sys.stdout.flush()
+    except RuntimeError as error:
+        print(f"\nfulmine: error: {error}", file=sys.stderr)
+        return 1
     sys.stdout.write("\n")
     return 130 if interrupt.requested else 0
 

@@ -9,7 +9,7 @@ from typing import Any
 from fulmine.config import EngineConfig
 from fulmine.engine.llm_engine import LLMEngine
 from fulmine.engine.outputs import RequestOutput
-from fulmine.request import SamplingParams
+from fulmine.request import FinishReason, SamplingParams
 from fulmine.tokenizer import Message
 
 Prompt = str | list[int] | list[Message]
@@ -64,7 +64,8 @@ class LLM:
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """One request, yielding an output per step that released text or finished it.
 
-        `output.new_text` is the text delta. Closing the iterator early aborts the request.
+        `output.new_text` is the text delta. Closing the iterator early aborts the request. If the
+        engine ends the request with an error (FinishReason.ERROR), RuntimeError says why.
         """
         request_id = self.engine.add_request(prompt, params)
         finished = False
@@ -73,6 +74,8 @@ class LLM:
                 for output in self.engine.step():
                     if output.request_id == request_id:
                         finished = output.finished
+                        if output.finish_reason is FinishReason.ERROR:
+                            raise RuntimeError(f"the engine could not run this request: {output.error}")
                         if output.new_text or finished:
                             yield output
         finally:

@@ -16,6 +16,7 @@ States, as `/health` reports them (200 only when "ready"):
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 import threading
@@ -102,7 +103,10 @@ class ServerState:
             self._give_up(error)
             return
         self.status = "restarting"
-        self.completions = None
+        # drop the dead engine (weights, KV cache) before loading its replacement: never two at once
+        self.completions, self.engine = None, None
+        self.metrics.unwatch()
+        gc.collect()
         logger.error("the engine died (%s); reloading it", error)
         self.start()
 

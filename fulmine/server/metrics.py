@@ -57,6 +57,7 @@ class Metrics:
         self.running = Gauge("fulmine_num_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("fulmine_num_requests_waiting", "Requests waiting to run.", registry=r)
         self.kv_usage = Gauge("fulmine_kv_cache_usage_ratio", "Fraction of KV blocks in use.", registry=r)
+        self.kv_used = Gauge("fulmine_kv_cache_used_blocks", "KV blocks held by requests.", registry=r)
         self.hit_rate = Gauge(
             "fulmine_prefix_cache_hit_rate", "Prompt tokens found in the cache / queried.", registry=r
         )
@@ -71,8 +72,17 @@ class Metrics:
         self.running.set_function(lambda: engine.num_running)
         self.waiting.set_function(lambda: engine.num_waiting)
         self.kv_usage.set_function(lambda: engine.engine.kv_cache.usage)
+        pool = engine.engine.kv_cache.pool
+        self.kv_used.set_function(lambda: pool.num_blocks - pool.num_free_blocks)
         self.hit_rate.set_function(lambda: engine.engine.kv_cache.hit_rate)
         self.weight_bytes.set_function(lambda: engine.engine.weight_bytes)
         governor = engine.engine.governor
         self.drafted.set_function(lambda: governor.num_drafted if governor else 0)
         self.accepted.set_function(lambda: governor.num_accepted if governor else 0)
+
+    def unwatch(self) -> None:
+        """Let go of a dead engine: the gauges read zero until the next one is watched."""
+        for gauge in (self.running, self.waiting, self.kv_usage, self.kv_used, self.hit_rate, self.weight_bytes):
+            gauge.set_function(lambda: 0)
+        self.drafted.set_function(lambda: 0)
+        self.accepted.set_function(lambda: 0)

@@ -158,6 +158,7 @@ def test_model_output_is_never_executed_as_html(page, server: RunningServer) -> 
         original(request_id, item)  # type: ignore[arg-type]
 
     async_engine._deliver = inject  # type: ignore[method-assign]
+    set_setting(page, "max-tokens", "32")  # the default (the context window) can ramble for minutes
     try:
         ask(page, "Say something.")
         page.locator("#send").wait_for(state="visible", timeout=60000)

@@ -1,4 +1,9 @@
-"""Validate bodies against OpenAI's published JSON schemas (../shared/openai-api-schemas.json)."""
+"""Validate bodies against OpenAI's published JSON schemas.
+
+tests/data/openai-api-schemas.json is an extract of the public openai/openai-openapi `openapi.json`
+(chat and text completion requests and responses, stream chunks, model list, error body, and what
+they reference), with OpenAPI's `nullable: true` rewritten as `anyOf [..., {"type": "null"}]` so a
+plain JSON Schema 2020-12 validator accepts the nulls the real API sends."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Any
 
 import jsonschema
 
-SCHEMAS = Path(__file__).resolve().parents[3] / "shared" / "openai-api-schemas.json"
+SCHEMAS = Path(__file__).resolve().parents[1] / "data" / "openai-api-schemas.json"
 
 
 @cache

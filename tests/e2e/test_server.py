@@ -169,6 +169,8 @@ def test_models_and_metrics(server: RunningServer, client: openai.OpenAI) -> Non
         "fulmine_num_requests_running",
         "fulmine_num_requests_waiting",
         "fulmine_kv_cache_usage_ratio",
+        "fulmine_kv_cache_used_blocks",
+        "fulmine_engine_deaths_total",
         "fulmine_prefix_cache_hit_rate",
     ):
         assert name in metrics

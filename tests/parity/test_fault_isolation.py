@@ -100,3 +100,9 @@ def test_every_request_failing_ends_each_with_its_error(llm: LLM) -> None:
     assert all(o.finish_reason is FinishReason.ERROR and "out of memory" in (o.error or "") for o in outputs)
     assert llm.engine.kv_cache.pool.usage == 0.0
     assert llm.generate(PROMPTS[0], GREEDY)[0].finish_reason is FinishReason.LENGTH  # and it serves again
+
+
+def test_streaming_a_failing_request_raises_and_frees_it(llm: LLM) -> None:
+    with failing_step(llm, after_tokens=3), pytest.raises(RuntimeError, match="injected fault"):
+        list(llm.stream_text(POISONED, GREEDY))
+    assert llm.engine.kv_cache.pool.usage == 0.0 and not llm.engine.has_unfinished()
