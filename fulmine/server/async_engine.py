@@ -52,11 +52,6 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self._num_pending
 
-    @property
-    def num_in_flight(self) -> int:
-        """Engine requests whose outputs someone awaits."""
-        return len(self._streams)
-
     def stop(self) -> None:
         self._stopped = True
         self._wakeup.set()
