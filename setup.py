@@ -1,4 +1,4 @@
-"""Builds fulmine's C kernels (fulmine/kernels/_cpu.c); everything else is in pyproject.toml.
+"""Builds fulmine's C kernels (fulmine/kernels/_cpu.c, sample.c); everything else is in pyproject.toml.
 
 The extension is plain C against Python's headers only (no torch headers), so pip's isolated
 build needs nothing but setuptools and a C compiler. If it cannot be built (no compiler), the
@@ -27,7 +27,7 @@ class OptionalBuildExt(build_ext):
 
 kernels = Extension(
     "fulmine.kernels._cpu",
-    sources=["fulmine/kernels/_cpu.c"],
+    sources=["fulmine/kernels/_cpu.c", "fulmine/kernels/sample.c"],
     extra_compile_args=["-O3", "-fno-math-errno"] if sys.platform != "win32" else ["/O2"],
     libraries=["pthread"] if sys.platform != "win32" else [],
 )

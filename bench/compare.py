@@ -18,7 +18,10 @@ import sys
 from typing import Any
 
 METRICS = [
-    ("decode_tok_s", "decode tok/s (256 new)", True),
+    ("decode_tok_s", "decode tok/s greedy", True),
+    ("decode_tok_s_t1.0", "  temperature 1.0", True),
+    ("decode_tok_s_t0.7-p0.9", "  temperature 0.7, top_p 0.9", True),
+    ("decode_tok_s_chain", "  llama.cpp chain k40 p.95 m.05 t.8", True),
     ("ttft_long_s", "TTFT 512-token prompt (s)", False),
     ("prefill_tok_s", "prefill tok/s", True),
     ("ttft_chat_s", "TTFT short chat (s)", False),
@@ -59,8 +62,8 @@ def main() -> None:
                 continue
             runs[engine].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"rep {rep} {engine}: {runs[engine][-1]}", file=sys.stderr)
-    medians = {
-        engine: {key: statistics.median(r[key] for r in results) for key, _, _ in METRICS}
+    medians = {  # a metric an engine does not measure (transformers samples nothing) is left out
+        engine: {key: statistics.median(r[key] for r in results) for key, _, _ in METRICS if key in results[0]}
         for engine, results in runs.items()
         if results
     }
@@ -71,19 +74,31 @@ def main() -> None:
     pairs = [(a, b) for a in ours for b in others]
     width = max([14, *(len(e) + 2 for e in engines)])
     print(
-        f"{'metric':28}"
+        f"{'metric':36}"
         + "".join(f"{e:>{width}}" for e in engines)
         + "".join(f"{a + '/' + b:>{len(a) + len(b) + 6}}" for a, b in pairs)
     )
     ratios: dict[str, dict[str, float]] = {}
     for key, label, higher_is_better in METRICS:
-        row = f"{label:28}" + "".join(f"{medians[e][key]:{width}.3f}" for e in engines)
+        row = f"{label:36}" + "".join(
+            f"{medians[e][key]:{width}.3f}" if key in medians[e] else f"{'-':>{width}}" for e in engines
+        )
         for a, b in pairs:
+            if key not in medians[a] or key not in medians[b]:
+                row += f"{'-':>{len(a) + len(b) + 6}}"
+                continue
             ratio = medians[a][key] / medians[b][key]
             ratios.setdefault(b if a == "fulmine" else f"{a}/{b}", {})[key] = ratio
             better = ratio >= 1 if higher_is_better else ratio <= 1
             row += f"{ratio:{len(a) + len(b) + 4}.2f}{'✓' if better else '✗':>2}"
         print(row)
+    sampled_over_greedy = {
+        engine: {key: m[key] / m["decode_tok_s"] for key, _, _ in METRICS[1:4] if key in m}
+        for engine, m in medians.items()
+    }
+    for engine, shares in sampled_over_greedy.items():
+        if shares:
+            print(f"{engine}: sampled / greedy decode " + ", ".join(f"{k[13:]} {v:.2f}" for k, v in shares.items()))
     print(
         json.dumps(
             {
@@ -92,6 +107,7 @@ def main() -> None:
                 "threads": args.threads,
                 "medians": medians,
                 "fulmine_over": ratios,
+                "sampled_over_greedy": sampled_over_greedy,
             }
         )
     )

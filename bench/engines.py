@@ -15,12 +15,17 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from fulmine.benchmark.workloads import SAMPLING
+
 CHAT_QUESTION = "What is the capital of France? Answer in one sentence."
 LONG_TEXT = (
     "The history of computing is a story of ever smaller, faster and cheaper machines. "
     "Early computers filled rooms and used vacuum tubes; transistors replaced tubes, and integrated "
     "circuits put thousands, then billions, of transistors on one chip. "
 )
+
+
+GREEDY = SAMPLING["greedy"]
 
 
 def long_prompt(tokenize: Callable[[str], list[int]], num_tokens: int, salt: int) -> list[int]:
@@ -37,8 +42,8 @@ class Engine:
     def chat_prompt(self, question: str) -> list[int]:
         raise NotImplementedError
 
-    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
-        """Yields once per generated token (greedy, EOS ignored)."""
+    def stream(self, prompt_ids: list[int], max_tokens: int, sampling: dict[str, float] = GREEDY) -> Iterator[int]:
+        """Yields once per generated token (EOS ignored)."""
         raise NotImplementedError
 
 
@@ -54,10 +59,10 @@ class Fulmine(Engine):
     def chat_prompt(self, question: str) -> list[int]:
         return self.llm.engine.encode_prompt([{"role": "user", "content": question}])
 
-    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
+    def stream(self, prompt_ids: list[int], max_tokens: int, sampling: dict[str, float] = GREEDY) -> Iterator[int]:
         from fulmine import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampling)  # type: ignore[arg-type]
         engine = self.llm.engine
         engine.add_request(prompt_ids, params)
         while engine.has_unfinished():
@@ -86,9 +91,13 @@ class LlamaCpp(Engine):
     def model_path(self) -> str:
         return str(self.llm.model_path)
 
-    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
+    def stream(self, prompt_ids: list[int], max_tokens: int, sampling: dict[str, float] = GREEDY) -> Iterator[int]:
+        temperature = sampling["temperature"]
+        top_k = 1 if temperature == 0.0 else int(sampling.get("top_k", 0))  # top_k 1: llama.cpp's greedy
+        top_p, min_p = sampling.get("top_p", 1.0), sampling.get("min_p", 0.0)
         self.llm.reset()
-        for count, token in enumerate(self.llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True), start=1):
+        tokens = self.llm.generate(prompt_ids, temp=temperature, top_k=top_k, top_p=top_p, min_p=min_p, reset=True)
+        for count, token in enumerate(tokens, start=1):
             yield token
             if count >= max_tokens:
                 return
@@ -113,9 +122,11 @@ class Transformers(Engine):
         )
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
+    def stream(self, prompt_ids: list[int], max_tokens: int, sampling: dict[str, float] = GREEDY) -> Iterator[int]:
         import torch
 
+        if sampling != GREEDY:
+            raise NotImplementedError("the transformers baseline decodes greedily")
         with torch.no_grad():
             out = self.model(torch.tensor([prompt_ids]), use_cache=True)
             cache = out.past_key_values
@@ -128,12 +139,14 @@ class Transformers(Engine):
                 yield int(token)
 
 
-def time_stream(engine: Engine, prompt_ids: list[int], max_tokens: int) -> tuple[float, float]:
+def time_stream(
+    engine: Engine, prompt_ids: list[int], max_tokens: int, sampling: dict[str, float] = GREEDY
+) -> tuple[float, float]:
     """(time to first token, decode tok/s over the rest)."""
     started = time.perf_counter()
     first = last = None
     count = 0
-    for _ in engine.stream(prompt_ids, max_tokens):
+    for _ in engine.stream(prompt_ids, max_tokens, sampling):
         last = time.perf_counter()
         first = first or last
         count += 1
@@ -184,11 +197,18 @@ def main() -> None:
     chat_ttft, _ = time_stream(engine, engine.chat_prompt(f"({args.salt}) {CHAT_QUESTION}"), 2)
     long_ids = long_prompt(engine.tokenize, args.long_prompt, args.salt)
     long_ttft, _ = time_stream(engine, long_ids, 2)
-    _, decode = time_stream(engine, engine.chat_prompt(f"[{args.salt}] Tell me a story."), args.decode_tokens)
+    decode: dict[str, float] = {}
+    for name, sampling in SAMPLING.items():
+        prompt = engine.chat_prompt(f"[{args.salt}] Tell me a story ({name}).")
+        try:
+            _, decode[name] = time_stream(engine, prompt, args.decode_tokens, sampling)
+        except NotImplementedError:
+            continue
     result: dict[str, Any] = {
         "engine": args.engine,
         "load_s": load_s,
-        "decode_tok_s": decode,
+        "decode_tok_s": decode["greedy"],
+        **{f"decode_tok_s_{name}": tok_s for name, tok_s in decode.items() if name != "greedy"},
         "ttft_long_s": long_ttft,
         "long_prompt_tokens": len(long_ids),
         "prefill_tok_s": len(long_ids) / long_ttft,

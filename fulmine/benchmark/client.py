@@ -39,14 +39,14 @@ async def stream_chat(
     model: str,
     messages: list[dict[str, str]],
     max_tokens: int,
-    temperature: float,
+    sampling: dict[str, float],
     api_key: str | None,
 ) -> RequestResult:
     body: dict[str, Any] = {
         "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
-        "temperature": temperature,
+        **sampling,
         "stream": True,
         "stream_options": {"include_usage": True},
     }

@@ -22,7 +22,7 @@ import httpx
 from fulmine.benchmark.client import RequestResult, stream_chat
 from fulmine.benchmark.report import Summary, as_json, plot, ratios, summarize, table
 from fulmine.benchmark.servers import Server, start_fulmine, start_llama_cpp
-from fulmine.benchmark.workloads import WORKLOADS, Workload, workload
+from fulmine.benchmark.workloads import SAMPLING, WORKLOADS, Workload, workload
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", nargs="+", default=["chat"], choices=WORKLOADS)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--requests", type=int, default=8, help="requests per level (at least the concurrency)")
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument(
+        "--sampling",
+        nargs="+",
+        default=["greedy", "t0.7-p0.9"],
+        choices=list(SAMPLING),
+        help="sampling settings, each a level of its own: "
+        + "; ".join(f"{name} = {fields}" for name, fields in SAMPLING.items()),
+    )
     parser.add_argument(
         "--allow-cache",
         action="store_true",
@@ -50,7 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run_level(
-    base_url: str, model: str, load: Workload, concurrency: int, num_requests: int, args: argparse.Namespace
+    base_url: str,
+    model: str,
+    load: Workload,
+    concurrency: int,
+    num_requests: int,
+    args: argparse.Namespace,
+    sampling: dict[str, float],
 ) -> tuple[list[RequestResult], float]:
     limit = asyncio.Semaphore(concurrency)
     timeout = httpx.Timeout(600.0, connect=10.0)
@@ -63,9 +76,7 @@ async def run_level(
                 if not args.allow_cache:
                     first = {**messages[0], "content": f"[{nonce}-{i}] {messages[0]['content']}"}
                     messages = [first, *messages[1:]]
-                return await stream_chat(
-                    client, base_url, model, messages, load.max_tokens, args.temperature, args.api_key
-                )
+                return await stream_chat(client, base_url, model, messages, load.max_tokens, sampling, args.api_key)
 
         started = time.perf_counter()
         results = await asyncio.gather(*(one(i) for i in range(num_requests)))
@@ -132,18 +143,23 @@ def main(args: argparse.Namespace) -> int:
         for load_name in args.workload:
             load = workload(load_name, args.long_prompt_tokens)
             for _, url in endpoints:  # warm up each server on this workload once
-                asyncio.run(run_level(url, names[url], load, 1, 1, args))
-            for concurrency in args.concurrency:
-                for endpoint, url in endpoints:
-                    before = fulmine_metrics(url)
-                    level, duration = asyncio.run(
-                        run_level(url, names[url], load, concurrency, max(args.requests, concurrency), args)
-                    )
-                    summary = summarize(endpoint, load_name, concurrency, level, duration, args.slo_ttft, args.slo_itl)
-                    _add_engine_figures(summary, before, fulmine_metrics(url), bandwidth)
-                    summaries.append(summary)
-                    results[(endpoint, load_name, concurrency)] = level
-                    print(f"  {endpoint} {load_name} c{concurrency}: done in {duration:.1f} s", flush=True)
+                asyncio.run(run_level(url, names[url], load, 1, 1, args, SAMPLING["greedy"]))
+            for sampling_name in args.sampling:
+                sampling = SAMPLING[sampling_name]
+                label = load_name if sampling_name == "greedy" else f"{load_name}:{sampling_name}"
+                for concurrency in args.concurrency:
+                    for endpoint, url in endpoints:
+                        before = fulmine_metrics(url)
+                        level, duration = asyncio.run(
+                            run_level(
+                                url, names[url], load, concurrency, max(args.requests, concurrency), args, sampling
+                            )
+                        )
+                        summary = summarize(endpoint, label, concurrency, level, duration, args.slo_ttft, args.slo_itl)
+                        _add_engine_figures(summary, before, fulmine_metrics(url), bandwidth)
+                        summaries.append(summary)
+                        results[(endpoint, label, concurrency)] = level
+                        print(f"  {endpoint} {label} c{concurrency}: done in {duration:.1f} s", flush=True)
         print()
         print(table(summaries))
         errors = [r.error for rs in results.values() for r in rs if not r.ok]

@@ -4,6 +4,8 @@
 - long: a long document and a short question about it (prefill speed, TTFT);
 - code: edit a piece of code and return all of it, so the answer repeats the prompt (where
   drafting from the prompt, speculative decoding, pays most).
+
+And the sampling settings users run, each given to every engine alike.
 """
 
 from __future__ import annotations
@@ -88,3 +90,13 @@ def workload(name: str, long_prompt_tokens: int = 1000) -> Workload:
 
 
 WORKLOADS = ("chat", "long", "code")
+
+
+# name -> request fields. Greedy is what benchmarks usually show; the others are what chat users
+# run (OpenAI's default temperature 1; a typical page's 0.7 with top_p 0.9; llama.cpp's default chain).
+SAMPLING: dict[str, dict[str, float]] = {
+    "greedy": {"temperature": 0.0},
+    "t1.0": {"temperature": 1.0},
+    "t0.7-p0.9": {"temperature": 0.7, "top_p": 0.9},
+    "chain": {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05},
+}

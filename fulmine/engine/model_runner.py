@@ -89,11 +89,16 @@ class ModelRunner:
                 exact_kernels,
             )
         self.sampler = Sampler(device, seed)
+        self.num_threads = torch.get_num_threads()
         self.generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
         step = self._prepare(out.scheduled, block_tables)
+        # One owner for the cores: a fused step's matrices run in the C kernels' own pool, so what
+        # PyTorch does around it (sampling extras, logprobs) runs on this thread alone, never waking
+        # its OpenMP pool to spin against the kernels'. Larger steps' GEMMs are PyTorch's: all threads.
+        _use_torch_threads(1 if step.fused is not None else self.num_threads)
         if step.fused is not None:
             assert self.fused is not None
             hidden = self.fused(*step.fused)
@@ -165,6 +170,7 @@ class ModelRunner:
         row_offsets: list[int] = []
         sample_requests: list[Request] = []
         row_drafts: list[int] = []  # per sampled row: the draft it verifies, -1 for none
+        draw_indices: list[int] = []  # per sampled row: the index of the output token it draws
         for s in scheduled:
             request, start = s.request, s.request.num_computed_tokens
             drafts = s.draft_token_ids
@@ -179,6 +185,8 @@ class ModelRunner:
                 first = len(token_ids) - 1 - len(drafts)
                 sample_rows.extend(range(first, len(token_ids)))
                 sample_requests.extend([request] * (len(drafts) + 1))
+                num_output = len(request.output_token_ids)
+                draw_indices.extend(range(num_output, num_output + len(drafts) + 1))
                 row_drafts.extend([*drafts, -1])
         if self.fused is not None and len(token_ids) <= self.fused.max_tokens:
             step = StepInputs(torch.empty(0), [])
@@ -204,6 +212,7 @@ class ModelRunner:
                 [(r.prompt_token_ids, r.output_token_ids) for r in requests],
                 self.config.vocab_size,
                 device,
+                draw_indices,
             )
         return step
 
@@ -294,6 +303,11 @@ class ModelRunner:
             generator.manual_seed(seed)
             self.generators[request.request_id] = generator
         return generator
+
+
+def _use_torch_threads(n: int) -> None:
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def _verified(

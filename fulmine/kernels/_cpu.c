@@ -1043,6 +1043,8 @@ static PyObject *py_info(PyObject *self, PyObject *args) {
     return Py_BuildValue("{s:s,s:i,s:i}", "isa", K_.isa, "threads", pool.nth, "layer_fields", (int)L_FIELDS);
 }
 
+PyObject *py_sample(PyObject *self, PyObject *args); /* sample.c */
+
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(x, R, K, w, type, N, y, exact): y[R,N] = x[R,K] @ W[N,K]^T"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(w, type, N, K, out, bf16=False): W -> float32 or bfloat16 [N, K]"},
@@ -1050,6 +1052,7 @@ static PyMethodDef methods[] = {
     {"decoder_forward", py_decoder_forward, METH_VARARGS, "the whole decoder over T tokens, in place"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): the kernels' thread count"},
     {"info", py_info, METH_NOARGS, "{'isa', 'threads', 'layer_fields'}"},
+    {"sample", py_sample, METH_VARARGS, "sample(logits, R, V, temperature, top_k, top_p, min_p, keys, out): a token per row"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,9 +1,12 @@
 """Batched sampling: penalties, temperature, top-k, top-p, min-p, seeded draws, logprobs.
 
-Everything runs as tensor ops over the whole batch on the logits' device; the only host transfer
-is the caller's read of the result. Sampling draws by the exponential race (argmax of p / E with
-E ~ Exp(1)), which equals a categorical draw and lets each seeded request use its own generator,
-so a seeded request draws the same tokens whether it runs alone or batched.
+On the CPU with fulmine's C kernels, the draw itself (temperature, top-k, top-p, min-p, one token
+per row) is one C call over the batch (kernels/sample.c: no sort of the vocabulary, no PyTorch
+thread pool woken between forwards); logit bias, penalties and logprobs stay PyTorch ops here.
+Elsewhere everything runs as tensor ops over the whole batch on the logits' device; the only
+host transfer is the caller's read of the result, and sampling draws by the exponential race
+(argmax of p / E with E ~ Exp(1)), which equals a categorical draw and lets each seeded request
+use its own generator. Either way a seeded request draws the same tokens alone or batched.
 
 Speculative verification (`draft_ids`): a row whose next token was drafted accepts the draft if
 it is the greedy choice, or, when sampling, with probability p(draft) under the row's final
@@ -15,10 +18,11 @@ speed, never the distribution (tested statistically).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from fulmine import kernels
 from fulmine.request import SamplingParams
 
 
@@ -41,6 +45,8 @@ class SamplingBatch:
     output_counts: torch.Tensor | None = None  # [num_rows, vocab] float: occurrences in output
     num_logprobs: int | None = None  # max top alternatives asked by any row; None: no logprobs
     logit_bias: torch.Tensor | None = None  # [num_rows, vocab] added to the logits
+    params: list[SamplingParams] = field(default_factory=list)  # per row, for the C sampler
+    draw_indices: list[int] = field(default_factory=list)  # per row: index of the output token it draws
 
     @classmethod
     def build(
@@ -50,6 +56,7 @@ class SamplingBatch:
         token_ids: list[tuple[list[int], list[int]]],  # (prompt ids, output ids) per row
         vocab_size: int,
         device: torch.device,
+        draw_indices: list[int] | None = None,  # per row: index of the output token it draws
     ) -> SamplingBatch:
         def column(values: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
@@ -66,6 +73,8 @@ class SamplingBatch:
             top_p=column([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
             min_p=column([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None,
             generators=generators,
+            params=params,
+            draw_indices=draw_indices or [len(output) for _, output in token_ids],
         )
         if any(p.logit_bias for p in params):
             bias = torch.zeros(len(params), vocab_size)
@@ -124,10 +133,20 @@ def logprobs_of(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> Samp
     return out
 
 
+_MASK64 = 2**64 - 1
+
+
 class Sampler:
+    """On the CPU with fulmine's C kernels, sampled rows are drawn by the C sampler (kernels/sample.c)
+    from counter-based random numbers: a seeded request's draw depends only on its seed and the index
+    of the token drawn. Elsewhere (CUDA, no kernels) rows are drawn in PyTorch from per-request
+    generators. Either way the same seed gives the same tokens, alone or batched."""
+
     def __init__(self, device: torch.device, seed: int) -> None:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.kernel = kernels.cpu() if device.type == "cpu" else None
+        self._next_key = (seed * 0x9E3779B97F4A7C15) & _MASK64  # unseeded rows: a fresh key per draw
 
     def __call__(
         self, logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor | None = None
@@ -144,6 +163,11 @@ class Sampler:
             token_ids = logits.argmax(dim=-1)
             if draft_ids is not None:
                 accepted = token_ids == draft_ids
+        elif self.kernel is not None:
+            token_ids = self._kernel_draw(logits, batch)
+            if draft_ids is not None:
+                probs = self._probabilities(logits, batch)
+                token_ids, accepted = self._verify(logits, probs, batch, draft_ids, token_ids)
         else:
             probs = self._probabilities(logits, batch)
             token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), self._draw(probs, batch.generators))
@@ -179,6 +203,31 @@ class Sampler:
         greedy_ids = logits.argmax(dim=-1)
         accepted = torch.where(batch.is_greedy, greedy_ids == draft_ids, accept_sampled)
         return torch.where(batch.is_greedy, greedy_ids, tokens), accepted
+
+    def _kernel_draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """One token per row by the C sampler: greedy rows take the argmax, the others draw from the
+        distribution `_probabilities` describes."""
+        assert self.kernel is not None
+        num_rows, vocab = logits.shape
+        logits = logits.contiguous()
+        keys = []
+        for p, index in zip(batch.params, batch.draw_indices):
+            if p.seed is not None:
+                key = ((p.seed & _MASK64) * 0x9E3779B97F4A7C15 + index * 0xD1B54A32D192ED03) & _MASK64
+            else:
+                key, self._next_key = self._next_key, (self._next_key + 1) & _MASK64
+            keys.append(key - 2**64 if key >= 2**63 else key)  # the same 64 bits, as an int64
+        temperature = torch.tensor([0.0 if p.is_greedy else p.temperature for p in batch.params])
+        top_k = torch.tensor([min(p.top_k, vocab) for p in batch.params], dtype=torch.int32)
+        top_p = torch.tensor([p.top_p for p in batch.params])
+        min_p = torch.tensor([p.min_p for p in batch.params])
+        key_tensor = torch.tensor(keys, dtype=torch.int64)
+        out = torch.empty(num_rows, dtype=torch.int64)
+        self.kernel.sample(
+            logits.data_ptr(), num_rows, vocab, temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(),
+            min_p.data_ptr(), key_tensor.data_ptr(), out.data_ptr(),
+        )  # fmt: skip
+        return out
 
     def _probabilities(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Each row's final distribution: temperature, top-k, top-p, min-p (greedy rows: temperature 1)."""

@@ -18,6 +18,7 @@ def test_bench_measures_an_endpoint(tiny_llama, tmp_path) -> None:
         command = [
             sys.executable, "-m", "fulmine", "bench", "--base-url", f"{server.base_url}/v1",
             "--workload", "chat", "--concurrency", "1", "2", "--requests", "3", "--plot", str(tmp_path),
+            "--sampling", "greedy", "chain",
         ]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -25,7 +26,8 @@ def test_bench_measures_an_endpoint(tiny_llama, tmp_path) -> None:
     assert any(line.startswith("endpoint") and "TTFT" in line for line in lines)  # the table
     report = json.loads(lines[-1])  # the JSON line comes last
     levels = report["levels"]
-    assert [(lv["workload"], lv["concurrency"]) for lv in levels] == [("chat", 1), ("chat", 2)]
+    expected = [("chat", 1), ("chat", 2), ("chat:chain", 1), ("chat:chain", 2)]  # greedy, then llama.cpp's chain
+    assert [(lv["workload"], lv["concurrency"]) for lv in levels] == expected
     for level in levels:
         assert level["errors"] == 0 and level["requests"] == 3
         assert 0 < level["ttft_s"]["p50"] <= level["ttft_s"]["p99"] and level["tok_s_per_user"] > 0

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
+from fulmine import kernels
 from fulmine.request import SamplingParams
 from fulmine.sampling.sampler import Sampler, SamplingBatch, _apply_penalties
 
@@ -12,24 +15,45 @@ PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 VOCAB = len(PROBS)
 
 
-def draw(params: SamplingParams, num_draws: int = 20000, seed: int = 0) -> torch.Tensor:
-    """Sample `num_draws` rows of the same distribution in one batch; returns token counts."""
-    sampler = Sampler(torch.device("cpu"), seed)
+@pytest.fixture(params=["c", "torch"])
+def make_sampler(request: pytest.FixtureRequest) -> Callable[[int], Sampler]:
+    """Both samplers: the C one (CPU with the kernels) and the PyTorch one (CUDA, or no kernels)."""
+    if request.param == "c" and kernels.cpu() is None:
+        pytest.skip("the C kernels are not built")
+
+    def make(seed: int) -> Sampler:
+        sampler = Sampler(torch.device("cpu"), seed)
+        if request.param == "torch":
+            sampler.kernel = None
+        return sampler
+
+    return make
+
+
+def draw(
+    make_sampler: Callable[[int], Sampler],
+    params: SamplingParams,
+    num_draws: int = 20000,
+    seed: int = 0,
+    logits: torch.Tensor | None = None,  # default: PROBS' logits
+) -> torch.Tensor:
+    """Sample `num_draws` rows of the same distribution in one batch; returns token frequencies."""
+    logits = PROBS.log() if logits is None else logits
+    vocab = logits.shape[-1]
     batch = SamplingBatch.build(
-        [params] * num_draws, [None] * num_draws, [([], [])] * num_draws, VOCAB, torch.device("cpu")
+        [params] * num_draws, [None] * num_draws, [([], [])] * num_draws, vocab, torch.device("cpu")
     )
-    logits = PROBS.log().repeat(num_draws, 1)
-    tokens = sampler(logits, batch).token_ids
-    return torch.bincount(tokens, minlength=VOCAB).float() / num_draws
+    tokens = make_sampler(seed)(logits.repeat(num_draws, 1), batch).token_ids
+    return torch.bincount(tokens, minlength=vocab).float() / num_draws
 
 
-def test_temperature_one_follows_the_distribution() -> None:
-    freq = draw(SamplingParams(temperature=1.0))
+def test_temperature_one_follows_the_distribution(make_sampler) -> None:
+    freq = draw(make_sampler, SamplingParams(temperature=1.0))
     torch.testing.assert_close(freq, PROBS, atol=0.015, rtol=0)
 
 
-def test_temperature_sharpens() -> None:
-    freq = draw(SamplingParams(temperature=0.5))
+def test_temperature_sharpens(make_sampler) -> None:
+    freq = draw(make_sampler, SamplingParams(temperature=0.5))
     expected = torch.softmax(PROBS.log() / 0.5, dim=0)
     torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
 
@@ -44,21 +68,56 @@ def test_temperature_sharpens() -> None:
         (SamplingParams(temperature=0.0), {0}),
     ],
 )
-def test_truncation_keeps_only_allowed_tokens_renormalized(params: SamplingParams, allowed: set[int]) -> None:
-    freq = draw(params)
+def test_truncation_keeps_only_allowed_tokens_renormalized(
+    make_sampler, params: SamplingParams, allowed: set[int]
+) -> None:
+    freq = draw(make_sampler, params)
     assert {int(i) for i in torch.nonzero(freq).flatten()} == allowed
     kept = torch.tensor(sorted(allowed))
     torch.testing.assert_close(freq[kept], PROBS[kept] / PROBS[kept].sum(), atol=0.015, rtol=0)
 
 
-def test_seeded_rows_ignore_the_shared_generator_and_batch_company() -> None:
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7, top_p=0.9),
+        SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),  # llama.cpp's default chain
+        SamplingParams(temperature=1.3, top_k=300, min_p=0.01),
+        SamplingParams(temperature=1.0, top_p=0.5),
+    ],
+    ids=["t0.7-p0.9", "llama.cpp", "t1.3-k300-minp", "p0.5"],
+)
+@pytest.mark.skipif(kernels.cpu() is None, reason="the C kernels are not built")
+def test_a_real_vocabulary_follows_the_exact_distribution(params: SamplingParams) -> None:
+    """Over 2000 tokens with LM-like logits, the C sampler's draws follow the distribution
+    `_probabilities` defines (temperature, then top-k, top-p on that, min-p), support included.
+    (The PyTorch sampler draws from `_probabilities` itself.)"""
+    logits = _lm_logits()
+    batch = SamplingBatch.build([params], [None], [([], [])], 2000, torch.device("cpu"))
+    exact = Sampler(torch.device("cpu"), 0)._probabilities(logits.unsqueeze(0).clone(), batch)[0]
+    exact = exact / exact.sum()
+    freq = draw(lambda seed: Sampler(torch.device("cpu"), seed), params, num_draws=40000, logits=logits)
+    assert set(torch.nonzero(freq).flatten().tolist()) <= set(torch.nonzero(exact).flatten().tolist())
+    assert 0.5 * (freq - exact).abs().sum() < 0.03  # total variation, 40k draws
+
+
+def _lm_logits() -> torch.Tensor:
+    """2000 logits shaped like a language model's: a few likely tokens, a long tail, some ties."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2000, generator=g) * 2.5
+    logits[:5] += torch.tensor([9.0, 8.5, 8.5, 7.0, 6.0])
+    logits[100:110] = logits[100]  # a tie
+    return logits
+
+
+def test_seeded_rows_ignore_the_shared_generator_and_batch_company(make_sampler) -> None:
     logits = torch.randn(3, 50)
     seeded, unseeded = SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=1.0)
 
     def run(shared_seed: int, params: list[SamplingParams]) -> list[int]:
         gens = [torch.Generator().manual_seed(5) if p.seed is not None else None for p in params]
         batch = SamplingBatch.build(params, gens, [([], [])] * 3, 50, torch.device("cpu"))
-        return Sampler(torch.device("cpu"), shared_seed)(logits.clone(), batch).token_ids.tolist()
+        return make_sampler(shared_seed)(logits.clone(), batch).token_ids.tolist()
 
     all_seeded = run(1, [seeded] * 3)
     assert all_seeded == run(2, [seeded] * 3)
@@ -86,8 +145,8 @@ def test_logprobs_are_the_models_before_penalties() -> None:
     torch.testing.assert_close(out.top_logprobs, expected.topk(3, dim=-1).values)
 
 
-def test_logit_bias_can_force_or_forbid_a_token() -> None:
-    forced = draw(SamplingParams(temperature=1.0, logit_bias={3: 100.0}), num_draws=1000)
+def test_logit_bias_can_force_or_forbid_a_token(make_sampler) -> None:
+    forced = draw(make_sampler, SamplingParams(temperature=1.0, logit_bias={3: 100.0}), num_draws=1000)
     assert forced[3] == 1.0
-    forbidden = draw(SamplingParams(temperature=0.0, logit_bias={0: -100.0}), num_draws=10)
+    forbidden = draw(make_sampler, SamplingParams(temperature=0.0, logit_bias={0: -100.0}), num_draws=10)
     assert forbidden[0] == 0.0 and forbidden[1] == 1.0

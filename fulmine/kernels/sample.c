@@ -1,0 +1,238 @@
+/* fulmine's CPU sampler: temperature, top-k, top-p and min-p over a batch of logit rows, one token
+ * per row, part of the _cpu extension (its Python binding is py_sample, listed in _cpu.c).
+ *
+ * No sort of the vocabulary. Per row: a max pass; for top-k, a bucketed count of how far each logit
+ * lies below the max, then a sort of the one bucket where the k-th largest falls; one exp pass
+ * (AVX2 when the CPU has it) that also sums the mass; for top-p, the same bucketing by mass; a final
+ * walk in token-id order draws by inverse CDF. The kept set and its probabilities are the PyTorch
+ * path's (fulmine/sampling/sampler.py): top-k on the logits, top-p on the top-k distribution, min-p
+ * relative to the most likely token, renormalized; ties at a cut are all kept.
+ *
+ * The uniform number of each row comes from a 64-bit key, hashed by splitmix64: for a seeded
+ * request the key is a function of its seed and the index of the token it draws (Python computes
+ * it), so its tokens never depend on the batch, on a rerun of a failed step, or on a preemption.
+ */
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SAMPLE_X86 1
+#endif
+
+#define NUM_BUCKETS 512
+#define BUCKETS_PER_UNIT 8.0f /* bucket width: 1/8 of a (temperature-scaled) logit */
+
+typedef struct {
+    float x;
+    int32_t id;
+} Cand;
+
+static uint64_t splitmix64(uint64_t z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static int by_value_desc(const void *a, const void *b) {
+    const Cand *p = a, *q = b;
+    if (p->x != q->x) return p->x > q->x ? -1 : 1;
+    return p->id - q->id;
+}
+
+static int bucket_of(float below_max) { /* below_max >= 0: how far under the max, in scaled units */
+    float b = below_max * BUCKETS_PER_UNIT;
+    return b < (float)(NUM_BUCKETS - 1) ? (int)b : NUM_BUCKETS - 1;
+}
+
+/* e[i] = exp((x[i] - m) * inv_t) where x[i] >= lo, else 0; returns the sum */
+static double exp_pass_scalar(const float *x, int V, float m, float inv_t, float lo, float *e) {
+    double z = 0.0;
+    for (int i = 0; i < V; i++) {
+        float v = x[i] >= lo ? expf((x[i] - m) * inv_t) : 0.0f;
+        e[i] = v;
+        z += v;
+    }
+    return z;
+}
+
+#ifdef SAMPLE_X86
+#define SAMPLE_AVX2 __attribute__((target("avx2,fma")))
+
+SAMPLE_AVX2 static inline __m256 exp256(__m256 x) { /* x <= 0; Cephes' expf, relative error ~2e-7 */
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+SAMPLE_AVX2 static double exp_pass_avx2(const float *x, int V, float m, float inv_t, float lo, float *e) {
+    __m256 vm = _mm256_set1_ps(m), vt = _mm256_set1_ps(inv_t), vlo = _mm256_set1_ps(lo);
+    __m256d z0 = _mm256_setzero_pd(), z1 = _mm256_setzero_pd();
+    int i = 0;
+    for (; i + 8 <= V; i += 8) {
+        __m256 xv = _mm256_loadu_ps(x + i);
+        __m256 v = _mm256_and_ps(exp256(_mm256_mul_ps(_mm256_sub_ps(xv, vm), vt)), _mm256_cmp_ps(xv, vlo, _CMP_GE_OQ));
+        _mm256_storeu_ps(e + i, v);
+        z0 = _mm256_add_pd(z0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        z1 = _mm256_add_pd(z1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    }
+    double lanes[4];
+    _mm256_storeu_pd(lanes, _mm256_add_pd(z0, z1));
+    return lanes[0] + lanes[1] + lanes[2] + lanes[3] + exp_pass_scalar(x + i, V - i, m, inv_t, lo, e + i);
+}
+
+SAMPLE_AVX2 static float max_avx2(const float *x, int V) {
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    int i = 0;
+    for (; i + 8 <= V; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i)); /* NaN lanes are skipped */
+    float lanes[8], m = -INFINITY;
+    _mm256_storeu_ps(lanes, vm);
+    for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+    for (; i < V; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+#endif
+
+static int use_avx2 = -1;
+
+static float row_max(const float *x, int V) {
+#ifdef SAMPLE_X86
+    if (use_avx2) return max_avx2(x, V);
+#endif
+    float m = -INFINITY;
+    for (int i = 0; i < V; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+static double exp_pass(const float *x, int V, float m, float inv_t, float lo, float *e) {
+#ifdef SAMPLE_X86
+    if (use_avx2) return exp_pass_avx2(x, V, m, inv_t, lo, e);
+#endif
+    return exp_pass_scalar(x, V, m, inv_t, lo, e);
+}
+
+/* The k-th largest logit (k < V): count logits per bucket below the max, sort the one bucket where
+ * the k-th falls. */
+static float kth_largest(const float *x, int V, int k, float m, Cand *cand) {
+    int count[NUM_BUCKETS] = {0};
+    for (int i = 0; i < V; i++)
+        if (x[i] == x[i]) count[bucket_of(m - x[i])]++;
+    int b = 0, before = 0;
+    while (b < NUM_BUCKETS - 1 && before + count[b] < k) before += count[b++];
+    int n = 0;
+    for (int i = 0; i < V; i++)
+        if (x[i] == x[i] && bucket_of(m - x[i]) == b) cand[n++] = (Cand){x[i], i};
+    if (n == 0) return -INFINITY; /* fewer than k comparable logits: keep them all */
+    qsort(cand, n, sizeof(Cand), by_value_desc);
+    int j = k - before - 1;
+    return cand[j < n ? j : n - 1].x;
+}
+
+/* The smallest logit top-p keeps: tokens by probability, most likely first, while the mass before
+ * them is below p * z (so the token that crosses p stays). */
+static float top_p_floor(const float *x, const float *e, int V, float m, float inv_t, double target, Cand *cand) {
+    double mass[NUM_BUCKETS] = {0};
+    for (int i = 0; i < V; i++)
+        if (e[i] > 0.0f) mass[bucket_of((m - x[i]) * inv_t)] += e[i];
+    int b = 0;
+    double before = 0.0;
+    while (b < NUM_BUCKETS - 1 && before + mass[b] < target) before += mass[b++];
+    int n = 0;
+    for (int i = 0; i < V; i++)
+        if (e[i] > 0.0f && bucket_of((m - x[i]) * inv_t) == b) cand[n++] = (Cand){x[i], i};
+    if (n == 0) return -INFINITY;
+    qsort(cand, n, sizeof(Cand), by_value_desc);
+    int j = 0; /* the bucket's first token is kept: the mass before it is below the target */
+    do before += e[cand[j++].id];
+    while (j < n && before < target);
+    return cand[j - 1].x;
+}
+
+static int64_t sample_row(const float *x, int V, float t, int top_k, float top_p, float min_p, uint64_t key,
+                          float *e, Cand *cand) {
+    float m = row_max(x, V);
+    if (t <= 0.0f || !(m > -INFINITY)) { /* greedy (or nothing finite): the first maximal logit */
+        for (int i = 0; i < V; i++)
+            if (x[i] == m) return i;
+        return 0;
+    }
+    float inv_t = 1.0f / t, lo = -INFINITY;
+    if (top_k > 0 && top_k < V) lo = kth_largest(x, V, top_k, m, cand);
+    double z = exp_pass(x, V, m, inv_t, lo, e);
+    float floor = lo;
+    if (top_p < 1.0f) {
+        /* a relative 1e-6 of slack: mass that reaches top_p up to float rounding has reached it */
+        float p_floor = top_p_floor(x, e, V, m, inv_t, (double)top_p * z * (1.0 - 1e-6), cand);
+        floor = p_floor > floor ? p_floor : floor;
+    }
+    if (min_p > 0.0f) { /* p_i < min_p * p_max  <=>  x_i < m + t * ln(min_p) */
+        float m_floor = m + t * logf(min_p);
+        floor = m_floor > floor ? m_floor : floor;
+    }
+    if (floor > lo) { /* the kept set shrank: its mass */
+        z = 0.0;
+        for (int i = 0; i < V; i++)
+            if (x[i] >= floor) z += e[i];
+    }
+    double target = (double)(splitmix64(key) >> 11) * 0x1.0p-53 * z, acc = 0.0;
+    int64_t last = -1;
+    for (int i = 0; i < V; i++) {
+        if (x[i] >= floor && e[i] > 0.0f) {
+            acc += e[i];
+            last = i;
+            if (acc > target) return i;
+        }
+    }
+    return last >= 0 ? last : 0; /* rounding left the target just past the sum */
+}
+
+#define PTR(v) ((void *)(uintptr_t)(v))
+
+PyObject *py_sample(PyObject *self, PyObject *args) {
+    unsigned long long logits, temperature, top_k, top_p, min_p, keys, out;
+    int R, V;
+    if (!PyArg_ParseTuple(args, "KiiKKKKKK", &logits, &R, &V, &temperature, &top_k, &top_p, &min_p, &keys, &out))
+        return NULL;
+    if (R < 0 || V < 1) return PyErr_Format(PyExc_ValueError, "bad shape [%d, %d]", R, V);
+#ifdef SAMPLE_X86
+    if (use_avx2 < 0) {
+        __builtin_cpu_init();
+        use_avx2 = getenv("FULMINE_KERNELS_SCALAR") == NULL && __builtin_cpu_supports("avx2") &&
+                   __builtin_cpu_supports("fma");
+    }
+#else
+    use_avx2 = 0;
+#endif
+    float *e = malloc((size_t)V * sizeof(float));
+    Cand *cand = malloc((size_t)V * sizeof(Cand));
+    if (e == NULL || cand == NULL) {
+        free(e);
+        free(cand);
+        return PyErr_NoMemory();
+    }
+    const float *x = PTR(logits), *t = PTR(temperature), *p = PTR(top_p), *mp = PTR(min_p);
+    const int32_t *k = PTR(top_k);
+    const uint64_t *key = PTR(keys);
+    int64_t *token = PTR(out);
+    Py_BEGIN_ALLOW_THREADS;
+    for (int r = 0; r < R; r++) token[r] = sample_row(x + (size_t)r * V, V, t[r], k[r], p[r], mp[r], key[r], e, cand);
+    Py_END_ALLOW_THREADS;
+    free(e);
+    free(cand);
+    Py_RETURN_NONE;
+}
