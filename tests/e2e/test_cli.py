@@ -124,6 +124,21 @@ def test_python_api_errors(tiny_llama: Path) -> None:
     assert out.usage["completion_tokens"] == 2 and out.usage["total_tokens"] == len(out.prompt_token_ids) + 2
 
 
+def _wait_healthy(proc: subprocess.Popen[str], base: str) -> None:
+    """Until the `fulmine serve` process answers /health with 200."""
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.1)
+
+
 def test_serve_command_end_to_end(tiny_llama: Path) -> None:
     """`fulmine serve` as the README runs it: flags, FULMINE_API_KEY, /health, a request, Ctrl-C."""
     import httpx
@@ -154,15 +169,7 @@ def test_serve_command_end_to_end(tiny_llama: Path) -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+        _wait_healthy(proc, base)
         body = {"model": "tiny", "messages": [{"role": "user", "content": "zebra-secret"}], "max_tokens": 3}
         url = f"{base}/v1/chat/completions"
         assert httpx.post(url, json=body, timeout=30).status_code == 401
@@ -189,15 +196,7 @@ def test_serve_drains_on_sigterm(tiny_llama: Path) -> None:
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+        _wait_healthy(proc, base)
         body = {
             "model": "tiny",
             "messages": [{"role": "user", "content": "count"}],
