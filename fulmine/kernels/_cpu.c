@@ -1052,7 +1052,8 @@ static PyMethodDef methods[] = {
     {"decoder_forward", py_decoder_forward, METH_VARARGS, "the whole decoder over T tokens, in place"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): the kernels' thread count"},
     {"info", py_info, METH_NOARGS, "{'isa', 'threads', 'layer_fields'}"},
-    {"sample", py_sample, METH_VARARGS, "sample(logits, R, V, temperature, top_k, top_p, min_p, keys, out): a token per row"},
+    {"sample", py_sample, METH_VARARGS,
+     "sample(logits, R, V, temperature, top_k, top_p, min_p, keys, drafts, out, accepted): a token per row"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -8,7 +8,10 @@
  * path's (fulmine/sampling/sampler.py): top-k on the logits, top-p on the top-k distribution, min-p
  * relative to the most likely token, renormalized; ties at a cut are all kept.
  *
- * The uniform number of each row comes from a 64-bit key, hashed by splitmix64: for a seeded
+ * With a draft token per row, the same pass verifies it (speculative decoding): accepted with its
+ * probability under that distribution, else a token drawn from the rest, renormalized.
+ *
+ * The uniform numbers of each row come from a 64-bit key, hashed by splitmix64: for a seeded
  * request the key is a function of its seed and the index of the token it draws (Python computes
  * it), so its tokens never depend on the batch, on a rerun of a failed step, or on a preemption.
  */
@@ -163,13 +166,24 @@ static float top_p_floor(const float *x, const float *e, int V, float m, float i
     return cand[j - 1].x;
 }
 
+static double unit_of(uint64_t key) { return (double)(splitmix64(key) >> 11) * 0x1.0p-53; } /* [0, 1) */
+
+/* One row: the token drawn, or with a draft (>= 0) speculative verification: the draft is accepted
+ * with its probability p(draft) (*accepted = 1, the draft returned), else a token is drawn from p
+ * with the draft removed and renormalized. Greedy rows accept a draft equal to their argmax. */
 static int64_t sample_row(const float *x, int V, float t, int top_k, float top_p, float min_p, uint64_t key,
-                          float *e, Cand *cand) {
+                          int64_t draft, float *e, Cand *cand, uint8_t *accepted) {
     float m = row_max(x, V);
+    *accepted = 0;
     if (t <= 0.0f || !(m > -INFINITY)) { /* greedy (or nothing finite): the first maximal logit */
+        int64_t best = 0;
         for (int i = 0; i < V; i++)
-            if (x[i] == m) return i;
-        return 0;
+            if (x[i] == m) {
+                best = i;
+                break;
+            }
+        *accepted = best == draft;
+        return best;
     }
     float inv_t = 1.0f / t, lo = -INFINITY;
     if (top_k > 0 && top_k < V) lo = kth_largest(x, V, top_k, m, cand);
@@ -189,10 +203,22 @@ static int64_t sample_row(const float *x, int V, float t, int top_k, float top_p
         for (int i = 0; i < V; i++)
             if (x[i] >= floor) z += e[i];
     }
-    double target = (double)(splitmix64(key) >> 11) * 0x1.0p-53 * z, acc = 0.0;
+    int64_t skip = -1; /* a rejected draft */
+    if (draft >= 0 && draft < V) {
+        double p_draft = x[draft] >= floor && z > 0.0 ? e[draft] / z : 0.0;
+        if (unit_of(key ^ 0x5bd1e9955bd1e995ULL) < p_draft) {
+            *accepted = 1;
+            return draft;
+        }
+        if (p_draft > 0.0) {
+            z -= e[draft];
+            skip = draft;
+        }
+    }
+    double target = unit_of(key) * z, acc = 0.0;
     int64_t last = -1;
     for (int i = 0; i < V; i++) {
-        if (x[i] >= floor && e[i] > 0.0f) {
+        if (x[i] >= floor && e[i] > 0.0f && i != skip) {
             acc += e[i];
             last = i;
             if (acc > target) return i;
@@ -204,9 +230,10 @@ static int64_t sample_row(const float *x, int V, float t, int top_k, float top_p
 #define PTR(v) ((void *)(uintptr_t)(v))
 
 PyObject *py_sample(PyObject *self, PyObject *args) {
-    unsigned long long logits, temperature, top_k, top_p, min_p, keys, out;
+    unsigned long long logits, temperature, top_k, top_p, min_p, keys, drafts, out, accepted;
     int R, V;
-    if (!PyArg_ParseTuple(args, "KiiKKKKKK", &logits, &R, &V, &temperature, &top_k, &top_p, &min_p, &keys, &out))
+    if (!PyArg_ParseTuple(args, "KiiKKKKKKKK", &logits, &R, &V, &temperature, &top_k, &top_p, &min_p, &keys, &drafts,
+                          &out, &accepted))
         return NULL;
     if (R < 0 || V < 1) return PyErr_Format(PyExc_ValueError, "bad shape [%d, %d]", R, V);
 #ifdef SAMPLE_X86
@@ -228,9 +255,12 @@ PyObject *py_sample(PyObject *self, PyObject *args) {
     const float *x = PTR(logits), *t = PTR(temperature), *p = PTR(top_p), *mp = PTR(min_p);
     const int32_t *k = PTR(top_k);
     const uint64_t *key = PTR(keys);
+    const int64_t *draft = PTR(drafts);
     int64_t *token = PTR(out);
+    uint8_t *ok = PTR(accepted);
     Py_BEGIN_ALLOW_THREADS;
-    for (int r = 0; r < R; r++) token[r] = sample_row(x + (size_t)r * V, V, t[r], k[r], p[r], mp[r], key[r], e, cand);
+    for (int r = 0; r < R; r++)
+        token[r] = sample_row(x + (size_t)r * V, V, t[r], k[r], p[r], mp[r], key[r], draft[r], e, cand, ok + r);
     Py_END_ALLOW_THREADS;
     free(e);
     free(cand);

@@ -164,10 +164,7 @@ class Sampler:
             if draft_ids is not None:
                 accepted = token_ids == draft_ids
         elif self.kernel is not None:
-            token_ids = self._kernel_draw(logits, batch)
-            if draft_ids is not None:
-                probs = self._probabilities(logits, batch)
-                token_ids, accepted = self._verify(logits, probs, batch, draft_ids, token_ids)
+            token_ids, accepted = self._kernel_draw(logits, batch, draft_ids)
         else:
             probs = self._probabilities(logits, batch)
             token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), self._draw(probs, batch.generators))
@@ -204,9 +201,12 @@ class Sampler:
         accepted = torch.where(batch.is_greedy, greedy_ids == draft_ids, accept_sampled)
         return torch.where(batch.is_greedy, greedy_ids, tokens), accepted
 
-    def _kernel_draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """One token per row by the C sampler: greedy rows take the argmax, the others draw from the
-        distribution `_probabilities` describes."""
+    def _kernel_draw(
+        self, logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token per row, draft accepted per row) by the C sampler: greedy rows take the argmax, the
+        others draw from the distribution `_probabilities` describes, verifying their draft if any
+        (see the module docstring)."""
         assert self.kernel is not None
         num_rows, vocab = logits.shape
         logits = logits.contiguous()
@@ -222,12 +222,14 @@ class Sampler:
         top_p = torch.tensor([p.top_p for p in batch.params])
         min_p = torch.tensor([p.min_p for p in batch.params])
         key_tensor = torch.tensor(keys, dtype=torch.int64)
+        drafts = draft_ids.contiguous() if draft_ids is not None else torch.full((num_rows,), -1, dtype=torch.int64)
         out = torch.empty(num_rows, dtype=torch.int64)
+        accepted = torch.empty(num_rows, dtype=torch.bool)
         self.kernel.sample(
             logits.data_ptr(), num_rows, vocab, temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(),
-            min_p.data_ptr(), key_tensor.data_ptr(), out.data_ptr(),
+            min_p.data_ptr(), key_tensor.data_ptr(), drafts.data_ptr(), out.data_ptr(), accepted.data_ptr(),
         )  # fmt: skip
-        return out
+        return out, accepted if draft_ids is not None else None
 
     def _probabilities(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Each row's final distribution: temperature, top-k, top-p, min-p (greedy rows: temperature 1)."""
@@ -240,6 +242,7 @@ class Sampler:
         if batch.min_p is not None:
             max_prob = probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < batch.min_p.unsqueeze(1) * max_prob, 0.0)
+            probs = probs / probs.sum(dim=-1, keepdim=True)  # verification reads p(draft): a true probability
         return probs
 
     def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fulmine.request import Request, SamplingParams
@@ -74,16 +75,24 @@ def test_governor_skips_requests_it_would_change() -> None:
     assert governor.drafts(seeded, 4, 1) == []
 
 
-def test_rejection_sampling_preserves_the_distribution() -> None:
-    """Draws through verification (draft accepted or replaced) follow the same law as plain draws."""
+@pytest.mark.parametrize("kernel", ["c", "torch"])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=0.7, min_p=0.3)], ids=["k5", "minp"]
+)
+def test_rejection_sampling_preserves_the_distribution(kernel: str, params: SamplingParams) -> None:
+    """Draws through verification (draft accepted or replaced) follow the same law as plain draws,
+    with the C sampler and the PyTorch one."""
     torch.manual_seed(0)
     vocab, rows = 6, 60_000
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5]).repeat(rows, 1)
-    params = SamplingParams(temperature=0.7, top_k=5)
     batch = SamplingBatch.build([params] * rows, [None] * rows, [([0], [])] * rows, vocab, torch.device("cpu"))
-    expected = torch.softmax(SamplerBatchHelper.truncated(logits[0], params), dim=-1)
+    expected = Sampler(torch.device("cpu"), 0)._probabilities(logits[:1].clone(), batch)[0]
     sampler = Sampler(torch.device("cpu"), seed=1)
-    for draft in (0, 2, 4):  # a likely draft, an unlikely one, one that top-k removes
+    if kernel == "torch":
+        sampler.kernel = None
+    elif sampler.kernel is None:
+        pytest.skip("the C kernels are not built")
+    for draft in (0, 2, 4):  # a likely draft, an unlikely one, one that truncation removes
         out = sampler(logits.clone(), batch, torch.full((rows,), draft))
         empirical = torch.bincount(out.token_ids, minlength=vocab).float() / rows
         assert out.accepted is not None
@@ -101,10 +110,11 @@ def test_greedy_verification_accepts_exactly_the_argmax() -> None:
     assert out.accepted.tolist() == [True, False, False]
 
 
-class SamplerBatchHelper:
-    @staticmethod
-    def truncated(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-        """The target law by hand: temperature, then keep the top k."""
-        scaled = logits / params.temperature
-        kth = scaled.topk(params.top_k).values[-1]
-        return scaled.masked_fill(scaled < kth, float("-inf"))
+def test_truncation_by_hand() -> None:
+    """The reference law the tests above compare with, checked by hand: temperature, then the top k."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5]])
+    params = SamplingParams(temperature=0.7, top_k=5)
+    batch = SamplingBatch.build([params], [None], [([0], [])], 6, torch.device("cpu"))
+    scaled = logits[0] / params.temperature
+    by_hand = torch.softmax(scaled.masked_fill(scaled < scaled.topk(5).values[-1], float("-inf")), dim=-1)
+    torch.testing.assert_close(Sampler(torch.device("cpu"), 0)._probabilities(logits, batch)[0], by_hand)
