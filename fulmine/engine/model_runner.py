@@ -213,6 +213,7 @@ class ModelRunner:
                 self.config.vocab_size,
                 device,
                 draw_indices,
+                dense_tables=self.sampler.kernel is None,
             )
         return step
 

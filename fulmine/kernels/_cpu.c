@@ -1053,7 +1053,8 @@ static PyMethodDef methods[] = {
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): the kernels' thread count"},
     {"info", py_info, METH_NOARGS, "{'isa', 'threads', 'layer_fields'}"},
     {"sample", py_sample, METH_VARARGS,
-     "sample(logits, R, V, temperature, top_k, top_p, min_p, keys, drafts, out, accepted): a token per row"},
+     "sample(logits, R, V, temperature, top_k, top_p, min_p, keys, drafts, out, accepted[, bias_off, bias_ids, "
+     "bias_vals, hist_off, hist_ids, out_start, rep, pres, freq]): a token per row"},
     {NULL, NULL, 0, NULL},
 };
 

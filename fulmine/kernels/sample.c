@@ -1,5 +1,6 @@
-/* fulmine's CPU sampler: temperature, top-k, top-p and min-p over a batch of logit rows, one token
- * per row, part of the _cpu extension (its Python binding is py_sample, listed in _cpu.c).
+/* fulmine's CPU sampler: logit bias, repetition/presence/frequency penalties, temperature, top-k,
+ * top-p and min-p over a batch of logit rows (modified in place), one token per row; part of the
+ * _cpu extension (its Python binding is py_sample, listed in _cpu.c).
  *
  * No sort of the vocabulary. Per row: a max pass; for top-k, a bucketed count of how far each logit
  * lies below the max, then a sort of the one bucket where the k-th largest falls; one exp pass
@@ -166,6 +167,45 @@ static float top_p_floor(const float *x, const float *e, int V, float m, float i
     return cand[j - 1].x;
 }
 
+/* What is added to a row's logits before the draw, PyTorch's order: logit bias, then the repetition
+ * penalty over prompt and output tokens (x / rep if x > 0, else x * rep) and the frequency and
+ * presence penalties over output tokens (x -= freq * count + pres). Rows are ranges of flat arrays;
+ * a NULL pointer: nothing of that kind in the batch. */
+typedef struct {
+    const int32_t *bias_off, *bias_ids; /* row r's biases: [bias_off[r], bias_off[r + 1]) */
+    const float *bias_vals;
+    const int32_t *hist_off, *hist_ids, *out_start; /* row r: prompt then output ids; output from out_start[r] */
+    const float *rep, *pres, *freq;
+} Adjust;
+
+static void adjust_row(float *x, int V, const Adjust *a, int r, uint32_t *stamp, uint32_t *count) {
+    if (a->bias_off)
+        for (int i = a->bias_off[r]; i < a->bias_off[r + 1]; i++)
+            if (a->bias_ids[i] >= 0 && a->bias_ids[i] < V) x[a->bias_ids[i]] += a->bias_vals[i];
+    if (!a->hist_off) return;
+    float rep = a->rep[r], pres = a->pres[r], freq = a->freq[r];
+    if (rep == 1.0f && pres == 0.0f && freq == 0.0f) return;
+    uint32_t counted = 2u * (uint32_t)r + 1u, applied = counted + 1u; /* stamps, unique to this row */
+    const int32_t *ids = a->hist_ids;
+    int h0 = a->hist_off[r], h1 = a->hist_off[r + 1], o0 = h0 + a->out_start[r];
+    for (int i = o0; i < h1; i++) {
+        int t = ids[i];
+        if (t < 0 || t >= V) continue;
+        if (stamp[t] != counted) stamp[t] = counted, count[t] = 0;
+        count[t]++;
+    }
+    for (int i = h0; i < h1; i++) { /* each distinct token once */
+        int t = ids[i];
+        if (t < 0 || t >= V || stamp[t] == applied) continue;
+        uint32_t c = stamp[t] == counted ? count[t] : 0;
+        float v = x[t];
+        if (rep != 1.0f) v = v > 0.0f ? v / rep : v * rep;
+        if (c) v -= freq * (float)c + pres;
+        x[t] = v;
+        stamp[t] = applied;
+    }
+}
+
 static double unit_of(uint64_t key) { return (double)(splitmix64(key) >> 11) * 0x1.0p-53; } /* [0, 1) */
 
 /* One row: the token drawn, or with a draft (>= 0) speculative verification: the draft is accepted
@@ -231,10 +271,15 @@ static int64_t sample_row(const float *x, int V, float t, int top_k, float top_p
 
 PyObject *py_sample(PyObject *self, PyObject *args) {
     unsigned long long logits, temperature, top_k, top_p, min_p, keys, drafts, out, accepted;
+    unsigned long long bias_off = 0, bias_ids = 0, bias_vals = 0, hist_off = 0, hist_ids = 0, out_start = 0;
+    unsigned long long rep = 0, pres = 0, freq = 0;
     int R, V;
-    if (!PyArg_ParseTuple(args, "KiiKKKKKKKK", &logits, &R, &V, &temperature, &top_k, &top_p, &min_p, &keys, &drafts,
-                          &out, &accepted))
+    if (!PyArg_ParseTuple(args, "KiiKKKKKKKK|KKKKKKKKK", &logits, &R, &V, &temperature, &top_k, &top_p, &min_p, &keys,
+                          &drafts, &out, &accepted, &bias_off, &bias_ids, &bias_vals, &hist_off, &hist_ids, &out_start,
+                          &rep, &pres, &freq))
         return NULL;
+    Adjust adj = {PTR(bias_off), PTR(bias_ids), PTR(bias_vals), PTR(hist_off), PTR(hist_ids), PTR(out_start),
+                  PTR(rep), PTR(pres), PTR(freq)};
     if (R < 0 || V < 1) return PyErr_Format(PyExc_ValueError, "bad shape [%d, %d]", R, V);
 #ifdef SAMPLE_X86
     if (use_avx2 < 0) {
@@ -247,22 +292,28 @@ PyObject *py_sample(PyObject *self, PyObject *args) {
 #endif
     float *e = malloc((size_t)V * sizeof(float));
     Cand *cand = malloc((size_t)V * sizeof(Cand));
-    if (e == NULL || cand == NULL) {
+    uint32_t *stamp = adj.hist_off ? calloc((size_t)V * 2, sizeof(uint32_t)) : NULL; /* then the counts */
+    if (e == NULL || cand == NULL || (adj.hist_off && stamp == NULL)) {
         free(e);
         free(cand);
+        free(stamp);
         return PyErr_NoMemory();
     }
-    const float *x = PTR(logits), *t = PTR(temperature), *p = PTR(top_p), *mp = PTR(min_p);
+    float *x = PTR(logits);
+    const float *t = PTR(temperature), *p = PTR(top_p), *mp = PTR(min_p);
     const int32_t *k = PTR(top_k);
     const uint64_t *key = PTR(keys);
     const int64_t *draft = PTR(drafts);
     int64_t *token = PTR(out);
     uint8_t *ok = PTR(accepted);
     Py_BEGIN_ALLOW_THREADS;
-    for (int r = 0; r < R; r++)
+    for (int r = 0; r < R; r++) {
+        adjust_row(x + (size_t)r * V, V, &adj, r, stamp, stamp + V);
         token[r] = sample_row(x + (size_t)r * V, V, t[r], k[r], p[r], mp[r], key[r], draft[r], e, cand, ok + r);
+    }
     Py_END_ALLOW_THREADS;
     free(e);
     free(cand);
+    free(stamp);
     Py_RETURN_NONE;
 }

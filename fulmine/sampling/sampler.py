@@ -1,8 +1,9 @@
 """Batched sampling: penalties, temperature, top-k, top-p, min-p, seeded draws, logprobs.
 
-On the CPU with fulmine's C kernels, the draw itself (temperature, top-k, top-p, min-p, one token
-per row) is one C call over the batch (kernels/sample.c: no sort of the vocabulary, no PyTorch
-thread pool woken between forwards); logit bias, penalties and logprobs stay PyTorch ops here.
+On the CPU with fulmine's C kernels, logit bias, penalties and the draw (temperature, top-k,
+top-p, min-p, draft verification; one token per row) are one C call over the batch
+(kernels/sample.c: no sort of the vocabulary, no PyTorch thread pool woken between forwards);
+only logprobs, when asked for, stay PyTorch ops.
 Elsewhere everything runs as tensor ops over the whole batch on the logits' device; the only
 host transfer is the caller's read of the result, and sampling draws by the exponential race
 (argmax of p / E with E ~ Exp(1)), which equals a categorical draw and lets each seeded request
@@ -47,6 +48,7 @@ class SamplingBatch:
     logit_bias: torch.Tensor | None = None  # [num_rows, vocab] added to the logits
     params: list[SamplingParams] = field(default_factory=list)  # per row, for the C sampler
     draw_indices: list[int] = field(default_factory=list)  # per row: index of the output token it draws
+    histories: list[tuple[list[int], list[int]]] = field(default_factory=list)  # per row: (prompt, output) ids
 
     @classmethod
     def build(
@@ -57,6 +59,7 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device,
         draw_indices: list[int] | None = None,  # per row: index of the output token it draws
+        dense_tables: bool = True,  # [num_rows, vocab] bias and penalty tensors (the C sampler needs none)
     ) -> SamplingBatch:
         def column(values: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
@@ -75,15 +78,18 @@ class SamplingBatch:
             generators=generators,
             params=params,
             draw_indices=draw_indices or [len(output) for _, output in token_ids],
+            histories=token_ids,
         )
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        batch.num_logprobs = max(wanted) if wanted else None
+        if not dense_tables:
+            return batch
         if any(p.logit_bias for p in params):
             bias = torch.zeros(len(params), vocab_size)
             for row, p in enumerate(params):
                 if p.logit_bias:
                     bias[row, list(p.logit_bias)] = torch.tensor(list(p.logit_bias.values()))
             batch.logit_bias = bias.to(device)
-        wanted = [p.logprobs for p in params if p.logprobs is not None]
-        batch.num_logprobs = max(wanted) if wanted else None
         if any(p.has_penalties for p in params):
             batch.repetition_penalty = column([p.repetition_penalty for p in params])
             batch.presence_penalty = column([p.presence_penalty for p in params])
@@ -154,17 +160,22 @@ class Sampler:
         """logits: [num_rows, vocab] float32 (modified in place); draft_ids: [num_rows], -1 where none."""
         # Logprobs report the model's distribution, before penalties and truncation.
         raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs is not None else None
+        accepted = None
+        if self.kernel is not None:  # logit bias, penalties and the draw in one C call
+            token_ids, accepted = self._kernel_draw(logits, batch, draft_ids)
+            out = SamplerOutput(token_ids)
+            if raw_logprobs is not None and batch.num_logprobs is not None:
+                out = logprobs_of(raw_logprobs, token_ids, batch.num_logprobs)
+            out.accepted = accepted
+            return out
         if batch.logit_bias is not None:
             logits = logits + batch.logit_bias
         if batch.seen_mask is not None:
             logits = _apply_penalties(logits, batch)
-        accepted = None
         if batch.all_greedy:
             token_ids = logits.argmax(dim=-1)
             if draft_ids is not None:
                 accepted = token_ids == draft_ids
-        elif self.kernel is not None:
-            token_ids, accepted = self._kernel_draw(logits, batch, draft_ids)
         else:
             probs = self._probabilities(logits, batch)
             token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), self._draw(probs, batch.generators))
@@ -225,9 +236,11 @@ class Sampler:
         drafts = draft_ids.contiguous() if draft_ids is not None else torch.full((num_rows,), -1, dtype=torch.int64)
         out = torch.empty(num_rows, dtype=torch.int64)
         accepted = torch.empty(num_rows, dtype=torch.bool)
+        adjust = _adjustments(batch)  # referenced until the call returns: the kernel reads their memory
         self.kernel.sample(
             logits.data_ptr(), num_rows, vocab, temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(),
             min_p.data_ptr(), key_tensor.data_ptr(), drafts.data_ptr(), out.data_ptr(), accepted.data_ptr(),
+            *(0 if t is None else t.data_ptr() for t in adjust),
         )  # fmt: skip
         return out, accepted if draft_ids is not None else None
 
@@ -254,6 +267,41 @@ class Sampler:
             for row, generator in enumerate(generators):
                 race[row].exponential_(generator=generator if generator is not None else self.generator)
         return (probs / race).argmax(dim=-1)
+
+
+def _adjustments(batch: SamplingBatch) -> list[torch.Tensor | None]:
+    """The C sampler's logit bias and penalty inputs as flat arrays (see Adjust in kernels/sample.c):
+    bias_off, bias_ids, bias_vals, hist_off, hist_ids, out_start, rep, pres, freq; None: none."""
+    params = batch.params
+    adjust: list[torch.Tensor | None] = [None] * 9
+    if any(p.logit_bias for p in params):
+        offsets, ids, values = [0], [], []
+        for p in params:
+            ids += list(p.logit_bias)
+            values += list(p.logit_bias.values())
+            offsets.append(len(ids))
+        adjust[:3] = [
+            torch.tensor(offsets, dtype=torch.int32),
+            torch.tensor(ids, dtype=torch.int32),
+            torch.tensor(values, dtype=torch.float32),
+        ]
+    if any(p.has_penalties for p in params):
+        offsets, ids, starts = [0], [], []
+        for p, (prompt, output) in zip(params, batch.histories):
+            if p.has_penalties:  # rows without penalties keep an empty range
+                ids += prompt
+                ids += output
+            starts.append(len(prompt) if p.has_penalties else 0)
+            offsets.append(len(ids))
+        adjust[3:] = [
+            torch.tensor(offsets, dtype=torch.int32),
+            torch.tensor(ids, dtype=torch.int32),
+            torch.tensor(starts, dtype=torch.int32),
+            torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
+            torch.tensor([p.presence_penalty for p in params], dtype=torch.float32),
+            torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
+        ]
+    return adjust
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

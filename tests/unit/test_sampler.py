@@ -150,3 +150,24 @@ def test_logit_bias_can_force_or_forbid_a_token(make_sampler) -> None:
     assert forced[3] == 1.0
     forbidden = draw(make_sampler, SamplingParams(temperature=0.0, logit_bias={0: -100.0}), num_draws=10)
     assert forbidden[0] == 0.0 and forbidden[1] == 1.0
+
+
+@pytest.mark.skipif(kernels.cpu() is None, reason="the C kernels are not built")
+def test_c_penalties_and_bias_equal_the_pytorch_ones() -> None:
+    """The C sampler adjusts the logits (in place) exactly as the PyTorch path does: bias, then the
+    repetition penalty over prompt and output, frequency and presence over the output."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 300, generator=g) * 3
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25),
+        SamplingParams(temperature=0.8, logit_bias={5: 2.5, 299: -100.0}),
+        SamplingParams(temperature=0.0),  # untouched
+        SamplingParams(temperature=1.0, repetition_penalty=0.8, frequency_penalty=-1.0, logit_bias={7: 1.0}),
+    ]
+    histories = [([1, 2, 2, 3], [3, 3, 4, 250]), ([9], [9, 10]), ([1], [1]), ([7, 8, 8], [8, 299, 7, 7])]
+    batch = SamplingBatch.build(params, [None] * 4, histories, 300, torch.device("cpu"))
+    expected = logits + batch.logit_bias
+    expected = _apply_penalties(expected, batch)
+    adjusted = logits.clone()
+    Sampler(torch.device("cpu"), 0)(adjusted, batch)
+    torch.testing.assert_close(adjusted, expected)
