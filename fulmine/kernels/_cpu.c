@@ -705,6 +705,10 @@ typedef struct {
     const QAct *qa; /* fast mode: quantized activations; NULL: exact */
 } MatmulJob;
 
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 4
+#endif
+
 static void matmul_task(void *ctx, int chunk, int nchunks) {
     MatmulJob *j = (MatmulJob *)ctx;
     int64_t N = j->w.N, K = j->w.K;
@@ -715,8 +719,14 @@ static void matmul_task(void *ctx, int chunk, int nchunks) {
     qrow_fn qfn = qrow_kernel(j->w.type);
     int64_t nb = K / 32;
     float out[4];
+    const uint8_t *end = j->w.data + (size_t)n1 * rb;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = j->w.data + (size_t)n * rb;
+        /* weights stream from memory once per token: ask for the rows PREFETCH_ROWS ahead now, so their
+         * lines arrive while this row is computed (the hardware prefetcher alone left the decode at
+         * a quarter of the memory bandwidth) */
+        for (const uint8_t *ahead = row + PREFETCH_ROWS * rb, *stop = ahead + rb; ahead < stop && ahead < end; ahead += 64)
+            __builtin_prefetch(ahead, 0, 3);
         for (int r0 = 0; r0 < j->R; r0 += 4) {
             int rg = j->R - r0 < 4 ? j->R - r0 : 4;
             if (j->qa) {
