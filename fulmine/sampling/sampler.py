@@ -160,32 +160,32 @@ class Sampler:
         """logits: [num_rows, vocab] float32 (modified in place); draft_ids: [num_rows], -1 where none."""
         # Logprobs report the model's distribution, before penalties and truncation.
         raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs is not None else None
-        accepted = None
         if self.kernel is not None:  # logit bias, penalties and the draw in one C call
             token_ids, accepted = self._kernel_draw(logits, batch, draft_ids)
-            out = SamplerOutput(token_ids)
-            if raw_logprobs is not None and batch.num_logprobs is not None:
-                out = logprobs_of(raw_logprobs, token_ids, batch.num_logprobs)
-            out.accepted = accepted
-            return out
+        else:
+            token_ids, accepted = self._torch_draw(logits, batch, draft_ids)
+        out = SamplerOutput(token_ids)
+        if raw_logprobs is not None and batch.num_logprobs is not None:
+            out = logprobs_of(raw_logprobs, token_ids, batch.num_logprobs)
+        out.accepted = accepted
+        return out
+
+    def _torch_draw(
+        self, logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token per row, draft accepted per row) as tensor ops on the logits' device."""
         if batch.logit_bias is not None:
             logits = logits + batch.logit_bias
         if batch.seen_mask is not None:
             logits = _apply_penalties(logits, batch)
         if batch.all_greedy:
             token_ids = logits.argmax(dim=-1)
-            if draft_ids is not None:
-                accepted = token_ids == draft_ids
-        else:
-            probs = self._probabilities(logits, batch)
-            token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), self._draw(probs, batch.generators))
-            if draft_ids is not None:
-                token_ids, accepted = self._verify(logits, probs, batch, draft_ids, token_ids)
-        out = SamplerOutput(token_ids)
-        if raw_logprobs is not None and batch.num_logprobs is not None:
-            out = logprobs_of(raw_logprobs, token_ids, batch.num_logprobs)
-        out.accepted = accepted
-        return out
+            return token_ids, None if draft_ids is None else token_ids == draft_ids
+        probs = self._probabilities(logits, batch)
+        token_ids = torch.where(batch.is_greedy, logits.argmax(dim=-1), self._draw(probs, batch.generators))
+        if draft_ids is None:
+            return token_ids, None
+        return self._verify(logits, probs, batch, draft_ids, token_ids)
 
     def _verify(
         self,
