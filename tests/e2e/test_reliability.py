@@ -144,15 +144,28 @@ _PARTS = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": _STRIN
 _CONTENTS = st.one_of(_STRINGS, st.text(max_size=40), _PARTS)
 
 
-@pytest.mark.slow
-def test_any_request_at_the_edges_never_gets_a_5xx(server: RunningServer) -> None:
+_VALID_PROMPTS = st.sampled_from(["Hello", "tiny", "The quick brown fox"]) | st.lists(st.integers(0, 367), min_size=1)
+_PROMPTS = st.one_of(
+    _VALID_PROMPTS,
+    _VALID_PROMPTS,
+    _VALID_PROMPTS,
+    _STRINGS,
+    st.lists(_INTS | st.integers(0, 367), max_size=4),
+    st.lists(st.lists(st.integers(-1, 400), max_size=3), max_size=3),
+    st.lists(_STRINGS, max_size=3),
+    _VALUES,
+)
+_COMPLETION_FIELDS = st.sampled_from(["echo", "logprobs", "best_of", "suffix", "n", "seed", "max_tokens", "stream"])
+
+
+def _never_a_5xx(server: RunningServer, path: str, bodies: st.SearchStrategy[dict[str, Any]]) -> dict[int, int]:
+    """Send 250 bodies drawn from `bodies`; each gets a 2xx or a 4xx in OpenAI's shape. The statuses seen."""
     statuses: dict[int, int] = {}
 
     @settings(max_examples=250, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
-    @given(fields=st.dictionaries(_FIELDS, _VALUES, max_size=3), content=_CONTENTS)
-    def check(fields: dict[str, Any], content: Any) -> None:
-        body = {**BASE, **_message(content), **fields}
-        response = post(server, "/v1/chat/completions", body)
+    @given(body=bodies)
+    def check(body: dict[str, Any]) -> None:
+        response = post(server, path, body)
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         assert response.status_code < 500, (body, response.text)
         if response.status_code >= 400:
@@ -161,8 +174,30 @@ def test_any_request_at_the_edges_never_gets_a_5xx(server: RunningServer) -> Non
             assert sse_events(response)[-1] == "[DONE]"
 
     check()
-    assert statuses.get(200, 0) >= 20 and statuses.get(400, 0) >= 50, statuses  # both kinds were exercised
     assert_serving(server)
+    return statuses
+
+
+@pytest.mark.slow
+def test_any_chat_request_at_the_edges_never_gets_a_5xx(server: RunningServer) -> None:
+    bodies = st.builds(
+        lambda fields, content: {**BASE, **_message(content), **fields},
+        st.dictionaries(_FIELDS, _VALUES, max_size=3),
+        _CONTENTS,
+    )
+    statuses = _never_a_5xx(server, "/v1/chat/completions", bodies)
+    assert statuses.get(200, 0) >= 20 and statuses.get(400, 0) >= 50, statuses  # both kinds were exercised
+
+
+@pytest.mark.slow
+def test_any_completion_request_at_the_edges_never_gets_a_5xx(server: RunningServer) -> None:
+    bodies = st.builds(
+        lambda fields, prompt: {"model": MODEL, "max_tokens": 4, "prompt": prompt, **fields},
+        st.dictionaries(_COMPLETION_FIELDS | _FIELDS.filter(lambda f: f != "messages"), _VALUES, max_size=2),
+        _PROMPTS,
+    )
+    statuses = _never_a_5xx(server, "/v1/completions", bodies)
+    assert statuses.get(200, 0) >= 20 and statuses.get(400, 0) >= 50, statuses
 
 
 # -- a request that makes the engine fail ends alone ---------------------------------------------
