@@ -41,6 +41,11 @@ class Completions:
         self.vocab_size = engine.engine.model_config.vocab_size
         self.max_model_len = engine.engine.max_model_len
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
+        # No token holds more UTF-8 bytes than the vocabulary's longest, so a text longer than this many
+        # characters cannot fit the context: refused before it ties up the tokenizer thread that every
+        # request shares (tokenizing megabytes takes seconds).
+        longest = max((len(token.encode("utf-8", "replace")) for token in self.tokenizer.get_vocab()), default=64)
+        self.max_prompt_chars = self.max_model_len * max(longest, 1)
         self.fingerprint = f"fulmine-{__version__}"
 
     def _token_text(self, token_id: int) -> str:
@@ -57,6 +62,19 @@ class Completions:
             )
 
     async def _encode(self, prompt: Any, param: str) -> list[int]:
+        if isinstance(prompt, str):
+            too_long = len(prompt) > self.max_prompt_chars
+        elif prompt and isinstance(prompt[0], dict):
+            too_long = sum(len(message["content"]) for message in prompt) > self.max_prompt_chars
+        else:  # token ids
+            too_long = len(prompt) > self.max_model_len
+        if too_long:
+            raise p.RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the {param} is longer than "
+                "that could hold. Please reduce it.",
+                param,
+                "context_length_exceeded",
+            )
         loop = asyncio.get_running_loop()
         try:  # tokenizing long prompts takes milliseconds: keep it off the event loop
             return await loop.run_in_executor(

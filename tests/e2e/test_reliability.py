@@ -355,3 +355,21 @@ def test_sigterm_ends_what_outlasts_the_drain_timeout(tiny_llama) -> None:
         events = sse_events(result[0])
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutting_down"
         running.wait_idle()  # aborted in the engine, blocks freed
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(server: RunningServer) -> None:
+    """Megabytes of text cannot fit the context whatever the tokenizer makes of them: a 400 at once,
+    so the tokenizer thread every request shares is never tied up by it."""
+    huge = "lorem ipsum " * 600_000  # 7 MB, under the body limit
+    started = time.monotonic()
+    for path, body, param in (
+        ("/v1/chat/completions", {**BASE, **_message(huge)}, "messages"),
+        ("/v1/completions", {"model": MODEL, "prompt": huge, "max_tokens": 2}, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": list(range(200)), "max_tokens": 2}, "prompt"),
+    ):
+        response = post(server, path, body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+        assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert time.monotonic() - started < 5  # SmolLM2's tokenizer takes 4.6 s for one such text here
+    assert_serving(server)
