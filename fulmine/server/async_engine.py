@@ -39,6 +39,7 @@ class AsyncEngine:
         self._num_pending = 0  # submitted, not yet in the scheduler
         self._pending_lock = threading.Lock()  # also orders registering a stream against the engine's death
         self._stopped = False
+        self._closed: BaseException | None = None  # set by abort_all: what new requests get
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="fulmine-engine", daemon=True)
         self._thread.start()
@@ -58,7 +59,10 @@ class AsyncEngine:
         self._thread.join(timeout=5)
 
     def abort_all(self, error: BaseException) -> None:
-        """End every request in flight: each is aborted in the engine and its caller gets `error`."""
+        """End every request in flight: each is aborted in the engine and its caller gets `error`; so
+        does any request submitted from now on (one admitted just before a drain ran out, say)."""
+        with self._pending_lock:
+            self._closed = error
         self._submit(lambda: self._abort_all(error))
 
     # -- the HTTP side ---------------------------------------------------------------------
@@ -70,6 +74,8 @@ class AsyncEngine:
         with self._pending_lock:
             if self.error is not None:
                 raise EngineDead(str(self.error))
+            if self._closed is not None:
+                raise self._closed
             self._streams[request_id] = (asyncio.get_running_loop(), outputs)
             self._num_pending += 1
         self._submit(lambda: self._add(request_id, prompt_ids, params, arrival_time))

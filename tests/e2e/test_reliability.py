@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fulmine.engine.model_runner import ModelRunner
-from fulmine.request import INT64_MAX, INT64_MIN
+from fulmine.request import INT64_MAX, INT64_MIN, SamplingParams
+from fulmine.server import protocol as p
 from tests.e2e.openai_schemas import validate
 from tests.e2e.server import RunningServer, engine_loader, serve
 from tests.e2e.test_server import greedy_stream
@@ -355,6 +356,12 @@ def test_sigterm_ends_what_outlasts_the_drain_timeout(tiny_llama) -> None:
         events = sse_events(result[0])
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutting_down"
         running.wait_idle()  # aborted in the engine, blocks freed
+        # a request admitted just before the drain ran out, reaching the engine after it: ended too
+        engine = running.state.engine
+        assert engine is not None
+        late = engine.generate("late", [1, 2, 3], SamplingParams(max_tokens=2), time.monotonic())
+        with pytest.raises(p.RequestError, match="shutting down"):
+            asyncio.run(anext(late))  # type: ignore[arg-type]
 
 
 def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(server: RunningServer) -> None:
