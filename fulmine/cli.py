@@ -33,7 +33,14 @@ def _add_config_flags(group: argparse._ArgumentGroup, config: type, skipped: fro
         elif field.type == "tuple[str, ...]":
             group.add_argument(flag, action="append", default=[], help=text)
         else:
-            kind = {"int | None": int, "int": int, "float": float, "str": str, "str | None": str}[str(field.type)]
+            kind = {
+                "int | None": int,
+                "int": int,
+                "float": float,
+                "float | None": float,
+                "str": str,
+                "str | None": str,
+            }[str(field.type)]
             default = "" if field.default is None else f" (default: {field.default})"
             group.add_argument(flag, type=kind, default=field.default, help=text + default)
 

@@ -87,7 +87,11 @@ class EngineConfig:
         "stream waits at most one such step between tokens (256 costs nothing measurable in TTFT here)",
     )
     block_size: int = _opt(16, "tokens per KV cache block")
-    kv_cache_memory_gb: float = _opt(1.0, "memory budget for the KV cache")
+    kv_cache_memory_gb: float | None = _opt(
+        None,
+        "memory budget for the KV cache; default 1 GB, raised to one full context when that needs more "
+        "(on the CPU pages become resident only as the cache fills)",
+    )
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of earlier requests with the same prefix")
     device: str = _opt("auto", "auto picks cuda when available, else cpu")
     dtype: str = _opt("auto", "activations: auto is float32 on cpu, bfloat16 on cuda")
@@ -117,7 +121,7 @@ class EngineConfig:
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
             (self.block_size >= 1, "block_size must be >= 1"),
-            (self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0"),
+            (self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0"),
             (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
             (self.dtype in _DTYPES, f"dtype must be one of {', '.join(_DTYPES)}"),
             (self.weight_dtype in _DTYPES, f"weight_dtype must be one of {', '.join(_DTYPES)}"),

@@ -16,7 +16,7 @@ import torch
 from fulmine import kernels
 from fulmine.config import ConfigError, EngineConfig
 from fulmine.engine.detokenizer import IncrementalDetokenizer
-from fulmine.engine.model_runner import ModelRunner, kv_cache_bytes_per_token
+from fulmine.engine.model_runner import ModelRunner, kv_cache_blocks, kv_cache_bytes_per_token
 from fulmine.engine.outputs import ModelRunnerOutput, RequestMetrics, RequestOutput, ScheduledRequest, SchedulerOutput
 from fulmine.engine.scheduler import Scheduler
 from fulmine.kv_cache import KVCacheManager
@@ -53,7 +53,7 @@ class LLMEngine:
                 f"max_model_len {self.max_model_len} exceeds the model's context window "
                 f"({model_config.max_position_embeddings})"
             )
-        num_blocks = self._num_blocks(config, dtype)
+        num_blocks = kv_cache_blocks(config, kv_cache_bytes_per_token(model_config, dtype), self.max_model_len, device)
         # The tokenizer (mostly importing transformers) loads on a thread while weights load.
         with ThreadPoolExecutor(max_workers=1) as pool:
             tokenizer = pool.submit(load_tokenizer, self.source, progress)
@@ -88,18 +88,6 @@ class LLMEngine:
         )
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
-
-    def _num_blocks(self, config: EngineConfig, dtype: torch.dtype) -> int:
-        per_block = config.block_size * kv_cache_bytes_per_token(self.model_config, dtype)
-        budget_blocks = int(config.kv_cache_memory_gb * 2**30) // per_block
-        per_request = -(-self.max_model_len // config.block_size)
-        if budget_blocks < per_request:
-            raise ConfigError(
-                f"a KV cache of {config.kv_cache_memory_gb} GB holds {budget_blocks * config.block_size} "
-                f"tokens, less than one full context of {self.max_model_len}: raise kv_cache_memory_gb "
-                "or lower max_model_len"
-            )
-        return min(budget_blocks, per_request * config.max_num_seqs)
 
     # -- requests ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int] | list[Message]) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fulmine.config import ConfigError, EngineConfig
-from fulmine.engine.model_runner import ModelRunner, kv_cache_bytes_per_token
+from fulmine.engine.model_runner import ModelRunner, kv_cache_blocks, kv_cache_bytes_per_token
 from fulmine.engine.outputs import ScheduledRequest, SchedulerOutput
 from fulmine.kv_cache import KVCacheManager
 from fulmine.models.loader import load_model
@@ -38,11 +38,7 @@ class DraftModelProposer:
             )
         self.max_model_len = min(max_model_len, source.config.max_position_embeddings)
         model = load_model(source, device, dtype, weight_dtype, False, config.quantization, config.exact_kernels)
-        per_block = config.block_size * kv_cache_bytes_per_token(source.config, dtype)
-        per_request = -(-self.max_model_len // config.block_size)
-        num_blocks = max(
-            per_request, min(int(config.kv_cache_memory_gb * 2**30) // per_block, per_request * config.max_num_seqs)
-        )
+        num_blocks = kv_cache_blocks(config, kv_cache_bytes_per_token(source.config, dtype), self.max_model_len, device)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(
             model, num_blocks, config.block_size, self.max_model_len, device, dtype, 0, config.exact_kernels

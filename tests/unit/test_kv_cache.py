@@ -1,9 +1,13 @@
-"""Block pool and KV cache manager invariants."""
+"""Block pool and KV cache manager invariants; how many blocks the cache gets."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
+from fulmine.config import ConfigError, EngineConfig
+from fulmine.engine import model_runner
+from fulmine.engine.model_runner import kv_cache_blocks
 from fulmine.kv_cache import BlockPool, KVCacheManager
 
 
@@ -82,3 +86,25 @@ def test_manager_counts_revived_blocks_against_capacity() -> None:
     assert len(matched) == 2
     assert manager.num_blocks_needed("b", 6, matched) == 3  # 1 new + 2 revived from eviction
     assert manager.can_allocate("b", 8, matched) and not manager.can_allocate("b", 10, matched)
+
+
+def test_kv_cache_sizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen2.5-1.5B's KV cache in float32 (57 344 bytes a token, a 32 768-token context: 1.75 GB)."""
+    cpu = torch.device("cpu")
+    per_token, context = 57_344, 32_768
+    per_request = context // 16
+    # the default 1 GB is raised to one full context (it used to refuse to start)
+    assert kv_cache_blocks(EngineConfig(max_num_seqs=4), per_token, context, cpu) == per_request
+    # a small model: 1 GB, capped at max_num_seqs full contexts
+    assert kv_cache_blocks(EngineConfig(max_num_seqs=4), 512, 256, cpu) == 4 * 16
+    assert kv_cache_blocks(EngineConfig(max_num_seqs=10**6), 512, 256, cpu) == 2**30 // (16 * 512)
+    # an explicit budget is kept, or refused when it cannot hold one context
+    assert kv_cache_blocks(EngineConfig(kv_cache_memory_gb=4.0, max_num_seqs=64), per_token, context, cpu) == (
+        4 * 2**30 // (16 * per_token)
+    )
+    with pytest.raises(ConfigError, match="raise kv_cache_memory_gb or lower max_model_len"):
+        kv_cache_blocks(EngineConfig(kv_cache_memory_gb=1.0), per_token, context, cpu)
+    # the default on a machine without the memory for one context says what to change
+    monkeypatch.setattr(model_runner, "_available_memory_bytes", lambda: 2**30)
+    with pytest.raises(ConfigError, match="lower max_model_len"):
+        kv_cache_blocks(EngineConfig(), per_token, context, cpu)
