@@ -1,0 +1,66 @@
+"""A real GGUF file people download (Qwen2.5-Coder-0.5B-Instruct Q4_K_M, fetched by
+scripts/fetch_models.py): fulmine's logits and greedy tokens vs transformers' own GGUF loading
+(dequantized, float32)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fulmine import LLM, SamplingParams
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fetch_models.py"
+PROMPTS = [
+    "def fibonacci(n):",
+    "The three laws of thermodynamics are",
+]
+
+
+def fetch(name: str) -> Path:
+    spec = importlib.util.spec_from_file_location("fetch_models", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return Path(module.fetch(module.MODELS[name], module.default_dir()))
+
+
+@pytest.fixture(scope="module")
+def qwen_0_5b() -> Path:
+    return fetch("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="module")
+def reference(qwen_0_5b: Path) -> Iterator[tuple[Any, Any]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_0_5b.parent, gguf_file=qwen_0_5b.name)
+    model = AutoModelForCausalLM.from_pretrained(qwen_0_5b.parent, gguf_file=qwen_0_5b.name, dtype=torch.float32)
+    yield tokenizer, model.eval()
+
+
+def test_qwen_0_5b_logits_and_greedy_tokens_match_transformers(qwen_0_5b: Path, reference: tuple[Any, Any]) -> None:
+    tokenizer, model = reference
+    llm = LLM(
+        str(qwen_0_5b), dtype="float32", weight_dtype="float32", exact_kernels=True, speculative="off", progress=False
+    )
+    for prompt in PROMPTS:
+        ids = list(tokenizer.encode(prompt))
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :].tolist()
+            hf_logits = model(torch.tensor([ids])).logits[0, -1]
+        ours = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=5))[0]
+        assert ours.token_ids[: len(expected)] == expected, (prompt, ours.token_ids, expected)
+        # the first step's top 5 and their logprobs, against transformers' log-softmax
+        assert ours.logprobs is not None
+        hf_logprobs = hf_logits.log_softmax(-1)
+        top = ours.logprobs[0].top
+        assert [t for t, _ in top] == hf_logprobs.topk(5).indices.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in top]), hf_logprobs.topk(5).values, atol=2e-3, rtol=0)
