@@ -34,6 +34,13 @@ _GGUF_LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Sandwich-norm models (Gemma 3): llama.cpp's ffn_norm is the norm before the MLP, and there are two more
+_GGUF_SANDWICH_NAMES = {
+    **_GGUF_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -125,19 +132,19 @@ def _gguf_tensors(source: ModelSource, names: list[str]) -> Iterator[tuple[str, 
     assert gguf is not None
     for gguf_name in names:
         tensor = gguf.load(gguf_name)
-        name = _hf_name(gguf_name)
+        name = _hf_name(gguf_name, _GGUF_SANDWICH_NAMES if config.sandwich_norms else _GGUF_LAYER_NAMES)
         if source.family.gguf_permuted_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             num_heads = config.num_heads if "q_proj" in name else config.num_kv_heads
             tensor = _unpermute_rows(tensor, num_heads)
         yield name, tensor
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, layer_names: dict[str, str]) -> str:
     if gguf_name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
     raise ConfigError(f"unknown GGUF tensor {gguf_name!r}")
 
 

@@ -27,8 +27,8 @@ FAMILIES = (
     Family("mistral", "MistralForCausalLM", "mistral", None, False, None, True),
     Family("qwen2", "Qwen2ForCausalLM", "qwen2", True, False, "use_sliding_window", False),
     Family("qwen3", "Qwen3ForCausalLM", "qwen3", None, True, "use_sliding_window", False),
-    # text-only Gemma 3 from HF directories (its GGUF files store norms with the +1 folded in: not yet)
-    Family("gemma3", "Gemma3ForCausalLM", "", None, True, None, False),
+    # text-only Gemma 3 (its GGUF files store the norms with Gemma's +1 already added)
+    Family("gemma3", "Gemma3ForCausalLM", "gemma3", None, True, None, False),
 )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,4 +200,23 @@ def config_from_gguf(gguf: GGUFFile) -> tuple[ModelConfig, Family]:
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(sorted({int(t) for t in (eos, eot) if t is not None})),
     )
+    if family.name == "gemma3":
+        config = replace(config, **_gemma3_gguf_fields(config))
     return config, family
+
+
+def _gemma3_gguf_fields(config: ModelConfig) -> dict[str, Any]:
+    """Gemma 3's departures from Llama that its GGUF metadata leaves out, as llama.cpp assumes them:
+    every 6th layer global (RoPE base from the file), the others sliding with base 10 000; norms
+    already hold 1 + w; the 27B (62 layers) scales queries by hidden/heads instead of head_dim."""
+    num_layers, hidden = config.num_layers, config.hidden_size
+    query_scale = hidden // config.num_heads if num_layers == 62 else config.head_dim
+    return dict(
+        rope_theta_sliding=10000.0,
+        layer_types=tuple("full" if (layer + 1) % 6 == 0 else "sliding" for layer in range(num_layers)),
+        norm_offset=0.0,
+        embed_scale=hidden**0.5,
+        sandwich_norms=True,
+        hidden_act="gelu_tanh",
+        attn_scale=float(query_scale) ** -0.5,
+    )

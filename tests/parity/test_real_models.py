@@ -1,4 +1,4 @@
-"""A real GGUF file people download (Qwen2.5-Coder-0.5B-Instruct Q4_K_M, fetched by
+"""Real GGUF files people download (Qwen2.5-Coder-0.5B-Instruct and Gemma 3 270M, Q4_K_M, fetched by
 scripts/fetch_models.py): fulmine's logits and greedy tokens vs transformers' own GGUF loading
 (dequantized, float32)."""
 
@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -32,25 +30,16 @@ def fetch(name: str) -> Path:
     return Path(module.fetch(module.MODELS[name], module.default_dir()))
 
 
-@pytest.fixture(scope="module")
-def qwen_0_5b() -> Path:
-    return fetch("qwen2.5-coder-0.5b")
-
-
-@pytest.fixture(scope="module")
-def reference(qwen_0_5b: Path) -> Iterator[tuple[Any, Any]]:
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b", "gemma3-270m"])
+def test_logits_and_greedy_tokens_match_transformers(name: str) -> None:
+    """With exact kernels and float32 weights: 32 greedy tokens equal, the first step's top 5 too,
+    their logprobs within 2e-3."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(qwen_0_5b.parent, gguf_file=qwen_0_5b.name)
-    model = AutoModelForCausalLM.from_pretrained(qwen_0_5b.parent, gguf_file=qwen_0_5b.name, dtype=torch.float32)
-    yield tokenizer, model.eval()
-
-
-def test_qwen_0_5b_logits_and_greedy_tokens_match_transformers(qwen_0_5b: Path, reference: tuple[Any, Any]) -> None:
-    tokenizer, model = reference
-    llm = LLM(
-        str(qwen_0_5b), dtype="float32", weight_dtype="float32", exact_kernels=True, speculative="off", progress=False
-    )
+    path = fetch(name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", weight_dtype="float32", exact_kernels=True, speculative="off", progress=False)
     for prompt in PROMPTS:
         ids = list(tokenizer.encode(prompt))
         with torch.no_grad():
@@ -58,7 +47,6 @@ def test_qwen_0_5b_logits_and_greedy_tokens_match_transformers(qwen_0_5b: Path, 
             hf_logits = model(torch.tensor([ids])).logits[0, -1]
         ours = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=5))[0]
         assert ours.token_ids[: len(expected)] == expected, (prompt, ours.token_ids, expected)
-        # the first step's top 5 and their logprobs, against transformers' log-softmax
         assert ours.logprobs is not None
         hf_logprobs = hf_logits.log_softmax(-1)
         top = ours.logprobs[0].top
