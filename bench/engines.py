@@ -57,6 +57,8 @@ class Fulmine(Engine):
         return list(self.llm.tokenizer.encode(text))
 
     def chat_prompt(self, question: str) -> list[int]:
+        if self.llm.tokenizer.chat_template is None:  # a base model: the question as plain text
+            return self.tokenize(question)
         return self.llm.engine.encode_prompt([{"role": "user", "content": question}])
 
     def stream(self, prompt_ids: list[int], max_tokens: int, sampling: dict[str, float] = GREEDY) -> Iterator[int]:
@@ -85,6 +87,8 @@ class LlamaCpp(Engine):
         from fulmine.tokenizer import apply_chat_template, load_tokenizer
 
         tokenizer = load_tokenizer(resolve(self.model_path))
+        if tokenizer.chat_template is None:  # a base model: the question as plain text
+            return self.tokenize(question)
         return apply_chat_template(tokenizer, [{"role": "user", "content": question}])
 
     @property
