@@ -248,7 +248,8 @@ class ModelRunner:
             step.sample_index = torch.tensor(sample_rows, dtype=torch.long, device=device)
             step.sampling = SamplingBatch.build(
                 [r.sampling_params for r in requests],
-                [self._generator(r) for r in requests],
+                # the C sampler draws from counter-based keys: per-request generators only for PyTorch's
+                [self._generator(r) if self.sampler.kernel is None else None for r in requests],
                 [(r.prompt_token_ids, r.output_token_ids) for r in requests],
                 self.config.vocab_size,
                 device,

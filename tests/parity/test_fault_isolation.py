@@ -18,9 +18,14 @@ PARAMS = [GREEDY, GREEDY, SEEDED, GREEDY]
 POISONED = "Poisoned prompt: the step fails once this request has a few tokens"
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_llama) -> LLM:
-    return LLM(str(tiny_llama), dtype="float32", weight_dtype="float32", progress=False)
+@pytest.fixture(scope="module", params=["c-sampler", "pytorch-sampler"])
+def llm(tiny_llama, request: pytest.FixtureRequest) -> LLM:
+    """With the C sampler (counter-based seeded draws) and the PyTorch one (per-request generators,
+    rewound when a step is rerun)."""
+    engine = LLM(str(tiny_llama), dtype="float32", weight_dtype="float32", progress=False)
+    if request.param == "pytorch-sampler":
+        engine.engine.runner.sampler.kernel = None
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +34,20 @@ def alone(llm: LLM) -> list[list[int]]:
 
 
 @contextmanager
-def failing_step(llm: LLM, after_tokens: int) -> Iterator[list[int]]:
-    """Every forward that includes the poisoned request, once it has `after_tokens` tokens, raises."""
+def failing_step(llm: LLM, after_tokens: int, after_sampling: bool = False) -> Iterator[list[int]]:
+    """Every step that includes the poisoned request, once it has `after_tokens` tokens, raises: at its
+    start, or once every row has drawn its token (so the step's random numbers were spent)."""
     poisoned = llm.engine.encode_prompt(POISONED)
     calls = []
     original = ModelRunner.execute
 
     def execute(self, out, block_tables):  # type: ignore[no-untyped-def]
         calls.append(len(out.scheduled))
+        result = original(self, out, block_tables) if after_sampling else None
         for s in out.scheduled:
             if s.request.prompt_token_ids == poisoned and len(s.request.output_token_ids) >= after_tokens:
                 raise RuntimeError("injected fault")
-        return original(self, out, block_tables)
+        return result if after_sampling else original(self, out, block_tables)
 
     ModelRunner.execute = execute  # type: ignore[method-assign]
     try:
@@ -49,11 +56,15 @@ def failing_step(llm: LLM, after_tokens: int) -> Iterator[list[int]]:
         ModelRunner.execute = original  # type: ignore[method-assign]
 
 
-@pytest.mark.parametrize("after_tokens", [0, 5], ids=["in-prefill", "mid-decode"])
-def test_failing_request_ends_alone(llm: LLM, alone: list[list[int]], after_tokens: int) -> None:
+@pytest.mark.parametrize(
+    ("after_tokens", "after_sampling"),
+    [(0, False), (5, False), (5, True)],
+    ids=["in-prefill", "mid-decode", "after-sampling"],
+)
+def test_failing_request_ends_alone(llm: LLM, alone: list[list[int]], after_tokens: int, after_sampling: bool) -> None:
     prompts = [*PROMPTS[:2], POISONED, *PROMPTS[2:]]
     params = [*PARAMS[:2], GREEDY, *PARAMS[2:]]
-    with failing_step(llm, after_tokens) as calls:
+    with failing_step(llm, after_tokens, after_sampling) as calls:
         outputs = llm.generate(prompts, params)
     failed = outputs.pop(2)
     assert failed.finished and failed.finish_reason is FinishReason.ERROR
