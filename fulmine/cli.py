@@ -246,11 +246,14 @@ def _stream(llm: Any, prompt: Any, params: Any, interrupt: _Interrupt) -> Iterat
 
 
 @contextlib.contextmanager
-def _reported_errors() -> Iterator[None]:
-    """An answer the engine could not finish is reported on one line; the chat goes on."""
+def _reported_errors() -> Iterator[list[RuntimeError]]:
+    """An answer the engine could not finish is reported on one line (and kept in the yielded list);
+    the program goes on."""
+    errors: list[RuntimeError] = []
     try:
-        yield
+        yield errors
     except RuntimeError as error:
+        errors.append(error)
         print(f"\nfulmine: error: {error}", file=sys.stderr)
 
 
@@ -289,13 +292,11 @@ def _generate(llm: Any, args: argparse.Namespace, params: Any) -> int:
     if args.stats:
         _print_answer(llm, prompt, params)
         return 0
-    try:
-        with _Interrupt() as interrupt:
-            for output in _stream(llm, prompt, params, interrupt):
-                sys.stdout.write(output.new_text)
-                sys.stdout.flush()
-    except RuntimeError as error:
-        print(f"\nfulmine: error: {error}", file=sys.stderr)
+    with _reported_errors() as errors, _Interrupt() as interrupt:
+        for output in _stream(llm, prompt, params, interrupt):
+            sys.stdout.write(output.new_text)
+            sys.stdout.flush()
+    if errors:
         return 1
     sys.stdout.write("\n")
     return 130 if interrupt.requested else 0

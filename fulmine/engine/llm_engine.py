@@ -16,10 +16,11 @@ import torch
 from fulmine import kernels
 from fulmine.config import ConfigError, EngineConfig
 from fulmine.engine.detokenizer import IncrementalDetokenizer
-from fulmine.engine.model_runner import ModelRunner, kv_cache_blocks, kv_cache_bytes_per_token
+from fulmine.engine.model_runner import ModelRunner
 from fulmine.engine.outputs import ModelRunnerOutput, RequestMetrics, RequestOutput, ScheduledRequest, SchedulerOutput
 from fulmine.engine.scheduler import Scheduler
 from fulmine.kv_cache import KVCacheManager
+from fulmine.kv_cache.sizing import kv_cache_blocks, kv_cache_bytes_per_token
 from fulmine.layers.linear import Embedding, Linear
 from fulmine.models.loader import load_model
 from fulmine.models.source import resolve
@@ -196,10 +197,7 @@ class LLMEngine:
             self.scheduler.finish_request(request.request_id, FinishReason.ERROR)
         request.finish_reason = FinishReason.ERROR
         request.error = f"{type(error).__name__}: {error}"
-        detokenizer = self.detokenizers.pop(request.request_id, None)
-        self.runner.release(request.request_id)
-        if self.governor is not None:
-            self.governor.release(request.request_id)
+        detokenizer = self._forget(request.request_id)
         text = detokenizer.text[: detokenizer.num_released] if detokenizer is not None else ""
         return self._request_output(request, text, "", [])
 
@@ -217,12 +215,16 @@ class LLMEngine:
                 break
         if request.is_finished:
             detokenizer.flush()
-            del self.detokenizers[request.request_id]
-            self.runner.release(request.request_id)
-            if self.governor is not None:
-                self.governor.release(request.request_id)
+            self._forget(request.request_id)
         new_text = detokenizer.release(request.is_finished)
         return self._request_output(request, detokenizer.text[: detokenizer.num_released], new_text, new_token_ids)
+
+    def _forget(self, request_id: str) -> IncrementalDetokenizer | None:
+        """Drop a finished request's per-request state (detokenizer, generator, draft state)."""
+        self.runner.release(request_id)
+        if self.governor is not None:
+            self.governor.release(request_id)
+        return self.detokenizers.pop(request_id, None)
 
     @staticmethod
     def _request_output(request: Request, text: str, new_text: str, new_token_ids: list[int]) -> RequestOutput:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from fulmine.config import ConfigError, EngineConfig
-from fulmine.engine.model_runner import ModelRunner, kv_cache_blocks, kv_cache_bytes_per_token
+from fulmine.engine.model_runner import ModelRunner
 from fulmine.engine.outputs import ScheduledRequest, SchedulerOutput
 from fulmine.kv_cache import KVCacheManager
+from fulmine.kv_cache.sizing import kv_cache_blocks, kv_cache_bytes_per_token
 from fulmine.models.loader import load_model
 from fulmine.models.source import resolve
 from fulmine.request import Request, SamplingParams

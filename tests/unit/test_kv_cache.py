@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from fulmine.config import ConfigError, EngineConfig
-from fulmine.engine import model_runner
-from fulmine.engine.model_runner import kv_cache_blocks
-from fulmine.kv_cache import BlockPool, KVCacheManager
+from fulmine.kv_cache import BlockPool, KVCacheManager, sizing
+from fulmine.kv_cache.sizing import kv_cache_blocks
 
 
 def test_pool_allocates_and_frees_every_block_once() -> None:
@@ -105,6 +104,6 @@ def test_kv_cache_sizing(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="raise kv_cache_memory_gb or lower max_model_len"):
         kv_cache_blocks(EngineConfig(kv_cache_memory_gb=1.0), per_token, context, cpu)
     # the default on a machine without the memory for one context says what to change
-    monkeypatch.setattr(model_runner, "_available_memory_bytes", lambda: 2**30)
+    monkeypatch.setattr(sizing, "_available_memory_bytes", lambda: 2**30)
     with pytest.raises(ConfigError, match="lower max_model_len"):
         kv_cache_blocks(EngineConfig(), per_token, context, cpu)
