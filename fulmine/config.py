@@ -11,6 +11,7 @@ from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _QUANTIZATIONS = ("auto", "none", "int8", "int4")
+_EXECUTORS = ("auto", "cuda-graph", "cpu-fused", "torch", "graph-eager")  # fulmine/executors/
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -106,6 +107,12 @@ class EngineConfig:
         "quantized matrices multiply float32 activations (matches a dequantized reference to rounding; "
         "slower) instead of int8-quantized ones as llama.cpp does",
     )
+    executor: str = _opt(
+        "auto",
+        "how steps run: auto takes every specialized executor the model and device support (cuda-graph "
+        "decode on CUDA, cpu-fused on the CPU) with torch for the rest; cuda-graph, cpu-fused or torch "
+        "insist on one; graph-eager runs cuda-graph's fixed-shape decode steps without capturing (debugging)",
+    )
     speculative: str = _opt(
         "ngram",
         "speculative decoding: ngram drafts from the request's own text (prompt lookup), draft from "
@@ -126,6 +133,7 @@ class EngineConfig:
             (self.dtype in _DTYPES, f"dtype must be one of {', '.join(_DTYPES)}"),
             (self.weight_dtype in _DTYPES, f"weight_dtype must be one of {', '.join(_DTYPES)}"),
             (self.quantization in _QUANTIZATIONS, f"quantization must be one of {', '.join(_QUANTIZATIONS)}"),
+            (self.executor in _EXECUTORS, f"executor must be one of {', '.join(_EXECUTORS)}"),
             (self.speculative in ("ngram", "draft", "off"), "speculative must be ngram, draft or off"),
             (
                 (self.speculative == "draft") == (self.draft_model is not None),

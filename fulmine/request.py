@@ -140,6 +140,7 @@ class Request:
         self.output_logprobs: list[TokenLogprobs] = []  # one per output token, if asked for
         self.prompt_logprobs: list[TokenLogprobs] = []  # one per prompt token after the first, if asked for
         self.num_computed_tokens = 0
+        self.draft_token_ids: list[int] = []  # proposed after the last step, verified in the next
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None

@@ -17,8 +17,9 @@ from fulmine import kernels
 from fulmine.config import ConfigError, EngineConfig
 from fulmine.engine.detokenizer import IncrementalDetokenizer
 from fulmine.engine.model_runner import ModelRunner
-from fulmine.engine.outputs import ModelRunnerOutput, RequestMetrics, RequestOutput, ScheduledRequest, SchedulerOutput
-from fulmine.engine.scheduler import Scheduler
+from fulmine.engine.outputs import ModelRunnerOutput, RequestMetrics, RequestOutput, SchedulerOutput
+from fulmine.engine.scheduler import Scheduler, draft_room
+from fulmine.engine.step import StepBatch
 from fulmine.kv_cache import KVCacheManager
 from fulmine.kv_cache.sizing import kv_cache_blocks, kv_cache_bytes_per_token
 from fulmine.layers.linear import Embedding, Linear
@@ -76,7 +77,7 @@ class LLMEngine:
                 config.draft_model, config, model_config.vocab_size, self.max_model_len, device, dtype, weight_dtype
             )
             self.governor = Governor(config.num_speculative_tokens, proposer)
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, self.governor)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
             model_module,
             num_blocks,
@@ -86,6 +87,8 @@ class LLMEngine:
             dtype,
             config.seed,
             config.exact_kernels,
+            config.executor,
+            config.max_num_seqs,
         )
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
@@ -136,25 +139,33 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one forward over the scheduled batch; outputs for requests that got a token or failed."""
-        started = time.perf_counter()  # scheduling included: it runs the draft model, if any
+        """Run one forward over the scheduled batch; outputs for requests that got a token or failed.
+
+        schedule -> execute -> update, then (with speculation) drafts for the next step are proposed
+        for every decoding request at once."""
+        started = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
         now = time.monotonic()
         for s in scheduled.scheduled:
             s.request.first_scheduled_time = s.request.first_scheduled_time or now
-        result, failed = self._execute(scheduled)
+            if self.governor is not None and s.request.draft_token_ids:
+                self.governor.verified(s.request.request_id, len(s.draft_token_ids))
+        batch = StepBatch.from_scheduled(scheduled, self.kv_cache.block_tables)
+        result, failed = self._execute(batch)
+        failed_requests = [(self.scheduler.requests[request_id], error) for request_id, error in failed]
         if failed:
-            failed_ids = {request.request_id for request, _ in failed}
+            failed_ids = {request_id for request_id, _ in failed}
             scheduled = SchedulerOutput([s for s in scheduled.scheduled if s.request.request_id not in failed_ids])
-        elif self.governor is not None and all(s.samples for s in scheduled.scheduled):  # decode steps
-            self.governor.record_step(scheduled.num_batched_tokens, time.perf_counter() - started)
         updated = self.scheduler.update_from_output(scheduled, result)
         if self.governor is not None:
             for request, tokens in updated:
                 self.governor.observe(request.request_id, tokens)
-        outputs = [self._fail(request, error) for request, error in failed]
+            self._propose_drafts()
+            if not failed and batch.seqs and all(s.samples for s in batch.seqs):  # decode steps
+                self.governor.record_step(batch.num_tokens, time.perf_counter() - started)
+        outputs = [self._fail(request, error) for request, error in failed_requests]
         for request, tokens in updated:
             try:
                 outputs.append(self._output(request, tokens))
@@ -162,32 +173,44 @@ class LLMEngine:
                 outputs.append(self._fail(request, error))
         return outputs
 
-    def _execute(self, scheduled: SchedulerOutput) -> tuple[ModelRunnerOutput, list[tuple[Request, Exception]]]:
+    def _propose_drafts(self) -> None:
+        """Drafts for every running request whose next step samples, for the scheduler to verify."""
+        assert self.governor is not None
+        running = self.scheduler.running
+        for request in running:
+            request.draft_token_ids = []
+            if request.num_computed_tokens != request.num_tokens - 1:
+                continue  # still prefilling (or recomputing after a preemption)
+            room = draft_room(request)
+            if room > 0:
+                request.draft_token_ids = self.governor.drafts(request, room, len(running))
+
+    def _execute(self, batch: StepBatch) -> tuple[ModelRunnerOutput, list[tuple[str, Exception]]]:
         """Run the batch. If it raises, find the requests that make it raise by running halves of the
-        batch (bisecting) and return, with the others' results, each failing request and its error.
+        batch (bisecting) and return, with the others' results, each failing request's id and error.
 
         Rerunning is safe: a request's KV slots are rewritten with the same values, and each seeded
         request's generator is rewound to where it stood before the step, so the requests that did
         not fail get the tokens they would have had in a step without the failing ones."""
-        tables = self.kv_cache.block_tables
-        rng = self.runner.rng_states([s.request for s in scheduled.scheduled])
+        rng = self.runner.rng_states([s.request_id for s in batch.seqs])
         try:
-            return self.runner.execute(scheduled, tables), []
+            return self.runner.execute(batch), []
         except Exception as error:
             merged, failed = ModelRunnerOutput({}), []
 
-            def bisect(group: list[ScheduledRequest], error: Exception) -> None:
-                if len(group) == 1:
-                    failed.append((group[0].request, error))
+            def bisect(group: StepBatch, error: Exception) -> None:
+                if len(group.seqs) == 1:
+                    failed.append((group.seqs[0].request_id, error))
                     return
-                for part in (group[: len(group) // 2], group[len(group) // 2 :]):
-                    self.runner.set_rng_states(rng, [s.request.request_id for s in part])
+                half = len(group.seqs) // 2
+                for part in (StepBatch(group.seqs[:half]), StepBatch(group.seqs[half:])):
+                    self.runner.set_rng_states(rng, [s.request_id for s in part.seqs])
                     try:
-                        merged.merge(self.runner.execute(SchedulerOutput(part), tables))
+                        merged.merge(self.runner.execute(part))
                     except Exception as part_error:
                         bisect(part, part_error)
 
-            bisect(scheduled.scheduled, error)
+            bisect(batch, error)
             return merged, failed
 
     def _fail(self, request: Request, error: BaseException) -> RequestOutput:
@@ -265,6 +288,6 @@ class LLMEngine:
             "max_model_len": self.max_model_len,
             "kv_cache_blocks": self.kv_cache.pool.num_blocks,
             "kernels": kernels.describe(),
-            "fused_decoder": self.runner.fused is not None,
+            "executors": [e.name for e in self.runner.executors],
             "speculative": self.config.speculative,
         }

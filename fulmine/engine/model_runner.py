@@ -1,36 +1,22 @@
-"""The model runner: scheduled requests -> input tensors -> forward -> sampled tokens.
+"""The model runner: a step batch -> an executor's forward -> sampled tokens.
 
-It owns the device state: the model, the paged KV cache tensors, the rotary tables, the sampler
-and each seeded request's generator. One device-to-host copy per step (the sampled tokens, with
+It owns the device state (the model, the paged KV cache, the rotary tables, in `ModelState`), the
+executors that run steps on it (executors/), the sampler and each seeded request's generator. It
+sees only `StepBatch`es, plain data. One device-to-host copy per step (the sampled tokens, with
 their logprobs when asked for).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from fulmine.engine.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from fulmine.layers.attention import AttentionMetadata
-from fulmine.layers.rotary import RotaryEmbedding
+from fulmine.engine.outputs import ModelRunnerOutput
+from fulmine.engine.step import SequenceStep, StepBatch
+from fulmine.executors import make_executors
+from fulmine.executors.base import Executor, allocate_model_state
 from fulmine.models.decoder import DecoderModel
-from fulmine.models.fused import FusedDecoder, unsupported_reason
-from fulmine.request import Request, TokenLogprobs
+from fulmine.request import TokenLogprobs
 from fulmine.sampling.sampler import Sampler, SamplerOutput, SamplingBatch, logprobs_of
-
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [num_tokens], every scheduled request's new tokens, back to back
-    attention: list[AttentionMetadata]  # per layer; layers of one kind share one object (PyTorch path)
-    fused: tuple[list[int], list[int], list[int], list[list[int]]] | None = None  # FusedDecoder's arguments
-    sample_index: torch.Tensor | None = None  # [num_sampling] rows of the hidden states to sample from
-    sampling: SamplingBatch | None = None
-    sampling_requests: list[Request] = field(default_factory=list)  # per sampled row
-    draft_ids: torch.Tensor | None = None  # [num_sampling] draft token each row verifies, -1: none
-    drafts: dict[str, list[int]] = field(default_factory=dict)  # request id -> its drafts this step
-    row_offsets: list[int] = field(default_factory=list)  # first row of each scheduled request
 
 
 class ModelRunner:
@@ -44,104 +30,92 @@ class ModelRunner:
         dtype: torch.dtype,
         seed: int,
         exact_kernels: bool = False,
+        executor: str = "auto",
+        max_num_seqs: int = 64,
     ) -> None:
-        config = model.config
-        self.model, self.config = model, config
+        self.model, self.config = model, model.config
         self.device, self.block_size = device, block_size
-        # One spare slot past the blocks stays zero: padded context positions read it, so
-        # attention never reads a never-written slot, and the cache can be allocated without
-        # initialization (on CPU, pages become resident only as blocks are used).
-        self.null_slot = num_blocks * block_size
-        shape = (self.null_slot + 1, config.num_kv_heads, config.head_dim)
-        self.kv_caches = []
-        for _ in range(config.num_layers):
-            k_cache, v_cache = (
-                torch.empty(shape, dtype=dtype, device=device),
-                torch.empty(shape, dtype=dtype, device=device),
-            )
-            k_cache[self.null_slot].zero_()
-            v_cache[self.null_slot].zero_()
-            self.kv_caches.append((k_cache, v_cache))
-        self.rotary = RotaryEmbedding(
-            config.head_dim, max_model_len, config.rope_theta, config.rope_scaling, device, dtype
-        )
-        self.rotary_sliding = self.rotary
-        if config.rope_theta_sliding is not None:  # Gemma 3: local layers use their own base
-            self.rotary_sliding = RotaryEmbedding(
-                config.head_dim, max_model_len, config.rope_theta_sliding, None, device, dtype
-            )
-        self.layer_is_sliding = [config.is_sliding(layer) for layer in range(config.num_layers)]
-        self.fused: FusedDecoder | None = None
-        if unsupported_reason(model, device, dtype) is None:
-            self.fused = FusedDecoder(
-                model,
-                self.kv_caches,
-                self.rotary,
-                self.rotary_sliding,
-                self.layer_is_sliding,
-                block_size,
-                exact_kernels,
-            )
+        self.state = allocate_model_state(model, num_blocks, block_size, max_model_len, device, dtype, exact_kernels)
+        self.kv_caches = self.state.kv_caches
+        self.executors: list[Executor] = make_executors(self.state, executor, max_num_seqs)
         self.sampler = Sampler(device, seed)
-        self.num_threads = torch.get_num_threads()
         self.generators: dict[str, torch.Generator] = {}
+        self.last_executor = ""  # which executor ran the latest step (tests, metrics)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
-        step = self._prepare(out.scheduled, block_tables)
-        # One owner for the cores: a fused step's matrices run in the C kernels' own pool, so what
-        # PyTorch does around it (sampling extras, logprobs) runs on this thread alone, never waking
-        # its OpenMP pool to spin against the kernels'. Larger steps' GEMMs are PyTorch's: all threads.
-        _use_torch_threads(1 if step.fused is not None else self.num_threads)
-        if step.fused is not None:
-            assert self.fused is not None
-            hidden = self.fused(*step.fused)
-        else:
-            hidden = self.model(step.input_ids, self.kv_caches, step.attention)
-        prompt_logprobs = self._prompt_logprobs(out.scheduled, step.row_offsets, hidden)
-        if step.sampling is None:  # only prefill chunks this step
+    def execute(self, batch: StepBatch) -> ModelRunnerOutput:
+        executor = next(e for e in self.executors if e.accepts(batch))
+        self.last_executor = executor.name
+        hidden = executor.forward(batch)
+        prompt_logprobs = self._prompt_logprobs(batch, hidden)
+        rows = [
+            (s, i) for s, offset in zip(batch.seqs, batch.row_offsets) if s.samples for i in _sample_rows(s, offset)
+        ]
+        if not rows:  # only prefill chunks this step
             return ModelRunnerOutput(sampled={}, prompt_logprobs=prompt_logprobs)
-        logits = self.model.compute_logits(hidden[step.sample_index])
-        result = self.sampler(logits, step.sampling, step.draft_ids)
+        seqs = [s for s, _ in rows]
+        sample_index = torch.tensor([i for _, i in rows], dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[sample_index])
+        result = self.sampler(logits, self._sampling(batch, seqs), self._draft_ids(batch, seqs))
         token_ids = result.token_ids.tolist()  # the step's device-to-host copy
-        requests = step.sampling_requests
         output = ModelRunnerOutput({}, {}, prompt_logprobs)
         if result.accepted is None:
-            output.sampled = {r.request_id: [t] for r, t in zip(requests, token_ids)}
+            output.sampled = {s.request_id: [t] for s, t in zip(seqs, token_ids)}
         else:
-            output.sampled = _verified(requests, token_ids, result.accepted.tolist(), step.drafts)
+            output.sampled = _verified(seqs, token_ids, result.accepted.tolist())
         if result.logprobs is not None:
-            output.logprobs = _pack_logprobs(requests, result)
+            output.logprobs = _pack_logprobs(seqs, result)
         return output
 
-    def _prompt_logprobs(
-        self, scheduled: list[ScheduledRequest], row_offsets: list[int], hidden: torch.Tensor
-    ) -> dict[str, list[TokenLogprobs]]:
+    def _sampling(self, batch: StepBatch, seqs: list[SequenceStep]) -> SamplingBatch:
+        """Per sampled row (a sequence's last real token, then one per draft): how to sample it."""
+        draw_indices: list[int] = []  # per row: the index of the output token it draws
+        for s in batch.seqs:
+            if s.samples:
+                first = len(s.output_token_ids)
+                draw_indices.extend(range(first, first + s.num_drafts + 1))
+        return SamplingBatch.build(
+            [s.params for s in seqs],
+            # the C sampler draws from counter-based keys: per-request generators only for PyTorch's
+            [self._generator(s) if self.sampler.kernel is None else None for s in seqs],
+            [(s.prompt_token_ids, s.output_token_ids) for s in seqs],
+            self.config.vocab_size,
+            self.device,
+            draw_indices,
+            dense_tables=self.sampler.kernel is None,
+        )
+
+    def _draft_ids(self, batch: StepBatch, seqs: list[SequenceStep]) -> torch.Tensor | None:
+        """Per sampled row, the draft token it verifies (-1: none); None when nothing is drafted."""
+        if not any(s.num_drafts for s in batch.seqs):
+            return None
+        row_drafts = [d for s in batch.seqs if s.samples for d in (*s.draft_token_ids, -1)]
+        return torch.tensor(row_drafts, dtype=torch.long, device=self.device)
+
+    def _prompt_logprobs(self, batch: StepBatch, hidden: torch.Tensor) -> dict[str, list[TokenLogprobs]]:
         """Logprobs of each prompt token given the ones before it, for requests that ask for them.
 
-        Prompt position p (computed this step) predicts prompt token p + 1; a chunk's rows are
+        Prompt position p (computed this step) predicts prompt token p + 1; a sequence's rows are
         contiguous in `hidden`. The prompt's last position predicts the first generated token,
         which the sampler reports.
         """
         out: dict[str, list[TokenLogprobs]] = {}
-        for s, offset in zip(scheduled, row_offsets):
-            request = s.request
-            k = request.sampling_params.prompt_logprobs
-            start = request.num_computed_tokens
-            end = min(start + s.num_new_tokens, request.num_prompt_tokens - 1)
-            if k is None or end <= start:
+        for s, offset in zip(batch.seqs, batch.row_offsets):
+            k = s.params.prompt_logprobs
+            end = min(s.end - s.num_drafts, len(s.prompt_token_ids) - 1)
+            if k is None or end <= s.start:
                 continue
-            logprobs = self.model.compute_logits(hidden[offset : offset + end - start]).log_softmax(dim=-1)
-            targets = torch.tensor(request.prompt_token_ids[start + 1 : end + 1], device=self.device)
-            rows = _token_logprobs(logprobs_of(logprobs, targets, k), [k] * (end - start))
-            out[request.request_id] = [row for row in rows if row is not None]
+            logprobs = self.model.compute_logits(hidden[offset : offset + end - s.start]).log_softmax(dim=-1)
+            targets = torch.tensor(s.prompt_token_ids[s.start + 1 : end + 1], device=self.device)
+            rows = _token_logprobs(logprobs_of(logprobs, targets, k), [k] * (end - s.start))
+            out[s.request_id] = [row for row in rows if row is not None]
         return out
 
-    def rng_states(self, requests: list[Request]) -> dict[str, torch.Tensor | None]:
+    def rng_states(self, request_ids: list[str]) -> dict[str, torch.Tensor | None]:
         """Where each seeded request's generator stands (None: not made yet), to rewind a failed step."""
         if not self.generators:
             return {}
-        return {r.request_id: g.get_state() if (g := self.generators.get(r.request_id)) else None for r in requests}
+        return {i: g.get_state() if (g := self.generators.get(i)) else None for i in request_ids}
 
     def set_rng_states(self, states: dict[str, torch.Tensor | None], request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -155,179 +129,44 @@ class ModelRunner:
         """Forget a finished request's generator."""
         self.generators.pop(request_id, None)
 
-    def _prepare(self, scheduled: list[ScheduledRequest], block_tables: dict[str, list[int]]) -> StepInputs:
-        bs, device = self.block_size, self.device
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        row_offsets: list[int] = []
-        sample_requests: list[Request] = []
-        row_drafts: list[int] = []  # per sampled row: the draft it verifies, -1 for none
-        draw_indices: list[int] = []  # per sampled row: the index of the output token it draws
-        for s in scheduled:
-            request, start = s.request, s.request.num_computed_tokens
-            drafts = s.draft_token_ids
-            end = start + s.num_new_tokens + len(drafts)
-            table = block_tables[request.request_id]
-            row_offsets.append(len(token_ids))
-            token_ids.extend(_token_slice(request, start, end - len(drafts)))
-            token_ids.extend(drafts)
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if s.samples:  # the last real token's row, then one row per draft
-                first = len(token_ids) - 1 - len(drafts)
-                sample_rows.extend(range(first, len(token_ids)))
-                sample_requests.extend([request] * (len(drafts) + 1))
-                num_output = len(request.output_token_ids)
-                draw_indices.extend(range(num_output, num_output + len(drafts) + 1))
-                row_drafts.extend([*drafts, -1])
-        if self.fused is not None and len(token_ids) <= self.fused.max_tokens:
-            step = StepInputs(torch.empty(0), [])
-            seq_index = [i for i, s in enumerate(scheduled) for _ in range(s.num_new_tokens + len(s.draft_token_ids))]
-            tables = [block_tables[s.request.request_id] for s in scheduled]
-            step.fused = (token_ids, positions, seq_index, tables)
-        else:
-            step = StepInputs(
-                torch.tensor(token_ids, dtype=torch.long, device=device),
-                self._attention(scheduled, block_tables, positions, slots),
-            )
-        step.row_offsets = row_offsets
-        if sample_rows:
-            requests = sample_requests
-            step.sampling_requests = requests
-            step.drafts = {s.request.request_id: s.draft_token_ids for s in scheduled if s.draft_token_ids}
-            if step.drafts:
-                step.draft_ids = torch.tensor(row_drafts, dtype=torch.long, device=device)
-            step.sample_index = torch.tensor(sample_rows, dtype=torch.long, device=device)
-            step.sampling = SamplingBatch.build(
-                [r.sampling_params for r in requests],
-                # the C sampler draws from counter-based keys: per-request generators only for PyTorch's
-                [self._generator(r) if self.sampler.kernel is None else None for r in requests],
-                [(r.prompt_token_ids, r.output_token_ids) for r in requests],
-                self.config.vocab_size,
-                device,
-                draw_indices,
-                dense_tables=self.sampler.kernel is None,
-            )
-        return step
-
-    def _attention(
-        self,
-        scheduled: list[ScheduledRequest],
-        block_tables: dict[str, list[int]],
-        positions: list[int],
-        slots: list[int],
-    ) -> list[AttentionMetadata]:
-        device = self.device
-        position_ids = torch.tensor(positions, dtype=torch.long, device=device)
-        slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
-        by_kind: dict[bool, AttentionMetadata] = {}
-        for sliding in set(self.layer_is_sliding):  # full-context layers, sliding-window layers
-            rotary = self.rotary_sliding if sliding else self.rotary
-            by_kind[sliding] = AttentionMetadata(slot_mapping, *rotary.lookup(position_ids))
-            self._layout(by_kind[sliding], scheduled, block_tables, self.config.sliding_window if sliding else None)
-        return [by_kind[sliding] for sliding in self.layer_is_sliding]
-
-    def _layout(
-        self,
-        meta: AttentionMetadata,
-        scheduled: list[ScheduledRequest],
-        block_tables: dict[str, list[int]],
-        window: int | None,
-    ) -> None:
-        """Choose how attention reads the cache this step (see layers/attention.py)."""
-        bs, device = self.block_size, self.device
-        starts = [s.request.num_computed_tokens for s in scheduled]
-        query_lens = [s.num_new_tokens + len(s.draft_token_ids) for s in scheduled]
-        context_lens = [a + n for a, n in zip(starts, query_lens)]
-        max_query, max_context = max(query_lens), max(context_lens)
-        windowed = window is not None and window < max_context
-        if len(scheduled) == 1:
-            if starts[0] == 0 and not windowed:
-                meta.is_fresh = True
-                return
-            table = block_tables[scheduled[0].request.request_id][: -(-max_context // bs)]
-            if table[-1] - table[0] == len(table) - 1 and table == list(range(table[0], table[-1] + 1)):
-                meta.kv_range = (table[0] * bs, table[0] * bs + max_context)
-            if max_query == 1 and not windowed:
-                if meta.kv_range is None:
-                    meta.kv_slots = self._slots([table], context_lens, max_context)
-                return  # one query token sees its whole context: no mask
-        if meta.kv_range is None:
-            tables = [block_tables[s.request.request_id] for s in scheduled]
-            meta.kv_slots = self._slots(tables, context_lens, max_context)
-        # query positions, padded rows at position 0 (they see key 0 only and are discarded)
-        query_pos = torch.zeros(len(scheduled), max_query, dtype=torch.long)
-        for row, (start, n) in enumerate(zip(starts, query_lens)):
-            query_pos[row, :n] = torch.arange(start, start + n)
-        query_pos = query_pos.to(device).unsqueeze(-1)  # [num_seqs, max_query, 1]
-        key_pos = torch.arange(max_context, device=device)
-        mask = key_pos <= query_pos
-        if window is not None:
-            mask &= key_pos > query_pos - window
-        meta.attn_mask = mask.unsqueeze(1)  # [num_seqs, 1, max_query, max_context]
-        if len(scheduled) > 1:
-            query_index: list[list[int]] = []
-            output_index: list[int] = []
-            offset = 0
-            for row, n in enumerate(query_lens):
-                query_index.append(list(range(offset, offset + n)) + [0] * (max_query - n))
-                output_index.extend(range(row * max_query, row * max_query + n))
-                offset += n
-            meta.query_index = torch.tensor(query_index, dtype=torch.long, device=device)
-            meta.output_index = torch.tensor(output_index, dtype=torch.long, device=device)
-
-    def _slots(self, tables: list[list[int]], context_lens: list[int], max_context: int) -> torch.Tensor:
-        """[num_seqs, max_context] cache slot of every context position; padding reads the null slot."""
-        bs, device = self.block_size, self.device
-        num_blocks = -(-max_context // bs)
-        padded = [t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables]
-        block_ids = torch.tensor(padded, dtype=torch.long, device=device)
-        positions = torch.arange(max_context, device=device)
-        slots = block_ids[:, positions // bs] * bs + positions % bs
-        lengths = torch.tensor(context_lens, dtype=torch.long, device=device).unsqueeze(1)
-        return torch.where(positions < lengths, slots, self.null_slot)
-
-    def _generator(self, request: Request) -> torch.Generator | None:
-        seed = request.sampling_params.seed
-        if seed is None or request.sampling_params.is_greedy:
+    def _generator(self, seq: SequenceStep) -> torch.Generator | None:
+        seed = seq.params.seed
+        if seed is None or seq.params.is_greedy:
             return None
-        generator = self.generators.get(request.request_id)
+        generator = self.generators.get(seq.request_id)
         if generator is None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed)
-            self.generators[request.request_id] = generator
+            self.generators[seq.request_id] = generator
         return generator
 
 
-def _use_torch_threads(n: int) -> None:
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+def _sample_rows(seq: SequenceStep, offset: int) -> range:
+    """The rows a sampling sequence samples at: its last real token's, then one per draft."""
+    end = offset + seq.num_tokens
+    return range(end - 1 - seq.num_drafts, end)
 
 
-def _verified(
-    requests: list[Request], token_ids: list[int], accepted: list[bool], drafts: dict[str, list[int]]
-) -> dict[str, list[int]]:
-    """Per request: its drafts up to the first rejected one, then the token sampled at that row."""
+def _verified(seqs: list[SequenceStep], token_ids: list[int], accepted: list[bool]) -> dict[str, list[int]]:
+    """Per sequence: its drafts up to the first rejected one, then the token sampled at that row."""
     out: dict[str, list[int]] = {}
     row = 0
-    while row < len(requests):
-        request_id = requests[row].request_id
-        tokens = out[request_id] = []
-        for draft in drafts.get(request_id, []):
+    while row < len(seqs):
+        seq = seqs[row]
+        tokens = out[seq.request_id] = []
+        for draft in seq.draft_token_ids:
             if not accepted[row]:
                 break
             tokens.append(draft)
             row += 1
         tokens.append(token_ids[row])
-        row += len(drafts.get(request_id, [])) - len(tokens) + 2  # to the request's next row
+        row += seq.num_drafts - len(tokens) + 2  # to the sequence's next row
     return out
 
 
-def _pack_logprobs(requests: list[Request], result: SamplerOutput) -> dict[str, TokenLogprobs]:
-    rows = _token_logprobs(result, [r.sampling_params.logprobs for r in requests])
-    return {r.request_id: row for r, row in zip(requests, rows) if row is not None}
+def _pack_logprobs(seqs: list[SequenceStep], result: SamplerOutput) -> dict[str, TokenLogprobs]:
+    rows = _token_logprobs(result, [s.params.logprobs for s in seqs])
+    return {s.request_id: row for s, row in zip(seqs, rows) if row is not None}
 
 
 def _token_logprobs(result: SamplerOutput, ks: list[int | None]) -> list[TokenLogprobs | None]:
@@ -344,12 +183,3 @@ def _token_logprobs(result: SamplerOutput, ks: list[int | None]) -> list[TokenLo
         top = list(zip(top_ids[row][:k], top_logprobs[row][:k])) if top_ids and top_logprobs else []
         rows.append(TokenLogprobs(chosen[row], top))
     return rows
-
-
-def _token_slice(request: Request, start: int, end: int) -> list[int]:
-    prompt = request.prompt_token_ids
-    if end <= len(prompt):
-        return prompt[start:end]
-    if start >= len(prompt):
-        return request.output_token_ids[start - len(prompt) : end - len(prompt)]
-    return prompt[start:] + request.output_token_ids[: end - len(prompt)]

@@ -5,9 +5,10 @@ step has a token budget; running requests are served first (a decode needs one t
 unfinished prefill takes what the budget allows), then waiting requests are admitted in arrival
 order, starting from the longest cached prefix of their tokens, the rest chunked to fit. When
 the KV cache runs out, the most recently admitted running request is preempted: its blocks are
-freed and it is recomputed later. With a speculation governor, a decoding request may also
-carry draft tokens to verify (they take budget and KV slots; rejected ones are simply not counted
-as computed, and their slots are overwritten later). Pure Python.
+freed and it is recomputed later. A decoding request may also carry the draft tokens the engine
+proposed for it after the last step (`request.draft_token_ids`): they take budget and KV slots;
+rejected ones are simply not counted as computed, and their slots are overwritten later. Pure
+Python: nothing here runs a model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from collections import deque
 from fulmine.engine.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from fulmine.kv_cache import KVCacheManager
 from fulmine.request import FinishReason, Request, RequestStatus
-from fulmine.speculative.governor import Governor
 
 
 class Scheduler:
@@ -27,10 +27,8 @@ class Scheduler:
         kv_cache: KVCacheManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        governor: Governor | None = None,
     ) -> None:
         self.kv_cache = kv_cache
-        self.governor = governor
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -83,13 +81,9 @@ class Scheduler:
         return out
 
     def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
-        if self.governor is None or request.num_computed_tokens + num_new != request.num_tokens:
-            return []  # only a request about to sample its next token can speculate
-        params = request.sampling_params
-        room = min(budget - num_new, request.max_total_tokens - request.num_tokens)
-        if params.max_tokens is not None:
-            room = min(room, params.max_tokens - len(request.output_token_ids) - 1)
-        return self.governor.drafts(request, room, len(self.running)) if room > 0 else []
+        if not request.draft_token_ids or request.num_computed_tokens + num_new != request.num_tokens:
+            return []  # only a request about to sample its next token can verify drafts
+        return request.draft_token_ids[: max(min(budget - num_new, draft_room(request)), 0)]
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Make room for `num_new` more tokens of a running request, preempting from the back."""
@@ -106,6 +100,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request.request_id)
         request.num_computed_tokens = 0
+        request.draft_token_ids = []
         request.prompt_logprobs.clear()  # recomputed with the prompt
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
@@ -159,3 +154,12 @@ class Scheduler:
         request.finish_reason = reason
         request.finished_time = time.monotonic()
         return request
+
+
+def draft_room(request: Request) -> int:
+    """How many drafts the request could still use: its tokens left, keeping one for the sampled token."""
+    room = request.max_total_tokens - request.num_tokens
+    max_tokens = request.sampling_params.max_tokens
+    if max_tokens is not None:
+        room = min(room, max_tokens - len(request.output_token_ids) - 1)
+    return room

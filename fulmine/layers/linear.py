@@ -18,14 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fulmine import kernels
-from fulmine.layers.quantized import KERNEL_MAX_ROWS, QuantizedWeight, quantize
+from fulmine.layers.quantized import QuantizedWeight, quantize
 from fulmine.models.weights import QuantizedTensor, WeightTensor, as_dense
-
-# Up to this many rows, a narrow-weight linear runs in the weight's dtype. Measured on the 2-core
-# AVX-512 CPU, whole decode steps of the embedded model: batch 8 decodes at 40 tok/s with the
-# threshold at 4 (each step upcasts every weight) and 109 tok/s at 8; batch 16 at 71 tok/s with
-# 8 and 113 tok/s with 16. Past ~16 rows (prefill) the upcast float32 GEMM wins.
-NARROW_GEMV_MAX_ROWS = 16
 
 
 class Linear(nn.Module):
@@ -37,7 +31,9 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.quant: QuantizedWeight | None = None
         self.exact = False  # quantized products with float32 activations (see kernels/_cpu.c)
-        self.max_kernel_rows = KERNEL_MAX_ROWS  # more rows: dequantize and GEMM (layers/quantized.py)
+        # Row thresholds of the device's executor (executors/cpu_fused.py tunes them for the CPU):
+        self.max_kernel_rows = 1 << 30  # more rows: dequantize and GEMM (layers/quantized.py)
+        self.narrow_gemv_max_rows = 0  # up to this many rows, a narrow weight multiplies in its own dtype
         self.keep_blocks = False
         self._blocks: dict[int, QuantizedTensor] = {}
 
@@ -58,7 +54,7 @@ class Linear(nn.Module):
         # several times faster there than float16. Both round inputs and outputs to the weight
         # dtype, so a row's result hardly depends on which path its batch took.
         narrow = weight.dtype
-        if x.shape[0] <= NARROW_GEMV_MAX_ROWS:
+        if x.shape[0] <= self.narrow_gemv_max_rows:
             y = F.linear(x.to(narrow), weight).to(x.dtype)
         else:
             y = F.linear(x.to(narrow).to(x.dtype), weight.to(x.dtype)).to(narrow).to(x.dtype)

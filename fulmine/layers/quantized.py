@@ -15,11 +15,6 @@ import torch.nn.functional as F
 
 from fulmine import kernels
 
-# Above this many rows a product dequantizes the weight and runs the GEMM (bfloat16, or float32 when exact).
-# `python -m bench.kernels` (1536x576 Q4_1, 2 threads): fast kernel vs dequantize + bf16 GEMM 32 vs
-# 393 us at 1 row, 405 vs 424 at 32, 815 vs 539 at 64; exact kernel vs float32 GEMM 616 vs 683 at 32.
-KERNEL_MAX_ROWS = 32
-
 _BLOCK_BYTES = {kernels.Q8_0: 34, kernels.Q4_0: 18, kernels.Q4_1: 20}
 
 
@@ -37,8 +32,11 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return self.raw.numel()
 
-    def matmul(self, x: torch.Tensor, exact: bool = False, max_kernel_rows: int = KERNEL_MAX_ROWS) -> torch.Tensor:
-        """x [R, K] float32 -> [R, N] float32; `exact` keeps activations in float32 (see _cpu.c)."""
+    def matmul(self, x: torch.Tensor, exact: bool = False, max_kernel_rows: int = 1 << 30) -> torch.Tensor:
+        """x [R, K] float32 -> [R, N] float32; `exact` keeps activations in float32 (see _cpu.c).
+
+        Past `max_kernel_rows` rows the weight is dequantized for the GEMM (the CPU executor's threshold).
+        """
         module = kernels.cpu()
         assert module is not None, "quantized weights are only kept when the kernels are built"
         x = x.contiguous()

@@ -129,9 +129,9 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layer_class(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        # its rows are the step's sampled positions, as many as the batch has: always the kernel,
-        # so a row's logits never depend on what else was sampled with it
-        self.lm_head.max_kernel_rows = 1 << 30
+        # its rows are the step's sampled positions, as many as the batch has: always the kernel (the
+        # layer's default, which the CPU executor's tuning leaves), so a row's logits never depend
+        # on what else was sampled with it
         self.tie_weights()
 
     def forward(

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from fulmine import kernels
-from fulmine.config import ConfigError
+from fulmine.config import ConfigError, ModelConfig
 from fulmine.models.decoder import DecoderModel
 from fulmine.models.source import ModelSource
 from fulmine.models.weights import QuantizedTensor, WeightTensor
@@ -158,3 +158,22 @@ def _unpermute_rows(tensor: QuantizedTensor, num_heads: int) -> QuantizedTensor:
     half = rows // num_heads // 2
     gguf_row = np.arange(rows).reshape(num_heads, half, 2).swapaxes(1, 2).reshape(-1)
     return tensor.take_rows(gguf_row)
+
+
+def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> DecoderModel:
+    """A model of this shape with random weights (no checkpoint): for benchmarks of shapes nobody
+    ships a file of here, e.g. Llama-3-8B's on a GPU. Matrices ~ N(0, 0.02), norms 1, biases 0."""
+    with torch.device("meta"):
+        model = DecoderModel(config).to(dtype)
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        elif name.endswith("bias"):
+            param.data.zero_()
+        else:
+            param.data.normal_(0.0, 0.02, generator=generator)
+    model.finish_loading()
+    return model.eval()

@@ -12,7 +12,7 @@ import torch
 
 from fulmine.config import ConfigError, EngineConfig
 from fulmine.engine.model_runner import ModelRunner
-from fulmine.engine.outputs import ScheduledRequest, SchedulerOutput
+from fulmine.engine.step import SequenceStep, StepBatch
 from fulmine.kv_cache import KVCacheManager
 from fulmine.kv_cache.sizing import kv_cache_blocks, kv_cache_bytes_per_token
 from fulmine.models.loader import load_model
@@ -42,7 +42,16 @@ class DraftModelProposer:
         num_blocks = kv_cache_blocks(config, kv_cache_bytes_per_token(source.config, dtype), self.max_model_len, device)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(
-            model, num_blocks, config.block_size, self.max_model_len, device, dtype, 0, config.exact_kernels
+            model,
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
+            device,
+            dtype,
+            0,
+            config.exact_kernels,
+            config.executor,
+            config.max_num_seqs,
         )
         self.requests: dict[str, Request] = {}  # the draft's view: its tokens and how many its cache holds
         self.greedy = SamplingParams(temperature=0.0)
@@ -67,7 +76,16 @@ class DraftModelProposer:
             if not self.kv_cache.can_allocate(request_id, view.num_tokens):
                 break  # the draft's cache is full: propose what there is
             self.kv_cache.allocate(request_id, view.num_tokens)
-            result = self.runner.execute(SchedulerOutput([ScheduledRequest(view, num_new)]), self.kv_cache.block_tables)
+            step = SequenceStep(
+                request_id,
+                view.all_token_ids[view.num_computed_tokens :],
+                view.num_computed_tokens,
+                self.kv_cache.block_tables[request_id],
+                0,
+                True,
+                self.greedy,
+            )
+            result = self.runner.execute(StepBatch([step]))
             view.num_computed_tokens += num_new
             token = result.sampled[request_id][0]
             view.output_token_ids.append(token)

@@ -111,6 +111,12 @@ class Governor:
         state.pending, state.drafted = (proposal[:k], True) if k else (proposal[:1], False)
         return proposal[:k]
 
+    def verified(self, request_id: str, num_drafts: int) -> None:
+        """The scheduler verifies only the first `num_drafts` of the request's drafts (budget, room)."""
+        state = self.requests.get(request_id)
+        if state is not None and state.drafted and state.pending is not None and num_drafts < len(state.pending):
+            state.pending = state.pending[:num_drafts] or None
+
     def choose(self, acceptance: float, available: int, batch_size: int) -> int:
         if self.always_draft:
             return available

@@ -209,11 +209,11 @@ POISON = 7  # min_tokens marks the poisoned requests
 def poisoned_requests_fail() -> Iterator[None]:
     original = ModelRunner.execute
 
-    def execute(self, out, block_tables):  # type: ignore[no-untyped-def]
-        for s in out.scheduled:
-            if s.request.sampling_params.min_tokens == POISON and len(s.request.output_token_ids) >= 2:
+    def execute(self, batch):  # type: ignore[no-untyped-def]
+        for s in batch.seqs:
+            if s.params.min_tokens == POISON and len(s.output_token_ids) >= 2:
                 raise RuntimeError("injected fault")
-        return original(self, out, block_tables)
+        return original(self, batch)
 
     ModelRunner.execute = execute  # type: ignore[method-assign]
     yield

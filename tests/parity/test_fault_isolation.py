@@ -41,13 +41,13 @@ def failing_step(llm: LLM, after_tokens: int, after_sampling: bool = False) -> I
     calls = []
     original = ModelRunner.execute
 
-    def execute(self, out, block_tables):  # type: ignore[no-untyped-def]
-        calls.append(len(out.scheduled))
-        result = original(self, out, block_tables) if after_sampling else None
-        for s in out.scheduled:
-            if s.request.prompt_token_ids == poisoned and len(s.request.output_token_ids) >= after_tokens:
+    def execute(self, batch):  # type: ignore[no-untyped-def]
+        calls.append(len(batch.seqs))
+        result = original(self, batch) if after_sampling else None
+        for s in batch.seqs:
+            if s.prompt_token_ids == poisoned and len(s.output_token_ids) >= after_tokens:
                 raise RuntimeError("injected fault")
-        return result if after_sampling else original(self, out, block_tables)
+        return result if after_sampling else original(self, batch)
 
     ModelRunner.execute = execute  # type: ignore[method-assign]
     try:
@@ -100,7 +100,7 @@ def test_every_request_failing_ends_each_with_its_error(llm: LLM) -> None:
     """A fault that is not any one request's (every forward raises) ends them all, one by one."""
     original = ModelRunner.execute
 
-    def execute(self, out, block_tables):  # type: ignore[no-untyped-def]
+    def execute(self, batch):  # type: ignore[no-untyped-def]
         raise MemoryError("injected: out of memory")
 
     ModelRunner.execute = execute  # type: ignore[method-assign]

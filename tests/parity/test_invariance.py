@@ -1,4 +1,8 @@
-"""Invariances: batched == alone, chunked == whole, preempted == not, stream == final, seeds."""
+"""Invariances: batched == alone, chunked == whole, preempted == not, stream == final, seeds.
+
+Every test runs once per executor (executors/): the CPU-fused decoder, the PyTorch executor, and
+the CUDA-graph executor's fixed-shape decode steps run uncaptured (graph-eager), which checks its
+padding and masking without a GPU (tests/gpu runs it captured)."""
 
 from __future__ import annotations
 
@@ -18,13 +22,20 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 SMALL_KV = {"kv_cache_memory_gb": 20 * 4 * 512 / 2**30, "max_model_len": 64, "block_size": 4}
 
 
-@pytest.fixture(scope="module")
-def make_llm(tiny_llama):
+@pytest.fixture(scope="module", params=["cpu-fused", "torch", "graph-eager"])
+def make_llm(tiny_llama, request):
     def make(**engine_args) -> LLM:
-        args = dict(dtype="float32", weight_dtype="float32", progress=False) | engine_args
+        args = dict(dtype="float32", weight_dtype="float32", progress=False, executor=request.param) | engine_args
         return LLM(str(tiny_llama), **args)
 
     return make
+
+
+def test_each_executor_runs_the_decode_steps(make_llm) -> None:
+    llm = make_llm()
+    executors = [e.name for e in llm.engine.runner.executors]
+    llm.generate(PROMPTS[0], GREEDY)
+    assert llm.engine.runner.last_executor == executors[0]  # the last step was a decode: the specialized one
 
 
 @pytest.fixture(scope="module")

@@ -33,10 +33,8 @@ TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of Fra
 def test_fused_decoder_equals_pytorch_path(tiny_model_factory, family: str, weights: dict) -> None:
     """Whole batches (several sequences' prefills and decodes in one fused call) vs PyTorch layers."""
     path = str(tiny_model_factory(family))
-    fused = LLM(path, dtype="float32", progress=False, **weights)
-    assert fused.engine.runner.fused is not None
-    plain = LLM(path, dtype="float32", progress=False, **weights)
-    plain.engine.runner.fused = None
+    fused = LLM(path, dtype="float32", progress=False, executor="cpu-fused", **weights)
+    plain = LLM(path, dtype="float32", progress=False, executor="torch", **weights)
     assert [o.token_ids for o in fused.generate(PROMPTS, GREEDY)] == [
         o.token_ids for o in plain.generate(PROMPTS, GREEDY)
     ]
@@ -85,7 +83,7 @@ def test_without_kernels_the_pytorch_fallback_gives_the_same_tokens(tiny_llama) 
     code = (
         "import json, sys; from fulmine import LLM, SamplingParams, kernels; assert kernels.cpu() is None;"
         f"llm = LLM({str(tiny_llama)!r}, dtype='float32', weight_dtype='float32', progress=False);"
-        "assert llm.engine.runner.fused is None;"
+        "assert [e.name for e in llm.engine.runner.executors] == ['torch'];"
         f"print(json.dumps([o.token_ids for o in llm.generate({PROMPTS!r}, "
         "SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))]))"
     )

@@ -10,7 +10,8 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from fulmine import kernels
-from fulmine.layers.quantized import KERNEL_MAX_ROWS, QuantizedWeight, quantize
+from fulmine.executors.cpu_fused import KERNEL_MAX_ROWS
+from fulmine.layers.quantized import QuantizedWeight, quantize
 
 pytestmark = pytest.mark.skipif(kernels.cpu() is None, reason="C kernels not built")
 
@@ -68,9 +69,11 @@ def test_matmul_exact_and_fast(qtype: int, rows: int, threads: int) -> None:
     weight, reference = gguf_weight(qtype)
     x = torch.randn(rows, 192, generator=torch.Generator().manual_seed(rows)) * 3
     exact = x @ reference.T
-    torch.testing.assert_close(weight.matmul(x, exact=True), exact, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(weight.matmul(x), fast_reference(x, reference), rtol=1e-5, atol=1e-4)
-    assert (weight.matmul(x) - exact).abs().max() < 0.05 * exact.abs().max()
+    torch.testing.assert_close(weight.matmul(x, True, KERNEL_MAX_ROWS), exact, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        weight.matmul(x, False, KERNEL_MAX_ROWS), fast_reference(x, reference), rtol=1e-5, atol=1e-4
+    )
+    assert (weight.matmul(x, False, KERNEL_MAX_ROWS) - exact).abs().max() < 0.05 * exact.abs().max()
 
 
 def test_scalar_path_matches(tmp_path) -> None:

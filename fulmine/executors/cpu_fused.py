@@ -1,4 +1,5 @@
-"""The whole decoder for a few tokens in one C call: decode steps, speculative verification, short chunks.
+"""The CPU-fused executor: the whole decoder for a few tokens in one C call (decode steps,
+speculative verification, short chunks), and the thresholds measured on this kind of CPU.
 
 PyTorch spends ~10 us dispatching each small op; a decode step of a 30-layer model is ~700 of
 them, more time than reading the weights. `FusedDecoder` hands the C kernel (kernels/_cpu.c,
@@ -6,7 +7,10 @@ them, more time than reading the weights. `FusedDecoder` hands the C kernel (ker
 passes only the tokens, their positions and their block tables. Same cache layout and numerics
 as the PyTorch path (float32 activations; quantized matrices as in `Linear`), so steps may
 alternate between the two. Llama-style blocks only (Llama, Mistral, Qwen2, Qwen3); other models
-and long prefill chunks take the PyTorch path.
+and long prefill chunks take the PyTorch executor.
+
+The thresholds below were measured on the 2-core AVX-512 CPU; `tune_layers` hands the layers
+theirs (the PyTorch executor's products on the CPU follow them too).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import math
 import torch
 
 from fulmine import kernels
+from fulmine.engine.step import StepBatch
+from fulmine.executors.base import ModelState
+from fulmine.executors.torch_eager import use_torch_threads
 from fulmine.layers.linear import Linear
 from fulmine.layers.rotary import RotaryEmbedding
 from fulmine.models.decoder import DecoderLayer, DecoderModel
@@ -26,6 +33,24 @@ from fulmine.models.decoder import DecoderLayer, DecoderModel
 # 256: 539 vs 465; fast (bfloat16 GEMM): 32: 66 vs 94, 48: 100 vs 95, 64: 139 vs 108, 128: 275 vs 166.
 FUSED_MAX_TOKENS_EXACT = 128
 FUSED_MAX_TOKENS_FAST = 48
+# Above this many rows a quantized product dequantizes the weight and runs the GEMM (bfloat16, or
+# float32 when exact). `python -m bench.kernels` (1536x576 Q4_1, 2 threads): fast kernel vs dequantize
+# + bf16 GEMM 32 vs 393 us at 1 row, 405 vs 424 at 32, 815 vs 539 at 64; exact kernel vs float32 GEMM
+# 616 vs 683 at 32.
+KERNEL_MAX_ROWS = 32
+# Up to this many rows, a float16-weight linear runs in float16. Whole decode steps of the embedded
+# model: batch 8 decodes at 40 tok/s with the threshold at 4 (each step upcasts every weight) and 109
+# tok/s at 8; batch 16 at 71 tok/s with 8 and 113 tok/s with 16. Past ~16 rows the upcast float32 GEMM wins.
+NARROW_GEMV_MAX_ROWS = 16
+
+
+def tune_layers(model: DecoderModel) -> None:
+    """Give every linear layer (but the lm_head, always the kernel) this CPU's thresholds."""
+    for module in model.modules():
+        if isinstance(module, Linear) and module is not model.lm_head:
+            module.max_kernel_rows = KERNEL_MAX_ROWS
+            module.narrow_gemv_max_rows = NARROW_GEMV_MAX_ROWS
+
 
 _DENSE_TYPES = {torch.float32: kernels.F32, torch.float16: kernels.F16}
 
@@ -47,12 +72,13 @@ def _pointer(tensor: torch.Tensor | None) -> int:
     return tensor.data_ptr()
 
 
-def unsupported_reason(model: DecoderModel, device: torch.device, dtype: torch.dtype) -> str | None:
+def unsupported_reason(state: ModelState) -> str | None:
     """Why this model cannot run fused here, or None if it can."""
+    model = state.model
     config = model.config
     if kernels.cpu() is None:
         return "the C kernels are not built"
-    if device.type != "cpu" or dtype != torch.float32:
+    if state.device.type != "cpu" or state.dtype != torch.float32:
         return "fused steps run on the CPU with float32 activations"
     if config.sandwich_norms or config.hidden_act != "silu":
         return "only Llama-style blocks (pre-norm, SwiGLU) run fused"
@@ -154,3 +180,29 @@ class FusedDecoder:
             self.exact,
         )
         return hidden
+
+
+class CpuFusedExecutor:
+    name = "cpu-fused"
+
+    def __init__(self, state: ModelState) -> None:
+        self.decoder = FusedDecoder(
+            state.model,
+            state.kv_caches,
+            state.rotary,
+            state.rotary_sliding,
+            state.layer_is_sliding,
+            state.block_size,
+            state.exact_kernels,
+        )
+
+    def accepts(self, batch: StepBatch) -> bool:
+        return batch.num_tokens <= self.decoder.max_tokens
+
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        # One owner for the cores: the matrices run in the C kernels' own pool, so what PyTorch does
+        # around them (sampling extras, logprobs) runs on this thread alone, never waking its OpenMP
+        # pool to spin against the kernels'.
+        use_torch_threads(1)
+        tables = [s.block_table for s in batch.seqs]
+        return self.decoder(batch.token_ids, batch.positions, batch.seq_index, tables)
