@@ -27,7 +27,8 @@ class OptionalBuildExt(build_ext):
 
 kernels = Extension(
     "fulmine.kernels._cpu",
-    sources=["fulmine/kernels/_cpu.c", "fulmine/kernels/sample.c"],
+    sources=["fulmine/kernels/_cpu.c", "fulmine/kernels/kquants.c", "fulmine/kernels/sample.c"],
+    depends=["fulmine/kernels/quant.h"],
     extra_compile_args=["-O3", "-fno-math-errno"] if sys.platform != "win32" else ["/O2"],
     libraries=["pthread"] if sys.platform != "win32" else [],
 )

@@ -23,7 +23,8 @@ from fulmine import kernels
 from fulmine.engine.step import StepBatch
 from fulmine.executors.base import ModelState
 from fulmine.executors.torch_eager import use_torch_threads
-from fulmine.layers.linear import Linear
+from fulmine.layers.linear import Linear, MergedLinear
+from fulmine.layers.quantized import QuantizedShards, QuantizedWeight
 from fulmine.layers.rotary import RotaryEmbedding
 from fulmine.models.decoder import DecoderLayer, DecoderModel
 
@@ -55,14 +56,21 @@ def tune_layers(model: DecoderModel) -> None:
 _DENSE_TYPES = {torch.float32: kernels.F32, torch.float16: kernels.F16}
 
 
-def _matrix(linear: Linear) -> tuple[int, int] | None:
-    """(pointer, GGML type) of a layer's matrix as the kernel reads it, or None if it cannot."""
-    if linear.quant is not None:
-        return linear.quant.raw.data_ptr(), linear.quant.qtype
-    weight = linear.weight
-    if weight.dtype not in _DENSE_TYPES or not weight.is_contiguous():
-        return None
-    return weight.data_ptr(), _DENSE_TYPES[weight.dtype]
+def _matrix(linear: Linear) -> list[tuple[int, int]] | None:
+    """Per shard (q/k/v, gate/up; one for a plain layer): (pointer, GGML type) of its rows as the
+    kernel reads them, or None if it cannot."""
+    sizes = linear.out_sizes if isinstance(linear, MergedLinear) else [linear.out_features]
+    if isinstance(linear.quant, QuantizedShards):
+        return [(part.raw.data_ptr(), part.qtype) for part in linear.quant.parts]
+    if isinstance(linear.quant, QuantizedWeight):
+        base, row_bytes, qtype = linear.quant.raw.data_ptr(), linear.quant.raw.shape[1], linear.quant.qtype
+    else:
+        weight = linear.weight
+        if weight.dtype not in _DENSE_TYPES or not weight.is_contiguous():
+            return None
+        base, row_bytes, qtype = weight.data_ptr(), weight.shape[1] * weight.element_size(), _DENSE_TYPES[weight.dtype]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [(base + offset * row_bytes, qtype) for offset in offsets]
 
 
 def _pointer(tensor: torch.Tensor | None) -> int:
@@ -119,15 +127,15 @@ class FusedDecoder:
             rows.append(
                 [
                     _pointer(layer.input_layernorm.weight),
-                    *qkv,
+                    *[field for shard in qkv for field in shard],
                     _pointer(attn.qkv_proj.bias),
                     _pointer(attn.q_norm.weight if attn.q_norm is not None else None),
                     _pointer(attn.k_norm.weight if attn.k_norm is not None else None),
-                    *o,
+                    *o[0],
                     _pointer(attn.o_proj.bias),
                     _pointer(layer.post_attention_layernorm.weight),
-                    *gate_up,
-                    *down,
+                    *[field for shard in gate_up for field in shard],
+                    *down[0],
                     _pointer(k_cache),
                     _pointer(v_cache),
                     config.sliding_window if sliding and config.sliding_window else 0,

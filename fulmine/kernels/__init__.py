@@ -1,4 +1,4 @@
-"""fulmine's C kernels (_cpu.c), when the install could build them.
+"""fulmine's C kernels (_cpu.c with kquants.c and sample.c), when the install could build them.
 
 `cpu()` is the extension module or None; callers keep a pure-PyTorch path for None. Setting
 FULMINE_NO_KERNELS=1 forces that path (the tests use it to check the fallback).
@@ -16,8 +16,8 @@ except ImportError:  # not built (no compiler at install time): PyTorch paths on
     _module = None
 
 # GGML type ids (as GGUF stores them) the kernels read directly
-F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
-BLOCK_TYPES = (Q4_0, Q4_1, Q8_0)
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14
+BLOCK_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
 
 _threads: int | None = None
 
@@ -26,6 +26,14 @@ def cpu() -> ModuleType | None:
     if _module is None or os.environ.get("FULMINE_NO_KERNELS") == "1":
         return None
     return _module
+
+
+def block_layout(qtype: int) -> tuple[int, int]:
+    """(weights, bytes) per block of a type the kernels read, from the kernels' own table."""
+    module = cpu()
+    assert module is not None
+    entry = module.info()["types"][qtype]
+    return entry["block"], entry["bytes"]
 
 
 def set_threads(n: int) -> None:

@@ -26,31 +26,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define FULMINE_X86 1
-#include <immintrin.h>
+#include "quant.h"
+
+#ifdef FULMINE_X86
 #define CPU_RELAX() _mm_pause()
 #else
 #define CPU_RELAX() ((void)0)
 #endif
 
-/* GGML type ids, as GGUF stores them */
-enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };
-
-static int type_ok(int t) { return t == T_F32 || t == T_F16 || t == T_Q4_0 || t == T_Q4_1 || t == T_Q8_0; }
-
-static size_t row_bytes(int type, int64_t K) {
-    switch (type) {
-    case T_F32: return (size_t)K * 4;
-    case T_F16: return (size_t)K * 2;
-    case T_Q4_0: return (size_t)(K / 32) * 18;
-    case T_Q4_1: return (size_t)(K / 32) * 20;
-    case T_Q8_0: return (size_t)(K / 32) * 34;
-    }
-    return 0;
-}
-
-static float half_to_float(uint16_t h) {
+float fulmine_half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
     if (exp == 0) {
         if (mant == 0) {
@@ -76,7 +60,7 @@ static float half_to_float(uint16_t h) {
 static inline float load_half(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
-    return half_to_float(h);
+    return fulmine_half_to_float(h);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -201,17 +185,8 @@ static int pool_chunks(int64_t work) {
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Row kernels: out[r] = dot(weight row, x[r]) for r < R (R <= 4), x rows K floats apart.
- * xsum[r * nb + b] is the sum of block b of x row r (used by Q4_0 / Q4_1).
+ * Row kernels (row_fn, qrow_fn: quant.h) of the float types and Q8_0 / Q4_0 / Q4_1.
  */
-typedef void (*row_fn)(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out);
-
-/* The fast mode's activations: qx[r * K + k] int8, dx[r * nb + b] the block scale, xsum as above. */
-typedef struct {
-    const int8_t *qx;
-    const float *dx, *xsum;
-} QAct;
-typedef void (*qrow_fn)(const uint8_t *w, const QAct *a, int R, int64_t K, float *out);
 
 static void qrow_scalar(const uint8_t *w, const QAct *a, int R, int64_t K, float *out, int type) {
     int64_t nb = K / 32;
@@ -333,33 +308,8 @@ static void to_bf16_scalar(const float *x, uint16_t *out, int64_t n) {
 }
 
 #ifdef FULMINE_X86
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-
-AVX2 static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AVX2 static inline float half_avx2(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
-}
-
-/* Each kernel is written for a compile-time row count RG (1..4) and inlined, so the per-row
- * accumulators live in registers; the wrappers below pick RG = R. */
-/* R (1..4) as a compile-time row count: FN(RG, args...) is inlined with its per-row accumulators in
- * registers. Every kernel below is written for RG and reached through this switch. */
-#define SWITCH_RG(R, FN, ...)                                                                              \
-    switch (R) {                                                                                           \
-    case 1: FN(1, __VA_ARGS__); break;                                                                     \
-    case 2: FN(2, __VA_ARGS__); break;                                                                     \
-    case 3: FN(3, __VA_ARGS__); break;                                                                     \
-    default: FN(4, __VA_ARGS__); break;                                                                    \
-    }
-
+/* Each kernel is written for a compile-time row count RG (1..4) and inlined (SWITCH_RG, quant.h),
+ * so the per-row accumulators live in registers. */
 #define ROW_WRAPPER(name, FN, ...)                                                                         \
     AVX2 static void name(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out) { \
         SWITCH_RG(R, FN, w, x, K, xsum, out, ##__VA_ARGS__)                                               \
@@ -514,11 +464,7 @@ ROW_WRAPPER(row_q4_1_avx2, row_q4_avx2_rg, 1)
         SWITCH_RG(R, qrow_q8_0_##SUFFIX##_rg, w, a, K, out)                                                  \
     }
 
-#define DOT_AVX2(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
 QROW_KERNELS(avx2, AVX2, DOT_AVX2)
-
-#define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
-#define DOT_VNNI(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
 QROW_KERNELS(vnni, VNNI, DOT_VNNI)
 
 AVX2 static void quantize_row_avx2(const float *x, int64_t K, int8_t *q, float *dx, float *xsum) {
@@ -626,30 +572,71 @@ static void wsum_scalar(float *o, const float *w, const float *base, const int64
     for (int i = 0; i < n; i++) axpy_scalar(o, w[i], base + offs[i], D);
 }
 
+/* Block dequantizers of the types above (one block; float types: one value) */
+static void deq_f32(const uint8_t *b, float *o) { memcpy(o, b, 4); }
+static void deq_f16(const uint8_t *b, float *o) { o[0] = load_half(b); }
+static void deq_q8_0(const uint8_t *b, float *o) {
+    float d = load_half(b);
+    for (int i = 0; i < 32; i++) o[i] = d * (float)((const int8_t *)(b + 2))[i];
+}
+static void deq_q4(const uint8_t *b, float *o, int q41) {
+    const uint8_t *qs = b + (q41 ? 4 : 2);
+    float d = load_half(b), m = q41 ? load_half(b + 2) : -8.f * d;
+    for (int i = 0; i < 16; i++) {
+        o[i] = d * (float)(qs[i] & 0x0f) + m;
+        o[16 + i] = d * (float)(qs[i] >> 4) + m;
+    }
+}
+static void deq_q4_0(const uint8_t *b, float *o) { deq_q4(b, o, 0); }
+static void deq_q4_1(const uint8_t *b, float *o) { deq_q4(b, o, 1); }
+
+#ifdef FULMINE_X86
+#define ISAS(S, A, V) {S, A, V}
+#else
+#define ISAS(S, A, V) {S, NULL, NULL}
+#endif
+
+/* The table of weight types the kernels read: block size, bytes, dequantizer, row kernels per ISA
+ * and numerics mode. kquants.c adds the 5-bit and K-quant types at import. */
+#define MAX_TYPES 16
+static QType TYPES[MAX_TYPES] = {
+    {T_F32, "F32", 1, 4, deq_f32, ISAS(row_f32_scalar, row_f32_avx2, NULL), {NULL, NULL, NULL}, 0},
+    {T_F16, "F16", 1, 2, deq_f16, ISAS(row_f16_scalar, row_f16_avx2, NULL), {NULL, NULL, NULL}, 0},
+    {T_Q8_0, "Q8_0", 32, 34, deq_q8_0, ISAS(row_q8_0_scalar, row_q8_0_avx2, NULL),
+     ISAS(qrow_q8_0_scalar, qrow_q8_0_avx2, qrow_q8_0_vnni), 0},
+    {T_Q4_0, "Q4_0", 32, 18, deq_q4_0, ISAS(row_q4_0_scalar, row_q4_0_avx2, NULL),
+     ISAS(qrow_q4_0_scalar, qrow_q4_0_avx2, qrow_q4_0_vnni), 1},
+    {T_Q4_1, "Q4_1", 32, 20, deq_q4_1, ISAS(row_q4_1_scalar, row_q4_1_avx2, NULL),
+     ISAS(qrow_q4_1_scalar, qrow_q4_1_avx2, qrow_q4_1_vnni), 1},
+};
+static int NUM_TYPES = 5;
+
+static const QType *qtype(int type) {
+    for (int i = 0; i < NUM_TYPES; i++)
+        if (TYPES[i].type == type) return &TYPES[i];
+    return NULL;
+}
+
+static size_t row_bytes(int type, int64_t K) {
+    const QType *t = qtype(type);
+    return t ? (size_t)(K / t->block) * (size_t)t->bytes : 0;
+}
+
 static struct {
-    row_fn f32, f16, q8_0, q4_0, q4_1;
-    qrow_fn iq8_0, iq4_0, iq4_1;
+    int level; /* ISA_SCALAR, ISA_AVX2 or ISA_VNNI: the row kernels used (forceable, for the tests) */
     void (*quantize_row)(const float *, int64_t, int8_t *, float *, float *);
     void (*scores)(const float *, const float *, const int64_t *, int, int, float, float *);
     void (*wsum)(float *, const float *, const float *, const int64_t *, int, int);
     void (*to_bf16)(const float *, uint16_t *, int64_t);
     const char *isa;
-} K_ = {row_f32_scalar,   row_f16_scalar,   row_q8_0_scalar,     row_q4_0_scalar, row_q4_1_scalar, qrow_q8_0_scalar,
-        qrow_q4_0_scalar, qrow_q4_1_scalar, quantize_row_scalar, scores_scalar,   wsum_scalar,     to_bf16_scalar,
-        "scalar"};
+} K_ = {ISA_SCALAR, quantize_row_scalar, scores_scalar, wsum_scalar, to_bf16_scalar, "scalar"};
 
 static void choose_isa(void) {
+    for (int i = 0; i < NUM_KQUANT_TYPES && NUM_TYPES < MAX_TYPES; i++) TYPES[NUM_TYPES++] = KQUANT_TYPES[i];
 #ifdef FULMINE_X86
     __builtin_cpu_init();
     if (getenv("FULMINE_KERNELS_SCALAR") == NULL && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        K_.f32 = row_f32_avx2;
-        K_.f16 = row_f16_avx2;
-        K_.q8_0 = row_q8_0_avx2;
-        K_.q4_0 = row_q4_0_avx2;
-        K_.q4_1 = row_q4_1_avx2;
-        K_.iq8_0 = qrow_q8_0_avx2;
-        K_.iq4_0 = qrow_q4_0_avx2;
-        K_.iq4_1 = qrow_q4_1_avx2;
+        K_.level = ISA_AVX2;
         K_.quantize_row = quantize_row_avx2;
         K_.scores = scores_avx2;
         K_.wsum = wsum_avx2;
@@ -657,43 +644,46 @@ static void choose_isa(void) {
         K_.isa = "avx2";
         if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
             getenv("FULMINE_KERNELS_AVX2") == NULL) {
-            K_.iq8_0 = qrow_q8_0_vnni;
-            K_.iq4_0 = qrow_q4_0_vnni;
-            K_.iq4_1 = qrow_q4_1_vnni;
+            K_.level = ISA_VNNI;
             K_.isa = "avx2+avx512vnni";
         }
     }
 #endif
 }
 
+/* the best kernel of the chosen ISA level or below (NULL: the type has no kernel of that mode) */
 static qrow_fn qrow_kernel(int type) {
-    switch (type) {
-    case T_Q8_0: return K_.iq8_0;
-    case T_Q4_0: return K_.iq4_0;
-    case T_Q4_1: return K_.iq4_1;
-    }
+    const QType *t = qtype(type);
+    for (int level = K_.level; t && level >= 0; level--)
+        if (t->fast[level]) return t->fast[level];
     return NULL;
 }
 
 static row_fn row_kernel(int type) {
-    switch (type) {
-    case T_F32: return K_.f32;
-    case T_F16: return K_.f16;
-    case T_Q8_0: return K_.q8_0;
-    case T_Q4_0: return K_.q4_0;
-    case T_Q4_1: return K_.q4_1;
-    }
+    const QType *t = qtype(type);
+    for (int level = K_.level; t && level >= 0; level--)
+        if (t->exact[level]) return t->exact[level];
     return NULL;
 }
 
 /* ---------------------------------------------------------------------------------------------
  * y[R, N] = x[R, K] @ W[N, K]^T, split over output rows.
  */
+/* A weight matrix W[N, K]: up to MAX_PARTS row ranges, each in its own type (a merged q/k/v whose v is
+ * Q6_K while q and k are Q4_K, as Q4_K_M files have it): part p holds rows [end[p - 1], end[p]). */
+#define MAX_PARTS 3
 typedef struct {
-    const uint8_t *data;
-    int type;
+    int nparts;
+    const uint8_t *data[MAX_PARTS];
+    int type[MAX_PARTS];
+    int64_t end[MAX_PARTS];
     int64_t N, K;
 } Mat;
+
+static Mat mat1(const uint8_t *data, int type, int64_t N, int64_t K) {
+    Mat m = {1, {data}, {type}, {N}, N, K};
+    return m;
+}
 
 typedef struct {
     const float *x;
@@ -714,28 +704,32 @@ static void matmul_task(void *ctx, int chunk, int nchunks) {
     int64_t N = j->w.N, K = j->w.K;
     int64_t per = (N + nchunks - 1) / nchunks;
     int64_t n0 = per * chunk, n1 = n0 + per < N ? n0 + per : N;
-    size_t rb = row_bytes(j->w.type, K);
-    row_fn fn = row_kernel(j->w.type);
-    qrow_fn qfn = qrow_kernel(j->w.type);
     int64_t nb = K / 32;
     float out[4];
-    const uint8_t *end = j->w.data + (size_t)n1 * rb;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *row = j->w.data + (size_t)n * rb;
-        /* weights stream from memory once per token: ask for the rows PREFETCH_ROWS ahead now, so their
-         * lines arrive while this row is computed (the hardware prefetcher alone left the decode at
-         * a quarter of the memory bandwidth) */
-        for (const uint8_t *ahead = row + PREFETCH_ROWS * rb, *stop = ahead + rb; ahead < stop && ahead < end; ahead += 64)
-            __builtin_prefetch(ahead, 0, 3);
-        for (int r0 = 0; r0 < j->R; r0 += 4) {
-            int rg = j->R - r0 < 4 ? j->R - r0 : 4;
-            if (j->qa) {
-                QAct a = {j->qa->qx + (size_t)r0 * K, j->qa->dx + (size_t)r0 * nb, j->qa->xsum + (size_t)r0 * nb};
-                qfn(row, &a, rg, K, out);
-            } else {
-                fn(row, j->x + (size_t)r0 * K, rg, K, j->xsum ? j->xsum + (size_t)r0 * nb : NULL, out);
+    for (int p = 0, start = 0; p < j->w.nparts; start = (int)j->w.end[p], p++) {
+        int64_t lo = n0 > start ? n0 : start, hi = n1 < j->w.end[p] ? n1 : j->w.end[p];
+        if (lo >= hi) continue;
+        size_t rb = row_bytes(j->w.type[p], K);
+        row_fn fn = row_kernel(j->w.type[p]);
+        qrow_fn qfn = qrow_kernel(j->w.type[p]);
+        const uint8_t *base = j->w.data[p] - (size_t)start * rb, *end = base + (size_t)hi * rb;
+        for (int64_t n = lo; n < hi; n++) {
+            const uint8_t *row = base + (size_t)n * rb;
+            /* weights stream from memory once per token: ask for the rows PREFETCH_ROWS ahead now, so
+             * their lines arrive while this row is computed (the hardware prefetcher alone left the
+             * decode at a quarter of the memory bandwidth) */
+            for (const uint8_t *ahead = row + PREFETCH_ROWS * rb, *stop = ahead + rb; ahead < stop && ahead < end; ahead += 64)
+                __builtin_prefetch(ahead, 0, 3);
+            for (int r0 = 0; r0 < j->R; r0 += 4) {
+                int rg = j->R - r0 < 4 ? j->R - r0 : 4;
+                if (j->qa) {
+                    QAct a = {j->qa->qx + (size_t)r0 * K, j->qa->dx + (size_t)r0 * nb, j->qa->xsum + (size_t)r0 * nb};
+                    qfn(row, &a, rg, K, out);
+                } else {
+                    fn(row, j->x + (size_t)r0 * K, rg, K, j->xsum ? j->xsum + (size_t)r0 * nb : NULL, out);
+                }
+                for (int r = 0; r < rg; r++) j->y[(size_t)(r0 + r) * j->ldy + n] = out[r];
             }
-            for (int r = 0; r < rg; r++) j->y[(size_t)(r0 + r) * j->ldy + n] = out[r];
         }
     }
 }
@@ -758,7 +752,12 @@ static int scratch_alloc(Scratch *s, size_t R, size_t K) {
 static void matmul(const float *x, int R, Mat w, float *y, int64_t ldy, const Scratch *s, int exact) {
     int64_t nb = w.K / 32;
     float *xsum = s->xsum;
-    if (!exact && (w.type == T_Q8_0 || w.type == T_Q4_0 || w.type == T_Q4_1)) {
+    int fast = !exact, needs_xsum = 0;
+    for (int p = 0; p < w.nparts; p++) {
+        fast = fast && qrow_kernel(w.type[p]) != NULL; /* every part has an int8 kernel */
+        needs_xsum = needs_xsum || qtype(w.type[p])->exact_needs_xsum;
+    }
+    if (fast) {
         for (int r = 0; r < R; r++)
             K_.quantize_row(x + (size_t)r * w.K, w.K, s->qx + (size_t)r * w.K, s->dx + r * nb, xsum + r * nb);
         QAct qa = {s->qx, s->dx, xsum};
@@ -766,7 +765,7 @@ static void matmul(const float *x, int R, Mat w, float *y, int64_t ldy, const Sc
         pool_run(matmul_task, &job, pool_chunks(w.N / 16));
         return;
     }
-    if (w.type == T_Q4_0 || w.type == T_Q4_1) {
+    if (needs_xsum) {
         for (int r = 0; r < R; r++)
             for (int64_t b = 0; b < nb; b++) {
                 const float *xb = x + (size_t)r * w.K + b * 32;
@@ -783,33 +782,12 @@ static void matmul(const float *x, int R, Mat w, float *y, int64_t ldy, const Sc
  * Dequantization: W[N, K] -> float32, split over rows.
  */
 static void dequant_row(const uint8_t *w, int type, int64_t K, float *out) {
-    int64_t nb = K / 32;
-    switch (type) {
-    case T_F32: memcpy(out, w, (size_t)K * 4); return;
-    case T_F16:
-        for (int64_t k = 0; k < K; k++) out[k] = load_half(w + 2 * k);
-        return;
-    case T_Q8_0:
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = w + b * 34;
-            float d = load_half(blk);
-            for (int i = 0; i < 32; i++) out[b * 32 + i] = d * (float)((const int8_t *)(blk + 2))[i];
-        }
-        return;
-    case T_Q4_0:
-    case T_Q4_1: {
-        int q41 = type == T_Q4_1;
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = w + b * (q41 ? 20 : 18), *qs = blk + (q41 ? 4 : 2);
-            float d = load_half(blk), m = q41 ? load_half(blk + 2) : -8.f * d;
-            for (int i = 0; i < 16; i++) {
-                out[b * 32 + i] = d * (float)(qs[i] & 0x0f) + m;
-                out[b * 32 + 16 + i] = d * (float)(qs[i] >> 4) + m;
-            }
-        }
+    const QType *t = qtype(type);
+    if (type == T_F32) {
+        memcpy(out, w, (size_t)K * 4);
         return;
     }
-    }
+    for (int64_t b = 0; b < K / t->block; b++) t->dequant(w + b * t->bytes, out + b * t->block);
 }
 
 typedef struct {
@@ -822,14 +800,14 @@ static void dequant_task(void *ctx, int chunk, int nchunks) {
     DequantJob *j = (DequantJob *)ctx;
     int64_t K = j->w.K, per = (j->w.N + nchunks - 1) / nchunks, n0 = per * chunk;
     int64_t n1 = n0 + per < j->w.N ? n0 + per : j->w.N;
-    size_t rb = row_bytes(j->w.type, K);
+    size_t rb = row_bytes(j->w.type[0], K);
     float *row = j->bf16 ? malloc(sizeof(float) * K) : NULL;
     for (int64_t n = n0; n < n1; n++) {
         if (!j->bf16) {
-            dequant_row(j->w.data + (size_t)n * rb, j->w.type, K, (float *)j->out + n * K);
+            dequant_row(j->w.data[0] + (size_t)n * rb, j->w.type[0], K, (float *)j->out + n * K);
             continue;
         }
-        dequant_row(j->w.data + (size_t)n * rb, j->w.type, K, row);
+        dequant_row(j->w.data[0] + (size_t)n * rb, j->w.type[0], K, row);
         K_.to_bf16(row, (uint16_t *)j->out + n * K, K);
     }
     free(row);
@@ -841,8 +819,9 @@ static void dequant_task(void *ctx, int chunk, int nchunks) {
  * over the paged KV cache, layer after layer in one call.
  */
 enum {
-    L_IN_NORM, L_QKV, L_QKV_TYPE, L_QKV_BIAS, L_Q_NORM, L_K_NORM, L_O, L_O_TYPE, L_O_BIAS, L_POST_NORM,
-    L_GATE_UP, L_GATE_UP_TYPE, L_DOWN, L_DOWN_TYPE, L_K_CACHE, L_V_CACHE, L_WINDOW, L_COS, L_SIN, L_FIELDS
+    L_IN_NORM, L_Q, L_Q_TYPE, L_K, L_K_TYPE, L_V, L_V_TYPE, L_QKV_BIAS, L_Q_NORM, L_K_NORM, L_O, L_O_TYPE, L_O_BIAS,
+    L_POST_NORM, L_GATE, L_GATE_TYPE, L_UP, L_UP_TYPE, L_DOWN, L_DOWN_TYPE, L_K_CACHE, L_V_CACHE, L_WINDOW, L_COS,
+    L_SIN, L_FIELDS
 };
 
 typedef struct {
@@ -895,7 +874,18 @@ static void rope(float *x, const float *cos, const float *sin, int D) {
 }
 
 static Mat layer_mat(const int64_t *l, int ptr, int type, int64_t N, int64_t K) {
-    Mat m = {(const uint8_t *)(intptr_t)l[ptr], (int)l[type], N, K};
+    return mat1((const uint8_t *)(intptr_t)l[ptr], (int)l[type], N, K);
+}
+
+/* a merged matrix from its parts' (pointer, type) fields, consecutive in the layer table */
+static Mat layer_parts(const int64_t *l, int first, int nparts, const int64_t *rows, int64_t K) {
+    Mat m = {nparts, {NULL}, {0}, {0}, 0, K};
+    for (int p = 0; p < nparts; p++) {
+        m.data[p] = (const uint8_t *)(intptr_t)l[first + 2 * p];
+        m.type[p] = (int)l[first + 2 * p + 1];
+        m.N += rows[p];
+        m.end[p] = m.N;
+    }
     return m;
 }
 
@@ -905,6 +895,7 @@ static int decoder_forward(float *h, int T, int L, const int64_t *layers, const 
                            float scale, int exact) {
     int H = dims[0], nh = dims[1], nkv = dims[2], D = dims[3], I = dims[4], bs = dims[5];
     int qkv_n = (nh + 2 * nkv) * D, max_ctx = 0;
+    const int64_t qkv_rows[3] = {(int64_t)nh * D, (int64_t)nkv * D, (int64_t)nkv * D}, gate_up_rows[2] = {I, I};
     for (int t = 0; t < T; t++) max_ctx = pos[t] + 1 > max_ctx ? pos[t] + 1 : max_ctx;
     int kmax = H > I ? H : I;
     if (nh * D > kmax) kmax = nh * D;
@@ -927,7 +918,7 @@ static int decoder_forward(float *h, int T, int L, const int64_t *layers, const 
         const float *cos = (const float *)(intptr_t)ly[L_COS], *sin = (const float *)(intptr_t)ly[L_SIN];
         float *kc = (float *)(intptr_t)ly[L_K_CACHE], *vc = (float *)(intptr_t)ly[L_V_CACHE];
         for (int t = 0; t < T; t++) rms_norm(h + (size_t)t * H, (const float *)(intptr_t)ly[L_IN_NORM], xn + (size_t)t * H, H, eps);
-        matmul(xn, T, layer_mat(ly, L_QKV, L_QKV_TYPE, qkv_n, H), qkv, qkv_n, &sc, exact);
+        matmul(xn, T, layer_parts(ly, L_Q, 3, qkv_rows, H), qkv, qkv_n, &sc, exact);
         for (int t = 0; t < T; t++) {
             float *row = qkv + (size_t)t * qkv_n;
             if (qkv_bias)
@@ -955,7 +946,7 @@ static int decoder_forward(float *h, int T, int L, const int64_t *layers, const 
         for (size_t i = 0; i < n_x; i++) h[i] += xn[i] + (o_bias ? o_bias[i % H] : 0.f);
         for (int t = 0; t < T; t++)
             rms_norm(h + (size_t)t * H, (const float *)(intptr_t)ly[L_POST_NORM], xn + (size_t)t * H, H, eps);
-        matmul(xn, T, layer_mat(ly, L_GATE_UP, L_GATE_UP_TYPE, 2 * (int64_t)I, H), gu, 2 * I, &sc, exact);
+        matmul(xn, T, layer_parts(ly, L_GATE, 2, gate_up_rows, H), gu, 2 * I, &sc, exact);
         for (int t = 0; t < T; t++) {
             const float *g = gu + (size_t)t * 2 * I, *u = g + I;
             float *a = act + (size_t)t * I;
@@ -982,16 +973,19 @@ static int decoder_forward(float *h, int T, int L, const int64_t *layers, const 
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     unsigned long long x, w, y;
     int R, type, exact;
-    long long K, N;
-    if (!PyArg_ParseTuple(args, "KiLKiLKp", &x, &R, &K, &w, &type, &N, &y, &exact)) return NULL;
-    if (!type_ok(type) || (type >= T_Q4_0 && K % 32)) return PyErr_Format(PyExc_ValueError, "bad weight type %d / K %lld", type, K);
+    long long K, N, ldy = -1;
+    if (!PyArg_ParseTuple(args, "KiLKiLKp|L", &x, &R, &K, &w, &type, &N, &y, &exact, &ldy)) return NULL;
+    if (ldy < 0) ldy = N;
+    const QType *qt = qtype(type);
+    if (!qt || K % qt->block || (qt->block > 1 && K % 32))
+        return PyErr_Format(PyExc_ValueError, "bad weight type %d / K %lld", type, K);
     Scratch sc;
     if (scratch_alloc(&sc, R < 64 ? R : 64, K)) return PyErr_NoMemory();
-    Mat m = {PTR(w), type, N, K};
+    Mat m = mat1(PTR(w), type, N, K);
     Py_BEGIN_ALLOW_THREADS;
     for (int r0 = 0; r0 < R; r0 += 64) { /* bounded activation tile: stays in L2 */
         int rg = R - r0 < 64 ? R - r0 : 64;
-        matmul((const float *)PTR(x) + (size_t)r0 * K, rg, m, (float *)PTR(y) + (size_t)r0 * N, N, &sc, exact);
+        matmul((const float *)PTR(x) + (size_t)r0 * K, rg, m, (float *)PTR(y) + (size_t)r0 * ldy, ldy, &sc, exact);
     }
     Py_END_ALLOW_THREADS;
     free(sc.xsum);
@@ -1003,8 +997,8 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     int type, bf16 = 0;
     long long N, K;
     if (!PyArg_ParseTuple(args, "KiLLK|p", &w, &type, &N, &K, &out, &bf16)) return NULL;
-    if (!type_ok(type)) return PyErr_Format(PyExc_ValueError, "bad weight type %d", type);
-    DequantJob job = {{PTR(w), type, N, K}, PTR(out), bf16};
+    if (!qtype(type) || K % qtype(type)->block) return PyErr_Format(PyExc_ValueError, "bad weight type %d", type);
+    DequantJob job = {mat1(PTR(w), type, N, K), PTR(out), bf16};
     Py_BEGIN_ALLOW_THREADS;
     pool_run(dequant_task, &job, pool_chunks(N / 16));
     Py_END_ALLOW_THREADS;
@@ -1016,7 +1010,7 @@ static PyObject *py_embed(PyObject *self, PyObject *args) {
     int type, T;
     long long K;
     if (!PyArg_ParseTuple(args, "KiLKiK", &w, &type, &K, &ids, &T, &out)) return NULL;
-    if (!type_ok(type)) return PyErr_Format(PyExc_ValueError, "bad weight type %d", type);
+    if (!qtype(type) || K % qtype(type)->block) return PyErr_Format(PyExc_ValueError, "bad weight type %d", type);
     size_t rb = row_bytes(type, K);
     const int64_t *id = (const int64_t *)PTR(ids);
     for (int t = 0; t < T; t++) dequant_row((const uint8_t *)PTR(w) + (size_t)id[t] * rb, type, K, (float *)PTR(out) + (size_t)t * K);
@@ -1050,13 +1044,25 @@ static PyObject *py_set_threads(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_info(PyObject *self, PyObject *args) {
-    return Py_BuildValue("{s:s,s:i,s:i}", "isa", K_.isa, "threads", pool.nth, "layer_fields", (int)L_FIELDS);
+    PyObject *types = PyDict_New();
+    for (int i = 0; types && i < NUM_TYPES; i++) {
+        PyObject *entry = Py_BuildValue("{s:s,s:i,s:i,s:O}", "name", TYPES[i].name, "block", TYPES[i].block, "bytes",
+                                        TYPES[i].bytes, "fast", qrow_kernel(TYPES[i].type) ? Py_True : Py_False);
+        PyObject *key = PyLong_FromLong(TYPES[i].type);
+        if (!entry || !key || PyDict_SetItem(types, key, entry)) types = NULL;
+        Py_XDECREF(entry);
+        Py_XDECREF(key);
+    }
+    if (!types) return NULL;
+    PyObject *out = Py_BuildValue("{s:s,s:i,s:i,s:N}", "isa", K_.isa, "threads", pool.nth, "layer_fields",
+                                  (int)L_FIELDS, "types", types);
+    return out;
 }
 
 PyObject *py_sample(PyObject *self, PyObject *args); /* sample.c */
 
 static PyMethodDef methods[] = {
-    {"matmul", py_matmul, METH_VARARGS, "matmul(x, R, K, w, type, N, y, exact): y[R,N] = x[R,K] @ W[N,K]^T"},
+    {"matmul", py_matmul, METH_VARARGS, "matmul(x, R, K, w, type, N, y, exact[, ldy]): y[R,N] = x[R,K] @ W[N,K]^T, y's rows ldy apart"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(w, type, N, K, out, bf16=False): W -> float32 or bfloat16 [N, K]"},
     {"embed", py_embed, METH_VARARGS, "embed(w, type, K, ids, T, out): rows ids of W as float32"},
     {"decoder_forward", py_decoder_forward, METH_VARARGS, "the whole decoder over T tokens, in place"},

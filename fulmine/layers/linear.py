@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fulmine import kernels
-from fulmine.layers.quantized import QuantizedWeight, quantize
+from fulmine.layers.quantized import QuantizedShards, QuantizedWeight, quantize
 from fulmine.models.weights import QuantizedTensor, WeightTensor, as_dense
 
 
@@ -29,7 +29,7 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.quant: QuantizedWeight | None = None
+        self.quant: QuantizedWeight | QuantizedShards | None = None
         self.exact = False  # quantized products with float32 activations (see kernels/_cpu.c)
         # Row thresholds of the device's executor (executors/cpu_fused.py tunes them for the CPU):
         self.max_kernel_rows = 1 << 30  # more rows: dequantize and GEMM (layers/quantized.py)
@@ -40,6 +40,10 @@ class Linear(nn.Module):
     @property
     def num_shards(self) -> int:
         return 1
+
+    @property
+    def out_sizes_of_shards(self) -> list[int]:
+        return [self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
@@ -70,7 +74,8 @@ class Linear(nn.Module):
     def _keeps(self, tensor: WeightTensor, is_bias: bool) -> bool:
         if not self.keep_blocks or is_bias or not isinstance(tensor, QuantizedTensor):
             return False
-        return int(tensor.qtype) in kernels.BLOCK_TYPES and tensor.shape[-1] % 32 == 0
+        qtype = int(tensor.qtype)
+        return qtype in kernels.BLOCK_TYPES and tensor.shape[-1] % kernels.block_layout(qtype)[0] == 0
 
     def _load_dense(self, tensor: WeightTensor, shard: int, is_bias: bool) -> None:
         target = self.bias if is_bias else self.weight
@@ -81,20 +86,29 @@ class Linear(nn.Module):
         target.data.copy_(value)
 
     def finish_loading(self) -> None:
-        """Kept blocks become the layer's QuantizedWeight if every shard has the same type, else dense."""
+        """Kept blocks become the layer's quantized weight: one QuantizedWeight if every shard has the
+        same type, else QuantizedShards (each shard in its own type). A shard that was not kept (a type
+        the kernels do not read) makes the layer dense."""
         blocks, self._blocks = self._blocks, {}
         if not blocks:
             return
-        types = {int(t.qtype) for t in blocks.values()}
-        if len(blocks) == self.num_shards and len(types) == 1:
-            raw = np.concatenate([np.ascontiguousarray(blocks[i].raw) for i in range(self.num_shards)])
-            shape = (self.out_features, self.in_features)
-            self.set_quantized(QuantizedWeight(torch.from_numpy(raw), types.pop(), shape))
-        else:
+        if len(blocks) != self.num_shards:
             for shard, tensor in blocks.items():
                 self._load_dense(tensor, shard, False)
+            return
+        shards = [blocks[i] for i in range(self.num_shards)]
+        types = {int(t.qtype) for t in shards}
+        if len(types) == 1:
+            raw = torch.from_numpy(np.concatenate([np.ascontiguousarray(t.raw) for t in shards]))
+            self.set_quantized(QuantizedWeight(raw, types.pop(), (self.out_features, self.in_features)))
+        else:
+            parts = [
+                QuantizedWeight(torch.from_numpy(np.ascontiguousarray(t.raw)), int(t.qtype), (size, self.in_features))
+                for t, size in zip(shards, self.out_sizes_of_shards)
+            ]
+            self.set_quantized(QuantizedShards(parts))
 
-    def set_quantized(self, weight: QuantizedWeight) -> None:
+    def set_quantized(self, weight: QuantizedWeight | QuantizedShards) -> None:
         self.quant = weight
         self.weight.data = torch.empty(0, dtype=self.weight.dtype)  # the dense matrix is not kept
 
@@ -114,6 +128,10 @@ class MergedLinear(Linear):
     @property
     def num_shards(self) -> int:
         return len(self.out_sizes)
+
+    @property
+    def out_sizes_of_shards(self) -> list[int]:
+        return self.out_sizes
 
     def _load_dense(self, tensor: WeightTensor, shard: int, is_bias: bool) -> None:
         target = self.bias if is_bias else self.weight
@@ -140,6 +158,6 @@ class Embedding(Linear):
         super().__init__(embedding_dim, num_embeddings)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.quant is not None:
+        if isinstance(self.quant, QuantizedWeight):
             return self.quant.embed(input_ids)
         return F.embedding(input_ids, self.weight)

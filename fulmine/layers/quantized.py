@@ -1,4 +1,5 @@
-"""Weights kept in GGUF block formats (Q8_0, Q4_0, Q4_1), multiplied without dequantizing.
+"""Weights kept in GGUF block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), multiplied
+without dequantizing.
 
 A `QuantizedWeight` is what a Linear or Embedding holds instead of a dense matrix: the raw
 blocks, row by row. A few rows (decode, verification, short prompts) go through the C kernel's
@@ -15,18 +16,21 @@ import torch.nn.functional as F
 
 from fulmine import kernels
 
-_BLOCK_BYTES = {kernels.Q8_0: 34, kernels.Q4_0: 18, kernels.Q4_1: 20}
-
 
 class QuantizedWeight:
     def __init__(self, raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> None:
         rows, cols = shape
-        if qtype not in _BLOCK_BYTES or cols % 32:
+        if qtype not in kernels.BLOCK_TYPES or cols % kernels.block_layout(qtype)[0]:
             raise ValueError(f"GGML type {qtype} with {cols} columns is not supported by the kernels")
-        expected = (rows, cols // 32 * _BLOCK_BYTES[qtype])
+        block, nbytes = kernels.block_layout(qtype)
+        expected = (rows, cols // block * nbytes)
         if raw.dtype != torch.uint8 or tuple(raw.shape) != expected:
             raise ValueError(f"raw blocks {tuple(raw.shape)} do not fit {shape} of type {qtype}")
         self.raw, self.qtype, self.shape = raw.contiguous(), qtype, shape
+
+    @property
+    def parts(self) -> list[QuantizedWeight]:
+        return [self]
 
     @property
     def nbytes(self) -> int:
@@ -37,19 +41,7 @@ class QuantizedWeight:
 
         Past `max_kernel_rows` rows the weight is dequantized for the GEMM (the CPU executor's threshold).
         """
-        module = kernels.cpu()
-        assert module is not None, "quantized weights are only kept when the kernels are built"
-        x = x.contiguous()
-        rows = x.shape[0]
-        if rows > max_kernel_rows:
-            if exact:
-                return F.linear(x, self.dequantize())
-            return F.linear(x.to(torch.bfloat16), self.dequantize(torch.bfloat16)).float()
-        y = torch.empty(rows, self.shape[0], dtype=torch.float32)
-        module.matmul(
-            x.data_ptr(), rows, self.shape[1], self.raw.data_ptr(), self.qtype, self.shape[0], y.data_ptr(), exact
-        )
-        return y
+        return _matmul(self, x, exact, max_kernel_rows)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """float32, or bfloat16 (rounded to nearest even) for the fast prefill GEMM."""
@@ -70,6 +62,48 @@ class QuantizedWeight:
         out = torch.empty(ids.numel(), self.shape[1], dtype=torch.float32)
         module.embed(self.raw.data_ptr(), self.qtype, self.shape[1], ids.data_ptr(), ids.numel(), out.data_ptr())
         return out
+
+
+class QuantizedShards:
+    """A merged matrix whose shards have different block types, each kept as it is (a Q4_K_M file's
+    q and k in Q4_K with v in Q6_K): the shards' products fill the output's column ranges."""
+
+    def __init__(self, parts: list[QuantizedWeight]) -> None:
+        if len({p.shape[1] for p in parts}) != 1:
+            raise ValueError("shards of one matrix must have the same number of columns")
+        self.parts = parts
+        self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def matmul(self, x: torch.Tensor, exact: bool = False, max_kernel_rows: int = 1 << 30) -> torch.Tensor:
+        return _matmul(self, x, exact, max_kernel_rows)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([p.dequantize(dtype) for p in self.parts])
+
+
+def _matmul(
+    weight: QuantizedWeight | QuantizedShards, x: torch.Tensor, exact: bool, max_kernel_rows: int
+) -> torch.Tensor:
+    module = kernels.cpu()
+    assert module is not None, "quantized weights are only kept when the kernels are built"
+    x = x.contiguous()
+    rows = x.shape[0]
+    if rows > max_kernel_rows:
+        if exact:
+            return F.linear(x, weight.dequantize())
+        return F.linear(x.to(torch.bfloat16), weight.dequantize(torch.bfloat16)).float()
+    n, k = weight.shape
+    y = torch.empty(rows, n, dtype=torch.float32)
+    column = 0
+    for part in weight.parts:  # each shard's product fills its columns of y (rows n floats apart)
+        out = y.data_ptr() + column * y.element_size()
+        module.matmul(x.data_ptr(), rows, k, part.raw.data_ptr(), part.qtype, part.shape[0], out, exact, n)
+        column += part.shape[0]
+    return y
 
 
 def quantize(weight: torch.Tensor, qtype: int) -> QuantizedWeight:

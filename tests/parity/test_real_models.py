@@ -30,15 +30,25 @@ def fetch(name: str) -> Path:
     return Path(module.fetch(module.MODELS[name], module.default_dir()))
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b", "gemma3-270m"])
-def test_logits_and_greedy_tokens_match_transformers(name: str) -> None:
-    """With exact kernels and float32 weights: 32 greedy tokens equal, the first step's top 5 too,
-    their logprobs within 2e-3."""
+MODELS = ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma3-270m"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def reference(request):
+    """(GGUF path, transformers' tokenizer, transformers' model loaded from the same file in float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = fetch(name)
+    path = fetch(request.param)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    yield path, tokenizer, model
+    del model
+
+
+def test_logits_and_greedy_tokens_match_transformers(reference) -> None:
+    """With exact kernels and float32 activations (every block type kept as the file has it, multiplied
+    in C): 32 greedy tokens equal, the first step's top 5 too, their logprobs within 2e-3."""
+    path, tokenizer, model = reference
     llm = LLM(str(path), dtype="float32", weight_dtype="float32", exact_kernels=True, speculative="off", progress=False)
     for prompt in PROMPTS:
         ids = list(tokenizer.encode(prompt))
@@ -52,3 +62,19 @@ def test_logits_and_greedy_tokens_match_transformers(name: str) -> None:
         top = ours.logprobs[0].top
         assert [t for t, _ in top] == hf_logprobs.topk(5).indices.tolist()
         torch.testing.assert_close(torch.tensor([v for _, v in top]), hf_logprobs.topk(5).values, atol=2e-3, rtol=0)
+
+
+def test_fast_kernels_diverge_only_to_a_top_5_token(reference) -> None:
+    """With the defaults (int8 activations in the kernels, as llama.cpp computes): wherever the greedy
+    tokens first differ from transformers', ours is in transformers' top 5 at that step."""
+    path, tokenizer, model = reference
+    llm = LLM(str(path), speculative="off", progress=False)
+    for prompt in PROMPTS:
+        ids = list(tokenizer.encode(prompt))
+        ours = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))[0].token_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + ours])).logits[0, len(ids) - 1 : -1]  # the step before each token
+        expected = logits.argmax(-1).tolist()
+        step = next((i for i, (a, b) in enumerate(zip(ours, expected)) if a != b), None)
+        if step is not None:
+            assert ours[step] in logits[step].topk(5).indices.tolist(), (prompt, step, ours[step], expected[step])

@@ -19,7 +19,16 @@ TYPES = {
     kernels.Q8_0: GGMLQuantizationType.Q8_0,
     kernels.Q4_0: GGMLQuantizationType.Q4_0,
     kernels.Q4_1: GGMLQuantizationType.Q4_1,
+    kernels.Q5_0: GGMLQuantizationType.Q5_0,
+    kernels.Q5_1: GGMLQuantizationType.Q5_1,
+    kernels.Q4_K: GGMLQuantizationType.Q4_K,
+    kernels.Q5_K: GGMLQuantizationType.Q5_K,
+    kernels.Q6_K: GGMLQuantizationType.Q6_K,
 }
+# gguf has no quantizer for the K-quants: their blocks are random bytes (every byte pattern is a valid
+# block) with the float16 scales set to small positive values; offsets of those scales in a block
+K_SCALES = {kernels.Q4_K: (0, 2), kernels.Q5_K: (0, 2), kernels.Q6_K: (208,)}
+COLS = 512  # a multiple of every block size (256 for the K-quants)
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
@@ -38,12 +47,30 @@ def fast_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (x.bfloat16() @ weight.bfloat16().T).float()
 
 
-def gguf_weight(qtype: int, rows: int = 96, cols: int = 192, seed: int = 0) -> tuple[QuantizedWeight, torch.Tensor]:
-    """Blocks made by gguf's quantizer, and gguf's float32 reading of them."""
-    dense = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
-    raw = gguf_quantize(dense, TYPES[qtype])
+def gguf_weight(qtype: int, rows: int = 96, cols: int = COLS, seed: int = 0) -> tuple[QuantizedWeight, torch.Tensor]:
+    """Blocks made by gguf's quantizer (random blocks for the K-quants), and gguf's float32 reading of them."""
+    rng = np.random.default_rng(seed)
+    if qtype in K_SCALES:
+        block, nbytes = kernels.block_layout(qtype)
+        raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
+        for offset in K_SCALES[qtype]:
+            scale = rng.uniform(0.002, 0.02, (rows, cols // block)).astype(np.float16)
+            raw[:, :, offset : offset + 2] = scale.view(np.uint8).reshape(rows, cols // block, 2)
+        raw = raw.reshape(rows, -1)
+    else:
+        raw = gguf_quantize(rng.standard_normal((rows, cols)).astype(np.float32), TYPES[qtype])
     reference = torch.from_numpy(gguf_dequantize(raw, TYPES[qtype]).astype(np.float32))
     return QuantizedWeight(torch.from_numpy(raw), qtype, (rows, cols)), reference
+
+
+def check_products(weight: QuantizedWeight, reference: torch.Tensor, rows: int) -> None:
+    """Exact mode == x @ W^T; fast mode == (x as int8 blocks) @ W^T; both within rounding."""
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)) * 3
+    exact = x @ reference.T
+    tol = dict(rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
+    torch.testing.assert_close(weight.matmul(x, True, KERNEL_MAX_ROWS), exact, **tol)
+    torch.testing.assert_close(weight.matmul(x, False, KERNEL_MAX_ROWS), fast_reference(x, reference), **tol)
+    assert (weight.matmul(x, False, KERNEL_MAX_ROWS) - exact).abs().max() < 0.05 * exact.abs().max()
 
 
 @pytest.fixture(params=[1, 2])
@@ -57,7 +84,7 @@ def threads(request):
 def test_dequantize_and_embed_match_gguf(qtype: int, threads: int) -> None:
     weight, reference = gguf_weight(qtype)
     assert torch.equal(weight.dequantize(), reference)
-    ids = torch.tensor([0, 95, 7, 7])
+    ids = torch.tensor([0, 95, 7, 7])  # embedding lookups of every type
     assert torch.equal(weight.embed(ids), reference[ids])
     with pytest.raises(IndexError):
         weight.embed(torch.tensor([96]))
@@ -66,32 +93,41 @@ def test_dequantize_and_embed_match_gguf(qtype: int, threads: int) -> None:
 @pytest.mark.parametrize("qtype", list(TYPES))
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, 70])
 def test_matmul_exact_and_fast(qtype: int, rows: int, threads: int) -> None:
-    weight, reference = gguf_weight(qtype)
-    x = torch.randn(rows, 192, generator=torch.Generator().manual_seed(rows)) * 3
-    exact = x @ reference.T
-    torch.testing.assert_close(weight.matmul(x, True, KERNEL_MAX_ROWS), exact, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(
-        weight.matmul(x, False, KERNEL_MAX_ROWS), fast_reference(x, reference), rtol=1e-5, atol=1e-4
-    )
-    assert (weight.matmul(x, False, KERNEL_MAX_ROWS) - exact).abs().max() < 0.05 * exact.abs().max()
+    check_products(*gguf_weight(qtype), rows)
 
 
-def test_scalar_path_matches(tmp_path) -> None:
-    """The portable C path (CPUs without AVX2) gives the same products."""
+@pytest.mark.parametrize(("variable", "isa"), [("FULMINE_KERNELS_SCALAR", "scalar"), ("FULMINE_KERNELS_AVX2", "avx2")])
+def test_every_type_on_every_isa_path(variable: str, isa: str) -> None:
+    """The portable C path (CPUs without AVX2) and the AVX2 path (without VNNI) give the same products
+    for every type (the default path, VNNI where the CPU has it, is the parametrized test above)."""
     import subprocess
     import sys
 
     code = (
-        "import torch; from fulmine import kernels; from tests.unit.test_kernels import gguf_weight;"
-        "assert kernels.cpu().info()['isa'] == 'scalar';"
-        "w, ref = gguf_weight(kernels.Q4_1); x = torch.randn(3, 192);"
-        "torch.testing.assert_close(w.matmul(x, exact=True), x @ ref.T, rtol=1e-5, atol=1e-4);"
-        "from tests.unit.test_kernels import quantize_activations as q;"
-        "torch.testing.assert_close(w.matmul(x), q(x) @ ref.T, rtol=1e-5, atol=1e-4)"
+        "from fulmine import kernels; from tests.unit.test_kernels import TYPES, gguf_weight, check_products;"
+        f"assert kernels.cpu().info()['isa'] == {isa!r}, kernels.cpu().info()['isa'];"
+        "[check_products(*gguf_weight(t), rows) for t in TYPES for rows in (1, 3, 4, 6)]"
     )
-    env = {**__import__("os").environ, "FULMINE_KERNELS_SCALAR": "1"}
+    env = {**__import__("os").environ, variable: "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if isa == "avx2" and "avx2" not in (kernels.describe()):
+        pytest.skip("this CPU has no AVX2")
     assert result.returncode == 0, result.stderr
+
+
+def test_shards_of_different_types_multiply_as_one_matrix(threads: int) -> None:
+    """A merged q/k/v kept as Q4_K, Q4_K, Q6_K shards equals the stacked dequantized matrix."""
+    from fulmine.layers.quantized import QuantizedShards
+
+    parts = [
+        gguf_weight(t, rows=r, seed=i)
+        for i, (t, r) in enumerate([(kernels.Q4_K, 64), (kernels.Q5_0, 32), (kernels.Q6_K, 32)])
+    ]
+    shards = QuantizedShards([w for w, _ in parts])
+    reference = torch.cat([ref for _, ref in parts])
+    assert shards.shape == (128, COLS) and torch.equal(shards.dequantize(), reference)
+    for rows in (1, 5, KERNEL_MAX_ROWS + 1):
+        check_products(shards, reference, rows)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("qtype", [kernels.Q8_0, kernels.Q4_1])
@@ -114,7 +150,7 @@ def test_bad_shapes_are_refused() -> None:
 
 @pytest.mark.parametrize("qtype", list(TYPES))
 def test_bfloat16_dequantization_rounds_like_torch(qtype: int, threads: int) -> None:
-    weight, reference = gguf_weight(qtype, rows=40, cols=96)
+    weight, reference = gguf_weight(qtype, rows=40, cols=256)
     assert torch.equal(weight.dequantize(torch.bfloat16), reference.bfloat16())
 
 

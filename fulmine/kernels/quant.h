@@ -1,0 +1,90 @@
+/* What fulmine's matrix kernels share: GGML type ids, the fast mode's activation format, the row
+ * kernel signatures, and QType, one entry of the table of block types (see quant_types() in
+ * _cpu.c, and kquants.c for the 5-bit and K-quant types).
+ *
+ * A row kernel computes out[r] = dot(one weight row, activation row r) for r < R (R <= 4), the
+ * activation rows K values apart. Exact kernels read float32 activations; fast kernels read them
+ * quantized to int8 per block of 32 (QAct), as llama.cpp's Q8 does.
+ */
+#ifndef FULMINE_QUANT_H
+#define FULMINE_QUANT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* GGML type ids, as GGUF stores them */
+enum {
+    T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+    T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14
+};
+
+/* The fast mode's activations: qx[r * K + k] int8, dx[r * nb + b] the scale of 32-block b (x ~ dx * q),
+ * xsum[r * nb + b] = dx * sum(q) over the block; nb = K / 32. */
+typedef struct {
+    const int8_t *qx;
+    const float *dx, *xsum;
+} QAct;
+
+/* xsum[r * nb + b]: the float sum of block b of activation row r (the exact kernels of types with a
+ * per-block offset use it; NULL for the others) */
+typedef void (*row_fn)(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out);
+typedef void (*qrow_fn)(const uint8_t *w, const QAct *a, int R, int64_t K, float *out);
+
+enum { ISA_SCALAR, ISA_AVX2, ISA_VNNI, N_ISA };
+
+typedef struct {
+    int type;
+    const char *name;
+    int block;                                        /* weights per block */
+    int bytes;                                        /* bytes per block */
+    void (*dequant)(const uint8_t *blk, float *out); /* one block -> `block` floats */
+    row_fn exact[N_ISA];                              /* NULL: the one of the ISA before */
+    qrow_fn fast[N_ISA];                              /* NULL: the one of the ISA before; none: exact only */
+    int exact_needs_xsum;                             /* the exact kernel reads float block sums */
+} QType;
+
+/* kquants.c: Q5_0, Q5_1, Q4_K, Q5_K, Q6_K */
+extern const QType KQUANT_TYPES[];
+extern const int NUM_KQUANT_TYPES;
+
+float fulmine_half_to_float(uint16_t h);
+
+/* R (1..4) as a compile-time row count: FN(RG, args...) is inlined with its per-row accumulators in
+ * registers. Every SIMD row kernel is written for RG and reached through this switch. */
+#define SWITCH_RG(R, FN, ...)                                                                              \
+    switch (R) {                                                                                           \
+    case 1: FN(1, __VA_ARGS__); break;                                                                     \
+    case 2: FN(2, __VA_ARGS__); break;                                                                     \
+    case 3: FN(3, __VA_ARGS__); break;                                                                     \
+    default: FN(4, __VA_ARGS__); break;                                                                    \
+    }
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define FULMINE_X86 1
+#include <immintrin.h>
+#include <string.h>
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#define INLINE static inline __attribute__((always_inline))
+
+AVX2 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static inline float half_avx2(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* int8 dot products summed per 4 lanes into int32: u8 u times s8 s (AVX2: maddubs + madd; the
+ * pairwise int16 sums cannot saturate for |u| <= 63) */
+#define DOT_AVX2(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+#define DOT_VNNI(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+#endif
+
+#endif
