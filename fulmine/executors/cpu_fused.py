@@ -6,8 +6,8 @@ them, more time than reading the weights. `FusedDecoder` hands the C kernel (ker
 `decoder_forward`) a table of every layer's weight, norm and cache pointers once, then each step
 passes only the tokens, their positions and their block tables. Same cache layout and numerics
 as the PyTorch path (float32 activations; quantized matrices as in `Linear`), so steps may
-alternate between the two. Llama-style blocks only (Llama, Mistral, Qwen2, Qwen3); other models
-and long prefill chunks take the PyTorch executor.
+alternate between the two. Llama-style blocks (Llama, Mistral, Qwen2, Qwen3) and Gemma 3's (two
+more norms, GeGLU); long prefill chunks take the PyTorch executor.
 
 The thresholds below were measured on the 2-core AVX-512 CPU; `tune_layers` hands the layers
 theirs (the PyTorch executor's products on the CPU follow them too).
@@ -26,7 +26,7 @@ from fulmine.executors.torch_eager import use_torch_threads
 from fulmine.layers.linear import Linear, MergedLinear
 from fulmine.layers.quantized import QuantizedShards, QuantizedWeight
 from fulmine.layers.rotary import RotaryEmbedding
-from fulmine.models.decoder import DecoderLayer, DecoderModel
+from fulmine.models.decoder import DecoderLayer, DecoderModel, SandwichDecoderLayer
 
 # Steps with at most this many tokens run fused; above, the batched GEMMs of the PyTorch path win.
 # Measured on the 2-core AVX-512 CPU, embedded model, one prompt, fused vs PyTorch path:
@@ -88,12 +88,10 @@ def unsupported_reason(state: ModelState) -> str | None:
         return "the C kernels are not built"
     if state.device.type != "cpu" or state.dtype != torch.float32:
         return "fused steps run on the CPU with float32 activations"
-    if config.sandwich_norms or config.hidden_act != "silu":
-        return "only Llama-style blocks (pre-norm, SwiGLU) run fused"
     if config.head_dim % 2 or config.hidden_size % 32 or config.intermediate_size % 32:
         return "dimensions the kernel does not tile"
     for layer in model.layers:
-        assert isinstance(layer, DecoderLayer)
+        assert isinstance(layer, (DecoderLayer, SandwichDecoderLayer))
         attn, mlp = layer.self_attn, layer.mlp
         if any(_matrix(m) is None for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
             return "a matrix is stored in a type the kernel does not read"
@@ -119,8 +117,14 @@ class FusedDecoder:
         self._kernel = module.decoder_forward
         rows = []
         for layer, (k_cache, v_cache), sliding in zip(model.layers, kv_caches, layer_is_sliding):
-            assert isinstance(layer, DecoderLayer)
             attn, mlp = layer.self_attn, layer.mlp
+            # the norm before the MLP, and (Gemma 3) the norms of the attention's and the MLP's outputs
+            if isinstance(layer, SandwichDecoderLayer):
+                pre_mlp = layer.pre_feedforward_layernorm.weight
+                attn_out, mlp_out = layer.post_attention_layernorm.weight, layer.post_feedforward_layernorm.weight
+            else:
+                assert isinstance(layer, DecoderLayer)
+                pre_mlp, attn_out, mlp_out = layer.post_attention_layernorm.weight, None, None
             rope = rotary_sliding if sliding else rotary
             qkv, o, gate_up, down = (_matrix(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
             assert qkv and o and gate_up and down
@@ -133,7 +137,7 @@ class FusedDecoder:
                     _pointer(attn.k_norm.weight if attn.k_norm is not None else None),
                     *o[0],
                     _pointer(attn.o_proj.bias),
-                    _pointer(layer.post_attention_layernorm.weight),
+                    _pointer(pre_mlp),
                     *[field for shard in gate_up for field in shard],
                     *down[0],
                     _pointer(k_cache),
@@ -141,6 +145,8 @@ class FusedDecoder:
                     config.sliding_window if sliding and config.sliding_window else 0,
                     _pointer(rope.cos),
                     _pointer(rope.sin),
+                    _pointer(attn_out),
+                    _pointer(mlp_out),
                 ]
             )
         assert len(rows[0]) == module.info()["layer_fields"]
@@ -153,6 +159,7 @@ class FusedDecoder:
             config.head_dim,
             config.intermediate_size,
             block_size,
+            int(config.hidden_act == "gelu_tanh"),
         )
         self.scale = config.attn_scale if config.attn_scale is not None else 1 / math.sqrt(config.head_dim)
 

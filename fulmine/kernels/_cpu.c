@@ -816,12 +816,14 @@ static void dequant_task(void *ctx, int chunk, int nchunks) {
 /* ---------------------------------------------------------------------------------------------
  * The decoder for a few tokens (decode rows, speculative verification, short prompts): the
  * Llama block (RMSNorm, GQA with RoPE, optional qkv bias, q/k norm and sliding window, SwiGLU)
- * over the paged KV cache, layer after layer in one call.
+ * over the paged KV cache, layer after layer in one call. Gemma 3's block is the same with two
+ * more norms, on the attention's and the MLP's outputs before they join the residual stream
+ * (L_ATTN_OUT_NORM, L_FFN_OUT_NORM; 0 for Llama-style layers), and GeGLU (tanh GELU) for SwiGLU.
  */
 enum {
     L_IN_NORM, L_Q, L_Q_TYPE, L_K, L_K_TYPE, L_V, L_V_TYPE, L_QKV_BIAS, L_Q_NORM, L_K_NORM, L_O, L_O_TYPE, L_O_BIAS,
     L_POST_NORM, L_GATE, L_GATE_TYPE, L_UP, L_UP_TYPE, L_DOWN, L_DOWN_TYPE, L_K_CACHE, L_V_CACHE, L_WINDOW, L_COS,
-    L_SIN, L_FIELDS
+    L_SIN, L_ATTN_OUT_NORM, L_FFN_OUT_NORM, L_FIELDS
 };
 
 typedef struct {
@@ -864,6 +866,16 @@ static void rms_norm(const float *x, const float *w, float *out, int n, float ep
     for (int i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
 }
 
+/* rows of x normalized in place by w (nothing when w is NULL) */
+static void norm_rows(float *x, const float *w, int T, int H, float eps, float *tmp) {
+    for (int t = 0; w && t < T; t++) {
+        memcpy(tmp, x + (size_t)t * H, sizeof(float) * H);
+        rms_norm(tmp, w, x + (size_t)t * H, H, eps);
+    }
+}
+
+static float gelu_tanh(float x) { return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
+
 static void rope(float *x, const float *cos, const float *sin, int D) {
     int half = D / 2;
     for (int i = 0; i < half; i++) {
@@ -893,7 +905,7 @@ static Mat layer_parts(const int64_t *l, int first, int nparts, const int64_t *r
 static int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *final_norm, const int32_t *pos,
                            const int32_t *seq, const int32_t *tables, int max_blocks, const int *dims, float eps,
                            float scale, int exact) {
-    int H = dims[0], nh = dims[1], nkv = dims[2], D = dims[3], I = dims[4], bs = dims[5];
+    int H = dims[0], nh = dims[1], nkv = dims[2], D = dims[3], I = dims[4], bs = dims[5], gelu = dims[6];
     int qkv_n = (nh + 2 * nkv) * D, max_ctx = 0;
     const int64_t qkv_rows[3] = {(int64_t)nh * D, (int64_t)nkv * D, (int64_t)nkv * D}, gate_up_rows[2] = {I, I};
     for (int t = 0; t < T; t++) max_ctx = pos[t] + 1 > max_ctx ? pos[t] + 1 : max_ctx;
@@ -943,16 +955,23 @@ static int decoder_forward(float *h, int T, int L, const int64_t *layers, const 
         /* qkv is free now: reuse it for the attention output ([T, nh*D] fits in [T, qkv_n]) */
         pool_run(attention_task, &aj, n_chunks_att);
         matmul(qkv, T, layer_mat(ly, L_O, L_O_TYPE, H, (int64_t)nh * D), xn, H, &sc, exact);
-        for (size_t i = 0; i < n_x; i++) h[i] += xn[i] + (o_bias ? o_bias[i % H] : 0.f);
+        if (o_bias)
+            for (size_t i = 0; i < n_x; i++) xn[i] += o_bias[i % H];
+        norm_rows(xn, (const float *)(intptr_t)ly[L_ATTN_OUT_NORM], T, H, eps, tmp);
+        for (size_t i = 0; i < n_x; i++) h[i] += xn[i];
         for (int t = 0; t < T; t++)
             rms_norm(h + (size_t)t * H, (const float *)(intptr_t)ly[L_POST_NORM], xn + (size_t)t * H, H, eps);
         matmul(xn, T, layer_parts(ly, L_GATE, 2, gate_up_rows, H), gu, 2 * I, &sc, exact);
         for (int t = 0; t < T; t++) {
             const float *g = gu + (size_t)t * 2 * I, *u = g + I;
             float *a = act + (size_t)t * I;
-            for (int i = 0; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+            if (gelu)
+                for (int i = 0; i < I; i++) a[i] = gelu_tanh(g[i]) * u[i];
+            else
+                for (int i = 0; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
         }
         matmul(act, T, layer_mat(ly, L_DOWN, L_DOWN_TYPE, H, I), xn, H, &sc, exact);
+        norm_rows(xn, (const float *)(intptr_t)ly[L_FFN_OUT_NORM], T, H, eps, tmp);
         for (size_t i = 0; i < n_x; i++) h[i] += xn[i];
     }
     for (int t = 0; t < T; t++) {
@@ -1019,13 +1038,13 @@ static PyObject *py_embed(PyObject *self, PyObject *args) {
 
 static PyObject *py_decoder_forward(PyObject *self, PyObject *args) {
     unsigned long long h, layers, final_norm, pos, seq, tables;
-    int T, L, max_blocks, H, nh, nkv, D, I, bs;
+    int T, L, max_blocks, H, nh, nkv, D, I, bs, gelu;
     float eps, scale;
     int exact;
-    if (!PyArg_ParseTuple(args, "KiiKKKKKi(iiiiii)ffp", &h, &T, &L, &layers, &final_norm, &pos, &seq, &tables,
-                          &max_blocks, &H, &nh, &nkv, &D, &I, &bs, &eps, &scale, &exact))
+    if (!PyArg_ParseTuple(args, "KiiKKKKKi(iiiiiii)ffp", &h, &T, &L, &layers, &final_norm, &pos, &seq, &tables,
+                          &max_blocks, &H, &nh, &nkv, &D, &I, &bs, &gelu, &eps, &scale, &exact))
         return NULL;
-    int dims[6] = {H, nh, nkv, D, I, bs};
+    int dims[7] = {H, nh, nkv, D, I, bs, gelu};
     int rc;
     Py_BEGIN_ALLOW_THREADS;
     rc = decoder_forward((float *)PTR(h), T, L, (const int64_t *)PTR(layers), (const float *)PTR(final_norm),

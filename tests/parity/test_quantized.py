@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(kernels.cpu() is None, reason="C kernels not bui
 TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France. Numbers: 0 1 2 3 4 5 6 7 8 9."
 
 
-@pytest.mark.parametrize("family", ["llama", "llama_tied_llama3_rope", "mistral_window", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "llama_tied_llama3_rope", "mistral_window", "qwen2", "qwen3", "gemma3"])
 @pytest.mark.parametrize(
     "weights",
     [
