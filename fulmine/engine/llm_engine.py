@@ -21,7 +21,7 @@ from fulmine.engine.outputs import ModelRunnerOutput, RequestMetrics, RequestOut
 from fulmine.engine.scheduler import Scheduler, draft_room
 from fulmine.engine.step import StepBatch
 from fulmine.kv_cache import KVCacheManager
-from fulmine.kv_cache.sizing import kv_cache_blocks, kv_cache_bytes_per_token
+from fulmine.kv_cache.sizing import fit_max_model_len, kv_cache_blocks, kv_cache_bytes_per_token
 from fulmine.layers.linear import Embedding, Linear
 from fulmine.models.loader import load_model
 from fulmine.models.source import resolve
@@ -49,13 +49,14 @@ class LLMEngine:
         self.source = resolve(model)
         model_config = self.source.config
         self.model_config = model_config
-        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        bytes_per_token = kv_cache_bytes_per_token(model_config, dtype)
+        self.max_model_len = fit_max_model_len(config, model_config, bytes_per_token, device)
         if self.max_model_len > model_config.max_position_embeddings:
             raise ConfigError(
                 f"max_model_len {self.max_model_len} exceeds the model's context window "
                 f"({model_config.max_position_embeddings})"
             )
-        num_blocks = kv_cache_blocks(config, kv_cache_bytes_per_token(model_config, dtype), self.max_model_len, device)
+        num_blocks = kv_cache_blocks(config, bytes_per_token, self.max_model_len, device)
         # The tokenizer (mostly importing transformers) loads on a thread while weights load.
         with ThreadPoolExecutor(max_workers=1) as pool:
             tokenizer = pool.submit(load_tokenizer, self.source, progress)

@@ -117,13 +117,13 @@ class FusedDecoder:
         self._kernel = module.decoder_forward
         rows = []
         for layer, (k_cache, v_cache), sliding in zip(model.layers, kv_caches, layer_is_sliding):
+            assert isinstance(layer, (DecoderLayer, SandwichDecoderLayer))
             attn, mlp = layer.self_attn, layer.mlp
             # the norm before the MLP, and (Gemma 3) the norms of the attention's and the MLP's outputs
             if isinstance(layer, SandwichDecoderLayer):
                 pre_mlp = layer.pre_feedforward_layernorm.weight
                 attn_out, mlp_out = layer.post_attention_layernorm.weight, layer.post_feedforward_layernorm.weight
             else:
-                assert isinstance(layer, DecoderLayer)
                 pre_mlp, attn_out, mlp_out = layer.post_attention_layernorm.weight, None, None
             rope = rotary_sliding if sliding else rotary
             qkv, o, gate_up, down = (_matrix(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))

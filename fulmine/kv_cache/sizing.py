@@ -1,10 +1,16 @@
-"""How many blocks the KV cache gets: bytes a token, the configured or default budget, the machine."""
+"""How large the context and the KV cache are: bytes a token, the configured or default budget, the machine."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from fulmine.config import ConfigError, EngineConfig, ModelConfig
+
+logger = logging.getLogger("fulmine.kv_cache")
+# By default one full context's KV cache may take at most this share of the memory available.
+MAX_CONTEXT_SHARE = 0.5
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -13,6 +19,28 @@ def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 DEFAULT_KV_CACHE_GB = 1.0
+
+
+def fit_max_model_len(config: EngineConfig, model: ModelConfig, bytes_per_token: int, device: torch.device) -> int:
+    """The context window: the configured one, else the model's own, cut (with one log line saying so)
+    to what fits when one full context's KV cache would take more than half the memory available."""
+    if config.max_model_len is not None:
+        return config.max_model_len
+    native = model.max_position_embeddings
+    available = _available_memory_bytes(device, model)
+    if available is None or native * bytes_per_token <= available * MAX_CONTEXT_SHARE:
+        return native
+    fits = int(available * MAX_CONTEXT_SHARE) // bytes_per_token // config.block_size * config.block_size
+    chosen = max(fits, config.block_size)
+    logger.warning(
+        "the model's context of %d tokens needs %.1f GB of KV cache, more than half of the %.1f GB available: "
+        "max_model_len is %d (--max-model-len to choose another)",
+        native,
+        native * bytes_per_token / 2**30,
+        available / 2**30,
+        chosen,
+    )
+    return chosen
 
 
 def kv_cache_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int, device: torch.device) -> int:
@@ -32,7 +60,7 @@ def kv_cache_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: i
             )
     else:
         budget = max(per_request, int(DEFAULT_KV_CACHE_GB * 2**30) // bytes_per_block)
-        available = _available_memory_bytes() if device.type == "cpu" else None
+        available = _available_memory_bytes(device) if device.type == "cpu" else None
         if available is not None and per_request * bytes_per_block > available:
             raise ConfigError(
                 f"one full context of {max_model_len} tokens needs {context_gb:.2f} GB of KV cache, more than "
@@ -41,7 +69,14 @@ def kv_cache_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: i
     return min(budget, per_request * config.max_num_seqs)
 
 
-def _available_memory_bytes() -> int | None:
+def _available_memory_bytes(device: torch.device, model: ModelConfig | None = None) -> int | None:
+    """Memory a KV cache could use: the CPU's available memory, or the GPU's free memory less the
+    weights still to load (estimated from the model's shape, two bytes a weight)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return max(free - 2 * _num_weights(model), 0) if model is not None else free
+    if device.type != "cpu":
+        return None
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -50,3 +85,10 @@ def _available_memory_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def _num_weights(model: ModelConfig) -> int:
+    attention = model.hidden_size * model.head_dim * (2 * model.num_heads + 2 * model.num_kv_heads)
+    mlp = 3 * model.hidden_size * model.intermediate_size
+    tables = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2)
+    return model.num_layers * (attention + mlp) + tables

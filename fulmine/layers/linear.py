@@ -35,6 +35,7 @@ class Linear(nn.Module):
         self.max_kernel_rows = 1 << 30  # more rows: dequantize and GEMM (layers/quantized.py)
         self.narrow_gemv_max_rows = 0  # up to this many rows, a narrow weight multiplies in its own dtype
         self.keep_blocks = False
+        self.unread_types: set[str] = set()  # GGUF block types of this layer loaded dense (the loader reports them)
         self._blocks: dict[int, QuantizedTensor] = {}
 
     @property
@@ -69,6 +70,8 @@ class Linear(nn.Module):
             assert isinstance(tensor, QuantizedTensor)
             self._blocks[shard] = tensor
         else:
+            if self.keep_blocks and not is_bias and isinstance(tensor, QuantizedTensor):
+                self.unread_types.add(tensor.qtype.name)  # blocks the kernels cannot read: dense
             self._load_dense(tensor, shard, is_bias)
 
     def _keeps(self, tensor: WeightTensor, is_bias: bool) -> bool:
@@ -86,27 +89,23 @@ class Linear(nn.Module):
         target.data.copy_(value)
 
     def finish_loading(self) -> None:
-        """Kept blocks become the layer's quantized weight: one QuantizedWeight if every shard has the
-        same type, else QuantizedShards (each shard in its own type). A shard that was not kept (a type
-        the kernels do not read) makes the layer dense."""
+        """Kept blocks become the layer's quantized weight, read in place from the memory-mapped file
+        (no copy): one QuantizedWeight, or for a merged layer QuantizedShards (one part per shard,
+        each in its own type). A shard that was not kept (a type the kernels do not read) makes the
+        layer dense."""
         blocks, self._blocks = self._blocks, {}
         if not blocks:
             return
         if len(blocks) != self.num_shards:
             for shard, tensor in blocks.items():
+                self.unread_types.add(tensor.qtype.name)
                 self._load_dense(tensor, shard, False)
             return
-        shards = [blocks[i] for i in range(self.num_shards)]
-        types = {int(t.qtype) for t in shards}
-        if len(types) == 1:
-            raw = torch.from_numpy(np.concatenate([np.ascontiguousarray(t.raw) for t in shards]))
-            self.set_quantized(QuantizedWeight(raw, types.pop(), (self.out_features, self.in_features)))
-        else:
-            parts = [
-                QuantizedWeight(torch.from_numpy(np.ascontiguousarray(t.raw)), int(t.qtype), (size, self.in_features))
-                for t, size in zip(shards, self.out_sizes_of_shards)
-            ]
-            self.set_quantized(QuantizedShards(parts))
+        parts = [
+            QuantizedWeight(_as_tensor(blocks[i].raw), int(blocks[i].qtype), (size, self.in_features))
+            for i, size in enumerate(self.out_sizes_of_shards)
+        ]
+        self.set_quantized(parts[0] if len(parts) == 1 else QuantizedShards(parts))
 
     def set_quantized(self, weight: QuantizedWeight | QuantizedShards) -> None:
         self.quant = weight
@@ -115,6 +114,11 @@ class Linear(nn.Module):
     def quantize(self, qtype: int) -> None:
         if self.quant is None and self.in_features % 32 == 0:
             self.set_quantized(quantize(self.weight.data, qtype))
+
+
+def _as_tensor(raw: np.ndarray) -> torch.Tensor:
+    """GGUF blocks as a uint8 tensor sharing their memory (a view of the mapped file, when they are one)."""
+    return torch.from_numpy(np.ascontiguousarray(raw))
 
 
 class MergedLinear(Linear):

@@ -46,7 +46,9 @@ class TensorInfo:
 class GGUFFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._data: np.ndarray = np.memmap(self.path, dtype=np.uint8, mode="r")
+        # copy-on-write: the weights are used in place (views of this map) and never written, so their
+        # pages stay the file's, shared with the page cache, and a process holds no second copy
+        self._data: np.ndarray = np.memmap(self.path, dtype=np.uint8, mode="c")
         self._buffer = cast(Any, self._data)  # numpy arrays are buffers; its stubs do not say so
         self._pos = 0
         if bytes(self._data[:4]) != b"GGUF":
@@ -70,7 +72,7 @@ class GGUFFile:
             self.tensors[name] = TensorInfo(name, shape, qtype, data_start + offset, nbytes)
 
     def close(self) -> None:
-        """Unmap the file (tensors loaded earlier must have been copied out). Metadata stays."""
+        """Drop the reader's hold on the map (tensors loaded earlier keep it alive as long as they live)."""
         self._data = self._buffer = np.empty(0, dtype=np.uint8)
 
     def load(self, name: str) -> QuantizedTensor:

@@ -6,16 +6,19 @@ plus one tensor. A progress bar runs on stderr while tensors load.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 from safetensors import safe_open
 from tqdm import tqdm
 
 from fulmine import kernels
 from fulmine.config import ConfigError, ModelConfig
+from fulmine.layers.linear import Linear
 from fulmine.models.decoder import DecoderModel
 from fulmine.models.source import ModelSource
 from fulmine.models.weights import QuantizedTensor, WeightTensor
@@ -46,7 +49,8 @@ _GGUF_GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_GGUF_SKIPPED = {"rope_freqs.weight"}  # folded into the rotary embedding's config
+_GGUF_SKIPPED = {"rope_freqs.weight"}
+logger = logging.getLogger("fulmine.loader")  # folded into the rotary embedding's config
 
 
 def load_model(
@@ -98,12 +102,34 @@ def load_model(
     bar.close()
     model.fold_norm_offsets()
     model.finish_loading({"int8": kernels.Q8_0, "int4": kernels.Q4_1}.get(quantization), exact_kernels)
+    _report_unread_types(model, source)
     if source.gguf is not None:
-        source.gguf.close()  # every tensor is copied into the model; drop the file's pages
+        source.gguf.close()  # kept blocks are views of the map, which they keep alive; the reader is done
     if missing:
         names_missing = sorted({name for name, _ in missing})
         raise ConfigError(f"{source.path} lacks {len(names_missing)} tensors, e.g. {names_missing[:3]}")
     return model.eval()
+
+
+def _report_unread_types(model: DecoderModel, source: ModelSource) -> None:
+    """One log line naming the layers whose GGUF blocks the kernels do not read (they were dequantized)."""
+    unread: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            for qtype in sorted(module.unread_types):
+                unread.setdefault(qtype, []).append(name)
+    if unread:
+        listed = "; ".join(
+            f"{qtype} in {len(names)} layers ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for qtype, names in unread.items()
+        )
+        readable = ", ".join(GGMLQuantizationType(t).name for t in kernels.BLOCK_TYPES)
+        logger.warning(
+            "%s: block types the kernels do not read are dequantized (slower, more memory): %s; the kernels read %s",
+            source.path.name,
+            listed,
+            readable,
+        )
 
 
 def _checkpoint(source: ModelSource) -> tuple[list[str], Iterator[tuple[str, WeightTensor]]]:

@@ -104,6 +104,22 @@ def test_kv_cache_sizing(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="raise kv_cache_memory_gb or lower max_model_len"):
         kv_cache_blocks(EngineConfig(kv_cache_memory_gb=1.0), per_token, context, cpu)
     # the default on a machine without the memory for one context says what to change
-    monkeypatch.setattr(sizing, "_available_memory_bytes", lambda: 2**30)
+    monkeypatch.setattr(sizing, "_available_memory_bytes", lambda *args: 2**30)
     with pytest.raises(ConfigError, match="lower max_model_len"):
         kv_cache_blocks(EngineConfig(), per_token, context, cpu)
+
+
+def test_the_default_context_is_cut_to_fit_the_memory(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """A 32 768-token context of 57 344 bytes a token (1.75 GB) on a machine with 2 GB available: the
+    default context becomes what half of it holds, said in one log line; an explicit one is kept."""
+    from fulmine.config import ModelConfig
+
+    model = ModelConfig("Qwen2ForCausalLM", 151936, 1536, 28, 12, 2, 128, 8960, 1e-6, 1e6, 32768, True)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(sizing, "_available_memory_bytes", lambda *args: 2 * 2**30)
+    with caplog.at_level("WARNING", logger="fulmine.kv_cache"):
+        assert sizing.fit_max_model_len(EngineConfig(), model, 57_344, cpu) == 18_720
+    assert len(caplog.records) == 1 and "max_model_len is 18720" in caplog.text
+    assert sizing.fit_max_model_len(EngineConfig(max_model_len=32768), model, 57_344, cpu) == 32768
+    monkeypatch.setattr(sizing, "_available_memory_bytes", lambda *args: 8 * 2**30)
+    assert sizing.fit_max_model_len(EngineConfig(), model, 57_344, cpu) == 32768
