@@ -8,6 +8,7 @@ loads take a fraction of a second instead of several.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -26,16 +27,21 @@ def cache_dir() -> Path:
     return Path(base) / "fulmine"
 
 
+def cached_tokenizer_dir(gguf_path: Path) -> Path:
+    """Where a GGUF file's converted tokenizer is cached, keyed by the file's identity."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "tokenizers" / key
+
+
 def load_tokenizer(source: ModelSource, progress: bool = False) -> Any:
     from transformers import AutoTokenizer  # deferred: importing transformers costs about a second
 
     if source.gguf is None:
         return AutoTokenizer.from_pretrained(source.path)
-    stat = source.path.stat()
-    key = hashlib.sha256(f"{source.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "tokenizers" / key
+    cached = cached_tokenizer_dir(source.path)
     if (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(cached)
+        return load_cached_tokenizer(cached)
     if progress:
         print(
             f"fulmine: converting the GGUF tokenizer (first use only; cached in {cached.parent})",
@@ -53,6 +59,25 @@ def load_tokenizer(source: ModelSource, progress: bool = False) -> Any:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return tokenizer
+
+
+def load_cached_tokenizer(path: Path) -> Any:
+    """A converted tokenizer from fulmine's cache: the Rust tokenizer read from its file, wrapped with
+    its special tokens and chat template. AutoTokenizer rebuilds it through the model's Python class
+    (Gemma 3's 262k-token vocabulary: 2.5 s, this 1.1 s; handing over a Tokenizer object instead of the
+    file costs a deep copy, 1.2 s more); the result is the same."""
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    special = {name: config[name] for name in _SPECIAL_TOKENS if config.get(name) is not None}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **special)
+    template = path / "chat_template.jinja"
+    if template.is_file():
+        tokenizer.chat_template = template.read_text()
+    return tokenizer
+
+
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
 
 
 def apply_chat_template(tokenizer: Any, messages: list[Message]) -> list[int]:

@@ -1,13 +1,15 @@
 """A minimal, fast GGUF reader: metadata, tensor directory, and tensors as memory-mapped blocks.
 
 gguf's own GGUFReader builds a Python object per array element and takes seconds on a model with
-a 50k-token vocabulary; this reader parses numeric arrays with numpy and maps tensor data lazily.
+a 50k-token vocabulary; this reader parses numeric arrays with numpy, string arrays (the vocabulary
+and merges, which only a first tokenizer conversion reads) only when read, and maps tensor data.
 Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +34,28 @@ _NUMPY = {
     12: np.float64,
 }
 _STRING, _ARRAY = 8, 9
+_LENGTH = struct.Struct("<Q")
+
+
+class LazyStrings(Sequence[str]):
+    """A GGUF array of strings, decoded on first access (its length is known without decoding)."""
+
+    def __init__(self, buffer: Any, start: int, count: int) -> None:
+        self._buffer, self._start, self._count = buffer, start, count
+        self._items: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: Any) -> Any:
+        if self._items is None:
+            items, pos = [], self._start
+            for _ in range(self._count):
+                (length,) = _LENGTH.unpack_from(self._buffer, pos)
+                items.append(bytes(self._buffer[pos + 8 : pos + 8 + length]).decode("utf-8", errors="replace"))
+                pos += 8 + length
+            self._items = items
+        return self._items[index]
 
 
 @dataclass(frozen=True)
@@ -100,7 +124,10 @@ class GGUFFile:
         if value_type == _ARRAY:
             element_type, count = self._unpack("<IQ")
             if element_type == _STRING:
-                return [self._string() for _ in range(count)]
+                strings = LazyStrings(self._data, self._pos, count)
+                for _ in range(count):  # only the lengths, to find where the array ends
+                    self._pos += 8 + _LENGTH.unpack_from(self._buffer, self._pos)[0]
+                return strings
             if element_type == _ARRAY:
                 return [self._value(_ARRAY) for _ in range(count)]
             dtype = np.dtype(_NUMPY[element_type])

@@ -77,7 +77,7 @@ def load_model(
         model = DecoderModel(source.config).to(dtype)
     if weight_dtype is not None and weight_dtype != dtype:
         model.narrow_weights(weight_dtype)
-    model = model.to_empty(device=device)
+    _allocate(model, device)
     model.tie_weights()
     if keep_blocks:
         model.keep_blocks()
@@ -109,6 +109,16 @@ def load_model(
         names_missing = sorted({name for name, _ in missing})
         raise ConfigError(f"{source.path} lacks {len(names_missing)} tensors, e.g. {names_missing[:3]}")
     return model.eval()
+
+
+def _allocate(model: DecoderModel, device: torch.device) -> None:
+    """Give every parameter of a model laid out on the meta device uninitialized memory on `device`
+    (what Module.to_empty does, without the first-call import of torch's symbolic-shape machinery
+    that costs 0.7 s of load time)."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            empty = torch.empty(param.shape, dtype=param.dtype, device=device)
+            setattr(module, name, torch.nn.Parameter(empty, requires_grad=False))
 
 
 def _report_unread_types(model: DecoderModel, source: ModelSource) -> None:
@@ -191,7 +201,7 @@ def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, 
     ships a file of here, e.g. Llama-3-8B's on a GPU. Matrices ~ N(0, 0.02), norms 1, biases 0."""
     with torch.device("meta"):
         model = DecoderModel(config).to(dtype)
-    model = model.to_empty(device=device)
+    _allocate(model, device)
     model.tie_weights()
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():

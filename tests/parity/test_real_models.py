@@ -45,6 +45,17 @@ def reference(request):
     del model
 
 
+def test_the_tokenizer_is_transformers_own(reference) -> None:
+    """fulmine's cached conversion, read directly, equals transformers' reading of the GGUF file."""
+    from fulmine.models.source import resolve
+    from fulmine.tokenizer import load_tokenizer
+    from tests.unit.test_detokenizer import assert_same_tokenizer
+
+    path, tokenizer, _ = reference
+    load_tokenizer(resolve(str(path)))  # converts once, into the cache
+    assert_same_tokenizer(load_tokenizer(resolve(str(path))), tokenizer)
+
+
 def test_logits_and_greedy_tokens_match_transformers(reference) -> None:
     """With exact kernels and float32 activations (every block type kept as the file has it, multiplied
     in C): 32 greedy tokens equal, the first step's top 5 too, their logprobs within 2e-3."""

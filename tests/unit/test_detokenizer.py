@@ -69,3 +69,36 @@ def test_unfinished_character_is_flushed_at_the_end(tokenizer) -> None:
     ids = tokenizer.encode("ok 🎉")[:-1]  # cut inside the emoji
     pieces, final = stream(tokenizer, ids)
     assert "".join(pieces) == final == tokenizer.decode(ids)
+
+
+def assert_same_tokenizer(ours, theirs) -> None:
+    """Same ids, same text back (with and without special tokens), same special tokens and chat prompt."""
+    for text in [*TEXTS, " leading space", "def f(x):\n\treturn x  # ok", "<|im_start|><bos>"]:
+        ids = theirs.encode(text)
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == theirs.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
+        theirs.bos_token_id,
+        theirs.eos_token_id,
+        theirs.pad_token_id,
+    )
+    assert ours.chat_template == theirs.chat_template
+    if theirs.chat_template is not None:
+        chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+        assert ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == theirs.apply_chat_template(
+            chat, add_generation_prompt=True, tokenize=False
+        )
+
+
+def test_the_cached_tokenizer_reads_as_transformers_converts_it(tokenizer) -> None:
+    """fulmine reads its cached conversion of a GGUF tokenizer directly; transformers' own reading of the
+    GGUF file gives the same tokenizer."""
+    from transformers import AutoTokenizer
+
+    from fulmine.tokenizer import cached_tokenizer_dir, load_cached_tokenizer
+
+    path = resolve(None).path
+    assert (cached_tokenizer_dir(path) / "tokenizer.json").is_file()  # the fixture converted it
+    ours = load_cached_tokenizer(cached_tokenizer_dir(path))
+    assert_same_tokenizer(ours, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
