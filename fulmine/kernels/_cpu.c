@@ -600,14 +600,14 @@ static void deq_q4_1(const uint8_t *b, float *o) { deq_q4(b, o, 1); }
  * and numerics mode. kquants.c adds the 5-bit and K-quant types at import. */
 #define MAX_TYPES 16
 static QType TYPES[MAX_TYPES] = {
-    {T_F32, "F32", 1, 4, deq_f32, ISAS(row_f32_scalar, row_f32_avx2, NULL), {NULL, NULL, NULL}, 0},
-    {T_F16, "F16", 1, 2, deq_f16, ISAS(row_f16_scalar, row_f16_avx2, NULL), {NULL, NULL, NULL}, 0},
+    {T_F32, "F32", 1, 4, deq_f32, ISAS(row_f32_scalar, row_f32_avx2, NULL), {NULL, NULL, NULL}, 0, 0},
+    {T_F16, "F16", 1, 2, deq_f16, ISAS(row_f16_scalar, row_f16_avx2, NULL), {NULL, NULL, NULL}, 0, 0},
     {T_Q8_0, "Q8_0", 32, 34, deq_q8_0, ISAS(row_q8_0_scalar, row_q8_0_avx2, NULL),
-     ISAS(qrow_q8_0_scalar, qrow_q8_0_avx2, qrow_q8_0_vnni), 0},
+     ISAS(qrow_q8_0_scalar, qrow_q8_0_avx2, qrow_q8_0_vnni), 0, 0},
     {T_Q4_0, "Q4_0", 32, 18, deq_q4_0, ISAS(row_q4_0_scalar, row_q4_0_avx2, NULL),
-     ISAS(qrow_q4_0_scalar, qrow_q4_0_avx2, qrow_q4_0_vnni), 1},
+     ISAS(qrow_q4_0_scalar, qrow_q4_0_avx2, qrow_q4_0_vnni), 1, 0},
     {T_Q4_1, "Q4_1", 32, 20, deq_q4_1, ISAS(row_q4_1_scalar, row_q4_1_avx2, NULL),
-     ISAS(qrow_q4_1_scalar, qrow_q4_1_avx2, qrow_q4_1_vnni), 1},
+     ISAS(qrow_q4_1_scalar, qrow_q4_1_avx2, qrow_q4_1_vnni), 1, 0},
 };
 static int NUM_TYPES = 5;
 
@@ -625,11 +625,12 @@ static size_t row_bytes(int type, int64_t K) {
 static struct {
     int level; /* ISA_SCALAR, ISA_AVX2 or ISA_VNNI: the row kernels used (forceable, for the tests) */
     void (*quantize_row)(const float *, int64_t, int8_t *, float *, float *);
+    void (*quantize_row_k)(const float *, int64_t, int8_t *, float *, int16_t *);
     void (*scores)(const float *, const float *, const int64_t *, int, int, float, float *);
     void (*wsum)(float *, const float *, const float *, const int64_t *, int, int);
     void (*to_bf16)(const float *, uint16_t *, int64_t);
     const char *isa;
-} K_ = {ISA_SCALAR, quantize_row_scalar, scores_scalar, wsum_scalar, to_bf16_scalar, "scalar"};
+} K_ = {ISA_SCALAR, quantize_row_scalar, quantize_row_k_scalar, scores_scalar, wsum_scalar, to_bf16_scalar, "scalar"};
 
 static void choose_isa(void) {
     for (int i = 0; i < NUM_KQUANT_TYPES && NUM_TYPES < MAX_TYPES; i++) TYPES[NUM_TYPES++] = KQUANT_TYPES[i];
@@ -638,6 +639,7 @@ static void choose_isa(void) {
     if (getenv("FULMINE_KERNELS_SCALAR") == NULL && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         K_.level = ISA_AVX2;
         K_.quantize_row = quantize_row_avx2;
+        K_.quantize_row_k = quantize_row_k_avx2;
         K_.scores = scores_avx2;
         K_.wsum = wsum_avx2;
         K_.to_bf16 = to_bf16_avx2;
@@ -723,7 +725,9 @@ static void matmul_task(void *ctx, int chunk, int nchunks) {
             for (int r0 = 0; r0 < j->R; r0 += 4) {
                 int rg = j->R - r0 < 4 ? j->R - r0 : 4;
                 if (j->qa) {
-                    QAct a = {j->qa->qx + (size_t)r0 * K, j->qa->dx + (size_t)r0 * nb, j->qa->xsum + (size_t)r0 * nb};
+                    const QAct *qa = j->qa;
+                    QAct a = {qa->qx + (size_t)r0 * K, qa->dx + (size_t)r0 * nb, qa->xsum + (size_t)r0 * nb,
+                              qa->kq + (size_t)r0 * K, qa->kd + (size_t)r0 * (K / 256), qa->ksum + (size_t)r0 * (K / 16)};
                     qfn(row, &a, rg, K, out);
                 } else {
                     fn(row, j->x + (size_t)r0 * K, rg, K, j->xsum ? j->xsum + (size_t)r0 * nb : NULL, out);
@@ -734,33 +738,43 @@ static void matmul_task(void *ctx, int chunk, int nchunks) {
     }
 }
 
-/* Scratch for one product's activations: R * K / 32 floats each for xsum and dx, R * K int8. */
+/* Scratch for one product's activations in both formats (QAct): per 32, R * K / 32 floats each for
+ * xsum and dx and R * K int8; per 256, R * K / 256 floats, R * K / 16 int16 and R * K int8. */
 typedef struct {
-    float *xsum, *dx;
-    int8_t *qx;
+    float *xsum, *dx, *kd;
+    int8_t *qx, *kq;
+    int16_t *ksum;
 } Scratch;
 
 static int scratch_alloc(Scratch *s, size_t R, size_t K) {
-    size_t nb = K / 32 + 1;
-    s->xsum = malloc(sizeof(float) * R * nb * 2 + R * K + 64);
+    size_t nb = K / 32 + 1, nk = K / 256 + 1, ng = K / 16 + 1;
+    s->xsum = malloc(sizeof(float) * R * (2 * nb + nk) + sizeof(int16_t) * R * ng + 2 * R * K + 64);
     if (!s->xsum) return -1;
     s->dx = s->xsum + R * nb;
-    s->qx = (int8_t *)(s->dx + R * nb);
+    s->kd = s->dx + R * nb;
+    s->ksum = (int16_t *)(s->kd + R * nk);
+    s->qx = (int8_t *)(s->ksum + R * ng);
+    s->kq = s->qx + R * K;
     return 0;
 }
 
 static void matmul(const float *x, int R, Mat w, float *y, int64_t ldy, const Scratch *s, int exact) {
     int64_t nb = w.K / 32;
     float *xsum = s->xsum;
-    int fast = !exact, needs_xsum = 0;
+    int fast = !exact, needs_xsum = 0, per32 = 0, per256 = 0;
     for (int p = 0; p < w.nparts; p++) {
         fast = fast && qrow_kernel(w.type[p]) != NULL; /* every part has an int8 kernel */
         needs_xsum = needs_xsum || qtype(w.type[p])->exact_needs_xsum;
+        per256 = per256 || qtype(w.type[p])->act256;
+        per32 = per32 || !qtype(w.type[p])->act256;
     }
     if (fast) {
-        for (int r = 0; r < R; r++)
-            K_.quantize_row(x + (size_t)r * w.K, w.K, s->qx + (size_t)r * w.K, s->dx + r * nb, xsum + r * nb);
-        QAct qa = {s->qx, s->dx, xsum};
+        for (int r = 0; r < R; r++) {
+            const float *xr = x + (size_t)r * w.K;
+            if (per32) K_.quantize_row(xr, w.K, s->qx + (size_t)r * w.K, s->dx + r * nb, xsum + r * nb);
+            if (per256) K_.quantize_row_k(xr, w.K, s->kq + (size_t)r * w.K, s->kd + r * (w.K / 256), s->ksum + r * (w.K / 16));
+        }
+        QAct qa = {s->qx, s->dx, xsum, s->kq, s->kd, s->ksum};
         MatmulJob job = {x, R, w, y, ldy, xsum, &qa};
         pool_run(matmul_task, &job, pool_chunks(w.N / 16));
         return;

@@ -18,12 +18,23 @@ enum {
     T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14
 };
 
-/* The fast mode's activations: qx[r * K + k] int8, dx[r * nb + b] the scale of 32-block b (x ~ dx * q),
- * xsum[r * nb + b] = dx * sum(q) over the block; nb = K / 32. */
+/* The fast mode's activations, in two formats (a product computes the ones its weight types read):
+ * - per 32 (the 32-weight block types): qx[r * K + k] int8, dx[r * nb + b] the scale of 32-block b
+ *   (x ~ dx * q), xsum[r * nb + b] = dx * sum(q) over the block; nb = K / 32;
+ * - per 256 (the K-quants, as llama.cpp's Q8_K): kq[r * K + k] int8, kd[r * nk + b] the scale of
+ *   256-block b, ksum[r * K / 16 + i] the int16 sum of kq over 16-value group i; nk = K / 256.
+ *   One scale per super-block lets a K-quant sum its sub-blocks' scaled integer dot products in int32. */
 typedef struct {
     const int8_t *qx;
     const float *dx, *xsum;
+    const int8_t *kq;
+    const float *kd;
+    const int16_t *ksum;
 } QAct;
+
+/* kquants.c: x row [K] (K % 256 == 0) -> the per-256 format */
+void quantize_row_k_scalar(const float *x, int64_t K, int8_t *q, float *d, int16_t *sums);
+void quantize_row_k_avx2(const float *x, int64_t K, int8_t *q, float *d, int16_t *sums);
 
 /* xsum[r * nb + b]: the float sum of block b of activation row r (the exact kernels of types with a
  * per-block offset use it; NULL for the others) */
@@ -41,6 +52,7 @@ typedef struct {
     row_fn exact[N_ISA];                              /* NULL: the one of the ISA before */
     qrow_fn fast[N_ISA];                              /* NULL: the one of the ISA before; none: exact only */
     int exact_needs_xsum;                             /* the exact kernel reads float block sums */
+    int act256;                                       /* the fast kernel reads the per-256 activations */
 } QType;
 
 /* kquants.c: Q5_0, Q5_1, Q4_K, Q5_K, Q6_K */

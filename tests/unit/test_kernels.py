@@ -31,19 +31,20 @@ K_SCALES = {kernels.Q4_K: (0, 2), kernels.Q5_K: (0, 2), kernels.Q6_K: (208,)}
 COLS = 512  # a multiple of every block size (256 for the K-quants)
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """Rows as the kernel's fast mode sees them: int8 per block of 32 with scale amax / 127."""
+def quantize_activations(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Rows as the kernel's fast mode sees them: int8 per block of `block` (32; 256 for the K-quants,
+    as llama.cpp's Q8_K) with scale amax / 127."""
     rows, cols = x.shape
-    blocks = x.reshape(rows, cols // 32, 32)
+    blocks = x.reshape(rows, cols // block, block)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     return (torch.round(blocks * inverse) * (amax / 127.0)).reshape(rows, cols)
 
 
-def fast_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def fast_reference(x: torch.Tensor, weight: torch.Tensor, block: int = 32) -> torch.Tensor:
     """The fast mode: int8 activations in the kernel (few rows), bfloat16 GEMM (many rows)."""
     if x.shape[0] <= KERNEL_MAX_ROWS:
-        return quantize_activations(x) @ weight.T
+        return quantize_activations(x, block) @ weight.T
     return (x.bfloat16() @ weight.bfloat16().T).float()
 
 
@@ -69,7 +70,14 @@ def check_products(weight: QuantizedWeight, reference: torch.Tensor, rows: int) 
     exact = x @ reference.T
     tol = dict(rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
     torch.testing.assert_close(weight.matmul(x, True, KERNEL_MAX_ROWS), exact, **tol)
-    torch.testing.assert_close(weight.matmul(x, False, KERNEL_MAX_ROWS), fast_reference(x, reference), **tol)
+    fast = torch.cat(
+        [
+            fast_reference(x, ref, 256 if part.qtype in K_SCALES else 32)
+            for part, ref in zip(weight.parts, reference.split([p.shape[0] for p in weight.parts]))
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(weight.matmul(x, False, KERNEL_MAX_ROWS), fast, **tol)
     assert (weight.matmul(x, False, KERNEL_MAX_ROWS) - exact).abs().max() < 0.05 * exact.abs().max()
 
 
