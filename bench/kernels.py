@@ -2,6 +2,7 @@
 
     python -m bench.kernels                 # the embedded model's 1536x576 Q4_1 shape, 2 threads
     python -m bench.kernels --rows 1 4 16 64 --shape 49152 576 --qtype q8_0
+    python -m bench.kernels --gguf FILE --tensor blk.0.ffn_gate.weight    # a real file's matrix (Q4_K, ...)
 
 Best of 5 repetitions each; prints a table, then one JSON line last.
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fulmine import kernels
-from fulmine.layers.quantized import quantize
+from fulmine.layers.quantized import QuantizedWeight, quantize
 
 
 def best_seconds(fn, repeat: int = 5, number: int = 20) -> float:
@@ -36,14 +37,24 @@ def main() -> None:
     parser.add_argument("--qtype", choices=["q4_1", "q8_0"], default="q4_1")
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 16, 24, 32, 64])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gguf", help="take the matrix from this GGUF file (with --tensor) instead")
+    parser.add_argument("--tensor", default="blk.0.ffn_gate.weight")
     args = parser.parse_args()
     module = kernels.cpu()
     if module is None:
         raise SystemExit("the C kernels are not built")
     torch.set_num_threads(args.threads)
     kernels.set_threads(args.threads)
-    n, k = args.shape
-    weight = quantize(torch.randn(n, k), kernels.Q4_1 if args.qtype == "q4_1" else kernels.Q8_0)
+    if args.gguf:
+        from fulmine.models.gguf_file import GGUFFile
+
+        tensor = GGUFFile(args.gguf).load(args.tensor)
+        n, k = tensor.shape
+        weight = QuantizedWeight(torch.from_numpy(tensor.raw.copy()), int(tensor.qtype), (n, k))
+        args.qtype = f"{tensor.qtype.name} ({args.tensor})"
+    else:
+        n, k = args.shape
+        weight = quantize(torch.randn(n, k), kernels.Q4_1 if args.qtype == "q4_1" else kernels.Q8_0)
     rows_out = []
     print(f"{'rows':>5}{'kernel fast us':>16}{'kernel exact us':>17}{'deq+bf16 GEMM us':>18}{'deq+fp32 GEMM us':>18}")
     always = 1 << 30  # max_kernel_rows: the kernel whatever the rows

@@ -89,10 +89,9 @@ class Linear(nn.Module):
         target.data.copy_(value)
 
     def finish_loading(self) -> None:
-        """Kept blocks become the layer's quantized weight, read in place from the memory-mapped file
-        (no copy): one QuantizedWeight, or for a merged layer QuantizedShards (one part per shard,
-        each in its own type). A shard that was not kept (a type the kernels do not read) makes the
-        layer dense."""
+        """Kept blocks become the layer's quantized weight: one QuantizedWeight (a merged layer's shards
+        stacked when they have one type), else QuantizedShards (one part per shard, each in its own
+        type). A shard that was not kept (a type the kernels do not read) makes the layer dense."""
         blocks, self._blocks = self._blocks, {}
         if not blocks:
             return
@@ -101,11 +100,17 @@ class Linear(nn.Module):
                 self.unread_types.add(tensor.qtype.name)
                 self._load_dense(tensor, shard, False)
             return
-        parts = [
-            QuantizedWeight(_as_tensor(blocks[i].raw), int(blocks[i].qtype), (size, self.in_features))
-            for i, size in enumerate(self.out_sizes_of_shards)
-        ]
-        self.set_quantized(parts[0] if len(parts) == 1 else QuantizedShards(parts))
+        shards = [blocks[i] for i in range(self.num_shards)]
+        types = {int(t.qtype) for t in shards}
+        if len(types) == 1:
+            raw = _resident([t.raw for t in shards])
+            self.set_quantized(QuantizedWeight(raw, types.pop(), (self.out_features, self.in_features)))
+        else:
+            parts = [
+                QuantizedWeight(_resident([t.raw]), int(t.qtype), (size, self.in_features))
+                for t, size in zip(shards, self.out_sizes_of_shards)
+            ]
+            self.set_quantized(QuantizedShards(parts))
 
     def set_quantized(self, weight: QuantizedWeight | QuantizedShards) -> None:
         self.quant = weight
@@ -116,9 +121,11 @@ class Linear(nn.Module):
             self.set_quantized(quantize(self.weight.data, qtype))
 
 
-def _as_tensor(raw: np.ndarray) -> torch.Tensor:
-    """GGUF blocks as a uint8 tensor sharing their memory (a view of the mapped file, when they are one)."""
-    return torch.from_numpy(np.ascontiguousarray(raw))
+def _resident(raws: list[np.ndarray]) -> torch.Tensor:
+    """Blocks as one tensor: a single array as it is (the GGUF reader's own memory), shards stacked."""
+    if len(raws) == 1:
+        return torch.from_numpy(np.ascontiguousarray(raws[0]))
+    return torch.from_numpy(np.concatenate([np.ascontiguousarray(raw) for raw in raws]))
 
 
 class MergedLinear(Linear):

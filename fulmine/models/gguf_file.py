@@ -1,13 +1,15 @@
-"""A minimal, fast GGUF reader: metadata, tensor directory, and tensors as memory-mapped blocks.
+"""A minimal, fast GGUF reader: metadata, tensor directory, and each tensor's blocks read into memory.
 
 gguf's own GGUFReader builds a Python object per array element and takes seconds on a model with
 a 50k-token vocabulary; this reader parses numeric arrays with numpy, string arrays (the vocabulary
-and merges, which only a first tokenizer conversion reads) only when read, and maps tensor data.
+and merges, which only a first tokenizer conversion reads) only when read, and the header through a
+map of the file; a truncated file is refused when opened, naming the first tensor it cuts.
 Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ _LENGTH = struct.Struct("<Q")
 class LazyStrings(Sequence[str]):
     """A GGUF array of strings, decoded on first access (its length is known without decoding)."""
 
-    def __init__(self, buffer: Any, start: int, count: int) -> None:
+    def __init__(self, buffer: bytes, start: int, count: int) -> None:
         self._buffer, self._start, self._count = buffer, start, count
         self._items: list[str] | None = None
 
@@ -70,16 +72,14 @@ class TensorInfo:
 class GGUFFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        # copy-on-write: the weights are used in place (views of this map) and never written, so their
-        # pages stay the file's, shared with the page cache, and a process holds no second copy
-        self._data: np.ndarray = np.memmap(self.path, dtype=np.uint8, mode="c")
+        self._data: np.ndarray = np.memmap(self.path, dtype=np.uint8, mode="r")
         self._buffer = cast(Any, self._data)  # numpy arrays are buffers; its stubs do not say so
         self._pos = 0
         if bytes(self._data[:4]) != b"GGUF":
-            raise ValueError(f"{self.path} is not a GGUF file")
+            raise ValueError("its first bytes are not GGUF's magic")
         version, num_tensors, num_kv = struct.unpack_from("<IQQ", self._buffer, 4)
         if version < 2:
-            raise ValueError(f"{self.path}: GGUF version {version} is too old (need 2 or newer)")
+            raise ValueError(f"GGUF version {version} is too old (need 2 or newer)")
         self._pos = 24
         self.metadata: dict[str, Any] = {}
         for _ in range(num_kv):
@@ -94,17 +94,35 @@ class GGUFFile:
             block_size, type_size = GGML_QUANT_SIZES[qtype]
             nbytes = int(np.prod(shape)) // block_size * type_size
             self.tensors[name] = TensorInfo(name, shape, qtype, data_start + offset, nbytes)
+            if data_start + offset + nbytes > len(self._data):
+                raise ValueError(
+                    f"truncated: tensor {name!r} ends at byte {data_start + offset + nbytes}, the file has "
+                    f"{len(self._data)} (an interrupted download?)"
+                )
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
 
     def close(self) -> None:
-        """Drop the reader's hold on the map (tensors loaded earlier keep it alive as long as they live)."""
+        """Unmap and close the file (tensors loaded earlier are copies). Metadata stays."""
         self._data = self._buffer = np.empty(0, dtype=np.uint8)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def load(self, name: str) -> QuantizedTensor:
-        """The tensor's raw blocks, one row of blocks per output row (mapped, not read yet)."""
+        """The tensor's raw blocks, one row of blocks per output row: read from the file into memory of
+        numpy's, which asks for huge pages on large arrays (decode streams every weight once per token;
+        with the map's 4 KB pages Gemma 3 270M decoded 20 % slower), without faulting the map page by page."""
         info = self.tensors[name]
+        assert self._fd is not None, "the file was closed"
         rows = int(np.prod(info.shape[:-1]))
-        raw = self._data[info.offset : info.offset + info.nbytes].reshape(rows, -1)
-        return QuantizedTensor(raw, info.qtype, info.shape)
+        raw = np.empty(info.nbytes, dtype=np.uint8)
+        done = 0
+        while done < info.nbytes:  # a large read may come back in parts
+            count = os.preadv(self._fd, [raw.data[done:]], info.offset + done)
+            if count <= 0:
+                raise ValueError(f"{self.path}: tensor {name!r} could not be read (the file changed?)")
+            done += count
+        return QuantizedTensor(raw.reshape(rows, -1), info.qtype, info.shape)
 
     # -- parsing helpers --------------------------------------------------------------------
     def _unpack(self, fmt: str) -> tuple[Any, ...]:
@@ -124,10 +142,11 @@ class GGUFFile:
         if value_type == _ARRAY:
             element_type, count = self._unpack("<IQ")
             if element_type == _STRING:
-                strings = LazyStrings(self._data, self._pos, count)
+                start = self._pos
                 for _ in range(count):  # only the lengths, to find where the array ends
                     self._pos += 8 + _LENGTH.unpack_from(self._buffer, self._pos)[0]
-                return strings
+                # its bytes copied out (a few MB, no decoding), so it does not keep the file mapped
+                return LazyStrings(bytes(self._data[start : self._pos]), 0, count)
             if element_type == _ARRAY:
                 return [self._value(_ARRAY) for _ in range(count)]
             dtype = np.dtype(_NUMPY[element_type])

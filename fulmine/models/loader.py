@@ -49,8 +49,8 @@ _GGUF_GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_GGUF_SKIPPED = {"rope_freqs.weight"}
-logger = logging.getLogger("fulmine.loader")  # folded into the rotary embedding's config
+_GGUF_SKIPPED = {"rope_freqs.weight"}  # folded into the rotary embedding's config
+logger = logging.getLogger("fulmine.loader")
 
 
 def load_model(
@@ -104,7 +104,7 @@ def load_model(
     model.finish_loading({"int8": kernels.Q8_0, "int4": kernels.Q4_1}.get(quantization), exact_kernels)
     _report_unread_types(model, source)
     if source.gguf is not None:
-        source.gguf.close()  # kept blocks are views of the map, which they keep alive; the reader is done
+        source.gguf.close()  # every tensor is copied into the model; drop the file's pages
     if missing:
         names_missing = sorted({name for name, _ in missing})
         raise ConfigError(f"{source.path} lacks {len(names_missing)} tensors, e.g. {names_missing[:3]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,10 @@ def resolve(model: str | Path | None) -> ModelSource:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ConfigError(f"{path}: a model file must be .gguf; otherwise pass a HF model directory")
-        gguf = GGUFFile(path)
+        try:
+            gguf = GGUFFile(path)
+        except (ValueError, OverflowError, IndexError, struct.error, UnicodeDecodeError, MemoryError) as error:
+            raise ConfigError(f"{path} is not a readable GGUF file: {error}") from None
         config, family = config_from_gguf(gguf)
         return ModelSource(path, config, family, gguf)
     config_path = path / "config.json"
