@@ -23,7 +23,7 @@ from fulmine import kernels
 from fulmine.engine.step import StepBatch
 from fulmine.executors.base import ModelState
 from fulmine.executors.torch_eager import use_torch_threads
-from fulmine.layers.linear import Linear, MergedLinear
+from fulmine.layers.linear import Linear
 from fulmine.layers.quantized import QuantizedShards, QuantizedWeight
 from fulmine.layers.rotary import RotaryEmbedding
 from fulmine.models.decoder import DecoderLayer, DecoderModel, SandwichDecoderLayer
@@ -59,7 +59,7 @@ _DENSE_TYPES = {torch.float32: kernels.F32, torch.float16: kernels.F16}
 def _matrix(linear: Linear) -> list[tuple[int, int]] | None:
     """Per shard (q/k/v, gate/up; one for a plain layer): (pointer, GGML type) of its rows as the
     kernel reads them, or None if it cannot."""
-    sizes = linear.out_sizes if isinstance(linear, MergedLinear) else [linear.out_features]
+    sizes = linear.out_sizes
     if isinstance(linear.quant, QuantizedShards):
         return [(part.raw.data_ptr(), part.qtype) for part in linear.quant.parts]
     if isinstance(linear.quant, QuantizedWeight):

@@ -27,6 +27,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.out_sizes = [out_features]  # rows of each shard (MergedLinear: q/k/v, gate/up)
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.quant: QuantizedWeight | QuantizedShards | None = None
@@ -40,11 +41,7 @@ class Linear(nn.Module):
 
     @property
     def num_shards(self) -> int:
-        return 1
-
-    @property
-    def out_sizes_of_shards(self) -> list[int]:
-        return [self.out_features]
+        return len(self.out_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
@@ -108,7 +105,7 @@ class Linear(nn.Module):
         else:
             parts = [
                 QuantizedWeight(_resident([t.raw]), int(t.qtype), (size, self.in_features))
-                for t, size in zip(shards, self.out_sizes_of_shards)
+                for t, size in zip(shards, self.out_sizes)
             ]
             self.set_quantized(QuantizedShards(parts))
 
@@ -135,14 +132,6 @@ class MergedLinear(Linear):
         super().__init__(in_features, sum(out_sizes), bias)
         self.out_sizes = list(out_sizes)
         self.offsets = [sum(self.out_sizes[:i]) for i in range(len(self.out_sizes))]
-
-    @property
-    def num_shards(self) -> int:
-        return len(self.out_sizes)
-
-    @property
-    def out_sizes_of_shards(self) -> list[int]:
-        return self.out_sizes
 
     def _load_dense(self, tensor: WeightTensor, shard: int, is_bias: bool) -> None:
         target = self.bias if is_bias else self.weight
