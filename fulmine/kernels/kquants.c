@@ -118,45 +118,20 @@ static void dequant_q6_k(const uint8_t *blk, float *out) {
  * Scalar fast kernels. Q5_0 / Q5_1: per 32-weight block, an integer dot product, then
  * dx * scale * dot + offset * xsum.
  */
-typedef struct {
-    int8_t w[32];   /* weights as integers (u, or u - 32 for Q6_K) */
-    float s[2];     /* scale of weights 0-15, 16-31 */
-    float m;        /* offset of every weight */
-} Sub;
-
-static void sub_of(int type, const uint8_t *blk, int j, Sub *o) {
-    uint8_t u[32];
-    (void)j;
-    switch (type) {
-    case T_Q5_0:
-    case T_Q5_1: {
-        int m1 = type == T_Q5_1;
-        unpack_q5(blk + (m1 ? 4 : 2), blk + (m1 ? 8 : 6), u);
-        float d = h2f(blk);
-        for (int l = 0; l < 32; l++) o->w[l] = (int8_t)u[l];
-        o->s[0] = o->s[1] = d;
-        o->m = m1 ? h2f(blk + 2) : -16.f * d;
-        return;
-    }
-    }
-}
-
-static void fast_scalar(int type, int block, int bytes, const uint8_t *w, const QAct *a, int R, int64_t K, float *out) {
+static void fast_q5_scalar(int has_min, const uint8_t *w, const QAct *a, int R, int64_t K, float *out) {
     int64_t nb = K / 32;
-    int subs = block / 32;
+    size_t bsz = has_min ? Q5_1_BYTES : Q5_0_BYTES;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    Sub sb;
-    for (int64_t kb = 0; kb < K / block; kb++) {
-        for (int j = 0; j < subs; j++) {
-            sub_of(type, w + kb * bytes, j, &sb);
-            int64_t b = kb * subs + j;
-            for (int r = 0; r < R; r++) {
-                const int8_t *xq = a->qx + r * K + b * 32;
-                int lo = 0, hi = 0;
-                for (int l = 0; l < 16; l++) lo += sb.w[l] * xq[l];
-                for (int l = 16; l < 32; l++) hi += sb.w[l] * xq[l];
-                acc[r] += a->dx[r * nb + b] * (sb.s[0] * (float)lo + sb.s[1] * (float)hi) + sb.m * a->xsum[r * nb + b];
-            }
+    uint8_t u[32];
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * bsz;
+        unpack_q5(blk + (has_min ? 4 : 2), blk + (has_min ? 8 : 6), u);
+        float d = h2f(blk), m = has_min ? h2f(blk + 2) : -16.f * d;
+        for (int r = 0; r < R; r++) {
+            const int8_t *xq = a->qx + r * K + b * 32;
+            int dot = 0;
+            for (int l = 0; l < 32; l++) dot += u[l] * xq[l];
+            acc[r] += a->dx[r * nb + b] * d * (float)dot + m * a->xsum[r * nb + b];
         }
     }
     for (int r = 0; r < R; r++) out[r] = acc[r];
@@ -237,7 +212,7 @@ static void fast_k_scalar(int type, int bytes, const uint8_t *w, const QAct *a, 
         if (BLOCK == 256)                                                                                     \
             fast_k_scalar(TYPE, BYTES, w, a, R, K, out);                                                      \
         else                                                                                                  \
-            fast_scalar(TYPE, BLOCK, BYTES, w, a, R, K, out);                                                 \
+            fast_q5_scalar(TYPE == T_Q5_1, w, a, R, K, out);                                                  \
     }                                                                                                         \
     static void exact_##NAME##_scalar(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum,  \
                                       float *out) {                                                           \

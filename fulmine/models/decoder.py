@@ -198,7 +198,7 @@ class DecoderModel(nn.Module):
         """Every (parameter name, shard) a checkpoint must fill."""
         slots: set[tuple[str, int]] = set()
         for module_name, module in self.named_modules():
-            num_shards = len(module.out_sizes) if isinstance(module, MergedLinear) else 1
+            num_shards = module.num_shards if isinstance(module, Linear) else 1
             for param_name, _ in module.named_parameters(recurse=False):
                 full = f"{module_name}.{param_name}" if module_name else param_name
                 slots.update((full, shard) for shard in range(num_shards))
