@@ -27,9 +27,9 @@ class OptionalBuildExt(build_ext):
 
 kernels = Extension(
     "fulmine.kernels._cpu",
-    sources=["fulmine/kernels/_cpu.c", "fulmine/kernels/kquants.c", "fulmine/kernels/sample.c"],
-    depends=["fulmine/kernels/quant.h"],
-    extra_compile_args=["-O3", "-fno-math-errno"] if sys.platform != "win32" else ["/O2"],
+    sources=[f"fulmine/kernels/{name}.c" for name in ("_cpu", "pool", "blocks32", "kquants", "matmul", "decoder", "sample")],
+    depends=["fulmine/kernels/quant.h", "fulmine/kernels/cpu.h"],
+    extra_compile_args=["-O3", "-fno-math-errno", "-fvisibility=hidden"] if sys.platform != "win32" else ["/O2"],
     libraries=["pthread"] if sys.platform != "win32" else [],
 )
 

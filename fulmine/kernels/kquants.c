@@ -1,7 +1,7 @@
 /* Kernels for the block types of real-world GGUF files beyond Q8_0 / Q4_0 / Q4_1: Q5_0 and Q5_1
  * (32 weights a block, a fifth bit per weight), and the K-quants Q4_K, Q5_K, Q6_K (256-weight
  * super-blocks of 32- or 16-weight sub-blocks with their own 6- or 8-bit scales), as llama.cpp's
- * Q4_K_M files mix them. Their table entries (KQUANT_TYPES) join _cpu.c's table of types.
+ * Q4_K_M files mix them. Their table entries (KQUANT_TYPES) join matmul.c's table of types.
  *
  * Fast mode. Q5_0 / Q5_1 read the activations quantized per 32 values, like Q4_0: integer dot
  * products of the 5-bit weights with the int8 activations, scaled, plus offset x block sum. The

@@ -1,6 +1,6 @@
 /* What fulmine's matrix kernels share: GGML type ids, the fast mode's activation format, the row
- * kernel signatures, and QType, one entry of the table of block types (see quant_types() in
- * _cpu.c, and kquants.c for the 5-bit and K-quant types).
+ * kernel signatures, and QType, one entry of the table of block types (matmul.c joins
+ * blocks32.c's and kquants.c's entries).
  *
  * A row kernel computes out[r] = dot(one weight row, activation row r) for r < R (R <= 4), the
  * activation rows K values apart. Exact kernels read float32 activations; fast kernels read them

@@ -1,6 +1,6 @@
 /* fulmine's CPU sampler: logit bias, repetition/presence/frequency penalties, temperature, top-k,
  * top-p and min-p over a batch of logit rows (modified in place), one token per row; part of the
- * _cpu extension (its Python binding is py_sample, listed in _cpu.c).
+ * _cpu extension (its Python binding is py_sample, listed in _cpu.c's methods).
  *
  * No sort of the vocabulary. Per row: a max pass; for top-k, a bucketed count of how far each logit
  * lies below the max, then a sort of the one bucket where the k-th largest falls; one exp pass

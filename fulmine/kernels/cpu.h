@@ -1,0 +1,78 @@
+/* What the files of the CPU extension share beyond the block types (quant.h): the thread pool
+ * (pool.c), the table of types and the matrix product (matmul.c), the decoder (decoder.c).
+ *
+ *   quant.h     type ids, activation formats, row kernel signatures, QType, SIMD helpers
+ *   blocks32.c  F32, F16, Q8_0, Q4_0, Q4_1 row kernels; the per-32 activation quantizer
+ *   kquants.c   Q5_0, Q5_1, Q4_K, Q5_K, Q6_K row kernels; the per-256 activation quantizer
+ *   matmul.c    the table of types, the ISA chosen at import, y = x @ W^T, dequantization
+ *   decoder.c   the whole decoder for a few tokens over the paged KV cache
+ *   pool.c      the thread pool every product and attention splits its work over
+ *   sample.c    sampling (temperature, top-k/p, min-p, penalties, bias, draft verification)
+ *   _cpu.c      the Python bindings
+ */
+#ifndef FULMINE_CPU_H
+#define FULMINE_CPU_H
+
+#include <stdint.h>
+
+#include "quant.h"
+
+/* pool.c: fn(ctx, chunk, nchunks) for every chunk in [0, nchunks), across the pool's threads */
+typedef void (*task_fn)(void *ctx, int chunk, int nchunks);
+void pool_run(task_fn fn, void *ctx, int nchunks);
+int pool_chunks(int64_t work); /* chunks for `work` units: a few per thread */
+int pool_start(int nth);       /* 0, or -1 if the threads could not be started */
+int pool_threads(void);
+
+/* blocks32.c */
+extern const QType BASE_TYPES[];
+extern const int NUM_BASE_TYPES;
+void quantize_row_scalar(const float *x, int64_t K, int8_t *q, float *dx, float *xsum);
+void quantize_row_avx2(const float *x, int64_t K, int8_t *q, float *dx, float *xsum);
+
+/* matmul.c. A weight matrix W[N, K]: up to MAX_PARTS row ranges, each in its own type (a merged
+ * q/k/v whose v is Q6_K while q and k are Q4_K, as Q4_K_M files have it): part p holds rows
+ * [end[p - 1], end[p]). */
+#define MAX_PARTS 3
+typedef struct {
+    int nparts;
+    const uint8_t *data[MAX_PARTS];
+    int type[MAX_PARTS];
+    int64_t end[MAX_PARTS];
+    int64_t N, K;
+} Mat;
+
+/* Scratch for one product's activations in both formats (QAct): per 32, R * K / 32 floats each for
+ * xsum and dx and R * K int8; per 256, R * K / 256 floats, R * K / 16 int16 and R * K int8. */
+typedef struct {
+    float *xsum, *dx, *kd;
+    int8_t *qx, *kq;
+    int16_t *ksum;
+} Scratch;
+
+void kernels_init(void);       /* the table of types, the ISA (once, at import) */
+int kernels_level(void);       /* ISA_SCALAR, ISA_AVX2 or ISA_VNNI */
+const char *kernels_isa(void); /* its name */
+int num_types(void);
+const QType *type_at(int i);
+const QType *qtype(int type); /* NULL: not a type the kernels read */
+size_t row_bytes(int type, int64_t K);
+int has_fast_kernel(int type);
+Mat mat1(const uint8_t *data, int type, int64_t N, int64_t K);
+int scratch_alloc(Scratch *s, size_t R, size_t K); /* 0, or -1; free(s->xsum) releases it */
+/* y[R, N] (rows ldy apart) = x[R, K] @ W[N, K]^T; fast (int8 activations) unless exact */
+void matmul(const float *x, int R, Mat w, float *y, int64_t ldy, const Scratch *s, int exact);
+void dequant_row(const uint8_t *w, int type, int64_t K, float *out);
+void dequantize(Mat w, void *out, int bf16); /* W -> float32 or bfloat16 [N, K], over the pool */
+
+/* decoder.c */
+enum {
+    L_IN_NORM, L_Q, L_Q_TYPE, L_K, L_K_TYPE, L_V, L_V_TYPE, L_QKV_BIAS, L_Q_NORM, L_K_NORM, L_O, L_O_TYPE, L_O_BIAS,
+    L_POST_NORM, L_GATE, L_GATE_TYPE, L_UP, L_UP_TYPE, L_DOWN, L_DOWN_TYPE, L_K_CACHE, L_V_CACHE, L_WINDOW, L_COS,
+    L_SIN, L_ATTN_OUT_NORM, L_FFN_OUT_NORM, L_FIELDS
+};
+int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *final_norm, const int32_t *pos,
+                    const int32_t *seq, const int32_t *tables, int max_blocks, const int *dims, float eps, float scale,
+                    int exact);
+
+#endif

@@ -1,0 +1,260 @@
+/* The decoder for a few tokens in one call (decode rows, speculative verification, short chunks):
+ * every layer's norms, products (matmul.c), RoPE, KV-cache writes and attention over the paged cache. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu.h"
+
+static void wsum_scalar(float *o, const float *w, const float *base, const int64_t *offs, int n, int D);
+
+#ifdef FULMINE_X86
+AVX2 static float dot_avx2(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum256(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+AVX2 static void scores_avx2(const float *q, const float *base, const int64_t *offs, int n, int D, float scale, float *out) {
+    if (D % 16) {
+        for (int i = 0; i < n; i++) out[i] = dot_avx2(q, base + offs[i], D) * scale;
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        const float *k = base + offs[i];
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(k + d + 8), a1);
+        }
+        out[i] = hsum256(_mm256_add_ps(a0, a1)) * scale;
+    }
+}
+
+/* the output row stays in registers (up to 64 floats at a time) across every position */
+AVX2 static void wsum_avx2(float *o, const float *w, const float *base, const int64_t *offs, int n, int D) {
+    if (D % 8) {
+        wsum_scalar(o, w, base, offs, n, D);
+        return;
+    }
+    for (int d0 = 0; d0 < D; d0 += 64) {
+        int lanes = (D - d0 < 64 ? D - d0 : 64) / 8;
+        __m256 acc[8];
+        for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
+        for (int i = 0; i < n; i++) {
+            const float *v = base + offs[i] + d0;
+            __m256 wi = _mm256_set1_ps(w[i]);
+            for (int u = 0; u < lanes; u++) acc[u] = _mm256_fmadd_ps(wi, _mm256_loadu_ps(v + 8 * u), acc[u]);
+        }
+        for (int u = 0; u < lanes; u++) _mm256_storeu_ps(o + d0 + 8 * u, acc[u]);
+    }
+}
+#endif
+
+static float dot_scalar(const float *a, const float *b, int n) {
+    float s = 0.f;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void axpy_scalar(float *y, float a, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* Attention over gathered cache rows: out[i] = scale * q . base[offs[i] ..], and o = sum_i w[i] * base[offs[i] ..] */
+static void scores_scalar(const float *q, const float *base, const int64_t *offs, int n, int D, float scale, float *out) {
+    for (int i = 0; i < n; i++) out[i] = dot_scalar(q, base + offs[i], D) * scale;
+}
+
+static void wsum_scalar(float *o, const float *w, const float *base, const int64_t *offs, int n, int D) {
+    memset(o, 0, sizeof(float) * D);
+    for (int i = 0; i < n; i++) axpy_scalar(o, w[i], base + offs[i], D);
+}
+
+/* Block dequantizers of the types above (one block; float types: one value) */
+
+/* the attention's vector kernels, of the ISA matmul.c chose */
+static struct {
+    void (*scores)(const float *, const float *, const int64_t *, int, int, float, float *);
+    void (*wsum)(float *, const float *, const float *, const int64_t *, int, int);
+    int level;
+} ATT = {scores_scalar, wsum_scalar, -1};
+
+static void choose_attention_kernels(void) {
+    if (ATT.level == kernels_level()) return;
+    ATT.level = kernels_level();
+#ifdef FULMINE_X86
+    if (ATT.level >= ISA_AVX2) {
+        ATT.scores = scores_avx2;
+        ATT.wsum = wsum_avx2;
+    }
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The decoder for a few tokens (decode rows, speculative verification, short prompts): the
+ * Llama block (RMSNorm, GQA with RoPE, optional qkv bias, q/k norm and sliding window, SwiGLU)
+ * over the paged KV cache, layer after layer in one call. Gemma 3's block is the same with two
+ * more norms, on the attention's and the MLP's outputs before they join the residual stream
+ * (L_ATTN_OUT_NORM, L_FFN_OUT_NORM; 0 for Llama-style layers), and GeGLU (tanh GELU) for SwiGLU.
+ */
+typedef struct {
+    int T, H, nh, nkv, D, I, bs, max_blocks;
+    float eps, scale;
+    const int64_t *layer;
+    const int32_t *pos, *seq, *tables;
+    const float *q;   /* [T, nh * D] queries after RoPE */
+    float *out;       /* [T, nh * D] */
+    float *scores;    /* per thread: max_ctx floats */
+    int max_ctx;
+} AttnJob;
+
+static void attention_task(void *ctx, int chunk, int nchunks) {
+    AttnJob *j = (AttnJob *)ctx;
+    const float *kc = (const float *)(intptr_t)j->layer[L_K_CACHE], *vc = (const float *)(intptr_t)j->layer[L_V_CACHE];
+    int window = (int)j->layer[L_WINDOW], D = j->D, group = j->nh / j->nkv;
+    /* per chunk: a score row and the context's row offsets into the cache */
+    float *scores = j->scores + (size_t)chunk * j->max_ctx * 3;
+    int64_t *offs = (int64_t *)(scores + j->max_ctx);
+    for (int task = chunk; task < j->T * j->nh; task += nchunks) {
+        int t = task / j->nh, h = task % j->nh, g = h / group, p = j->pos[t];
+        const int32_t *table = j->tables + (size_t)j->seq[t] * j->max_blocks;
+        int lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n = p - lo + 1;
+        for (int c = lo; c <= p; c++)
+            offs[c - lo] = (((int64_t)table[c / j->bs] * j->bs + c % j->bs) * j->nkv + g) * D;
+        ATT.scores(j->q + ((size_t)t * j->nh + h) * D, kc, offs, n, D, j->scale, scores);
+        float mx = -INFINITY, sum = 0.f;
+        for (int i = 0; i < n; i++) mx = scores[i] > mx ? scores[i] : mx;
+        for (int i = 0; i < n; i++) sum += scores[i] = expf(scores[i] - mx);
+        for (int i = 0; i < n; i++) scores[i] /= sum;
+        ATT.wsum(j->out + ((size_t)t * j->nh + h) * D, scores, vc, offs, n, D);
+    }
+}
+
+static void rms_norm(const float *x, const float *w, float *out, int n, float eps) {
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+/* rows of x normalized in place by w (nothing when w is NULL) */
+static void norm_rows(float *x, const float *w, int T, int H, float eps, float *tmp) {
+    for (int t = 0; w && t < T; t++) {
+        memcpy(tmp, x + (size_t)t * H, sizeof(float) * H);
+        rms_norm(tmp, w, x + (size_t)t * H, H, eps);
+    }
+}
+
+static float gelu_tanh(float x) { return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
+
+static void rope(float *x, const float *cos, const float *sin, int D) {
+    int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+static Mat layer_mat(const int64_t *l, int ptr, int type, int64_t N, int64_t K) {
+    return mat1((const uint8_t *)(intptr_t)l[ptr], (int)l[type], N, K);
+}
+
+/* a merged matrix from its parts' (pointer, type) fields, consecutive in the layer table */
+static Mat layer_parts(const int64_t *l, int first, int nparts, const int64_t *rows, int64_t K) {
+    Mat m = {nparts, {NULL}, {0}, {0}, 0, K};
+    for (int p = 0; p < nparts; p++) {
+        m.data[p] = (const uint8_t *)(intptr_t)l[first + 2 * p];
+        m.type[p] = (int)l[first + 2 * p + 1];
+        m.N += rows[p];
+        m.end[p] = m.N;
+    }
+    return m;
+}
+
+/* h: [T, H] embeddings in, final normed hidden states out. Returns 0, or -1 on allocation failure. */
+int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *final_norm, const int32_t *pos,
+                           const int32_t *seq, const int32_t *tables, int max_blocks, const int *dims, float eps,
+                           float scale, int exact) {
+    choose_attention_kernels();
+    int H = dims[0], nh = dims[1], nkv = dims[2], D = dims[3], I = dims[4], bs = dims[5], gelu = dims[6];
+    int qkv_n = (nh + 2 * nkv) * D, max_ctx = 0;
+    const int64_t qkv_rows[3] = {(int64_t)nh * D, (int64_t)nkv * D, (int64_t)nkv * D}, gate_up_rows[2] = {I, I};
+    for (int t = 0; t < T; t++) max_ctx = pos[t] + 1 > max_ctx ? pos[t] + 1 : max_ctx;
+    int kmax = H > I ? H : I;
+    if (nh * D > kmax) kmax = nh * D;
+    size_t n_x = (size_t)T * H, n_qkv = (size_t)T * qkv_n, n_att = (size_t)T * nh * D, n_gu = (size_t)T * 2 * I;
+    int n_chunks_att = pool_chunks((int64_t)T * nh);
+    size_t n_act = (size_t)T * I, n_scores = (size_t)n_chunks_att * max_ctx * 3; /* scores + int64 offsets */
+    float *buf = malloc(sizeof(float) * (n_x + n_qkv + n_att + n_gu + n_act + n_scores + (size_t)T * kmax));
+    Scratch sc;
+    if (!buf || scratch_alloc(&sc, T, kmax)) {
+        free(buf);
+        return -1;
+    }
+    float *xn = buf, *qkv = xn + n_x, *att = qkv + n_qkv, *gu = att + n_att, *act = gu + n_gu;
+    float *scores = act + n_act, *tmp = scores + n_scores;
+    for (int l = 0; l < L; l++) {
+        const int64_t *ly = layers + (size_t)l * L_FIELDS;
+        const float *qkv_bias = (const float *)(intptr_t)ly[L_QKV_BIAS];
+        const float *q_norm = (const float *)(intptr_t)ly[L_Q_NORM], *k_norm = (const float *)(intptr_t)ly[L_K_NORM];
+        const float *o_bias = (const float *)(intptr_t)ly[L_O_BIAS];
+        const float *cos = (const float *)(intptr_t)ly[L_COS], *sin = (const float *)(intptr_t)ly[L_SIN];
+        float *kc = (float *)(intptr_t)ly[L_K_CACHE], *vc = (float *)(intptr_t)ly[L_V_CACHE];
+        for (int t = 0; t < T; t++) rms_norm(h + (size_t)t * H, (const float *)(intptr_t)ly[L_IN_NORM], xn + (size_t)t * H, H, eps);
+        matmul(xn, T, layer_parts(ly, L_Q, 3, qkv_rows, H), qkv, qkv_n, &sc, exact);
+        for (int t = 0; t < T; t++) {
+            float *row = qkv + (size_t)t * qkv_n;
+            if (qkv_bias)
+                for (int i = 0; i < qkv_n; i++) row[i] += qkv_bias[i];
+            for (int hd = 0; hd < nh + nkv; hd++) {
+                float *v = row + (size_t)hd * D;
+                const float *nw = hd < nh ? q_norm : k_norm;
+                if (nw) {
+                    memcpy(tmp, v, sizeof(float) * D);
+                    rms_norm(tmp, nw, v, D, eps);
+                }
+                rope(v, cos + (size_t)pos[t] * (D / 2), sin + (size_t)pos[t] * (D / 2), D);
+            }
+            const int32_t *table = tables + (size_t)seq[t] * max_blocks;
+            int64_t slot = (int64_t)table[pos[t] / bs] * bs + pos[t] % bs;
+            memcpy(kc + slot * nkv * D, row + (size_t)nh * D, sizeof(float) * nkv * D);
+            memcpy(vc + slot * nkv * D, row + (size_t)(nh + nkv) * D, sizeof(float) * nkv * D);
+        }
+        for (int t = 0; t < T; t++) memcpy(att + (size_t)t * nh * D, qkv + (size_t)t * qkv_n, sizeof(float) * nh * D);
+        /* queries are copied out so the attention job reads them densely; the output goes to tmp rows */
+        AttnJob aj = {T, H, nh, nkv, D, I, bs, max_blocks, eps, scale, ly, pos, seq, tables, att, qkv, scores, max_ctx};
+        /* qkv is free now: reuse it for the attention output ([T, nh*D] fits in [T, qkv_n]) */
+        pool_run(attention_task, &aj, n_chunks_att);
+        matmul(qkv, T, layer_mat(ly, L_O, L_O_TYPE, H, (int64_t)nh * D), xn, H, &sc, exact);
+        if (o_bias)
+            for (size_t i = 0; i < n_x; i++) xn[i] += o_bias[i % H];
+        norm_rows(xn, (const float *)(intptr_t)ly[L_ATTN_OUT_NORM], T, H, eps, tmp);
+        for (size_t i = 0; i < n_x; i++) h[i] += xn[i];
+        for (int t = 0; t < T; t++)
+            rms_norm(h + (size_t)t * H, (const float *)(intptr_t)ly[L_POST_NORM], xn + (size_t)t * H, H, eps);
+        matmul(xn, T, layer_parts(ly, L_GATE, 2, gate_up_rows, H), gu, 2 * I, &sc, exact);
+        for (int t = 0; t < T; t++) {
+            const float *g = gu + (size_t)t * 2 * I, *u = g + I;
+            float *a = act + (size_t)t * I;
+            if (gelu)
+                for (int i = 0; i < I; i++) a[i] = gelu_tanh(g[i]) * u[i];
+            else
+                for (int i = 0; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        }
+        matmul(act, T, layer_mat(ly, L_DOWN, L_DOWN_TYPE, H, I), xn, H, &sc, exact);
+        norm_rows(xn, (const float *)(intptr_t)ly[L_FFN_OUT_NORM], T, H, eps, tmp);
+        for (size_t i = 0; i < n_x; i++) h[i] += xn[i];
+    }
+    for (int t = 0; t < T; t++) {
+        memcpy(tmp, h + (size_t)t * H, sizeof(float) * H);
+        rms_norm(tmp, final_norm, h + (size_t)t * H, H, eps);
+    }
+    free(buf);
+    free(sc.xsum);
+    return 0;
+}
