@@ -1,4 +1,4 @@
-"""Builds fulmine's C kernels (fulmine/kernels/_cpu.c, sample.c); everything else is in pyproject.toml.
+"""Builds fulmine's C kernels (fulmine/kernels/*.c); everything else is in pyproject.toml.
 
 The extension is plain C against Python's headers only (no torch headers), so pip's isolated
 build needs nothing but setuptools and a C compiler. If it cannot be built (no compiler), the
@@ -25,9 +25,11 @@ class OptionalBuildExt(build_ext):
             print(f"fulmine: C kernels not built ({error}); the PyTorch fallback will be used", file=sys.stderr)
 
 
+# one extension, _cpu: its files and what each holds are listed in fulmine/kernels/cpu.h
+SOURCES = ("_cpu", "pool", "blocks32", "kquants", "matmul", "decoder", "sample")
 kernels = Extension(
     "fulmine.kernels._cpu",
-    sources=[f"fulmine/kernels/{name}.c" for name in ("_cpu", "pool", "blocks32", "kquants", "matmul", "decoder", "sample")],
+    sources=[f"fulmine/kernels/{name}.c" for name in SOURCES],
     depends=["fulmine/kernels/quant.h", "fulmine/kernels/cpu.h"],
     extra_compile_args=["-O3", "-fno-math-errno", "-fvisibility=hidden"] if sys.platform != "win32" else ["/O2"],
     libraries=["pthread"] if sys.platform != "win32" else [],
