@@ -3,6 +3,7 @@
     python -m bench.compare                     # the embedded SmolLM2-135M-Instruct Q4_1
     python -m bench.compare --reps 5 --engines fulmine llama.cpp
     python -m bench.compare --engines fulmine fulmine:speculative=off llama.cpp   # variants by config
+    python -m bench.compare --engines fulmine llama-bench   # native llama.cpp (bash bench/build_llama_cpp.sh)
 
 Each (engine, repetition) is its own process; repetitions alternate engines so machine noise
 falls on all of them. Prints a table, then one JSON line last.

@@ -158,6 +158,36 @@ def time_stream(
     return first - started, (count - 1) / (last - first)
 
 
+def llama_bench(model: str, threads: int, decode_tokens: int, prompt_tokens: int) -> dict[str, Any]:
+    """Native llama.cpp's own benchmark (bench/build_llama_cpp.sh builds it): prompt processing of
+    `prompt_tokens` and generation of `decode_tokens`, one repetition (compare.py repeats)."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    found = [
+        Path(os.environ.get("LLAMA_CPP_BIN", "")) / "llama-bench",
+        Path.home() / ".cache/fulmine/llama.cpp/bin/llama-bench",
+        Path(shutil.which("llama-bench") or "/nonexistent"),
+    ]
+    binary = next((path for path in found if path.is_file()), None)
+    if binary is None:
+        raise SystemExit("llama-bench not found: run `bash bench/build_llama_cpp.sh` (or set LLAMA_CPP_BIN)")
+    command = [str(binary), "-m", model, "-t", str(threads), "-p", str(prompt_tokens), "-n", str(decode_tokens)]
+    out = subprocess.run([*command, "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+    tests = json.loads(out.stdout)
+    prefill = next(t["avg_ts"] for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)
+    decode = next(t["avg_ts"] for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0)
+    return {
+        "engine": "llama-bench",
+        "decode_tok_s": decode,
+        "ttft_long_s": prompt_tokens / prefill,
+        "long_prompt_tokens": prompt_tokens,
+        "prefill_tok_s": prefill,
+    }
+
+
 def engine_options(text: str) -> dict[str, Any]:
     """'speculative=off,num_speculative_tokens=3' -> EngineConfig keyword arguments."""
     options: dict[str, Any] = {}
@@ -170,7 +200,9 @@ def engine_options(text: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "engine", help="fulmine, llama.cpp or transformers; fulmine:key=value,... passes EngineConfig fields"
+        "engine",
+        help="fulmine, llama.cpp (llama-cpp-python in process), llama-bench (native, bench/build_llama_cpp.sh) or "
+        "transformers; fulmine:key=value,... passes EngineConfig fields",
     )
     parser.add_argument("--model", required=True)
     parser.add_argument("--threads", type=int, default=2)
@@ -181,6 +213,9 @@ def main() -> None:
     started = time.perf_counter()
     engine: Engine
     name, _, options = args.engine.partition(":")
+    if name == "llama-bench":  # its own timing loop: decode and prefill only
+        print(json.dumps(llama_bench(args.model, args.threads, args.decode_tokens, args.long_prompt)))
+        return
     if name == "fulmine":
         import torch  # noqa: F401  (import time is not load time)
 

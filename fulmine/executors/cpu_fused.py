@@ -16,6 +16,7 @@ theirs (the PyTorch executor's products on the CPU follow them too).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -34,11 +35,30 @@ from fulmine.models.decoder import DecoderLayer, DecoderModel, SandwichDecoderLa
 # 256: 539 vs 465; fast (bfloat16 GEMM): 32: 66 vs 94, 48: 100 vs 95, 64: 139 vs 108, 128: 275 vs 166.
 FUSED_MAX_TOKENS_EXACT = 128
 FUSED_MAX_TOKENS_FAST = 48
-# Above this many rows a quantized product dequantizes the weight and runs the GEMM (bfloat16, or
-# float32 when exact). `python -m bench.kernels` (1536x576 Q4_1, 2 threads): fast kernel vs dequantize
-# + bf16 GEMM 32 vs 393 us at 1 row, 405 vs 424 at 32, 815 vs 539 at 64; exact kernel vs float32 GEMM
-# 616 vs 683 at 32.
-KERNEL_MAX_ROWS = 32
+
+
+def _bf16_tiles() -> bool:
+    """Whether torch's bfloat16 GEMM runs on AMX tiles here (Intel Sapphire Rapids and later)."""
+    if "AMX" not in os.environ.get("ONEDNN_MAX_CPU_ISA", "AMX").upper():
+        return False  # oneDNN told not to use them
+    try:
+        return bool(torch._C._cpu._get_cpu_capability().get("amx_bf16"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Above this many rows a quantized product dequantizes the weight for the GEMM (bfloat16 in the fast
+# mode, float32 when exact); up to it the C kernel multiplies the blocks as they are. `python -m
+# bench.kernels --gguf qwen2.5-coder-1.5b-instruct-q4_k_m.gguf` (8960x1536 Q4_K, 2 threads), int8
+# kernel vs dequantize + bf16 GEMM at 32 / 64 / 256 rows: with AMX tiles 4.1 / 7.1 / 33.3 ms vs
+# 4.4 / 4.2 / 7.2; without them (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, as on AMD Zen 4) 3.4 / 7.4 /
+# 27.5 vs 10.3 / 12.7 / 37.4, and with no bf16 instructions either 28.4 vs 99.8 at 256. So the
+# kernel takes every row count unless the GEMM has AMX (then a prefill row's numerics differ from a
+# decode row's: the bfloat16 rounding of activations and weights instead of int8 activations).
+KERNEL_MAX_ROWS = 32 if _bf16_tiles() else 1 << 30
+# The exact kernel (float32 activations) against the float32 GEMM: 616 vs 683 us at 32 rows (1536x576
+# Q4_1), 133 vs 32-42 ms at 256 rows (8960x1536 Q4_K): the GEMM wins past 32 with or without AMX.
+EXACT_KERNEL_MAX_ROWS = 32
 # Up to this many rows, a float16-weight linear runs in float16. Whole decode steps of the embedded
 # model: batch 8 decodes at 40 tok/s with the threshold at 4 (each step upcasts every weight) and 109
 # tok/s at 8; batch 16 at 71 tok/s with 8 and 113 tok/s with 16. Past ~16 rows the upcast float32 GEMM wins.
@@ -50,6 +70,7 @@ def tune_layers(model: DecoderModel) -> None:
     for module in model.modules():
         if isinstance(module, Linear) and module is not model.lm_head:
             module.max_kernel_rows = KERNEL_MAX_ROWS
+            module.max_exact_kernel_rows = EXACT_KERNEL_MAX_ROWS
             module.narrow_gemv_max_rows = NARROW_GEMV_MAX_ROWS
 
 

@@ -145,7 +145,7 @@ static void row_q4_1_scalar(const uint8_t *w, const float *x, int R, int64_t K, 
 
 
 #ifdef FULMINE_X86
-/* Each kernel is written for a compile-time row count RG (1..4) and inlined (SWITCH_RG, quant.h),
+/* Each kernel is written for a compile-time row count RG (1..MAX_RG) and inlined (SWITCH_RG, quant.h),
  * so the per-row accumulators live in registers. */
 #define ROW_WRAPPER(name, FN, ...)                                                                         \
     AVX2 static void name(const uint8_t *w, const float *x, int R, int64_t K, const float *xsum, float *out) { \
@@ -156,7 +156,7 @@ AVX2 static inline __attribute__((always_inline)) void row_f32_avx2_rg(const int
                                                                        int64_t K, const float *xsum, float *out) {
     (void)xsum;
     const float *w = (const float *)w8;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[MAX_RG] = ZEROS_PS;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 wv = _mm256_loadu_ps(w + k);
@@ -174,7 +174,7 @@ AVX2 static inline __attribute__((always_inline)) void row_f16_avx2_rg(const int
                                                                        int64_t K, const float *xsum, float *out) {
     (void)xsum;
     const uint16_t *w = (const uint16_t *)w8;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[MAX_RG] = ZEROS_PS;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k)));
@@ -192,7 +192,7 @@ AVX2 static inline __attribute__((always_inline)) void row_q8_0_avx2_rg(const in
                                                                         int64_t K, const float *xsum, float *out) {
     (void)xsum;
     int64_t nb = K / 32;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[MAX_RG] = ZEROS_PS;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * 34;
         __m128i q0 = _mm_loadu_si128((const __m128i *)(blk + 2));
@@ -221,8 +221,8 @@ AVX2 static inline __attribute__((always_inline)) void row_q4_avx2_rg(const int 
     int64_t nb = K / 32;
     const size_t bsz = is_q4_1 ? 20 : 18;
     const __m128i low = _mm_set1_epi8(0x0f);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    float macc[4] = {0.f, 0.f, 0.f, 0.f};
+    __m256 acc[MAX_RG] = ZEROS_PS;
+    float macc[MAX_RG] = {0.f};
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * bsz;
         __m128i q = _mm_loadu_si128((const __m128i *)(blk + (is_q4_1 ? 4 : 2)));
@@ -258,8 +258,8 @@ ROW_WRAPPER(row_q4_1_avx2, row_q4_avx2_rg, 1)
         int64_t nb = K / 32;                                                                                 \
         const size_t bsz = is_q4_1 ? 20 : 18;                                                                \
         const __m256i low = _mm256_set1_epi8(0x0f);                                                          \
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
-        float macc[4] = {0.f, 0.f, 0.f, 0.f};                                                                \
+        __m256 acc[MAX_RG] = ZEROS_PS; \
+        float macc[MAX_RG] = {0.f};                                                                \
         for (int64_t b = 0; b < nb; b++) {                                                                   \
             const uint8_t *blk = w + b * bsz;                                                                \
             __m128i q = _mm_loadu_si128((const __m128i *)(blk + (is_q4_1 ? 4 : 2)));                        \
@@ -277,7 +277,7 @@ ROW_WRAPPER(row_q4_1_avx2, row_q4_avx2_rg, 1)
     TARGET static inline __attribute__((always_inline)) void qrow_q8_0_##SUFFIX##_rg(                         \
         const int RG, const uint8_t *w, const QAct *a, int64_t K, float *out) {                              \
         int64_t nb = K / 32;                                                                                 \
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        __m256 acc[MAX_RG] = ZEROS_PS; \
         for (int64_t b = 0; b < nb; b++) {                                                                   \
             const uint8_t *blk = w + b * 34;                                                                 \
             __m256i wq = _mm256_loadu_si256((const __m256i *)(blk + 2));                                    \

@@ -121,7 +121,7 @@ static void dequant_q6_k(const uint8_t *blk, float *out) {
 static void fast_q5_scalar(int has_min, const uint8_t *w, const QAct *a, int R, int64_t K, float *out) {
     int64_t nb = K / 32;
     size_t bsz = has_min ? Q5_1_BYTES : Q5_0_BYTES;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    float acc[MAX_RG] = {0.f};
     uint8_t u[32];
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + b * bsz;
@@ -140,7 +140,7 @@ static void fast_q5_scalar(int has_min, const uint8_t *w, const QAct *a, int R, 
 /* Exact mode, any type: each block dequantized to float32, dotted with each activation row. */
 static void exact_scalar(void (*deq)(const uint8_t *, float *), int block, int bytes, const uint8_t *w, const float *x,
                          int R, int64_t K, float *out) {
-    float tmp[256], acc[4] = {0.f, 0.f, 0.f, 0.f};
+    float tmp[256], acc[MAX_RG] = {0.f};
     for (int64_t kb = 0; kb < K / block; kb++) {
         deq(w + kb * bytes, tmp);
         for (int r = 0; r < R; r++) {
@@ -287,7 +287,7 @@ void quantize_row_k_avx2(const float *x, int64_t K, int8_t *q, float *d, int16_t
 AVX2 static inline void exact_avx2(void (*deq)(const uint8_t *, float *), int block, int bytes, const uint8_t *w,
                                    const float *x, int R, int64_t K, float *out) {
     float tmp[256] __attribute__((aligned(32)));
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[MAX_RG] = ZEROS_PS;
     for (int64_t kb = 0; kb < K / block; kb++) {
         deq(w + kb * bytes, tmp);
         for (int r = 0; r < R; r++) {
@@ -330,8 +330,8 @@ EXACT_AVX2(q6_k, 256, Q6_K_BYTES)
         const int64_t nb = K / 32;                                                                           \
         const size_t bsz = has_min ? Q5_1_BYTES : Q5_0_BYTES;                                                \
         const __m256i low = _mm256_set1_epi8(0x0f), fifth = _mm256_set1_epi8(0x10);                        \
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
-        float macc[4] = {0.f, 0.f, 0.f, 0.f};                                                                \
+        __m256 acc[MAX_RG] = ZEROS_PS; \
+        float macc[MAX_RG] = {0.f};                                                                \
         for (int64_t b = 0; b < nb; b++) {                                                                   \
             const uint8_t *blk = w + b * bsz;                                                                \
             uint32_t qh;                                                                                     \
@@ -349,8 +349,8 @@ EXACT_AVX2(q6_k, 256, Q6_K_BYTES)
         const int64_t nk = K / 256;                                                                          \
         const size_t bsz = five ? Q5_K_BYTES : Q4_K_BYTES;                                                   \
         const __m256i low = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);                             \
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
-        __m256 macc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        __m256 acc[MAX_RG] = ZEROS_PS; \
+        __m256 macc[MAX_RG] = ZEROS_PS; \
         for (int64_t kb = 0; kb < nk; kb++) {                                                                \
             const uint8_t *blk = w + kb * bsz, *qs = blk + (five ? 48 : 16);                                 \
             /* the 8 scales as int16, twice (one per 128-bit lane); the 8 minimums each twice in a row, to  \
@@ -360,8 +360,7 @@ EXACT_AVX2(q6_k, 256, Q6_K_BYTES)
             __m128i mn16 = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));                                         \
             __m256i mins = _mm256_set_m128i(_mm_unpackhi_epi16(mn16, mn16), _mm_unpacklo_epi16(mn16, mn16)); \
             __m256i hv = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();   \
-            __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),       \
-                               _mm256_setzero_si256()};                                                      \
+            __m256i isum[MAX_RG] = ZEROS_SI;                                                      \
             _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) {                                            \
                 __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));                             \
                 __m256i lo = _mm256_and_si256(q, low), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low); \
@@ -400,12 +399,11 @@ EXACT_AVX2(q6_k, 256, Q6_K_BYTES)
     TARGET INLINE void q6_k_##SUF##_rg(const int RG, const uint8_t *w, const QAct *a, int64_t K, float *out) { \
         const int64_t nk = K / 256;                                                                          \
         const __m256i low = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3);                           \
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        __m256 acc[MAX_RG] = ZEROS_PS; \
         for (int64_t kb = 0; kb < nk; kb++) {                                                                \
             const uint8_t *blk = w + kb * Q6_K_BYTES;                                                        \
             const int8_t *scales = (const int8_t *)(blk + 192);                                              \
-            __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),       \
-                               _mm256_setzero_si256()};                                                      \
+            __m256i isum[MAX_RG] = ZEROS_SI;                                                      \
             /* the 16 scales as int16: 0-7 in the low 128 bits, 8-15 in the high */                          \
             const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)scales));             \
             _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {                                            \

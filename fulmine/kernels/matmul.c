@@ -119,7 +119,7 @@ static void matmul_task(void *ctx, int chunk, int nchunks) {
     int64_t per = (N + nchunks - 1) / nchunks;
     int64_t n0 = per * chunk, n1 = n0 + per < N ? n0 + per : N;
     int64_t nb = K / 32;
-    float out[4];
+    float out[MAX_RG];
     for (int p = 0, start = 0; p < j->w.nparts; start = (int)j->w.end[p], p++) {
         int64_t lo = n0 > start ? n0 : start, hi = n1 < j->w.end[p] ? n1 : j->w.end[p];
         if (lo >= hi) continue;
@@ -134,8 +134,8 @@ static void matmul_task(void *ctx, int chunk, int nchunks) {
              * decode at a quarter of the memory bandwidth) */
             for (const uint8_t *ahead = row + PREFETCH_ROWS * rb, *stop = ahead + rb; ahead < stop && ahead < end; ahead += 64)
                 __builtin_prefetch(ahead, 0, 3);
-            for (int r0 = 0; r0 < j->R; r0 += 4) {
-                int rg = j->R - r0 < 4 ? j->R - r0 : 4;
+            for (int r0 = 0; r0 < j->R; r0 += MAX_RG) {
+                int rg = j->R - r0 < MAX_RG ? j->R - r0 : MAX_RG;
                 if (j->qa) {
                     const QAct *qa = j->qa;
                     QAct a = {qa->qx + (size_t)r0 * K, qa->dx + (size_t)r0 * nb, qa->xsum + (size_t)r0 * nb,

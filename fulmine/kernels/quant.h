@@ -2,8 +2,10 @@
  * kernel signatures, and QType, one entry of the table of block types (matmul.c joins
  * blocks32.c's and kquants.c's entries).
  *
- * A row kernel computes out[r] = dot(one weight row, activation row r) for r < R (R <= 4), the
- * activation rows K values apart. Exact kernels read float32 activations; fast kernels read them
+ * A row kernel computes out[r] = dot(one weight row, activation row r) for r < R (R <= MAX_RG), the
+ * activation rows K values apart: each weight block is unpacked once and dotted with every row. A
+ * row's value never depends on R (the same operations in the same order per row; the integer sums
+ * are exact), so a row computes the same bits alone, batched, in a prefill or a verified draft. Exact kernels read float32 activations; fast kernels read them
  * quantized to int8 per block of 32 (QAct), as llama.cpp's Q8 does.
  */
 #ifndef FULMINE_QUANT_H
@@ -61,14 +63,20 @@ extern const int NUM_KQUANT_TYPES;
 
 float fulmine_half_to_float(uint16_t h);
 
-/* R (1..4) as a compile-time row count: FN(RG, args...) is inlined with its per-row accumulators in
- * registers. Every SIMD row kernel is written for RG and reached through this switch. */
+#define MAX_RG 8 /* activation rows per row-kernel call */
+
+/* R (1..MAX_RG) as a compile-time row count: FN(RG, args...) is inlined with its per-row accumulators
+ * in registers. Every SIMD row kernel is written for RG and reached through this switch. */
 #define SWITCH_RG(R, FN, ...)                                                                              \
     switch (R) {                                                                                           \
     case 1: FN(1, __VA_ARGS__); break;                                                                     \
     case 2: FN(2, __VA_ARGS__); break;                                                                     \
     case 3: FN(3, __VA_ARGS__); break;                                                                     \
-    default: FN(4, __VA_ARGS__); break;                                                                    \
+    case 4: FN(4, __VA_ARGS__); break;                                                                     \
+    case 5: FN(5, __VA_ARGS__); break;                                                                     \
+    case 6: FN(6, __VA_ARGS__); break;                                                                     \
+    case 7: FN(7, __VA_ARGS__); break;                                                                     \
+    default: FN(8, __VA_ARGS__); break;                                                                    \
     }
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -79,6 +87,13 @@ float fulmine_half_to_float(uint16_t h);
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
 #define INLINE static inline __attribute__((always_inline))
+/* MAX_RG zeroed accumulators */
+#define ZEROS_PS                                                                                           \
+    {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),                  \
+     _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}
+#define ZEROS_SI                                                                                           \
+    {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),       \
+     _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()}
 
 AVX2 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

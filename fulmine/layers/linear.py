@@ -34,6 +34,7 @@ class Linear(nn.Module):
         self.exact = False  # quantized products with float32 activations (see kernels/_cpu.c)
         # Row thresholds of the device's executor (executors/cpu_fused.py tunes them for the CPU):
         self.max_kernel_rows = 1 << 30  # more rows: dequantize and GEMM (layers/quantized.py)
+        self.max_exact_kernel_rows = 1 << 30  # the same, for the exact kernels
         self.narrow_gemv_max_rows = 0  # up to this many rows, a narrow weight multiplies in its own dtype
         self.keep_blocks = False
         self.unread_types: set[str] = set()  # GGUF block types of this layer loaded dense (the loader reports them)
@@ -45,7 +46,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
-            y = self.quant.matmul(x.float(), self.exact, self.max_kernel_rows).to(x.dtype)
+            limit = self.max_exact_kernel_rows if self.exact else self.max_kernel_rows
+            y = self.quant.matmul(x.float(), self.exact, limit).to(x.dtype)
             return y if self.bias is None else y + self.bias
         weight = self.weight
         if weight.dtype == x.dtype:

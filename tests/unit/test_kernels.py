@@ -10,7 +10,6 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from fulmine import kernels
-from fulmine.executors.cpu_fused import KERNEL_MAX_ROWS
 from fulmine.layers.quantized import QuantizedWeight, quantize
 
 pytestmark = pytest.mark.skipif(kernels.cpu() is None, reason="C kernels not built")
@@ -29,6 +28,9 @@ TYPES = {
 # block) with the float16 scales set to small positive values; offsets of those scales in a block
 K_SCALES = {kernels.Q4_K: (0, 2), kernels.Q5_K: (0, 2), kernels.Q6_K: (208,)}
 COLS = 512  # a multiple of every block size (256 for the K-quants)
+# up to this many rows the products below run the C kernel, past it dequantize + GEMM (the CPU executor
+# picks its own threshold, executors/cpu_fused.py; both paths are tested here on any CPU)
+KERNEL_MAX_ROWS = 32
 
 
 def quantize_activations(x: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -104,17 +106,35 @@ def test_matmul_exact_and_fast(qtype: int, rows: int, threads: int) -> None:
     check_products(*gguf_weight(qtype), rows)
 
 
+def check_rows_alone(weight: QuantizedWeight, rows: int) -> None:
+    """Every row of a product computes the same bits as that row alone (both modes): a decode row,
+    a prefill row and a verified draft agree whatever else shares the step."""
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)) * 3
+    for exact in (False, True):
+        together = weight.matmul(x, exact, KERNEL_MAX_ROWS)
+        alone = torch.cat([weight.matmul(x[i : i + 1], exact, KERNEL_MAX_ROWS) for i in range(rows)])
+        assert torch.equal(together, alone), (weight.qtype, rows, exact)
+
+
+@pytest.mark.parametrize("qtype", list(TYPES))
+@pytest.mark.parametrize("rows", [2, 5, 8, 9, 16, KERNEL_MAX_ROWS])
+def test_rows_compute_the_same_bits_alone_and_together(qtype: int, rows: int, threads: int) -> None:
+    check_rows_alone(gguf_weight(qtype)[0], rows)
+
+
 @pytest.mark.parametrize(("variable", "isa"), [("FULMINE_KERNELS_SCALAR", "scalar"), ("FULMINE_KERNELS_AVX2", "avx2")])
 def test_every_type_on_every_isa_path(variable: str, isa: str) -> None:
     """The portable C path (CPUs without AVX2) and the AVX2 path (without VNNI) give the same products
-    for every type (the default path, VNNI where the CPU has it, is the parametrized test above)."""
+    for every type, each row the same bits alone as together (the default path, VNNI where the CPU has
+    it, is the parametrized tests above)."""
     import subprocess
     import sys
 
     code = (
-        "from fulmine import kernels; from tests.unit.test_kernels import TYPES, gguf_weight, check_products;"
+        "from fulmine import kernels; from tests.unit.test_kernels import *;"
         f"assert kernels.cpu().info()['isa'] == {isa!r}, kernels.cpu().info()['isa'];"
-        "[check_products(*gguf_weight(t), rows) for t in TYPES for rows in (1, 3, 4, 6)]"
+        "[check_products(*gguf_weight(t), rows) for t in TYPES for rows in (1, 3, 4, 6, 9)];"
+        "[check_rows_alone(gguf_weight(t)[0], rows) for t in TYPES for rows in (5, 8, 11)]"
     )
     env = {**__import__("os").environ, variable: "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
