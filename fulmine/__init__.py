@@ -19,17 +19,18 @@ _EXPORTS = {
     "LLM": "fulmine.llm",
     "SamplingParams": "fulmine.request",
     "FinishReason": "fulmine.request",
+    "StructuredOutput": "fulmine.request",
     "EngineConfig": "fulmine.config",
     "ConfigError": "fulmine.config",
     "RequestOutput": "fulmine.engine.outputs",
 }
-__all__ = ["LLM", "SamplingParams", "FinishReason", "EngineConfig", "ConfigError", "RequestOutput"]
+__all__ = ["LLM", "SamplingParams", "FinishReason", "StructuredOutput", "EngineConfig", "ConfigError", "RequestOutput"]
 
 if TYPE_CHECKING:
     from fulmine.config import ConfigError, EngineConfig
     from fulmine.engine.outputs import RequestOutput
     from fulmine.llm import LLM
-    from fulmine.request import FinishReason, SamplingParams
+    from fulmine.request import FinishReason, SamplingParams, StructuredOutput
 
 
 def __getattr__(name: str) -> Any:

@@ -15,8 +15,25 @@ from dataclasses import dataclass, field
 from fulmine.config import ConfigError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 # Temperatures below this sample greedily: dividing logits by ~0 would overflow to inf and NaN.
 MIN_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must match. kind: json_object (any JSON object), json_schema (spec: the schema
+    as JSON text), regex (spec: the pattern), choice (spec: a JSON list of strings), grammar (spec: a
+    Lark grammar, llguidance's dialect; GBNF is accepted too)."""
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ConfigError(f"structured output kind {self.kind!r} is not one of {', '.join(STRUCTURED_KINDS)}")
+        if not isinstance(self.spec, str):
+            raise ConfigError("a structured output's spec is text (a schema as JSON, a pattern, a grammar)")
 
 
 @dataclass
@@ -37,6 +54,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same for each prompt token after the first (no prefix cache)
     min_tokens: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    structured: StructuredOutput | None = None  # the output must match this (sampling/grammar.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -26,6 +26,7 @@ from fulmine.layers.linear import Embedding, Linear
 from fulmine.models.loader import load_model
 from fulmine.models.source import resolve
 from fulmine.request import FinishReason, Request, SamplingParams
+from fulmine.sampling.grammar import Grammars, TokenMasks
 from fulmine.speculative.draft import DraftModelProposer
 from fulmine.speculative.governor import Governor
 from fulmine.tokenizer import Message, encode_prompt, load_tokenizer
@@ -92,6 +93,10 @@ class LLMEngine:
             config.max_num_seqs,
         )
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.grammars = Grammars(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
+        self.matchers: dict[str, Any] = {}  # request id -> its grammar matcher (constrained requests)
+        self.mask_seconds = 0.0  # time spent computing token masks, for /metrics
+        self.num_constrained = 0  # constrained requests admitted, for /metrics
         self._ids = itertools.count()
 
     # -- requests ----------------------------------------------------------------------------
@@ -110,6 +115,9 @@ class LLMEngine:
         self.check_request(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
+        if params.structured is not None:
+            self.matchers[request_id] = self.grammars.matcher(params.structured)
+            self.num_constrained += 1
         if arrival_time is not None:
             request.arrival_time = arrival_time
         self.scheduler.add_request(request)
@@ -130,6 +138,8 @@ class LLMEngine:
             bad = [t for t in token_ids if not 0 <= t < vocab]
             if bad:
                 raise ConfigError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})", name)
+        if params.structured is not None:
+            self.grammars.check(params.structured)  # compiled once per distinct constraint (cached)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.finish_request(request_id, FinishReason.ABORT)
@@ -154,7 +164,15 @@ class LLMEngine:
             if self.governor is not None and s.request.draft_token_ids:
                 self.governor.verified(s.request.request_id, len(s.draft_token_ids))
         batch = StepBatch.from_scheduled(scheduled, self.kv_cache.block_tables)
+        constrained = {
+            s.request_id: self.matchers[s.request_id] for s in batch.seqs if s.samples and s.request_id in self.matchers
+        }
+        if constrained:  # their masks fill on a worker thread while the forward runs
+            batch.token_masks = TokenMasks(constrained, self.model_config.vocab_size)
         result, failed = self._execute(batch)
+        if batch.token_masks is not None:
+            batch.token_masks.wait()
+            self.mask_seconds += batch.token_masks.seconds
         failed_requests = [(self.scheduler.requests[request_id], error) for request_id, error in failed]
         if failed:
             failed_ids = {request_id for request_id, _ in failed}
@@ -169,10 +187,24 @@ class LLMEngine:
         outputs = [self._fail(request, error) for request, error in failed_requests]
         for request, tokens in updated:
             try:
+                if request.request_id in self.matchers:
+                    self._advance_grammar(request, tokens)
                 outputs.append(self._output(request, tokens))
             except Exception as error:  # detokenizing this request's tokens failed: it alone ends
                 outputs.append(self._fail(request, error))
         return outputs
+
+    def _advance_grammar(self, request: Request, tokens: list[int]) -> None:
+        """The request's matcher consumes its new tokens; a completed grammar ends the request (its
+        only continuation would be end of sequence), with finish reason stop."""
+        matcher = self.matchers[request.request_id]
+        for token in tokens:
+            if token in self.eos_token_ids and matcher.is_accepting():
+                return
+            if not matcher.consume_token(token):
+                raise RuntimeError(f"the output left its grammar: {matcher.get_error()}")
+        if matcher.is_stopped() and not request.is_finished:
+            self.scheduler.finish_request(request.request_id, FinishReason.STOP)
 
     def _propose_drafts(self) -> None:
         """Drafts for every running request whose next step samples, for the scheduler to verify."""
@@ -180,8 +212,8 @@ class LLMEngine:
         running = self.scheduler.running
         for request in running:
             request.draft_token_ids = []
-            if request.num_computed_tokens != request.num_tokens - 1:
-                continue  # still prefilling (or recomputing after a preemption)
+            if request.num_computed_tokens != request.num_tokens - 1 or request.request_id in self.matchers:
+                continue  # still prefilling (or recomputing after a preemption), or constrained
             room = draft_room(request)
             if room > 0:
                 request.draft_token_ids = self.governor.drafts(request, room, len(running))
@@ -203,8 +235,8 @@ class LLMEngine:
                 if len(group.seqs) == 1:
                     failed.append((group.seqs[0].request_id, error))
                     return
-                half = len(group.seqs) // 2
-                for part in (StepBatch(group.seqs[:half]), StepBatch(group.seqs[half:])):
+                half, ids = len(group.seqs) // 2, [s.request_id for s in group.seqs]
+                for part in (group.subset(set(ids[:half])), group.subset(set(ids[half:]))):
                     self.runner.set_rng_states(rng, [s.request_id for s in part.seqs])
                     try:
                         merged.merge(self.runner.execute(part))
@@ -246,6 +278,7 @@ class LLMEngine:
     def _forget(self, request_id: str) -> IncrementalDetokenizer | None:
         """Drop a finished request's per-request state (detokenizer, generator, draft state)."""
         self.runner.release(request_id)
+        self.matchers.pop(request_id, None)
         if self.governor is not None:
             self.governor.release(request_id)
         return self.detokenizers.pop(request_id, None)

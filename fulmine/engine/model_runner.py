@@ -56,7 +56,10 @@ class ModelRunner:
         seqs = [s for s, _ in rows]
         sample_index = torch.tensor([i for _, i in rows], dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[sample_index])
-        result = self.sampler(logits, self._sampling(batch, seqs), self._draft_ids(batch, seqs))
+        sampling = self._sampling(batch, seqs)
+        if batch.token_masks is not None:  # constrained rows: one per sequence (they never draft)
+            sampling.token_masks, sampling.row_ids = batch.token_masks, [s.request_id for s in seqs]
+        result = self.sampler(logits, sampling, self._draft_ids(batch, seqs))
         token_ids = result.token_ids.tolist()  # the step's device-to-host copy
         output = ModelRunnerOutput({}, {}, prompt_logprobs)
         if result.accepted is None:

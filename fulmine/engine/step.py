@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from fulmine.engine.outputs import SchedulerOutput
 from fulmine.request import SamplingParams
+
+if TYPE_CHECKING:
+    from fulmine.sampling.grammar import TokenMasks
 
 
 @dataclass
@@ -51,6 +55,9 @@ class SequenceStep:
 @dataclass
 class StepBatch:
     seqs: list[SequenceStep]
+    # the allowed next tokens of the sequences whose output is constrained (sampling/grammar.py),
+    # being computed while the forward runs; None when no sequence of the step is constrained
+    token_masks: TokenMasks | None = None
 
     @classmethod
     def from_scheduled(cls, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepBatch:
@@ -74,7 +81,7 @@ class StepBatch:
         return cls(seqs)
 
     def subset(self, request_ids: set[str]) -> StepBatch:
-        return StepBatch([s for s in self.seqs if s.request_id in request_ids])
+        return StepBatch([s for s in self.seqs if s.request_id in request_ids], self.token_masks)
 
     @property
     def num_tokens(self) -> int:

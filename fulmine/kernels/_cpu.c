@@ -132,7 +132,7 @@ static PyMethodDef methods[] = {
     {"info", py_info, METH_NOARGS, "{'isa', 'threads', 'layer_fields'}"},
     {"sample", py_sample, METH_VARARGS,
      "sample(logits, R, V, temperature, top_k, top_p, min_p, keys, drafts, out, accepted[, bias_off, bias_ids, "
-     "bias_vals, hist_off, hist_ids, out_start, rep, pres, freq]): a token per row"},
+     "bias_vals, hist_off, hist_ids, out_start, rep, pres, freq, mask_rows, masks, mask_words]): a token per row"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -167,7 +167,9 @@ static float top_p_floor(const float *x, const float *e, int V, float m, float i
     return cand[j - 1].x;
 }
 
-/* What is added to a row's logits before the draw, PyTorch's order: logit bias, then the repetition
+/* What is added to a row's logits before the draw, PyTorch's order: a grammar's token mask (a row
+ * with mask_row[r] >= 0 keeps only the tokens whose bit is set in masks[mask_row[r]], one bit per token
+ * in words of 32; the others get -inf), logit bias, then the repetition
  * penalty over prompt and output tokens (x / rep if x > 0, else x * rep) and the frequency and
  * presence penalties over output tokens (x -= freq * count + pres). Rows are ranges of flat arrays;
  * a NULL pointer: nothing of that kind in the batch. */
@@ -176,9 +178,23 @@ typedef struct {
     const float *bias_vals;
     const int32_t *hist_off, *hist_ids, *out_start; /* row r: prompt then output ids; output from out_start[r] */
     const float *rep, *pres, *freq;
+    const int32_t *mask_row; /* per row: its mask, or -1 */
+    const uint32_t *masks;
+    int mask_words;
 } Adjust;
 
+static void mask_row(float *x, int V, const uint32_t *bits, int words) {
+    for (int w = 0; w * 32 < V; w++) {
+        uint32_t b = w < words ? bits[w] : 0u;
+        if (b == 0xffffffffu) continue;
+        for (int i = 0, v = w * 32; i < 32 && v < V; i++, v++)
+            if (!((b >> i) & 1u)) x[v] = -INFINITY;
+    }
+}
+
 static void adjust_row(float *x, int V, const Adjust *a, int r, uint32_t *stamp, uint32_t *count) {
+    if (a->mask_row && a->mask_row[r] >= 0)
+        mask_row(x, V, a->masks + (size_t)a->mask_row[r] * a->mask_words, a->mask_words);
     if (a->bias_off)
         for (int i = a->bias_off[r]; i < a->bias_off[r + 1]; i++)
             if (a->bias_ids[i] >= 0 && a->bias_ids[i] < V) x[a->bias_ids[i]] += a->bias_vals[i];
@@ -272,14 +288,15 @@ static int64_t sample_row(const float *x, int V, float t, int top_k, float top_p
 PyObject *py_sample(PyObject *self, PyObject *args) {
     unsigned long long logits, temperature, top_k, top_p, min_p, keys, drafts, out, accepted;
     unsigned long long bias_off = 0, bias_ids = 0, bias_vals = 0, hist_off = 0, hist_ids = 0, out_start = 0;
-    unsigned long long rep = 0, pres = 0, freq = 0;
-    int R, V;
-    if (!PyArg_ParseTuple(args, "KiiKKKKKKKK|KKKKKKKKK", &logits, &R, &V, &temperature, &top_k, &top_p, &min_p, &keys,
-                          &drafts, &out, &accepted, &bias_off, &bias_ids, &bias_vals, &hist_off, &hist_ids, &out_start,
-                          &rep, &pres, &freq))
+    unsigned long long rep = 0, pres = 0, freq = 0, mask_rows = 0, masks = 0;
+    int R, V, mask_words = 0;
+    if (!PyArg_ParseTuple(args, "KiiKKKKKKKK|KKKKKKKKKKKi", &logits, &R, &V, &temperature, &top_k, &top_p, &min_p,
+                          &keys, &drafts, &out, &accepted, &bias_off, &bias_ids, &bias_vals, &hist_off, &hist_ids,
+                          &out_start, &rep, &pres, &freq, &mask_rows, &masks, &mask_words))
         return NULL;
     Adjust adj = {PTR(bias_off), PTR(bias_ids), PTR(bias_vals), PTR(hist_off), PTR(hist_ids), PTR(out_start),
-                  PTR(rep), PTR(pres), PTR(freq)};
+                  PTR(rep), PTR(pres), PTR(freq), PTR(mask_rows), PTR(masks), mask_words};
+    if (mask_rows && (masks == 0 || mask_words < 0)) return PyErr_Format(PyExc_ValueError, "mask rows without masks");
     if (R < 0 || V < 1) return PyErr_Format(PyExc_ValueError, "bad shape [%d, %d]", R, V);
 #ifdef SAMPLE_X86
     if (use_avx2 < 0) {

@@ -25,6 +25,7 @@ import torch
 
 from fulmine import kernels
 from fulmine.request import SamplingParams
+from fulmine.sampling.grammar import TokenMasks
 
 
 @dataclass
@@ -49,6 +50,8 @@ class SamplingBatch:
     params: list[SamplingParams] = field(default_factory=list)  # per row, for the C sampler
     draw_indices: list[int] = field(default_factory=list)  # per row: index of the output token it draws
     histories: list[tuple[list[int], list[int]]] = field(default_factory=list)  # per row: (prompt, output) ids
+    token_masks: TokenMasks | None = None  # the allowed tokens of constrained rows (sampling/grammar.py)
+    row_ids: list[str] = field(default_factory=list)  # per row: its request id (with token_masks)
 
     @classmethod
     def build(
@@ -160,7 +163,7 @@ class Sampler:
         """logits: [num_rows, vocab] float32 (modified in place); draft_ids: [num_rows], -1 where none."""
         # Logprobs report the model's distribution, before penalties and truncation.
         raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs is not None else None
-        if self.kernel is not None:  # logit bias, penalties and the draw in one C call
+        if self.kernel is not None:  # token masks, logit bias, penalties and the draw in one C call
             token_ids, accepted = self._kernel_draw(logits, batch, draft_ids)
         else:
             token_ids, accepted = self._torch_draw(logits, batch, draft_ids)
@@ -174,6 +177,8 @@ class Sampler:
         self, logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(token per row, draft accepted per row) as tensor ops on the logits' device."""
+        if batch.token_masks is not None:  # tokens a row's grammar does not allow: logit -inf
+            batch.token_masks.apply(logits, batch.row_ids)
         if batch.logit_bias is not None:
             logits = logits + batch.logit_bias
         if batch.seen_mask is not None:
@@ -241,6 +246,7 @@ class Sampler:
             logits.data_ptr(), num_rows, vocab, temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(),
             min_p.data_ptr(), key_tensor.data_ptr(), drafts.data_ptr(), out.data_ptr(), accepted.data_ptr(),
             *(0 if t is None else t.data_ptr() for t in adjust),
+            0 if batch.token_masks is None else batch.token_masks.bits.shape[1],
         )  # fmt: skip
         return out, accepted if draft_ids is not None else None
 
@@ -270,10 +276,11 @@ class Sampler:
 
 
 def _adjustments(batch: SamplingBatch) -> list[torch.Tensor | None]:
-    """The C sampler's logit bias and penalty inputs as flat arrays (see Adjust in kernels/sample.c):
-    bias_off, bias_ids, bias_vals, hist_off, hist_ids, out_start, rep, pres, freq; None: none."""
+    """The C sampler's logit bias, penalty and token-mask inputs as flat arrays (see Adjust in
+    kernels/sample.c): bias_off, bias_ids, bias_vals, hist_off, hist_ids, out_start, rep, pres, freq,
+    mask_rows, masks (then the mask width in words, an int); None: none."""
     params = batch.params
-    adjust: list[torch.Tensor | None] = [None] * 9
+    adjust: list[torch.Tensor | None] = [None] * 11
     if any(p.logit_bias for p in params):
         offsets, ids, values = [0], [], []
         for p in params:
@@ -301,6 +308,10 @@ def _adjustments(batch: SamplingBatch) -> list[torch.Tensor | None]:
             torch.tensor([p.presence_penalty for p in params], dtype=torch.float32),
             torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
         ]
+    if batch.token_masks is not None:
+        batch.token_masks.wait()
+        rows = [batch.token_masks.rows.get(request_id, -1) for request_id in batch.row_ids]
+        adjust[9:] = [torch.tensor(rows, dtype=torch.int32), batch.token_masks.bits]
     return adjust
 
 

@@ -83,6 +83,19 @@ class Completions:
         except ConfigError as error:
             raise p.RequestError(str(error), param) from None
 
+    async def _check_structured(self, body: p._Sampling) -> None:
+        """Compile the request's output constraint off the event loop (the first one builds the
+        grammar tokenizer, about a second; a complex schema takes milliseconds): 400 if unusable."""
+        structured = body.structured()
+        if structured is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._tokenizer_thread, self.engine.engine.grammars.check, structured)
+        except ConfigError as error:
+            self.metrics.rejected.labels("bad_constraint").inc()
+            raise p.RequestError(str(error), error.param or "response_format") from None
+
     def _make_choices(
         self, body: p._Sampling, prompts: list[list[int]], max_tokens: int | None, num_logprobs: int | None
     ) -> list[Choice]:
@@ -131,6 +144,7 @@ class Completions:
         messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
         prompt_ids = await self._encode(messages, "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
+        await self._check_structured(body)
         choices = self._make_choices(body, [prompt_ids], max_tokens, body.num_logprobs)
         run = self._run(body.model, "chatcmpl", choices, arrival, request)
         self._log_prompt(run.id, messages)
@@ -158,6 +172,7 @@ class Completions:
         body.check_supported()
         prompts = [await self._encode(prompt, "prompt") for prompt in body.prompts()]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default here
+        await self._check_structured(body)
         choices = self._make_choices(body, prompts, max_tokens, body.logprobs)
         run = self._run(body.model, "cmpl", choices, arrival, request)
         self._log_prompt(run.id, body.prompt)

@@ -66,6 +66,13 @@ class Metrics:
         )
         self.drafted = Gauge("fulmine_spec_draft_tokens", "Speculative tokens drafted and verified.", registry=r)
         self.accepted = Gauge("fulmine_spec_accepted_tokens", "Speculative tokens accepted.", registry=r)
+        self.constrained = Gauge(
+            "fulmine_constrained_requests", "Requests with a structured-output constraint admitted.", registry=r
+        )
+        self.mask_seconds = Gauge(
+            "fulmine_token_mask_seconds", "Time computing constrained rows' allowed tokens.", registry=r
+        )
+        self.grammar_compiles = Gauge("fulmine_grammar_compiles", "Distinct constraints compiled.", registry=r)
 
     def watch(self, engine: AsyncEngine) -> None:
         """Gauges read the engine at scrape time."""
@@ -79,10 +86,13 @@ class Metrics:
         governor = engine.engine.governor
         self.drafted.set_function(lambda: governor.num_drafted if governor else 0)
         self.accepted.set_function(lambda: governor.num_accepted if governor else 0)
+        self.constrained.set_function(lambda: engine.engine.num_constrained)
+        self.mask_seconds.set_function(lambda: engine.engine.mask_seconds)
+        self.grammar_compiles.set_function(lambda: engine.engine.grammars.compiles)
 
     def unwatch(self) -> None:
         """Let go of a dead engine: the gauges read zero until the next one is watched."""
         for gauge in (self.running, self.waiting, self.kv_usage, self.kv_used, self.hit_rate, self.weight_bytes):
             gauge.set_function(lambda: 0)
-        self.drafted.set_function(lambda: 0)
-        self.accepted.set_function(lambda: 0)
+        for gauge in (self.drafted, self.accepted, self.constrained, self.mask_seconds, self.grammar_compiles):
+            gauge.set_function(lambda: 0)

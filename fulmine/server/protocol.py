@@ -8,6 +8,7 @@ accepted. Responses are plain dicts in OpenAI's shapes, plus `timing` (per-reque
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fulmine.engine.outputs import RequestOutput
-from fulmine.request import INT64_MAX, INT64_MIN, SamplingParams
+from fulmine.request import INT64_MAX, INT64_MIN, SamplingParams, StructuredOutput
 
 MAX_STOP_SEQUENCES = 4
 # Every integer a request carries fits the engine's 64-bit integers; larger ones are a 400 here.
@@ -107,6 +108,58 @@ class _Sampling(_Strict):
     min_tokens: int = Field(0, ge=0, le=INT64_MAX)
     ignore_eos: bool = False
     stop_token_ids: list[Int] | None = None
+    # structured outputs: OpenAI's response_format; vLLM's guided_* and structured_outputs extensions
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    def structured(self) -> StructuredOutput | None:
+        """The request's output constraint, from whichever field names it (at most one)."""
+        found: list[tuple[str, StructuredOutput]] = []
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind == "json_object":
+                found.append(("response_format", StructuredOutput("json_object")))
+            elif kind == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+                    raise RequestError("response_format.json_schema must be an object with a schema", "response_format")
+                schema = spec.get("schema", {})  # OpenAI: a missing schema means any JSON
+                found.append(("response_format", StructuredOutput("json_schema", json.dumps(schema))))
+            elif kind not in (None, "text"):
+                raise RequestError(
+                    f"response_format type {kind!r}: use text, json_object or json_schema", "response_format"
+                )
+        extension = dict(self.structured_outputs or {})
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+            if getattr(self, name) is not None:
+                extension.setdefault(key, getattr(self, name))
+        if self.guided_grammar is not None:
+            extension.setdefault("grammar", self.guided_grammar)
+        for key, value in extension.items():
+            if key == "json":
+                text = value if isinstance(value, str) else json.dumps(value)
+                found.append((f"structured_outputs.{key}", StructuredOutput("json_schema", text)))
+            elif key == "regex" and isinstance(value, str):
+                found.append((f"structured_outputs.{key}", StructuredOutput("regex", value)))
+            elif key == "choice" and isinstance(value, list):
+                found.append((f"structured_outputs.{key}", StructuredOutput("choice", json.dumps(value))))
+            elif key in ("grammar", "lark") and isinstance(value, str):
+                found.append((f"structured_outputs.{key}", StructuredOutput("grammar", value)))
+            elif key == "json_object" and value:
+                found.append((f"structured_outputs.{key}", StructuredOutput("json_object")))
+            else:
+                raise RequestError(
+                    f"structured_outputs.{key}: expected json, regex, choice or grammar", "structured_outputs"
+                )
+        if len(found) > 1:
+            names = ", ".join(name for name, _ in found)
+            raise RequestError(f"more than one output constraint given ({names}): give one", found[1][0])
+        return found[0][1] if found else None
 
     @field_validator("stop")
     @classmethod
@@ -145,6 +198,7 @@ class _Sampling(_Strict):
             logprobs=logprobs,
             min_tokens=self.min_tokens,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            structured=self.structured(),
         )
 
 
@@ -153,7 +207,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
@@ -177,10 +230,7 @@ class ChatCompletionRequest(_Sampling):
     moderation: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise RequestError(
-                f"response_format {self.response_format.get('type')!r} is not supported yet", "response_format"
-            )
+        self.structured()  # a malformed constraint is refused before anything runs
         if self.tools or self.functions:
             raise RequestError("tools and function calling are not supported yet", "tools")
         if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
@@ -206,6 +256,7 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
     def check_supported(self) -> None:
+        self.structured()
         if self.suffix:
             raise RequestError("suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of != self.n:

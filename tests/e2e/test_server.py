@@ -192,7 +192,7 @@ BAD_REQUESTS = [
     ({"model": MODEL, "messages": CHAT, "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "messages": CHAT, "max_tokens": 100000}, 400, "max_tokens"),
     ({"model": MODEL, "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"model": MODEL, "messages": CHAT, "response_format": {"type": "grammar"}}, 400, "response_format"),
     ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ({"model": MODEL, "messages": CHAT, "frobnicate": True}, 400, "frobnicate"),
     ({"model": MODEL, "messages": CHAT, "logit_bias": {"999999": 5}}, 400, "logit_bias"),

@@ -1,0 +1,159 @@
+"""Structured outputs: a request's output constrained to a JSON schema, a regex, a choice of strings
+or a Lark grammar, through llguidance (a grammar matcher over the model's own tokenizer).
+
+`Grammars` compiles and checks a request's constraint when it arrives (a schema llguidance cannot
+honour is refused there, naming why, never silently dropped) and keeps compiled grammars by their
+text, so the next request with the same schema pays nothing. Each constrained request gets a
+matcher; before a step samples it, `TokenMasks` computes every such row's allowed tokens as a
+bitmask (llguidance drops the GIL: the masks fill on a worker thread while the forward runs), and
+the sampler sets every other token's logit to -inf. After the step the matcher consumes the token.
+
+JSON is generated compact by default (no whitespace between tokens beyond ", " and ": "), so a
+constrained answer cannot run away in whitespace until max_tokens, the usual failure of flexible-
+whitespace JSON grammars.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from fulmine.config import ConfigError
+from fulmine.request import StructuredOutput
+
+# the JSON compiler's options (llguidance JsonCompileOptions): fixed separators, no free whitespace
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+CACHE_SIZE = 256
+
+
+def grammar_text(structured: StructuredOutput) -> str:
+    """The llguidance grammar for a constraint (not yet checked against a tokenizer)."""
+    import llguidance
+
+    kind, spec = structured.kind, structured.spec
+    if kind in ("json_object", "json_schema"):
+        try:
+            schema = json.loads(spec) if kind == "json_schema" else {"type": "object"}
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"the JSON schema is not valid JSON: {error}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ConfigError("a JSON schema is an object (or true / false)")
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)  # type: ignore[arg-type]
+        except ValueError as error:
+            raise ConfigError(f"the JSON schema cannot be used: {error}") from None
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(spec)
+    if kind == "choice":
+        try:
+            choices = json.loads(spec)
+        except json.JSONDecodeError:
+            choices = None
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise ConfigError("choice: a non-empty list of strings")
+        return llguidance.grammar_from("choice", json.dumps(choices))
+    try:
+        return llguidance.grammar_from("grammar", spec)
+    except ValueError as error:
+        raise ConfigError(f"the grammar cannot be used: {error}") from None
+
+
+class Grammars:
+    """The model's llguidance tokenizer (built on first use, about a second) and a cache of checked
+    grammars; makes a matcher per constrained request. Thread-safe."""
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        self._hf_tokenizer = hf_tokenizer
+        self._vocab_size = vocab_size
+        self._eos = list(eos_token_ids)
+        self._tokenizer: Any = None
+        self._cache: OrderedDict[StructuredOutput, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self.compiles = 0  # grammars compiled (cache misses), for /metrics
+
+    @property
+    def tokenizer(self) -> Any:
+        with self._lock:
+            if self._tokenizer is None:
+                import llguidance.hf
+
+                try:
+                    self._tokenizer = llguidance.hf.from_tokenizer(
+                        self._hf_tokenizer, n_vocab=self._vocab_size, eos_token=self._eos or None
+                    )
+                except Exception as error:  # noqa: BLE001 (a tokenizer llguidance cannot read)
+                    raise ConfigError(f"structured outputs are not available for this tokenizer: {error}") from None
+            return self._tokenizer
+
+    def check(self, structured: StructuredOutput) -> str:
+        """The constraint's grammar, compiled and checked; ConfigError (a 400) naming the problem."""
+        import llguidance
+
+        with self._lock:
+            if structured in self._cache:
+                self._cache.move_to_end(structured)
+                return self._cache[structured]
+        grammar = grammar_text(structured)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        if is_error:
+            raise ConfigError(f"{structured.kind}: {messages[0] if messages else 'invalid'}", "response_format")
+        with self._lock:
+            self.compiles += 1
+            self._cache[structured] = grammar
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return grammar
+
+    def matcher(self, structured: StructuredOutput) -> Any:
+        import llguidance
+
+        matcher = llguidance.LLMatcher(self.tokenizer, self.check(structured), log_level=0)
+        if matcher.is_error():
+            raise ConfigError(f"{structured.kind}: {matcher.get_error()}", "response_format")
+        return matcher
+
+
+class TokenMasks:
+    """The allowed tokens of a step's constrained rows: one bitmask row per matcher, filled on a worker
+    thread (started by `fill`) while the forward runs; `apply` waits for it."""
+
+    _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulmine-masks")
+
+    def __init__(self, matchers: dict[str, Any], vocab_size: int) -> None:
+        self.rows = {request_id: row for row, request_id in enumerate(matchers)}
+        self.vocab_size = vocab_size
+        self.bits = torch.zeros(len(matchers), (vocab_size + 31) // 32, dtype=torch.int32)
+        self.seconds = 0.0  # time spent computing the masks (on the worker thread)
+        self._future: Future[None] = self._pool.submit(self._fill, list(matchers.values()))
+
+    def _fill(self, matchers: list[Any]) -> None:
+        import time
+
+        started = time.perf_counter()
+        row_bytes = self.bits.shape[1] * 4
+        for row, matcher in enumerate(matchers):
+            matcher.unsafe_compute_mask_ptr(self.bits[row].data_ptr(), row_bytes)
+        self.seconds = time.perf_counter() - started
+
+    def allowed(self, request_id: str) -> torch.Tensor:
+        """[vocab] bool: the tokens the request's grammar allows next."""
+        self._future.result()
+        words = self.bits[self.rows[request_id]].numpy().view(np.uint8)
+        return torch.from_numpy(np.unpackbits(words, bitorder="little")[: self.vocab_size].astype(bool))
+
+    def apply(self, logits: torch.Tensor, request_ids: list[str]) -> None:
+        """Every disallowed token of a constrained row gets logit -inf (rows in request_ids order)."""
+        for row, request_id in enumerate(request_ids):
+            if request_id in self.rows:
+                allowed = self.allowed(request_id).to(logits.device)
+                logits[row, : self.vocab_size].masked_fill_(~allowed, float("-inf"))
+                logits[row, self.vocab_size :] = float("-inf")
+
+    def wait(self) -> None:
+        self._future.result()
