@@ -80,8 +80,11 @@ def load_cached_tokenizer(path: Path) -> Any:
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
 
 
-def apply_chat_template(tokenizer: Any, messages: list[Message]) -> list[int]:
-    """Token ids of the conversation, ending with the assistant's turn opened."""
+def apply_chat_template(
+    tokenizer: Any, messages: list[Message], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Token ids of the conversation, ending with the assistant's turn opened (the tools, if any,
+    rendered by the template's own tool section)."""
     if not messages:
         raise ConfigError("messages must not be empty")
     for message in messages:
@@ -91,16 +94,21 @@ def apply_chat_template(tokenizer: Any, messages: list[Message]) -> list[int]:
             raise ConfigError("message content must be a string")
     if tokenizer.chat_template is None:
         raise ConfigError("this model has no chat template; use plain-text generation instead")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
+    except Exception as error:  # noqa: BLE001 (jinja raising on a conversation the template refuses)
+        raise ConfigError(f"the model's chat template cannot render these messages: {error}") from None
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def encode_prompt(tokenizer: Any, prompt: str | list[int] | list[Message], vocab_size: int) -> list[int]:
+def encode_prompt(
+    tokenizer: Any, prompt: str | list[int] | list[Message], vocab_size: int, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     """Token ids of a prompt: a text, a list of token ids (checked), or chat messages (templated)."""
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt))
     if prompt and all(isinstance(m, dict) for m in prompt):
-        return apply_chat_template(tokenizer, prompt)  # type: ignore[arg-type]
+        return apply_chat_template(tokenizer, prompt, tools)  # type: ignore[arg-type]
     if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids: list[int] = list(prompt)  # type: ignore[arg-type]
         bad = [t for t in ids if not 0 <= t < vocab_size]

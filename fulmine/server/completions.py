@@ -21,7 +21,9 @@ from fastapi import Request
 
 from fulmine import __version__
 from fulmine.config import ConfigError, ServerConfig
+from fulmine.request import StructuredOutput
 from fulmine.server import protocol as p
+from fulmine.server import tools
 from fulmine.server.async_engine import AsyncEngine
 from fulmine.server.metrics import Metrics
 from fulmine.server.run import Choice, Run
@@ -47,6 +49,8 @@ class Completions:
         longest = max((len(token.encode("utf-8", "replace")) for token in self.tokenizer.get_vocab()), default=64)
         self.max_prompt_chars = self.max_model_len * max(longest, 1)
         self.fingerprint = f"fulmine-{__version__}"
+        self.tool_format = tools.detect_format(self.tokenizer.chat_template)
+        self.tool_tokens = frozenset(tools.special_markers(self.tokenizer))
 
     def _token_text(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))
@@ -61,7 +65,7 @@ class Completions:
                 status=404,
             )
 
-    async def _encode(self, prompt: Any, param: str) -> list[int]:
+    async def _encode(self, prompt: Any, param: str, tool_list: list[dict[str, Any]] | None = None) -> list[int]:
         if isinstance(prompt, str):
             too_long = len(prompt) > self.max_prompt_chars
         elif prompt and isinstance(prompt[0], dict):
@@ -78,15 +82,15 @@ class Completions:
         loop = asyncio.get_running_loop()
         try:  # tokenizing long prompts takes milliseconds: keep it off the event loop
             return await loop.run_in_executor(
-                self._tokenizer_thread, encode_prompt, self.tokenizer, prompt, self.vocab_size
+                self._tokenizer_thread, encode_prompt, self.tokenizer, prompt, self.vocab_size, tool_list
             )
         except ConfigError as error:
             raise p.RequestError(str(error), param) from None
 
-    async def _check_structured(self, body: p._Sampling) -> None:
+    async def _check_structured(self, body: p._Sampling, forced: StructuredOutput | None = None) -> None:
         """Compile the request's output constraint off the event loop (the first one builds the
         grammar tokenizer, about a second; a complex schema takes milliseconds): 400 if unusable."""
-        structured = body.structured()
+        structured = forced or body.structured()
         if structured is None:
             return
         loop = asyncio.get_running_loop()
@@ -94,10 +98,15 @@ class Completions:
             await loop.run_in_executor(self._tokenizer_thread, self.engine.engine.grammars.check, structured)
         except ConfigError as error:
             self.metrics.rejected.labels("bad_constraint").inc()
-            raise p.RequestError(str(error), error.param or "response_format") from None
+            raise p.RequestError(str(error), "tool_choice" if forced else error.param or "response_format") from None
 
     def _make_choices(
-        self, body: p._Sampling, prompts: list[list[int]], max_tokens: int | None, num_logprobs: int | None
+        self,
+        body: p._Sampling,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        num_logprobs: int | None,
+        forced: StructuredOutput | None = None,
     ) -> list[Choice]:
         if body.n > self.config.max_n:
             raise p.RequestError(f"n must be <= {self.config.max_n}", "n")
@@ -114,6 +123,8 @@ class Completions:
             for i in range(body.n):
                 try:
                     params = body.sampling_params(max_tokens, num_logprobs, seed_offset=i)
+                    if forced is not None:  # a call the tool_choice requires, by grammar
+                        params.structured = forced
                     self.engine.engine.check_request(prompt_ids, params)
                 except ConfigError as error:
                     raise p.RequestError(
@@ -141,26 +152,43 @@ class Completions:
         p.check_unicode(body.model_dump(exclude_none=True))
         self.check_model(body.model)
         body.check_supported()
-        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
-        prompt_ids = await self._encode(messages, "messages")
+        tool_list, fmt = tools.checked_tools(body), self.tool_format
+        messages = tools.render_messages([m.as_dict(i) for i, m in enumerate(body.messages)], tool_list, fmt)
+        prompt_ids = await self._encode(messages, "messages", tool_list if fmt != "generic" else None)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        await self._check_structured(body)
-        choices = self._make_choices(body, [prompt_ids], max_tokens, body.num_logprobs)
+        parallel = body.parallel_tool_calls is not False
+        choice = body.tool_choice_value()
+        forced = tools.constraint(tool_list, choice, parallel, fmt, self.tool_tokens) if tool_list else None
+        if forced is not None and body.structured() is not None:
+            raise p.RequestError("a required tool call and a response_format cannot both constrain", "tool_choice")
+        await self._check_structured(body, forced)
+        choices = self._make_choices(body, [prompt_ids], max_tokens, body.num_logprobs, forced)
         run = self._run(body.model, "chatcmpl", choices, arrival, request)
         self._log_prompt(run.id, messages)
+        names = {tools.function_name(t) for t in tool_list}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return run.stream_response(self._chat_chunks(run, include_usage))
+            parsers = {c.index: tools.StreamParser(fmt, names, parallel=parallel) for c in choices} if names else {}
+            return run.stream_response(self._chat_chunks(run, include_usage, parsers))
         await run.collect()
-        message_choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": "".join(c.text_parts), "refusal": None},
-                "logprobs": {"content": self._chat_logprobs(c, 0), "refusal": None} if body.logprobs else None,
-                "finish_reason": p.finish_reason(c.last) if c.last else "stop",
-            }
-            for c in choices
-        ]
+        message_choices = []
+        for c in choices:
+            text, calls = "".join(c.text_parts), list[tools.ToolCall]()
+            if names:
+                text, calls = tools.StreamParser(fmt, names, parallel=parallel).feed(text, final=True)
+            message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+            if calls:
+                message["tool_calls"] = [call.to_openai() for call in calls]
+            message["refusal"] = None
+            reason = p.finish_reason(c.last) if c.last else "stop"
+            message_choices.append(
+                {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": {"content": self._chat_logprobs(c, 0), "refusal": None} if body.logprobs else None,
+                    "finish_reason": "tool_calls" if calls and reason == "stop" else reason,
+                }
+            )
         return run.json_response(
             self._envelope(run, "chat.completion", message_choices, usage=run.usage(), timing=run.timing())
         )
@@ -222,7 +250,12 @@ class Completions:
             logger.info("%s prompt: %s", run_id, json.dumps(prompt, ensure_ascii=False)[:4000])
 
     # -- streams --------------------------------------------------------------------------------
-    async def _chat_chunks(self, run: Run, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    async def _chat_chunks(
+        self, run: Run, include_usage: bool, parsers: dict[int, tools.StreamParser]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Content deltas; with tools, each choice's text goes through its StreamParser, which holds
+        back what may become a call and sends each call whole (index, id, name, arguments)."""
+
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             return self._envelope(run, "chat.completion.chunk", choices, stream_usage=include_usage, **extra)
 
@@ -243,18 +276,22 @@ class Completions:
                 logprobs = {"content": self._chat_logprobs(c, c.logprobs_sent), "refusal": None}
                 c.logprobs_sent = len(output.token_ids)
             reason = p.finish_reason(output)
-            if output.new_text or logprobs:
+            content, calls, parser = output.new_text, list[tools.ToolCall](), parsers.get(c.index)
+            if parser is not None:
+                content, calls = parser.feed(output.new_text, final=reason is not None)
+            if content or logprobs:
                 yield chunk(
-                    [
-                        {
-                            "index": c.index,
-                            "delta": {"content": output.new_text},
-                            "logprobs": logprobs,
-                            "finish_reason": None,
-                        }
-                    ]
+                    [{"index": c.index, "delta": {"content": content}, "logprobs": logprobs, "finish_reason": None}]
+                )
+            if calls:
+                first = len(parser.calls) - len(calls) if parser is not None else 0
+                deltas = [call.to_openai(first + i) for i, call in enumerate(calls)]
+                yield chunk(
+                    [{"index": c.index, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}]
                 )
             if reason is not None:
+                if parser is not None and parser.calls and reason == "stop":
+                    reason = "tool_calls"
                 yield chunk(
                     [{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}],
                     timing=p.timing(output),

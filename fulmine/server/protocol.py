@@ -61,8 +61,6 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     def text(self, index: int) -> str:
-        if self.role in ("tool", "function") or getattr(self, "tool_calls", None):
-            raise RequestError("tool messages and tool calls are not supported yet", f"messages[{index}]")
         if self.content is None:
             if self.role == "assistant":
                 return ""
@@ -78,6 +76,35 @@ class ChatMessage(BaseModel):
                 )
             pieces.append(part["text"])
         return "".join(pieces)
+
+    def as_dict(self, index: int) -> dict[str, Any]:
+        """The message as the chat template takes it: role, text, and an assistant's tool calls or a
+        tool result's call id (checked here: a malformed call is a 400, not a template error)."""
+        if self.role == "function":
+            raise RequestError("function messages are deprecated: use tool messages", f"messages[{index}].role")
+        extra = self.model_extra or {}
+        calls = extra.get("tool_calls")
+        if self.role == "assistant" and calls:
+            if not isinstance(calls, list) or not all(_is_call(c) for c in calls):
+                raise RequestError(
+                    "tool_calls entries are {id, type: function, function: {name, arguments}}",
+                    f"messages[{index}].tool_calls",
+                )
+            return {"role": "assistant", "content": self.text(index), "tool_calls": calls}
+        if self.role == "tool":
+            if not isinstance(extra.get("tool_call_id"), str):
+                raise RequestError("a tool message needs its tool_call_id", f"messages[{index}].tool_call_id")
+            return {"role": "tool", "content": self.text(index), "tool_call_id": extra["tool_call_id"]}
+        return {"role": self.role, "content": self.text(index)}
+
+
+def _is_call(call: Any) -> bool:
+    function = call.get("function") if isinstance(call, dict) else None
+    return (
+        isinstance(function, dict)
+        and isinstance(function.get("name"), str)
+        and isinstance(function.get("arguments"), str)
+    )
 
 
 class StreamOptions(_Strict):
@@ -231,10 +258,6 @@ class ChatCompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         self.structured()  # a malformed constraint is refused before anything runs
-        if self.tools or self.functions:
-            raise RequestError("tools and function calling are not supported yet", "tools")
-        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            raise RequestError("tool_choice is not supported yet", "tool_choice")
         if self.modalities not in (None, ["text"]) or self.audio:
             raise RequestError("only text output is supported", "modalities")
         for name in ("prediction", "reasoning_effort", "verbosity", "web_search_options", "moderation"):
@@ -242,6 +265,13 @@ class ChatCompletionRequest(_Sampling):
                 raise RequestError(f"{name} is not supported yet", name)
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+
+    def tool_choice_value(self) -> Any:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        if isinstance(self.function_call, dict):
+            return {"type": "function", "function": self.function_call}
+        return self.function_call
 
     @property
     def num_logprobs(self) -> int | None:

@@ -193,7 +193,7 @@ BAD_REQUESTS = [
     ({"model": MODEL, "messages": CHAT, "max_tokens": 100000}, 400, "max_tokens"),
     ({"model": MODEL, "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": MODEL, "messages": CHAT, "response_format": {"type": "grammar"}}, 400, "response_format"),
-    ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function", "function": {"name": ""}}]}, 400, "tools[0]"),
     ({"model": MODEL, "messages": CHAT, "frobnicate": True}, 400, "frobnicate"),
     ({"model": MODEL, "messages": CHAT, "logit_bias": {"999999": 5}}, 400, "logit_bias"),
     ({"model": MODEL, "messages": CHAT, "top_logprobs": 3}, 400, "top_logprobs"),

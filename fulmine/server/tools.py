@@ -1,0 +1,325 @@
+"""Tool calling: tools rendered into the prompt, calls parsed out of the answer (whole or streamed),
+and `tool_choice` required / a named function enforced by a grammar.
+
+The call format is the model's own, detected from its chat template:
+- hermes (Qwen2.5, Hermes, most recent templates): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`,
+  one block per call;
+- mistral: `[TOOL_CALLS]` then a JSON list of {"name", "arguments"} (call ids of 9 letters and digits);
+- llama3_json (Llama 3.x templates): the whole answer one JSON object {"name", "parameters"};
+- generic, when the template has no tool section (SmolLM2): the tools are described in a system
+  message and the model answers in the hermes format.
+Templates that know tools get them through transformers' `apply_chat_template(tools=...)`; earlier
+assistant `tool_calls` go back in with their arguments as objects, `tool` messages as the template
+renders them (the generic format: as `<tool_response>` blocks in a user turn).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+from fulmine.request import StructuredOutput
+from fulmine.server.protocol import ChatCompletionRequest, RequestError
+
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+MISTRAL_OPEN = "[TOOL_CALLS]"
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+    id: str = ""
+
+    def to_openai(self, index: int | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+        if index is not None:
+            out["index"] = index
+        return out
+
+
+def checked_tools(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The tools the model may call (none when tool_choice is "none"), checked; the legacy
+    functions / function_call are taken as tools / tool_choice."""
+    tools = (
+        body.tools if body.tools is not None else [{"type": "function", "function": f} for f in body.functions or []]
+    )
+    names = []
+    for i, tool in enumerate(tools):
+        function = (
+            tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        )
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RequestError("each tool is {type: function, function: {name, parameters}}", f"tools[{i}]")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise RequestError("a function's parameters are a JSON schema object", f"tools[{i}].function.parameters")
+        names.append(function["name"])
+    choice = body.tool_choice_value()
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
+        if name not in names:
+            raise RequestError(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+    elif choice not in (None, "auto", "none", "required"):
+        raise RequestError("tool_choice is none, auto, required or {type: function, function: {name}}", "tool_choice")
+    if choice == "required" and not tools:
+        raise RequestError("tool_choice required needs tools", "tool_choice")
+    return [] if choice == "none" else tools
+
+
+def call_id(format_name: str) -> str:
+    if format_name == "mistral":  # Mistral's templates check for exactly 9 alphanumerics
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+    return "call_" + secrets.token_hex(12)
+
+
+def detect_format(chat_template: str | None) -> str:
+    template = chat_template or ""
+    if HERMES_OPEN in template:
+        return "hermes"
+    if MISTRAL_OPEN in template:
+        return "mistral"
+    if "<|python_tag|>" in template or "ipython" in template:
+        return "llama3_json"
+    return "generic"
+
+
+def _function(tool: dict[str, Any]) -> dict[str, Any]:
+    return tool.get("function", tool)
+
+
+def function_name(tool: dict[str, Any]) -> str:
+    return str(_function(tool)["name"])
+
+
+def generic_system_prompt(tools: list[dict[str, Any]]) -> str:
+    lines = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+    return (
+        "You may call one or more functions to assist with the user query. The functions, as JSON "
+        f"signatures:\n<tools>\n{lines}\n</tools>\n\nTo call a function, answer with a JSON object with "
+        f'its name and arguments within {HERMES_OPEN}{HERMES_CLOSE} tags:\n{HERMES_OPEN}\n{{"name": '
+        f'<function-name>, "arguments": <args-json-object>}}\n{HERMES_CLOSE}'
+    )
+
+
+def hermes_block(name: str, arguments: str) -> str:
+    body = json.dumps({"name": name, "arguments": _loads(arguments)}, ensure_ascii=False)
+    return f"{HERMES_OPEN}\n{body}\n{HERMES_CLOSE}"
+
+
+def render_messages(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, fmt: str
+) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them: assistant tool calls with their arguments as
+    objects; for the generic format, the tools in a system message and calls / results as text."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        message = dict(message)
+        calls = message.get("tool_calls") or []
+        if message.get("content") is None:
+            message["content"] = ""
+        if fmt == "generic":
+            if calls:
+                blocks = [hermes_block(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+                message = {"role": "assistant", "content": "\n".join(filter(None, [message["content"], *blocks]))}
+            elif message["role"] == "tool":
+                message = {"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"}
+        elif calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.get("id"),
+                    "type": "function",
+                    "function": {"name": c["function"]["name"], "arguments": _loads(c["function"]["arguments"])},
+                }
+                for c in calls
+            ]
+        out.append(message)
+    if fmt == "generic" and tools:
+        prompt = generic_system_prompt(tools)
+        if out and out[0]["role"] in ("system", "developer"):
+            out[0] = {"role": out[0]["role"], "content": f"{out[0]['content']}\n\n{prompt}"}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+def _loads(arguments: Any) -> Any:
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
+def special_markers(tokenizer: Any) -> set[str]:
+    """The call markers that are single added tokens of this tokenizer (Qwen's <tool_call>): a grammar
+    names them as tokens, since the text would be matched byte by byte."""
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    return {m for m in (HERMES_OPEN, HERMES_CLOSE, MISTRAL_OPEN) if m in added}
+
+
+def _lit(marker: str, tokens: frozenset[str]) -> str:
+    return marker if marker in tokens else json.dumps(marker)
+
+
+def constraint(
+    tools: list[dict[str, Any]], tool_choice: Any, parallel: bool, fmt: str, tokens: frozenset[str] = frozenset()
+) -> StructuredOutput | None:
+    """A grammar forcing a call when tool_choice is "required" or names a function (None for "auto"):
+    the call's arguments then always parse and validate against the function's parameters. `tokens`:
+    the markers that are single tokens (special_markers)."""
+    if tool_choice in (None, "auto", "none"):
+        return None
+    if isinstance(tool_choice, dict):
+        wanted = [_function(tool_choice)["name"]]
+    else:
+        wanted = [_function(t)["name"] for t in tools]
+    functions = {_function(t)["name"]: _function(t) for t in tools}
+    key = "parameters" if fmt == "llama3_json" else "arguments"
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": name}, key: functions[name].get("parameters") or {"type": "object"}},
+            "required": ["name", key],
+            "additionalProperties": False,
+        }
+        for name in wanted
+    ]
+    schema = json.dumps(options[0] if len(options) == 1 else {"anyOf": options})
+    repeat = "+" if parallel else ""
+    if fmt == "mistral":
+        items = 'call (", " call)*' if parallel else "call"
+        lark = f'start: {_lit(MISTRAL_OPEN, tokens)} "[" {items} "]"\ncall: %json {schema}'
+    elif fmt == "llama3_json":
+        lark = f"start: %json {schema}"
+    else:
+        start, end = _lit(HERMES_OPEN, tokens), _lit(HERMES_CLOSE, tokens)
+        lark = f'start: block{repeat}\nblock: {start} "\\n" %json {schema} "\\n" {end} "\\n"?'
+    return StructuredOutput("grammar", lark)
+
+
+def parse(text: str, fmt: str, tool_names: set[str]) -> tuple[str, list[ToolCall]]:
+    """(content, calls) of a whole answer. Text that is not a well-formed call of a known tool stays
+    content (with hermes blocks, from the first malformed block on); beside calls, content that is
+    only whitespace is dropped."""
+    if fmt == "llama3_json":
+        call = _call(_loads(text.strip()), "parameters", tool_names)
+        return ("", [call]) if call else (text, [])
+    if fmt == "mistral":
+        head, marker, tail = text.partition(MISTRAL_OPEN)  # calls only when the answer opens with them
+        items = _loads(tail.strip()) if marker and not head.strip() else None
+        found = [_call(item, "arguments", tool_names) for item in items] if isinstance(items, list) else []
+        calls = [c for c in found if c is not None]
+        if not calls or len(calls) < len(found):
+            return text, []
+        return _content([head]), calls
+    return StreamParser(fmt, tool_names).feed(text, final=True)
+
+
+def _content(pieces: list[str]) -> str:
+    joined = "".join(pieces)
+    return joined if joined.strip() else ""
+
+
+def _call(obj: Any, key: str, tool_names: set[str]) -> ToolCall | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in tool_names:
+        return None
+    arguments = obj.get(key, obj.get("arguments", {}))
+    if isinstance(arguments, str):
+        arguments = _loads(arguments)
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+@dataclass
+class StreamParser:
+    """Splits an answer, as it streams, into content deltas and tool calls; what it emits over the
+    whole stream is exactly `parse` of the whole text. Content that might still become a call (a
+    partial marker) is held back until decided, as is whitespace until something else follows it
+    (content beside calls that is only whitespace is dropped). A hermes call is emitted, whole, as soon as
+    its block closes; mistral and llama3_json calls when the answer ends."""
+
+    fmt: str
+    tool_names: set[str]
+    parallel: bool = True  # False: only the first call is kept (parallel_tool_calls: false)
+    text: str = ""
+    pos: int = 0  # text[:pos] is decided: emitted as content or as calls
+    pending: str = ""  # decided content not yet emitted (whitespace only so far)
+    calls: list[ToolCall] = field(default_factory=list)
+    broken: bool = False  # a malformed block: the rest is content
+    emitted: bool = False  # some content was emitted: whitespace is content from now on
+
+    def feed(self, delta: str, final: bool) -> tuple[str, list[ToolCall]]:
+        """(content delta, newly completed calls) after `delta`; `final` when the answer is complete."""
+        self.text += delta
+        if self.fmt in ("mistral", "llama3_json"):
+            return self._feed_whole(final)
+        out: list[str] = []
+        new: list[ToolCall] = []
+        while not self.broken:
+            start = self.text.find(HERMES_OPEN, self.pos)
+            if start < 0:
+                break
+            close = self.text.find(HERMES_CLOSE, start)
+            if close < 0 and not final:
+                out.append(self._decide(start))
+                return "".join(out), new
+            body = self.text[start + len(HERMES_OPEN) : close if close >= 0 else len(self.text)]
+            call = _call(_loads(body.strip()), "arguments", self.tool_names)
+            if call is None:
+                self.broken = True
+                break
+            out.append(self._decide(start))
+            if self.parallel or not self.calls:
+                call.id = call_id(self.fmt)
+                self.calls.append(call)
+                new.append(call)
+            self.pos = close + len(HERMES_CLOSE) if close >= 0 else len(self.text)  # unclosed: cut at the end
+        if final:
+            out.append(self._decide(len(self.text), last=True))
+        else:  # hold back a tail that could begin a marker
+            hold = next(
+                (n for n in range(min(len(HERMES_OPEN), len(self.text) - self.pos), 0, -1)
+                 if HERMES_OPEN.startswith(self.text[len(self.text) - n :])),
+                0,
+            ) if not self.broken else 0  # fmt: skip
+            out.append(self._decide(len(self.text) - hold))
+        return "".join(out), new
+
+    def _decide(self, upto: int, last: bool = False) -> str:
+        """text[pos:upto] is content: emit it, or hold it while everything pending is whitespace."""
+        piece, self.pos = self.text[self.pos : upto], max(self.pos, upto)
+        self.pending += piece
+        if self.pending.strip() or self.emitted or (last and not self.calls):
+            out, self.pending = self.pending, ""
+            self.emitted = self.emitted or bool(out)
+            return out
+        return ""
+
+    def _feed_whole(self, final: bool) -> tuple[str, list[ToolCall]]:
+        if self.fmt == "llama3_json":
+            undecided = not self.text.strip() or self.text.lstrip().startswith("{")
+        else:
+            undecided = MISTRAL_OPEN.startswith(self.text.lstrip()[: len(MISTRAL_OPEN)]) or MISTRAL_OPEN in self.text
+        if not final:
+            if undecided or self.broken:
+                return "", []
+            self.broken = True  # plain content from here on
+        if final:
+            content, calls = parse(self.text, self.fmt, self.tool_names) if not self.broken else (self.text, [])
+            calls = calls if self.parallel else calls[:1]
+            for call in calls:
+                call.id = call_id(self.fmt)
+            self.calls = calls
+            out, self.pos = content[self.pos :] if not calls else content, len(self.text)
+            return out, calls
+        out, self.pos = self.text[self.pos :], len(self.text)
+        return out, []

@@ -1,0 +1,160 @@
+"""Tool calling end to end: the official openai client against a real server on loopback, on the
+embedded SmolLM2 (no tool section in its template: the generic format) and on Qwen2.5-Coder-0.5B from
+the real-model set (its own <tool_call> tokens)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.e2e.openai_schemas import validate
+from tests.e2e.server import RunningServer, engine_loader, serve
+
+MODEL = "m"
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+ADD = {
+    "type": "object",
+    "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "The weather in a city", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": ADD}},
+]
+SCHEMAS = {"get_weather": WEATHER, "add": ADD}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def check_calls(calls) -> None:
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def streamed(client: openai.OpenAI, **kwargs):
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(model=MODEL, stream=True, **kwargs):
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for delta in choice.delta.tool_calls or []:
+            entry = calls.setdefault(delta.index, {"name": "", "arguments": "", "id": ""})
+            entry["id"] = delta.id or entry["id"]
+            entry["name"] += (delta.function.name or "") if delta.function else ""
+            entry["arguments"] += (delta.function.arguments or "") if delta.function else ""
+        finish = choice.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+def exchange(server: RunningServer, client: openai.OpenAI) -> None:
+    for choice in ("required", {"type": "function", "function": {"name": "add"}}):
+        kwargs = dict(
+            messages=ASK, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False, temperature=0, max_tokens=80
+        )
+        plain = client.chat.completions.create(model=MODEL, **kwargs)
+        message = plain.choices[0].message
+        assert plain.choices[0].finish_reason == "tool_calls"
+        check_calls(message.tool_calls)
+        if isinstance(choice, dict):
+            assert [c.function.name for c in message.tool_calls] == ["add"]
+        content, calls, finish = streamed(client, **kwargs)
+        assert finish == "tool_calls" and content == (message.content or "")
+        assert [(c["name"], c["arguments"]) for c in calls] == [
+            (c.function.name, c.function.arguments) for c in message.tool_calls
+        ]
+        raw = httpx.post(f"{server.base_url}/v1/chat/completions", json={"model": MODEL, **kwargs}, timeout=60)
+        validate(raw.json(), "CreateChatCompletionResponse")
+    one = plain
+    assert len(one.choices[0].message.tool_calls) == 1
+    several = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120
+    )
+    check_calls(several.choices[0].message.tool_calls)  # parallel calls allowed: one or more, each valid
+    # the call and its result back in the conversation: the template renders them, the model answers
+    history = [
+        *ASK,
+        one.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": one.choices[0].message.tool_calls[0].id, "content": '{"celsius": 21}'},
+    ]
+    after = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, temperature=0, max_tokens=30)
+    assert after.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+@pytest.fixture(scope="module")
+def server() -> RunningServer:
+    with serve(engine_loader(None), served_model_name=(MODEL,)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_forced_calls_parse_validate_and_stream_alike(server: RunningServer, client: openai.OpenAI) -> None:
+    exchange(server, client)
+
+
+def test_auto_and_none(client: openai.OpenAI) -> None:
+    for choice in ("auto", "none"):
+        out = client.chat.completions.create(
+            model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=60
+        )
+        message = out.choices[0].message
+        if choice == "none":
+            assert not message.tool_calls and out.choices[0].finish_reason in ("stop", "length")
+        elif message.tool_calls:
+            check_calls(message.tool_calls)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0]"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ],
+)
+def test_bad_tool_requests_get_a_400(server: RunningServer, extra: dict, param: str) -> None:
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json={"model": MODEL, "messages": ASK, **extra})
+    assert response.status_code == 400, response.text
+    validate(response.json(), "ErrorResponse")
+    assert response.json()["error"]["param"] == param
+
+
+def test_bad_tool_messages_get_a_400(server: RunningServer) -> None:
+    bad = [
+        [*ASK, {"role": "assistant", "tool_calls": [{"id": "x", "type": "function", "function": {"name": "f"}}]}],
+        [*ASK, {"role": "tool", "content": "42"}],
+    ]
+    for messages in bad:
+        response = httpx.post(f"{server.base_url}/v1/chat/completions", json={"model": MODEL, "messages": messages})
+        assert response.status_code == 400, response.text
+        validate(response.json(), "ErrorResponse")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_qwen_calls_with_its_own_tool_tokens() -> None:
+    from tests.parity.test_real_models import fetch
+
+    path = fetch("qwen2.5-coder-0.5b")
+    with serve(engine_loader(str(path)), served_model_name=(MODEL,)) as qwen:
+        exchange(qwen, openai.OpenAI(base_url=f"{qwen.base_url}/v1", api_key="unused", max_retries=0))
