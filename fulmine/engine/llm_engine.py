@@ -188,23 +188,35 @@ class LLMEngine:
         for request, tokens in updated:
             try:
                 if request.request_id in self.matchers:
-                    self._advance_grammar(request, tokens)
+                    tokens = self._advance_grammar(request, tokens)
                 outputs.append(self._output(request, tokens))
             except Exception as error:  # detokenizing this request's tokens failed: it alone ends
                 outputs.append(self._fail(request, error))
         return outputs
 
-    def _advance_grammar(self, request: Request, tokens: list[int]) -> None:
-        """The request's matcher consumes its new tokens; a completed grammar ends the request (its
-        only continuation would be end of sequence), with finish reason stop."""
+    def _advance_grammar(self, request: Request, tokens: list[int]) -> list[int]:
+        """The request's matcher consumes its new tokens (returned, less any it refused); a completed
+        grammar ends the request (its only continuation would be end of sequence), finish reason stop.
+        A token drawn outside the grammar once it was complete (min_tokens holding back the end of
+        sequence left nothing to draw) is dropped and the request stops there."""
         matcher = self.matchers[request.request_id]
-        for token in tokens:
+        for i, token in enumerate(tokens):
             if token in self.eos_token_ids and matcher.is_accepting():
-                return
+                return tokens
+            complete = matcher.is_accepting()
             if not matcher.consume_token(token):
-                raise RuntimeError(f"the output left its grammar: {matcher.get_error()}")
+                if not complete:
+                    raise RuntimeError(f"the output left its grammar: {matcher.get_error().splitlines()[0]}")
+                dropped = len(tokens) - i
+                del request.output_token_ids[-dropped:]
+                del request.output_logprobs[len(request.output_token_ids) :]
+                if not request.is_finished:
+                    self.scheduler.finish_request(request.request_id, FinishReason.STOP)
+                request.finish_reason = FinishReason.STOP
+                return tokens[:i]
         if matcher.is_stopped() and not request.is_finished:
             self.scheduler.finish_request(request.request_id, FinishReason.STOP)
+        return tokens
 
     def _propose_drafts(self) -> None:
         """Drafts for every running request whose next step samples, for the scheduler to verify."""

@@ -6,6 +6,7 @@ The engine's life (loading after the server starts listening, restarts, draining
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fulmine.config import ServerConfig
 from fulmine.engine.llm_engine import LLMEngine
+from fulmine.server import messages
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import EngineDead
 from fulmine.server.lifecycle import ServerState
@@ -40,7 +42,11 @@ def _error(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
+    path: str = "",
 ) -> JSONResponse:
+    """An error in OpenAI's shape, or Anthropic's on its route (/v1/messages)."""
+    if path.startswith("/v1/messages"):
+        return JSONResponse(messages.error_body(status, message), status_code=status, headers=headers)
     return JSONResponse(p.error_body(message, error_type, param, code), status_code=status, headers=headers)
 
 
@@ -52,23 +58,36 @@ class _Guard:
         self.app, self.keys = app, set(config.api_key)
         self.max_body = int(config.max_body_mb * 2**20)
 
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        """A key in `Authorization: Bearer` (OpenAI's clients) or `x-api-key` (Anthropic's), compared
+        in constant time against every configured key."""
+        scheme, _, bearer = headers.get("authorization", "").partition(" ")
+        offered = [bearer.strip()] if scheme.lower() == "bearer" else []
+        if "x-api-key" in headers:
+            offered.append(headers["x-api-key"].strip())
+        found = False
+        for token in offered:
+            for key in self.keys:  # no early exit: the time does not depend on which key matched
+                found |= hmac.compare_digest(token.encode(), key.encode())
+        return found
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
-        if self.keys and path not in _OPEN_PATHS and not path.startswith("/static/"):
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or token.strip() not in self.keys:
-                response = _error(
-                    401,
-                    "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                    "invalid_request_error",
-                    code="invalid_api_key",
-                )
-                await response(scope, receive, send)
-                return
+        guarded = path not in _OPEN_PATHS and not path.startswith("/static/")
+        if self.keys and guarded and not self._authorized(headers):
+            response = _error(
+                401,
+                "Incorrect or missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+                "invalid_request_error",
+                code="invalid_api_key",
+                path=path,
+            )
+            await response(scope, receive, send)
+            return
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             await self._too_large(scope, receive, send)
@@ -178,6 +197,10 @@ def create_app(
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         return await state.ready().completions(body, request)
 
+    @app.post("/v1/messages")
+    async def anthropic_messages(body: messages.MessagesRequest, request: Request) -> Any:
+        return await messages.create(state.ready(), body, request)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -193,7 +216,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def request_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, p.RequestError)
         headers = {"Retry-After": "1"} if error.status in (429, 503) else None
-        return _error(error.status, error.message, error.error_type, error.param, error.code, headers)
+        return _error(error.status, error.message, error.error_type, error.param, error.code, headers, request.url.path)
 
     async def validation_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, RequestValidationError)
@@ -209,7 +232,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"Unrecognized request argument supplied: {param}"
         else:
             message = f"Invalid value for {param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg"))
-        return _error(400, message, "invalid_request_error", param, kind or None)
+        return _error(400, message, "invalid_request_error", param, kind or None, path=request.url.path)
 
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, StarletteHTTPException)
@@ -217,7 +240,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             404: f"unknown route {request.method} {request.url.path}",
             405: f"method {request.method} is not allowed on {request.url.path}",
         }.get(error.status_code, str(error.detail))
-        return _error(error.status_code, message, "invalid_request_error")
+        return _error(error.status_code, message, "invalid_request_error", path=request.url.path)
 
     async def engine_dead(request: Request, error: Exception) -> Response:
         return _error(
@@ -226,11 +249,12 @@ def _install_error_handlers(app: FastAPI) -> None:
             "service_unavailable",
             code="engine_restarting",
             headers={"Retry-After": "1"},
+            path=request.url.path,
         )
 
     async def unexpected(request: Request, error: Exception) -> Response:
         logger.exception("unexpected error on %s", request.url.path)
-        return _error(500, "internal server error", "server_error")
+        return _error(500, "internal server error", "server_error", path=request.url.path)
 
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         p.RequestError: request_error,

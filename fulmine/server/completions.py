@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -21,7 +22,9 @@ from fastapi import Request
 
 from fulmine import __version__
 from fulmine.config import ConfigError, ServerConfig
+from fulmine.engine.outputs import RequestOutput
 from fulmine.request import StructuredOutput
+from fulmine.server import logprobs as lp
 from fulmine.server import protocol as p
 from fulmine.server import tools
 from fulmine.server.async_engine import AsyncEngine
@@ -30,6 +33,35 @@ from fulmine.server.run import Choice, Run
 from fulmine.tokenizer import encode_prompt
 
 logger = logging.getLogger("fulmine.server")
+
+
+@dataclass
+class ChatRun:
+    """A started chat request: its run, and how its answers split into content and tool calls."""
+
+    run: Run
+    tool_format: str
+    tool_names: set[str]
+    parallel: bool
+
+    def parsers(self) -> dict[int, tools.StreamParser]:
+        """A stream parser per choice (none without tools: the text is all content)."""
+        if not self.tool_names:
+            return {}
+        return {c.index: tools.StreamParser(self.tool_format, self.tool_names, self.parallel) for c in self.run.choices}
+
+    def answer(self, c: Choice) -> tuple[str, list[tools.ToolCall]]:
+        """A finished choice's (content, tool calls): what its stream parser emits over the whole stream."""
+        text = "".join(c.text_parts)
+        if not self.tool_names:
+            return text, []
+        return tools.StreamParser(self.tool_format, self.tool_names, self.parallel).feed(text, final=True)
+
+
+def chat_finish_reason(output: RequestOutput | None, called: bool) -> str:
+    """stop / length, and tool_calls for an answer that ended by calling tools."""
+    reason = (p.finish_reason(output) if output is not None else None) or "stop"
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 class Completions:
@@ -147,7 +179,9 @@ class Completions:
         return choices
 
     # -- the two endpoints ----------------------------------------------------------------------
-    async def chat(self, body: p.ChatCompletionRequest, request: Request) -> Any:
+    async def start_chat(self, body: p.ChatCompletionRequest, request: Request, id_prefix: str = "chatcmpl") -> ChatRun:
+        """A chat request checked, templated and started: what every chat-shaped API (OpenAI chat
+        completions, Anthropic messages) turns into its own responses."""
         arrival = time.monotonic()
         p.check_unicode(body.model_dump(exclude_none=True))
         self.check_model(body.model)
@@ -163,30 +197,33 @@ class Completions:
             raise p.RequestError("a required tool call and a response_format cannot both constrain", "tool_choice")
         await self._check_structured(body, forced)
         choices = self._make_choices(body, [prompt_ids], max_tokens, body.num_logprobs, forced)
-        run = self._run(body.model, "chatcmpl", choices, arrival, request)
+        run = self._run(body.model, id_prefix, choices, arrival, request)
         self._log_prompt(run.id, messages)
         names = {tools.function_name(t) for t in tool_list}
+        return ChatRun(run, fmt, names, parallel)
+
+    async def chat(self, body: p.ChatCompletionRequest, request: Request) -> Any:
+        chat = await self.start_chat(body, request)
+        run = chat.run
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            parsers = {c.index: tools.StreamParser(fmt, names, parallel=parallel) for c in choices} if names else {}
-            return run.stream_response(self._chat_chunks(run, include_usage, parsers))
+            return run.stream_response(self._chat_chunks(run, include_usage, chat.parsers()))
         await run.collect()
         message_choices = []
-        for c in choices:
-            text, calls = "".join(c.text_parts), list[tools.ToolCall]()
-            if names:
-                text, calls = tools.StreamParser(fmt, names, parallel=parallel).feed(text, final=True)
+        for c in run.choices:
+            text, calls = chat.answer(c)
             message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
             if calls:
                 message["tool_calls"] = [call.to_openai() for call in calls]
             message["refusal"] = None
-            reason = p.finish_reason(c.last) if c.last else "stop"
             message_choices.append(
                 {
                     "index": c.index,
                     "message": message,
-                    "logprobs": {"content": self._chat_logprobs(c, 0), "refusal": None} if body.logprobs else None,
-                    "finish_reason": "tool_calls" if calls and reason == "stop" else reason,
+                    "logprobs": {"content": lp.chat_logprobs(self.token_text, c, 0), "refusal": None}
+                    if body.logprobs
+                    else None,
+                    "finish_reason": chat_finish_reason(c.last, bool(calls)),
                 }
             )
         return run.json_response(
@@ -213,7 +250,9 @@ class Completions:
             {
                 "index": c.index,
                 "text": echo.get(c.index, "") + "".join(c.text_parts),
-                "logprobs": self._echo_and_text_logprobs(c, echo.get(c.index)) if body.logprobs is not None else None,
+                "logprobs": lp.echo_and_text_logprobs(self.token_text, c, echo.get(c.index))
+                if body.logprobs is not None
+                else None,
                 "finish_reason": p.finish_reason(c.last) if c.last else "stop",
             }
             for c in choices
@@ -273,7 +312,7 @@ class Completions:
         async for c, output in run.outputs():
             logprobs = None
             if c.params.logprobs is not None:
-                logprobs = {"content": self._chat_logprobs(c, c.logprobs_sent), "refusal": None}
+                logprobs = {"content": lp.chat_logprobs(self.token_text, c, c.logprobs_sent), "refusal": None}
                 c.logprobs_sent = len(output.token_ids)
             reason = p.finish_reason(output)
             content, calls, parser = output.new_text, list[tools.ToolCall](), parsers.get(c.index)
@@ -290,8 +329,7 @@ class Completions:
                     [{"index": c.index, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}]
                 )
             if reason is not None:
-                if parser is not None and parser.calls and reason == "stop":
-                    reason = "tool_calls"
+                reason = chat_finish_reason(output, bool(parser and parser.calls))
                 yield chunk(
                     [{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}],
                     timing=p.timing(output),
@@ -312,12 +350,12 @@ class Completions:
             entry = None
             if logprobs:
                 if c.index in echo and c.logprobs_sent == 0:
-                    echo_entry = self._echo_logprobs(c)
+                    echo_entry = lp.echo_logprobs(self.token_text, c)
                     yield chunk(
                         [{"index": c.index, "text": echo[c.index], "logprobs": echo_entry, "finish_reason": None}]
                     )
                 offset = len(echo.get(c.index, "")) + len("".join(c.text_parts[:-1]))
-                entry = self._text_logprobs(c, c.logprobs_sent, offset)
+                entry = lp.text_logprobs(self.token_text, c, c.logprobs_sent, offset)
                 c.logprobs_sent = len(output.token_ids)
             reason = p.finish_reason(output)
             if output.new_text or entry or reason:
@@ -327,53 +365,3 @@ class Completions:
                 )
         if include_usage:
             yield chunk([], usage=run.usage(), timing=run.timing())
-
-    # -- logprobs in OpenAI's two shapes ---------------------------------------------------------
-    def _chat_logprobs(self, c: Choice, start: int) -> list[dict[str, Any]]:
-        assert c.last is not None
-        entries = []
-        for token_id, lp in zip(c.last.token_ids[start:], (c.last.logprobs or [])[start:]):
-            text = self.token_text(token_id)
-            entries.append(
-                {
-                    "token": text,
-                    "logprob": lp.logprob,
-                    "bytes": list(text.encode()),
-                    "top_logprobs": [
-                        {"token": self.token_text(t), "logprob": v, "bytes": list(self.token_text(t).encode())}
-                        for t, v in lp.top
-                    ],
-                }
-            )
-        return entries
-
-    def _echo_logprobs(self, c: Choice) -> dict[str, Any]:
-        """The echoed prompt's tokens; the first has no logprob (nothing precedes it), as in OpenAI's API."""
-        assert c.last is not None and c.last.prompt_logprobs is not None
-        tokens = [self.token_text(t) for t in c.prompt_ids]
-        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-        return {
-            "tokens": tokens,
-            "token_logprobs": [None] + [lp.logprob for lp in c.last.prompt_logprobs],
-            "top_logprobs": [None] + [{self.token_text(t): v for t, v in lp.top} for lp in c.last.prompt_logprobs],
-            "text_offset": offsets,
-        }
-
-    def _echo_and_text_logprobs(self, c: Choice, echo: str | None) -> dict[str, Any]:
-        completion = self._text_logprobs(c, 0, len(echo or ""))
-        if echo is None:
-            return completion
-        prompt = self._echo_logprobs(c)
-        return {key: prompt[key] + completion[key] for key in completion}
-
-    def _text_logprobs(self, c: Choice, start: int, offset: int) -> dict[str, Any]:
-        assert c.last is not None
-        tokens, token_logprobs, top, offsets = [], [], [], []
-        for token_id, lp in zip(c.last.token_ids[start:], (c.last.logprobs or [])[start:]):
-            text = self.token_text(token_id)
-            tokens.append(text)
-            token_logprobs.append(lp.logprob)
-            top.append({self.token_text(t): v for t, v in lp.top})
-            offsets.append(offset)
-            offset += len(text)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}

@@ -336,7 +336,7 @@ def test_request_timeout(tiny_llama) -> None:
 def test_api_keys(tiny_llama) -> None:
     with serve(engine_loader(str(tiny_llama)), served_model_name=(MODEL,), api_key=("k1", "k2")) as s:
         assert httpx.get(f"{s.base_url}/health").status_code == 200
-        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "k1"}):
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "k1"}, {"x-api-key": "k3"}):
             response = httpx.get(f"{s.base_url}/v1/models", headers=headers)
             assert response.status_code == 401
             validate(response.json(), "ErrorResponse")
@@ -346,6 +346,8 @@ def test_api_keys(tiny_llama) -> None:
             assert client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2).choices  # type: ignore
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{s.base_url}/v1", api_key="bad", max_retries=0).models.list()
+        # Anthropic's clients send x-api-key
+        assert httpx.get(f"{s.base_url}/v1/models", headers={"x-api-key": "k2"}).status_code == 200
 
 
 def test_health_is_503_while_loading(tiny_llama) -> None:

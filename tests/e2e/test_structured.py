@@ -254,3 +254,12 @@ def test_pytorch_sampler_masks_like_the_c_sampler(engine: LLMEngine) -> None:
     finally:
         sampler.kernel = kernel
     assert re.fullmatch(r"[A-Z][a-z]+, [0-9]{2}", out.text), out.text
+
+
+def test_min_tokens_past_a_complete_grammar_stops_cleanly(engine: LLMEngine) -> None:
+    """min_tokens holds back the end of sequence, but the grammar allows nothing else once complete:
+    the answer ends at the grammar's end, not in an error (found by the API fuzzer)."""
+    for choices in ('["yes", "no"]', '[""]'):
+        params = SamplingParams(max_tokens=10, min_tokens=5, structured=StructuredOutput("choice", choices))
+        out = run(engine, "Is the sky blue?", params)
+        assert out.finish_reason == FinishReason.STOP and out.text in json.loads(choices), out.text
