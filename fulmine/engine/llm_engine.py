@@ -19,7 +19,7 @@ from fulmine.engine.detokenizer import IncrementalDetokenizer
 from fulmine.engine.model_runner import ModelRunner
 from fulmine.engine.outputs import ModelRunnerOutput, RequestMetrics, RequestOutput, SchedulerOutput
 from fulmine.engine.scheduler import Scheduler, draft_room
-from fulmine.engine.step import StepBatch
+from fulmine.engine.step import SequenceStep, StepBatch
 from fulmine.kv_cache import KVCacheManager
 from fulmine.kv_cache.sizing import fit_max_model_len, kv_cache_blocks, kv_cache_bytes_per_token
 from fulmine.layers.linear import Embedding, Linear
@@ -140,6 +140,33 @@ class LLMEngine:
                 raise ConfigError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})", name)
         if params.structured is not None:
             self.grammars.check(params.structured)  # compiled once per distinct constraint (cached)
+
+    def embed(self, prompt_ids: list[int], pooling: str = "mean", normalize: bool = True) -> list[float]:
+        """One embedding of a prompt: its final hidden states pooled (the mean over its tokens, or the
+        last token's), L2-normalized. Runs now, in chunks, on KV blocks borrowed for the call (not
+        shared with the prefix cache); call it between steps."""
+        if pooling not in ("mean", "last"):
+            raise ConfigError(f"pooling {pooling!r}: mean or last", "pooling")
+        self.check_request(prompt_ids, SamplingParams(max_tokens=1))
+        request_id = f"embed-{next(self._ids)}"
+        if not self.kv_cache.can_allocate(request_id, len(prompt_ids)):
+            raise ConfigError("the KV cache is full: retry shortly")
+        table = self.kv_cache.allocate(request_id, len(prompt_ids))
+        chunk = max(self.scheduler.max_num_batched_tokens, self.config.block_size)
+        total: torch.Tensor | None = None
+        try:
+            for start in range(0, len(prompt_ids), chunk):
+                ids = prompt_ids[start : start + chunk]
+                step = SequenceStep(request_id, ids, start, table, 0, False, SamplingParams(), prompt_ids, [])
+                hidden = self.runner.hidden_states(StepBatch([step]))
+                total = hidden[-1] if pooling == "last" else hidden.sum(0) + (0 if total is None else total)
+        finally:
+            self.kv_cache.free(request_id)
+        assert total is not None
+        vector = total if pooling == "last" else total / len(prompt_ids)
+        if normalize:
+            vector = vector / vector.norm().clamp(min=1e-12)
+        return vector.tolist()
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.finish_request(request_id, FinishReason.ABORT)

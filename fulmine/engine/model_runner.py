@@ -70,6 +70,12 @@ class ModelRunner:
             output.logprobs = _pack_logprobs(seqs, result)
         return output
 
+    @torch.inference_mode()
+    def hidden_states(self, batch: StepBatch) -> torch.Tensor:
+        """[num_tokens, hidden] final (normed) hidden states of the batch's tokens, nothing sampled."""
+        executor = next(e for e in self.executors if e.accepts(batch))
+        return executor.forward(batch).float()
+
     def _sampling(self, batch: StepBatch, seqs: list[SequenceStep]) -> SamplingBatch:
         """Per sampled row (a sequence's last real token, then one per draft): how to sample it."""
         draw_indices: list[int] = []  # per row: the index of the output token it draws

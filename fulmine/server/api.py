@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fulmine.config import ServerConfig
 from fulmine.engine.llm_engine import LLMEngine
-from fulmine.server import messages
+from fulmine.server import embeddings, messages
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import EngineDead
 from fulmine.server.lifecycle import ServerState
@@ -196,6 +196,10 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         return await state.ready().completions(body, request)
+
+    @app.post("/v1/embeddings")
+    async def create_embeddings(body: embeddings.EmbeddingRequest) -> Any:
+        return await embeddings.create(state.ready(), body)
 
     @app.post("/v1/messages")
     async def anthropic_messages(body: messages.MessagesRequest, request: Request) -> Any:

@@ -92,6 +92,35 @@ class AsyncEngine:
             if not finished:
                 self._submit(lambda: self._abort(request_id))
 
+    async def embed(self, prompt_ids: list[int], pooling: str, normalize: bool) -> list[float]:
+        """An embedding computed on the engine thread between two steps (see LLMEngine.embed)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[float]] = loop.create_future()
+
+        def settle(result: list[float] | None, error: BaseException | None) -> None:
+            if done.cancelled():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result or [])
+
+        def command() -> None:
+            try:
+                vector = self.engine.embed(prompt_ids, pooling, normalize)
+            except Exception as error:  # a bad input or a full cache: this call's error, not the engine's
+                loop.call_soon_threadsafe(settle, None, error)
+                return
+            loop.call_soon_threadsafe(settle, vector, None)
+
+        with self._pending_lock:
+            if self.error is not None:
+                raise EngineDead(str(self.error))
+            if self._closed is not None:
+                raise self._closed
+        self._submit(command)
+        return await done
+
     def _submit(self, command: Callable[[], None]) -> None:
         self._commands.put(command)
         self._wakeup.set()

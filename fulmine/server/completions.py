@@ -97,7 +97,8 @@ class Completions:
                 status=404,
             )
 
-    async def _encode(self, prompt: Any, param: str, tool_list: list[dict[str, Any]] | None = None) -> list[int]:
+    async def encode(self, prompt: Any, param: str, tool_list: list[dict[str, Any]] | None = None) -> list[int]:
+        """A prompt's token ids, tokenized off the event loop; 400 if it cannot fit the context."""
         if isinstance(prompt, str):
             too_long = len(prompt) > self.max_prompt_chars
         elif prompt and isinstance(prompt[0], dict):
@@ -188,7 +189,7 @@ class Completions:
         body.check_supported()
         tool_list, fmt = tools.checked_tools(body), self.tool_format
         messages = tools.render_messages([m.as_dict(i) for i, m in enumerate(body.messages)], tool_list, fmt)
-        prompt_ids = await self._encode(messages, "messages", tool_list if fmt != "generic" else None)
+        prompt_ids = await self.encode(messages, "messages", tool_list if fmt != "generic" else None)
         max_tokens = body.max_completion_tokens or body.max_tokens
         parallel = body.parallel_tool_calls is not False
         choice = body.tool_choice_value()
@@ -235,7 +236,7 @@ class Completions:
         p.check_unicode(body.model_dump(exclude_none=True))
         self.check_model(body.model)
         body.check_supported()
-        prompts = [await self._encode(prompt, "prompt") for prompt in body.prompts()]
+        prompts = [await self.encode(prompt, "prompt") for prompt in body.prompts()]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default here
         await self._check_structured(body)
         choices = self._make_choices(body, prompts, max_tokens, body.logprobs)
