@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fulmine.config import ServerConfig
 from fulmine.engine.llm_engine import LLMEngine
-from fulmine.server import embeddings, messages
+from fulmine.server import embeddings, messages, responses
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import EngineDead
 from fulmine.server.lifecycle import ServerState
@@ -200,6 +200,12 @@ def create_app(
     @app.post("/v1/embeddings")
     async def create_embeddings(body: embeddings.EmbeddingRequest) -> Any:
         return await embeddings.create(state.ready(), body)
+
+    responses_api = responses.Responses()
+
+    @app.post("/v1/responses")
+    async def create_response(body: responses.ResponsesRequest, request: Request) -> Any:
+        return await responses_api.create(state.ready(), body, request)
 
     @app.post("/v1/messages")
     async def anthropic_messages(body: messages.MessagesRequest, request: Request) -> Any:

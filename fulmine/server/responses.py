@@ -1,0 +1,417 @@
+"""POST /v1/responses: OpenAI's Responses API, so the OpenAI Agents SDK and Codex-style clients work.
+A thin adapter over a chat run: `instructions` and `input` items (messages, function calls and their
+outputs) become chat messages, function tools become tools, `text.format` a response_format; the
+answer comes back as output items (a message with output_text, function_call items), whole or as
+the API's stream events. `previous_response_id` continues a conversation from a bounded in-memory
+store; once a response has been evicted, naming it is a clear 400.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from fulmine.server import protocol as p
+from fulmine.server.completions import ChatRun, Completions, chat_finish_reason
+from fulmine.server.run import Choice
+from fulmine.server.tools import ToolCall
+
+STORE_SIZE = 1024  # responses kept for previous_response_id
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    user: str | None = None
+    truncation: str | None = None
+    include: list[str] | None = None
+    reasoning: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    service_tier: str | None = None
+    stream_options: dict[str, Any] | None = None
+    top_logprobs: int | None = None
+
+
+class ResponseStore:
+    """The conversations of recent responses (chat messages, the answer included), newest kept."""
+
+    def __init__(self, size: int = STORE_SIZE) -> None:
+        self.size, self._items, self._lock = size, OrderedDict[str, list[dict[str, Any]]](), threading.Lock()
+
+    def get(self, response_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            if response_id not in self._items:
+                raise p.RequestError(
+                    f"previous_response_id {response_id!r} is unknown or was evicted (the last {self.size} "
+                    "responses are kept): send the conversation as input instead",
+                    "previous_response_id",
+                    "previous_response_not_found",
+                )
+            return list(self._items[response_id])
+
+    def put(self, response_id: str, messages: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._items[response_id] = messages
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise p.RequestError(f"{where} is a string or a list of content parts", where)
+    pieces = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            raise p.RequestError(f"{where}[{i}]: only text parts are supported (got {kind!r})", where)
+        pieces.append(part["text"])
+    return "".join(pieces)
+
+
+def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input items as chat messages (consecutive function calls join one assistant turn)."""
+    if isinstance(body.input, str):
+        return [{"role": "user", "content": body.input}]
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(body.input):
+        kind, where = item.get("type", "message"), f"input[{i}]"
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise p.RequestError("a message's role is user, assistant, system or developer", f"{where}.role")
+            messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            if not isinstance(item.get("name"), str) or not isinstance(item.get("call_id"), str):
+                raise p.RequestError("a function_call item has call_id, name and arguments", where)
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": str(item.get("arguments", "{}"))},
+            }
+            if messages and messages[-1]["role"] == "assistant" and "tool_calls" in messages[-1]:
+                messages[-1]["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise p.RequestError("a function_call_output item has call_id and output", where)
+            output = item.get("output", "")
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item["call_id"],
+                    "content": output if isinstance(output, str) else json.dumps(output),
+                }
+            )
+        elif kind == "reasoning":
+            continue  # a reasoning model's summary from another server: nothing this model reads
+        else:
+            raise p.RequestError(f"{where}: unsupported input item type {kind!r}", where)
+    return messages
+
+
+def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> p.ChatCompletionRequest:
+    if body.reasoning and body.reasoning.get("effort") not in (None, "none", "minimal"):
+        raise p.RequestError("reasoning is not supported by this model", "reasoning")
+    messages = (
+        ([{"role": "system", "content": body.instructions}] if body.instructions else [])
+        + history
+        + input_messages(body)
+    )
+    tools = None
+    if body.tools:
+        tools = []
+        for i, tool in enumerate(body.tools):
+            if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+                raise p.RequestError(f"only function tools are supported (got {tool.get('type')!r})", f"tools[{i}]")
+            function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
+            tools.append({"type": "function", "function": function})
+    tool_choice: Any = body.tool_choice
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        tool_choice = {"type": "function", "function": {"name": tool_choice.get("name")}}
+    fmt = (body.text or {}).get("format")
+    response_format = None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {
+                "name": fmt.get("name", "output"),
+                "schema": fmt.get("schema", {}),
+                "strict": fmt.get("strict"),
+            },
+        }
+    elif isinstance(fmt, dict) and fmt.get("type") in ("json_object", "text"):
+        response_format = {"type": fmt["type"]}
+    elif fmt is not None:
+        raise p.RequestError("text.format type is text, json_object or json_schema", "text.format")
+    fields = {
+        "model": body.model,
+        "messages": messages,
+        "max_tokens": body.max_output_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "stream": body.stream,
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "response_format": response_format,
+    }
+    try:
+        return p.ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValueError as error:
+        raise p.RequestError(f"invalid request: {error}".splitlines()[0], None) from None
+
+
+def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": [part]}
+
+
+def _call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": "fc_" + secrets.token_hex(12),
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": call.arguments,
+        "status": status,
+    }
+
+
+class Responses:
+    """The endpoint: chat runs through `completions`, conversations kept in a store."""
+
+    def __init__(self) -> None:
+        self.store = ResponseStore()
+
+    async def create(self, completions: Completions, body: ResponsesRequest, request: Request) -> Any:
+        history = self.store.get(body.previous_response_id) if body.previous_response_id else []
+        chat_body = to_chat(body, history)
+        chat = await completions.start_chat(chat_body, request, id_prefix="resp")
+        conversation = [m.as_dict(i) for i, m in enumerate(chat_body.messages) if not (i == 0 and body.instructions)]
+        if body.stream:
+            return StreamingResponse(
+                _sse(self._events(chat, body, conversation)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        await chat.run.collect()
+        c = chat.run.choices[0]
+        content, calls = chat.answer(c)
+        output = ([_message_item("msg_" + secrets.token_hex(12), content)] if content or not calls else []) + [
+            _call_item(call) for call in calls
+        ]
+        response = self._response(chat, body, c, output, calls)
+        self._remember(response, conversation, content, calls, body)
+        return JSONResponse(response)
+
+    def _response(
+        self,
+        chat: ChatRun,
+        body: ResponsesRequest,
+        c: Choice | None,
+        output: list[dict[str, Any]],
+        calls: list[ToolCall],
+        status: str | None = None,
+    ) -> dict[str, Any]:
+        reason = chat_finish_reason(c.last, bool(calls)) if c is not None and c.last is not None else None
+        if status is None:
+            status = "incomplete" if reason == "length" else "completed"
+        usage = None
+        if c is not None and c.last is not None:
+            cached, out = c.last.num_cached_tokens, len(c.last.token_ids)
+            usage = {
+                "input_tokens": len(c.prompt_ids),
+                "input_tokens_details": {"cached_tokens": cached},
+                "output_tokens": out,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": len(c.prompt_ids) + out,
+            }
+        return {
+            "id": chat.run.id,
+            "object": "response",
+            "created_at": chat.run.created,
+            "status": status,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "model": body.model,
+            "output": output,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": body.previous_response_id,
+            "reasoning": {"effort": None, "summary": None},
+            "store": body.store is not False,
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "text": body.text or {"format": {"type": "text"}},
+            "tool_choice": body.tool_choice or "auto",
+            "tools": body.tools or [],
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "truncation": body.truncation or "disabled",
+            "usage": usage,
+            "user": body.user,
+            "metadata": body.metadata or {},
+        }
+
+    def _remember(
+        self,
+        response: dict[str, Any],
+        conversation: list[dict[str, Any]],
+        content: str,
+        calls: list[ToolCall],
+        body: ResponsesRequest,
+    ) -> None:
+        if body.store is False:
+            return
+        answer: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            answer["tool_calls"] = [call.to_openai() for call in calls]
+        self.store.put(response["id"], [*conversation, answer])
+
+    async def _events(
+        self, chat: ChatRun, body: ResponsesRequest, conversation: list[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The Responses stream: created, in_progress, per output item added / deltas / done, completed."""
+        run = chat.run
+        c = run.choices[0]
+        yield {"type": "response.created", "response": self._response(chat, body, None, [], [], "in_progress")}
+        yield {"type": "response.in_progress", "response": self._response(chat, body, None, [], [], "in_progress")}
+        parser = chat.parsers().get(c.index)
+        output: list[dict[str, Any]] = []
+        open_id, open_text, full_text = None, "", ""  # the message item being streamed, if any
+        all_calls: list[ToolCall] = []
+        async for _, out in run.outputs():
+            final = p.finish_reason(out) is not None
+            content, calls = out.new_text, list[ToolCall]()
+            if parser is not None:
+                content, calls = parser.feed(out.new_text, final=final)
+            if content:
+                if open_id is None:
+                    open_id, open_text = "msg_" + secrets.token_hex(12), ""
+                    output.append(_message_item(open_id, "", "in_progress"))
+                    yield {"type": "response.output_item.added", "output_index": len(output) - 1, "item": output[-1]}
+                    part = {"type": "output_text", "text": "", "annotations": []}
+                    yield {
+                        "type": "response.content_part.added",
+                        "item_id": open_id,
+                        "output_index": len(output) - 1,
+                        "content_index": 0,
+                        "part": part,
+                    }
+                open_text += content
+                full_text += content
+                yield {
+                    "type": "response.output_text.delta",
+                    "item_id": open_id,
+                    "output_index": len(output) - 1,
+                    "content_index": 0,
+                    "delta": content,
+                    "logprobs": [],
+                }
+            if (calls or final) and open_id is not None:
+                for event in _close_message(output, open_id, open_text):
+                    yield event
+                open_id = None
+            for call in calls:
+                item = _call_item(call, "in_progress")
+                output.append(item)
+                index = len(output) - 1
+                yield {"type": "response.output_item.added", "output_index": index, "item": {**item, "arguments": ""}}
+                yield {
+                    "type": "response.function_call_arguments.delta",
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "delta": call.arguments,
+                }
+                yield {
+                    "type": "response.function_call_arguments.done",
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "arguments": call.arguments,
+                }
+                item["status"] = "completed"
+                yield {"type": "response.output_item.done", "output_index": index, "item": item}
+                all_calls.append(call)
+        if not output:  # an empty answer is still one (empty) message
+            output.append(_message_item("msg_" + secrets.token_hex(12), ""))
+        response = self._response(chat, body, c, output, all_calls)
+        self._remember(response, conversation, full_text, all_calls, body)
+        yield {
+            "type": "response.incomplete" if response["status"] == "incomplete" else "response.completed",
+            "response": response,
+        }
+
+
+def _close_message(output: list[dict[str, Any]], message_id: str, text: str) -> list[dict[str, Any]]:
+    index = len(output) - 1
+    output[index] = _message_item(message_id, text)
+    part = output[index]["content"][0]
+    return [
+        {
+            "type": "response.output_text.done",
+            "item_id": message_id,
+            "output_index": index,
+            "content_index": 0,
+            "text": text,
+            "logprobs": [],
+        },
+        {
+            "type": "response.content_part.done",
+            "item_id": message_id,
+            "output_index": index,
+            "content_index": 0,
+            "part": part,
+        },
+        {"type": "response.output_item.done", "output_index": index, "item": output[index]},
+    ]
+
+
+async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    sequence = 0
+    try:
+        async for event in events:
+            event["sequence_number"] = sequence
+            sequence += 1
+            yield f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+    except p.RequestError as error:
+        body = {
+            "type": "error",
+            "code": error.code,
+            "message": error.message,
+            "param": error.param,
+            "sequence_number": sequence,
+        }
+        yield f"event: error\ndata: {json.dumps(body)}\n\n"
+    except Exception as error:  # noqa: BLE001 (the engine failed mid-stream: say so, do not hang the client)
+        body = {
+            "type": "error",
+            "code": "server_error",
+            "message": f"internal error: {error}",
+            "param": None,
+            "sequence_number": sequence,
+        }
+        yield f"event: error\ndata: {json.dumps(body)}\n\n"
