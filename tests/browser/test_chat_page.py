@@ -3,6 +3,7 @@ real server on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -224,3 +225,24 @@ def test_busy_server_is_a_readable_429(browser, tiny_llama) -> None:
         )
         assert page.locator("#error").is_hidden()
         page.close()
+
+
+def test_json_mode_answers_with_a_json_object(page, server: RunningServer) -> None:
+    sent: list[dict] = []
+    page.on(
+        "request",
+        lambda request: (
+            sent.append(json.loads(request.post_data)) if request.url.endswith("/v1/chat/completions") else None
+        ),
+    )
+    set_setting(page, "temperature", "0")
+    set_setting(page, "max-tokens", "60")
+    page.check("#json-mode")
+    page.dispatch_event("#json-mode", "change")
+    ask(page, "Describe a cat.")
+    page.locator("#send").wait_for(state="visible", timeout=60000)
+    assert sent and sent[-1]["response_format"] == {"type": "json_object"}
+    answer = page.locator(".message.assistant .content").last.text_content() or ""
+    assert answer.lstrip().startswith("{"), answer
+    page.reload()  # the setting is kept
+    assert page.is_checked("#json-mode")

@@ -3,15 +3,19 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { history: [], controller: null, streaming: false };
-const settingsKeys = ["system", "temperature", "top-p", "max-tokens", "seed", "api-key"];
+const settingsKeys = ["system", "temperature", "top-p", "max-tokens", "seed", "api-key", "json-mode"];
 
+// a checkbox keeps "true" / "false", the other settings their text
+function settingValue(el) { return el.type === "checkbox" ? String(el.checked) : el.value; }
 function saveSettings() {
-  for (const key of settingsKeys) localStorage.setItem(`fulmine.${key}`, $(key).value);
+  for (const key of settingsKeys) localStorage.setItem(`fulmine.${key}`, settingValue($(key)));
 }
 function loadSettings() {
   for (const key of settingsKeys) {
     const value = localStorage.getItem(`fulmine.${key}`);
-    if (value !== null) $(key).value = value;
+    if (value === null) continue;
+    if ($(key).type === "checkbox") $(key).checked = value === "true";
+    else $(key).value = value;
   }
 }
 
@@ -118,6 +122,7 @@ function requestBody(messages) {
   };
   if ($("max-tokens").value.trim() !== "") body.max_tokens = Number($("max-tokens").value);
   if ($("seed").value.trim() !== "") body.seed = Number($("seed").value);
+  if ($("json-mode").checked) body.response_format = { type: "json_object" };  // any JSON object, by grammar
   return body;
 }
 
