@@ -298,8 +298,8 @@ class Responses:
         """The Responses stream: created, in_progress, per output item added / deltas / done, completed."""
         run = chat.run
         c = run.choices[0]
-        yield {"type": "response.created", "response": self._response(chat, body, None, [], [], "in_progress")}
-        yield {"type": "response.in_progress", "response": self._response(chat, body, None, [], [], "in_progress")}
+        for kind in ("created", "in_progress"):
+            yield _event(kind, response=self._response(chat, body, None, [], [], "in_progress"))
         parser = chat.parsers().get(c.index)
         output: list[dict[str, Any]] = []
         open_id, open_text, full_text = None, "", ""  # the message item being streamed, if any
@@ -313,25 +313,12 @@ class Responses:
                 if open_id is None:
                     open_id, open_text = "msg_" + secrets.token_hex(12), ""
                     output.append(_message_item(open_id, "", "in_progress"))
-                    yield {"type": "response.output_item.added", "output_index": len(output) - 1, "item": output[-1]}
+                    yield _event("output_item.added", output_index=len(output) - 1, item=output[-1])
                     part = {"type": "output_text", "text": "", "annotations": []}
-                    yield {
-                        "type": "response.content_part.added",
-                        "item_id": open_id,
-                        "output_index": len(output) - 1,
-                        "content_index": 0,
-                        "part": part,
-                    }
+                    yield _event("content_part.added", **_at(open_id, len(output) - 1), part=part)
                 open_text += content
                 full_text += content
-                yield {
-                    "type": "response.output_text.delta",
-                    "item_id": open_id,
-                    "output_index": len(output) - 1,
-                    "content_index": 0,
-                    "delta": content,
-                    "logprobs": [],
-                }
+                yield _event("output_text.delta", **_at(open_id, len(output) - 1), delta=content, logprobs=[])
             if (calls or final) and open_id is not None:
                 for event in _close_message(output, open_id, open_text):
                     yield event
@@ -339,54 +326,36 @@ class Responses:
             for call in calls:
                 item = _call_item(call, "in_progress")
                 output.append(item)
-                index = len(output) - 1
-                yield {"type": "response.output_item.added", "output_index": index, "item": {**item, "arguments": ""}}
-                yield {
-                    "type": "response.function_call_arguments.delta",
-                    "item_id": item["id"],
-                    "output_index": index,
-                    "delta": call.arguments,
-                }
-                yield {
-                    "type": "response.function_call_arguments.done",
-                    "item_id": item["id"],
-                    "output_index": index,
-                    "arguments": call.arguments,
-                }
+                where = {"item_id": item["id"], "output_index": len(output) - 1}
+                yield _event("output_item.added", output_index=len(output) - 1, item={**item, "arguments": ""})
+                yield _event("function_call_arguments.delta", **where, delta=call.arguments)
+                yield _event("function_call_arguments.done", **where, arguments=call.arguments)
                 item["status"] = "completed"
-                yield {"type": "response.output_item.done", "output_index": index, "item": item}
+                yield _event("output_item.done", output_index=len(output) - 1, item=item)
                 all_calls.append(call)
         if not output:  # an empty answer is still one (empty) message
             output.append(_message_item("msg_" + secrets.token_hex(12), ""))
         response = self._response(chat, body, c, output, all_calls)
         self._remember(response, conversation, full_text, all_calls, body)
-        yield {
-            "type": "response.incomplete" if response["status"] == "incomplete" else "response.completed",
-            "response": response,
-        }
+        yield _event("incomplete" if response["status"] == "incomplete" else "completed", response=response)
+
+
+def _event(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"type": f"response.{kind}", **fields}
+
+
+def _at(item_id: str, output_index: int) -> dict[str, Any]:
+    """Where a text event belongs: the message item, its place in the output, its one content part."""
+    return {"item_id": item_id, "output_index": output_index, "content_index": 0}
 
 
 def _close_message(output: list[dict[str, Any]], message_id: str, text: str) -> list[dict[str, Any]]:
     index = len(output) - 1
     output[index] = _message_item(message_id, text)
-    part = output[index]["content"][0]
     return [
-        {
-            "type": "response.output_text.done",
-            "item_id": message_id,
-            "output_index": index,
-            "content_index": 0,
-            "text": text,
-            "logprobs": [],
-        },
-        {
-            "type": "response.content_part.done",
-            "item_id": message_id,
-            "output_index": index,
-            "content_index": 0,
-            "part": part,
-        },
-        {"type": "response.output_item.done", "output_index": index, "item": output[index]},
+        _event("output_text.done", **_at(message_id, index), text=text, logprobs=[]),
+        _event("content_part.done", **_at(message_id, index), part=output[index]["content"][0]),
+        _event("output_item.done", output_index=index, item=output[index]),
     ]
 
 

@@ -20,13 +20,12 @@ from agents import (  # noqa: E402
 )
 from openai import AsyncOpenAI  # noqa: E402
 
-from tests.e2e.server import engine_loader, serve  # noqa: E402
 
 set_tracing_disabled(True)  # no export of traces to OpenAI
 
 
 @pytest.mark.parametrize("model_class", [OpenAIResponsesModel, OpenAIChatCompletionsModel])
-def test_agent_calls_a_tool_and_answers(model_class) -> None:
+def test_agent_calls_a_tool_and_answers(model_class, server) -> None:
     cities: list[str] = []
 
     @function_tool
@@ -61,7 +60,6 @@ def test_agent_calls_a_tool_and_answers(model_class) -> None:
             pass
         return called.final_output, said.final_output, streamed.final_output
 
-    with serve(engine_loader(None), served_model_name=("m",)) as server:
-        called, said, streamed = asyncio.run(scenario(server.base_url))
+    called, said, streamed = asyncio.run(scenario(server.base_url))  # the conftest's server
     assert len(cities) == 1 and called == f"sunny in {cities[0]}"
     assert isinstance(said, str) and said and streamed == said

@@ -10,9 +10,9 @@ import jsonschema
 import openai
 import pytest
 
-from tests.e2e.server import RunningServer, engine_loader, serve
+from tests.e2e.conftest import EMBEDDED_NAME
 
-MODEL = "m"
+MODEL = EMBEDDED_NAME  # the conftest's server: the embedded model
 WEATHER = {
     "type": "object",
     "properties": {"city": {"type": "string"}},
@@ -28,17 +28,6 @@ TOOLS = [
         "strict": True,
     }
 ]
-
-
-@pytest.fixture(scope="module")
-def server() -> RunningServer:
-    with serve(engine_loader(None), served_model_name=(MODEL,)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
 
 
 def test_text_streamed_equals_plain_and_continues(client: openai.OpenAI) -> None:

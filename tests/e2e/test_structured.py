@@ -17,10 +17,11 @@ from fulmine import SamplingParams
 from fulmine.config import ConfigError
 from fulmine.engine.llm_engine import LLMEngine
 from fulmine.request import FinishReason, StructuredOutput
+from tests.e2e.conftest import EMBEDDED_NAME
 from tests.e2e.openai_schemas import validate
-from tests.e2e.server import RunningServer, engine_loader, serve
+from tests.e2e.server import RunningServer
 
-MODEL = "smollm2"
+MODEL = EMBEDDED_NAME  # the conftest's server: the embedded model
 ASK = [{"role": "user", "content": "Describe a fictional person as JSON."}]
 
 SCHEMAS = {
@@ -163,15 +164,6 @@ def test_constrained_and_free_requests_share_a_batch(engine: LLMEngine) -> None:
 
 
 # -- the server, the openai client ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server() -> RunningServer:
-    with serve(engine_loader(None), served_model_name=(MODEL,)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
 
 
 class Person(pydantic.BaseModel):

@@ -11,10 +11,11 @@ import jsonschema
 import openai
 import pytest
 
+from tests.e2e.conftest import EMBEDDED_NAME
 from tests.e2e.openai_schemas import validate
 from tests.e2e.server import RunningServer, engine_loader, serve
 
-MODEL = "m"
+MODEL = EMBEDDED_NAME  # the conftest's server: the embedded model
 WEATHER = {
     "type": "object",
     "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -93,17 +94,6 @@ def exchange(server: RunningServer, client: openai.OpenAI) -> None:
     ]
     after = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, temperature=0, max_tokens=30)
     assert after.choices[0].finish_reason in ("stop", "length", "tool_calls")
-
-
-@pytest.fixture(scope="module")
-def server() -> RunningServer:
-    with serve(engine_loader(None), served_model_name=(MODEL,)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
 
 
 def test_forced_calls_parse_validate_and_stream_alike(server: RunningServer, client: openai.OpenAI) -> None:
