@@ -20,7 +20,6 @@ from agents import (  # noqa: E402
 )
 from openai import AsyncOpenAI  # noqa: E402
 
-
 set_tracing_disabled(True)  # no export of traces to OpenAI
 
 
