@@ -120,6 +120,11 @@ class EngineConfig:
     )
     draft_model: str | None = _opt(None, "smaller model sharing the tokenizer, for --speculative draft")
     num_speculative_tokens: int = _opt(4, "most tokens drafted per step when speculating")
+    grammar_fast_forward: bool = _opt(
+        True,
+        "tokens a structured output's grammar forces are fed as drafts and verified in one forward "
+        "(the same tokens, fewer steps); off samples them one step each",
+    )
     num_threads: int | None = _opt(None, "torch intra-op threads on CPU (default: all cores)")
     seed: int = _opt(0, "seed for requests that do not bring their own")
 

@@ -57,7 +57,7 @@ class ModelRunner:
         sample_index = torch.tensor([i for _, i in rows], dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[sample_index])
         sampling = self._sampling(batch, seqs)
-        if batch.token_masks is not None:  # constrained rows: one per sequence (they never draft)
+        if batch.token_masks is not None:  # constrained rows: a sequence's rows are consecutive
             sampling.token_masks, sampling.row_ids = batch.token_masks, [s.request_id for s in seqs]
         result = self.sampler(logits, sampling, self._draft_ids(batch, seqs))
         token_ids = result.token_ids.tolist()  # the step's device-to-host copy

@@ -120,39 +120,61 @@ class Grammars:
 
 
 class TokenMasks:
-    """The allowed tokens of a step's constrained rows: one bitmask row per matcher, filled on a worker
-    thread (started by `fill`) while the forward runs; `apply` waits for it."""
+    """The allowed tokens of a step's constrained rows, filled on a worker thread (started here) while
+    the forward runs; the sampler waits for them. A sequence verifying drafts (tokens its grammar
+    forces, fed ahead: fast-forward) has a row per draft and one after them: each row's mask is the
+    grammar's state after the drafts before it (the matcher walks the drafts, then rolls back; what
+    is accepted is consumed after the step)."""
 
     _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulmine-masks")
 
-    def __init__(self, matchers: dict[str, Any], vocab_size: int) -> None:
-        self.rows = {request_id: row for row, request_id in enumerate(matchers)}
+    def __init__(self, matchers: dict[str, tuple[Any, list[int]]], vocab_size: int) -> None:
+        self.rows: dict[str, int] = {}  # request id -> its first row
+        num_rows = 0
+        for request_id, (_, drafts) in matchers.items():
+            self.rows[request_id] = num_rows
+            num_rows += len(drafts) + 1
         self.vocab_size = vocab_size
-        self.bits = torch.zeros(len(matchers), (vocab_size + 31) // 32, dtype=torch.int32)
+        self.bits = torch.zeros(num_rows, (vocab_size + 31) // 32, dtype=torch.int32)
         self.seconds = 0.0  # time spent computing the masks (on the worker thread)
         self._future: Future[None] = self._pool.submit(self._fill, list(matchers.values()))
 
-    def _fill(self, matchers: list[Any]) -> None:
+    def _fill(self, matchers: list[tuple[Any, list[int]]]) -> None:
         import time
 
         started = time.perf_counter()
-        row_bytes = self.bits.shape[1] * 4
-        for row, matcher in enumerate(matchers):
-            matcher.unsafe_compute_mask_ptr(self.bits[row].data_ptr(), row_bytes)
+        row_bytes, row = self.bits.shape[1] * 4, 0
+        for matcher, drafts in matchers:
+            consumed = 0
+            for j in range(len(drafts) + 1):
+                matcher.unsafe_compute_mask_ptr(self.bits[row + j].data_ptr(), row_bytes)
+                if j < len(drafts) and consumed == j and matcher.consume_token(drafts[j]):
+                    consumed += 1  # (a refused draft: the rows after it are discarded by verification)
+            if consumed:
+                matcher.rollback(consumed)
+            row += len(drafts) + 1
         self.seconds = time.perf_counter() - started
 
-    def allowed(self, request_id: str) -> torch.Tensor:
-        """[vocab] bool: the tokens the request's grammar allows next."""
+    def row_indices(self, request_ids: list[str]) -> list[int]:
+        """Each sampled row's mask row (-1: unconstrained); a sequence's rows are consecutive."""
         self._future.result()
-        words = self.bits[self.rows[request_id]].numpy().view(np.uint8)
-        return torch.from_numpy(np.unpackbits(words, bitorder="little")[: self.vocab_size].astype(bool))
+        seen: dict[str, int] = {}
+        out = []
+        for request_id in request_ids:
+            if request_id in self.rows:
+                out.append(self.rows[request_id] + seen.get(request_id, 0))
+                seen[request_id] = seen.get(request_id, 0) + 1
+            else:
+                out.append(-1)
+        return out
 
     def apply(self, logits: torch.Tensor, request_ids: list[str]) -> None:
         """Every disallowed token of a constrained row gets logit -inf (rows in request_ids order)."""
-        for row, request_id in enumerate(request_ids):
-            if request_id in self.rows:
-                allowed = self.allowed(request_id).to(logits.device)
-                logits[row, : self.vocab_size].masked_fill_(~allowed, float("-inf"))
+        for row, mask_row in enumerate(self.row_indices(request_ids)):
+            if mask_row >= 0:
+                words = self.bits[mask_row].numpy().view(np.uint8)
+                allowed = torch.from_numpy(np.unpackbits(words, bitorder="little")[: self.vocab_size].astype(bool))
+                logits[row, : self.vocab_size].masked_fill_(~allowed.to(logits.device), float("-inf"))
                 logits[row, self.vocab_size :] = float("-inf")
 
     def wait(self) -> None:

@@ -309,8 +309,7 @@ def _adjustments(batch: SamplingBatch) -> list[torch.Tensor | None]:
             torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
         ]
     if batch.token_masks is not None:
-        batch.token_masks.wait()
-        rows = [batch.token_masks.rows.get(request_id, -1) for request_id in batch.row_ids]
+        rows = batch.token_masks.row_indices(batch.row_ids)
         adjust[9:] = [torch.tensor(rows, dtype=torch.int32), batch.token_masks.bits]
     return adjust
 

@@ -14,7 +14,7 @@ import pydantic
 import pytest
 
 from fulmine import SamplingParams
-from fulmine.config import ConfigError
+from fulmine.config import ConfigError, EngineConfig
 from fulmine.engine.llm_engine import LLMEngine
 from fulmine.request import FinishReason, StructuredOutput
 from tests.e2e.conftest import EMBEDDED_NAME
@@ -255,3 +255,25 @@ def test_min_tokens_past_a_complete_grammar_stops_cleanly(engine: LLMEngine) -> 
         params = SamplingParams(max_tokens=10, min_tokens=5, structured=StructuredOutput("choice", choices))
         out = run(engine, "Is the sky blue?", params)
         assert out.finish_reason == FinishReason.STOP and out.text in json.loads(choices), out.text
+
+
+def test_fast_forward_changes_speed_not_tokens() -> None:
+    """Forced tokens fed as drafts: the same tokens (greedy, and seeded sampling), in fewer steps."""
+    schema = json.dumps(SCHEMAS["nested_required_optional"])
+    results = {}
+    for fast_forward in (True, False):
+        engine = LLMEngine(None, EngineConfig(grammar_fast_forward=fast_forward, speculative="off"), progress=False)
+        outs, steps = [], 0
+        for params in (
+            SamplingParams(max_tokens=120, temperature=0.0, structured=StructuredOutput("json_schema", schema)),
+            SamplingParams(
+                max_tokens=120, temperature=0.9, seed=11, structured=StructuredOutput("json_schema", schema)
+            ),
+        ):
+            engine.add_request(ASK, params)
+            while engine.has_unfinished():
+                steps += 1
+                outs += [(o.token_ids, o.finish_reason) for o in engine.step() if o.finished]
+        results[fast_forward] = (outs, steps)
+    assert results[True][0] == results[False][0]
+    assert results[True][1] < 0.8 * results[False][1], (results[True][1], results[False][1])
