@@ -144,18 +144,17 @@ def test_second_turn_reuses_the_cache(page, server: RunningServer) -> None:
     assert cached is not None and int(cached) > 16  # the whole first turn, in whole blocks
 
 
-def test_model_output_is_never_executed_as_html(page, server: RunningServer) -> None:
-    payload = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> **bold** `code`'
+def answer_with(page, server: RunningServer, text: str):
+    """Ask, and have the answer be exactly `text` (delivered as the first piece, then nothing: the
+    tiny random model's own bytes could add a stray backtick or ** and change what is rendered)."""
     async_engine = server.state.engine
     assert async_engine is not None
     original = async_engine._deliver
     injected = {"done": False}
 
     def inject(request_id: str, item: object) -> None:
-        # the payload, then nothing: the tiny random model's own bytes (any of 256) could add a stray
-        # backtick or ** and change the element counts below
         if isinstance(item, RequestOutput) and item.new_text:
-            item.new_text, injected["done"] = ("" if injected["done"] else payload), True
+            item.new_text, injected["done"] = ("" if injected["done"] else text), True
         original(request_id, item)  # type: ignore[arg-type]
 
     async_engine._deliver = inject  # type: ignore[method-assign]
@@ -165,11 +164,32 @@ def test_model_output_is_never_executed_as_html(page, server: RunningServer) -> 
         page.locator("#send").wait_for(state="visible", timeout=60000)
     finally:
         del async_engine._deliver
-    content = page.locator(".message.assistant .content").last
+    return page.locator(".message.assistant .content").last
+
+
+def test_model_output_is_never_executed_as_html(page, server: RunningServer) -> None:
+    payload = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> **bold** `code`'
+    content = answer_with(page, server, payload)
     assert "<script>window.__pwned = 1</script>" in (content.text_content() or "")
     assert page.evaluate("window.__pwned") is None
     assert content.locator("script").count() == 0 and content.locator("img").count() == 0
     assert content.locator("strong").count() == 1 and content.locator("code").count() == 1
+
+
+def test_markdown_lists_tables_and_links(page, server: RunningServer) -> None:
+    """A loose ordered list numbers 1, 2 (the hand-written renderer restarted it at each blank line),
+    and what a real answer holds renders: a table, a fenced block, a link that opens safely."""
+    text = (
+        "# Title\n\n1. first\n\n2. second\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+        "```python\nprint('<b>')\n```\n\n[docs](https://example.com) [bad](javascript:alert(1))"
+    )
+    content = answer_with(page, server, text)
+    assert content.locator("ol").count() == 1 and content.locator("ol li").count() == 2
+    assert content.locator("h3").count() == 1 and content.locator("table td").count() == 2
+    assert content.locator("pre code").text_content() == "print('<b>')\n"
+    link = content.locator("a[href='https://example.com']")
+    assert link.get_attribute("target") == "_blank" and "noopener" in (link.get_attribute("rel") or "")
+    assert content.locator("a[href^='javascript']").count() == 0
 
 
 def test_errors_are_readable_and_the_page_recovers(browser, tiny_llama) -> None:
