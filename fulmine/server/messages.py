@@ -56,27 +56,13 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
 
 
-def _text(blocks: Any, where: str) -> str:
-    if isinstance(blocks, str):
-        return blocks
-    if not isinstance(blocks, list):
-        raise p.RequestError(f"{where} is a string or a list of content blocks", where)
-    pieces = []
-    for i, block in enumerate(blocks):
-        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise p.RequestError(f"{where}[{i}]: only text blocks are supported here (got {kind!r})", where)
-        pieces.append(block["text"])
-    return "".join(pieces)
-
-
 def to_chat(body: MessagesRequest) -> p.ChatCompletionRequest:
     """The request as a chat completion request (OpenAI's shape, fulmine's internal one)."""
     if body.thinking and body.thinking.get("type") not in (None, "disabled"):
         raise p.RequestError("extended thinking is not supported", "thinking")
     messages: list[dict[str, Any]] = []
     if body.system is not None:
-        messages.append({"role": "system", "content": _text(body.system, "system")})
+        messages.append({"role": "system", "content": p.text_of(body.system, "system")})
     for i, message in enumerate(body.messages):
         role, content = message.get("role"), message.get("content")
         where = f"messages[{i}].content"
@@ -107,7 +93,7 @@ def to_chat(body: MessagesRequest) -> p.ChatCompletionRequest:
                     {
                         "role": "tool",
                         "tool_call_id": block["tool_use_id"],
-                        "content": _text(result, f"{where}[{j}].content"),
+                        "content": p.text_of(result, f"{where}[{j}].content"),
                     }
                 )
             else:

@@ -65,17 +65,7 @@ class ChatMessage(BaseModel):
             if self.role == "assistant":
                 return ""
             raise RequestError(f"messages[{index}].content is required", f"messages[{index}].content")
-        if isinstance(self.content, str):
-            return self.content
-        pieces = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(
-                    f"only text content parts are supported (got type {part.get('type')!r})",
-                    f"messages[{index}].content",
-                )
-            pieces.append(part["text"])
-        return "".join(pieces)
+        return text_of(self.content, f"messages[{index}].content")
 
     def as_dict(self, index: int) -> dict[str, Any]:
         """The message as the chat template takes it: role, text, and an assistant's tool calls or a
@@ -96,6 +86,22 @@ class ChatMessage(BaseModel):
                 raise RequestError("a tool message needs its tool_call_id", f"messages[{index}].tool_call_id")
             return {"role": "tool", "content": self.text(index), "tool_call_id": extra["tool_call_id"]}
         return {"role": self.role, "content": self.text(index)}
+
+
+def text_of(content: Any, where: str, kinds: tuple[str, ...] = ("text",)) -> str:
+    """A message's text: a string, or the concatenated text of its parts (OpenAI's content parts,
+    Anthropic's blocks, Responses' input_text / output_text); any other part is a 400 naming it."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise RequestError(f"{where} is a string or a list of content parts", where)
+    pieces = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind not in kinds or not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}[{i}]: only text parts are supported here (got type {kind!r})", where)
+        pieces.append(part["text"])
+    return "".join(pieces)
 
 
 def _is_call(call: Any) -> bool:

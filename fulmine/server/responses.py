@@ -78,20 +78,6 @@ class ResponseStore:
                 self._items.popitem(last=False)
 
 
-def _text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise p.RequestError(f"{where} is a string or a list of content parts", where)
-    pieces = []
-    for i, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
-            raise p.RequestError(f"{where}[{i}]: only text parts are supported (got {kind!r})", where)
-        pieces.append(part["text"])
-    return "".join(pieces)
-
-
 def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     """The request's input items as chat messages (consecutive function calls join one assistant turn)."""
     if isinstance(body.input, str):
@@ -103,7 +89,14 @@ def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
                 raise p.RequestError("a message's role is user, assistant, system or developer", f"{where}.role")
-            messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+            messages.append(
+                {
+                    "role": role,
+                    "content": p.text_of(
+                        item.get("content"), f"{where}.content", ("input_text", "output_text", "text")
+                    ),
+                }
+            )
         elif kind == "function_call":
             if not isinstance(item.get("name"), str) or not isinstance(item.get("call_id"), str):
                 raise p.RequestError("a function_call item has call_id, name and arguments", where)
