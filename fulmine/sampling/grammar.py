@@ -148,8 +148,11 @@ class TokenMasks:
             consumed = 0
             for j in range(len(drafts) + 1):
                 matcher.unsafe_compute_mask_ptr(self.bits[row + j].data_ptr(), row_bytes)
-                if j < len(drafts) and consumed == j and matcher.consume_token(drafts[j]):
-                    consumed += 1  # (a refused draft: the rows after it are discarded by verification)
+                # a draft the grammar refuses is not consumed (a refused token would leave the matcher in
+                # an error state for good); verification discards the rows after it
+                if j < len(drafts) and consumed == j and matcher.validate_tokens([drafts[j]]) == 1:
+                    matcher.consume_token(drafts[j])
+                    consumed += 1
             if consumed:
                 matcher.rollback(consumed)
             row += len(drafts) + 1

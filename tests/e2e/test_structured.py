@@ -277,3 +277,15 @@ def test_fast_forward_changes_speed_not_tokens() -> None:
         results[fast_forward] = (outs, steps)
     assert results[True][0] == results[False][0]
     assert results[True][1] < 0.8 * results[False][1], (results[True][1], results[False][1])
+
+
+def test_a_refused_draft_leaves_the_grammar_usable(engine: LLMEngine) -> None:
+    """A draft row the grammar refuses is masked and discarded by verification; the matcher is not
+    left in llguidance's error state (a refused consume never recovers), so the request goes on."""
+    from fulmine.sampling.grammar import TokenMasks
+
+    matcher = engine.grammars.matcher(StructuredOutput("choice", '["yes", "no"]'))
+    refused = engine.tokenizer.encode("maybe", add_special_tokens=False)[:1]
+    TokenMasks({"r": (matcher, refused)}, engine.model_config.vocab_size).wait()
+    assert not matcher.is_error()
+    assert matcher.consume_tokens(engine.tokenizer.encode("yes", add_special_tokens=False))
