@@ -232,9 +232,9 @@ class LLMEngine:
         sequence left nothing to draw) is dropped and the request stops there."""
         matcher = self.matchers[request.request_id]
         for i, token in enumerate(tokens):
-            if token in self.eos_token_ids and matcher.is_accepting():
-                return tokens
             complete = matcher.is_accepting()
+            if token in self.eos_token_ids and complete:
+                return tokens
             if not matcher.consume_token(token):
                 if not complete:
                     raise RuntimeError(f"the output left its grammar: {matcher.get_error().splitlines()[0]}")
