@@ -44,18 +44,17 @@ class ChatRun:
     tool_names: set[str]
     parallel: bool
 
+    def _parser(self) -> tools.StreamParser:
+        return tools.StreamParser(self.tool_format, self.tool_names, self.parallel)
+
     def parsers(self) -> dict[int, tools.StreamParser]:
         """A stream parser per choice (none without tools: the text is all content)."""
-        if not self.tool_names:
-            return {}
-        return {c.index: tools.StreamParser(self.tool_format, self.tool_names, self.parallel) for c in self.run.choices}
+        return {c.index: self._parser() for c in self.run.choices} if self.tool_names else {}
 
     def answer(self, c: Choice) -> tuple[str, list[tools.ToolCall]]:
         """A finished choice's (content, tool calls): what its stream parser emits over the whole stream."""
         text = "".join(c.text_parts)
-        if not self.tool_names:
-            return text, []
-        return tools.StreamParser(self.tool_format, self.tool_names, self.parallel).feed(text, final=True)
+        return self._parser().feed(text, final=True) if self.tool_names else (text, [])
 
 
 def chat_finish_reason(output: RequestOutput | None, called: bool) -> str:
