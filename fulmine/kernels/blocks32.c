@@ -152,41 +152,27 @@ static void row_q4_1_scalar(const uint8_t *w, const float *x, int R, int64_t K, 
         SWITCH_RG(R, FN, w, x, K, xsum, out, ##__VA_ARGS__)                                               \
     }
 
-AVX2 static inline __attribute__((always_inline)) void row_f32_avx2_rg(const int RG, const uint8_t *w8, const float *x,
-                                                                       int64_t K, const float *xsum, float *out) {
+/* float32 or float16 weights (half: a compile-time constant), float32 accumulation */
+AVX2 static inline __attribute__((always_inline)) void row_float_avx2_rg(const int RG, const uint8_t *w8, const float *x,
+                                                                         int64_t K, const float *xsum, float *out,
+                                                                         const int half) {
     (void)xsum;
-    const float *w = (const float *)w8;
+    const float *w32 = (const float *)w8;
+    const uint16_t *w16 = (const uint16_t *)w8;
     __m256 acc[MAX_RG] = ZEROS_PS;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
-        __m256 wv = _mm256_loadu_ps(w + k);
+        __m256 wv = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w16 + k))) : _mm256_loadu_ps(w32 + k);
         for (int r = 0; r < RG; r++) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), acc[r]);
     }
     for (int r = 0; r < RG; r++) {
         float s = hsum256(acc[r]);
-        for (int64_t t = k; t < K; t++) s += w[t] * x[r * K + t];
+        for (int64_t t = k; t < K; t++) s += (half ? _cvtsh_ss(w16[t]) : w32[t]) * x[r * K + t];
         out[r] = s;
     }
 }
-ROW_WRAPPER(row_f32_avx2, row_f32_avx2_rg)
-
-AVX2 static inline __attribute__((always_inline)) void row_f16_avx2_rg(const int RG, const uint8_t *w8, const float *x,
-                                                                       int64_t K, const float *xsum, float *out) {
-    (void)xsum;
-    const uint16_t *w = (const uint16_t *)w8;
-    __m256 acc[MAX_RG] = ZEROS_PS;
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k)));
-        for (int r = 0; r < RG; r++) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), acc[r]);
-    }
-    for (int r = 0; r < RG; r++) {
-        float s = hsum256(acc[r]);
-        for (int64_t t = k; t < K; t++) s += _cvtsh_ss(w[t]) * x[r * K + t];
-        out[r] = s;
-    }
-}
-ROW_WRAPPER(row_f16_avx2, row_f16_avx2_rg)
+ROW_WRAPPER(row_f32_avx2, row_float_avx2_rg, 0)
+ROW_WRAPPER(row_f16_avx2, row_float_avx2_rg, 1)
 
 AVX2 static inline __attribute__((always_inline)) void row_q8_0_avx2_rg(const int RG, const uint8_t *w, const float *x,
                                                                         int64_t K, const float *xsum, float *out) {
