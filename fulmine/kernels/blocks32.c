@@ -174,6 +174,15 @@ AVX2 static inline __attribute__((always_inline)) void row_float_avx2_rg(const i
 ROW_WRAPPER(row_f32_avx2, row_float_avx2_rg, 0)
 ROW_WRAPPER(row_f16_avx2, row_float_avx2_rg, 1)
 
+/* the 32 weights of a block (as four vectors of 8 floats) times 32 activations, in 8 lanes */
+AVX2 static inline __attribute__((always_inline)) __m256 dot32_avx2(__m256 w0, __m256 w1, __m256 w2, __m256 w3,
+                                                                    const float *xb) {
+    __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
+    t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), t);
+    t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), t);
+    return _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), t);
+}
+
 AVX2 static inline __attribute__((always_inline)) void row_q8_0_avx2_rg(const int RG, const uint8_t *w, const float *x,
                                                                         int64_t K, const float *xsum, float *out) {
     (void)xsum;
@@ -189,12 +198,7 @@ AVX2 static inline __attribute__((always_inline)) void row_q8_0_avx2_rg(const in
         __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8)));
         __m256 d = _mm256_set1_ps(half_avx2(blk));
         for (int r = 0; r < RG; r++) {
-            const float *xb = x + r * K + b * 32;
-            __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
-            t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), t);
-            t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), t);
-            t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), t);
-            acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
+            acc[r] = _mm256_fmadd_ps(dot32_avx2(w0, w1, w2, w3, x + r * K + b * 32), d, acc[r]);
         }
     }
     for (int r = 0; r < RG; r++) out[r] = hsum256(acc[r]);
@@ -220,12 +224,7 @@ AVX2 static inline __attribute__((always_inline)) void row_q4_avx2_rg(const int 
         float df = half_avx2(blk), m = is_q4_1 ? half_avx2(blk + 2) : -8.f * df;
         __m256 d = _mm256_set1_ps(df);
         for (int r = 0; r < RG; r++) {
-            const float *xb = x + r * K + b * 32;
-            __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
-            t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), t);
-            t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), t);
-            t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), t);
-            acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
+            acc[r] = _mm256_fmadd_ps(dot32_avx2(w0, w1, w2, w3, x + r * K + b * 32), d, acc[r]);
             macc[r] += m * xsum[r * nb + b];
         }
     }
