@@ -30,6 +30,7 @@ from fulmine.server import tools
 from fulmine.server.async_engine import AsyncEngine
 from fulmine.server.metrics import Metrics
 from fulmine.server.run import Choice, Run
+from fulmine.server.tool_calls import CallDelta, StreamParser, ToolCall, parse
 from fulmine.tokenizer import encode_prompt
 
 logger = logging.getLogger("fulmine.server")
@@ -44,17 +45,25 @@ class ChatRun:
     tool_names: set[str]
     parallel: bool
 
-    def _parser(self) -> tools.StreamParser:
-        return tools.StreamParser(self.tool_format, self.tool_names, self.parallel)
+    def _parser(self) -> StreamParser:
+        return StreamParser(self.tool_format, self.tool_names, self.parallel)
 
-    def parsers(self) -> dict[int, tools.StreamParser]:
+    def parsers(self) -> dict[int, StreamParser]:
         """A stream parser per choice (none without tools: the text is all content)."""
         return {c.index: self._parser() for c in self.run.choices} if self.tool_names else {}
 
-    def answer(self, c: Choice) -> tuple[str, list[tools.ToolCall]]:
+    def answer(self, c: Choice) -> tuple[str, list[ToolCall]]:
         """A finished choice's (content, tool calls): what its stream parser emits over the whole stream."""
         text = "".join(c.text_parts)
-        return self._parser().feed(text, final=True) if self.tool_names else (text, [])
+        return parse(text, self.tool_format, self.tool_names, self.parallel) if self.tool_names else (text, [])
+
+
+def _call_chunk(delta: CallDelta) -> dict[str, Any]:
+    """A streamed call in OpenAI's chunk shape: its first chunk has id, type and name."""
+    if delta.started:
+        function = {"name": delta.call.name, "arguments": delta.arguments}
+        return {"index": delta.index, "id": delta.call.id, "type": "function", "function": function}
+    return {"index": delta.index, "function": {"arguments": delta.arguments}}
 
 
 def chat_finish_reason(output: RequestOutput | None, called: bool) -> str:
@@ -290,10 +299,11 @@ class Completions:
 
     # -- streams --------------------------------------------------------------------------------
     async def _chat_chunks(
-        self, run: Run, include_usage: bool, parsers: dict[int, tools.StreamParser]
+        self, run: Run, include_usage: bool, parsers: dict[int, StreamParser]
     ) -> AsyncIterator[dict[str, Any]]:
         """Content deltas; with tools, each choice's text goes through its StreamParser, which holds
-        back what may become a call and sends each call whole (index, id, name, arguments)."""
+        back what may become a call and streams each call: index, id and name first, then fragments
+        of its arguments."""
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             return self._envelope(run, "chat.completion.chunk", choices, stream_usage=include_usage, **extra)
@@ -315,16 +325,15 @@ class Completions:
                 logprobs = {"content": lp.chat_logprobs(self.token_text, c, c.logprobs_sent), "refusal": None}
                 c.logprobs_sent = len(output.token_ids)
             reason = p.finish_reason(output)
-            content, calls, parser = output.new_text, list[tools.ToolCall](), parsers.get(c.index)
+            content, calls, parser = output.new_text, list[CallDelta](), parsers.get(c.index)
             if parser is not None:
                 content, calls = parser.feed(output.new_text, final=reason is not None)
             if content or logprobs:
                 yield chunk(
                     [{"index": c.index, "delta": {"content": content}, "logprobs": logprobs, "finish_reason": None}]
                 )
-            if calls:
-                first = len(parser.calls) - len(calls) if parser is not None else 0
-                deltas = [call.to_openai(first + i) for i, call in enumerate(calls)]
+            deltas = [_call_chunk(d) for d in calls if d.started or d.arguments]
+            if deltas:
                 yield chunk(
                     [{"index": c.index, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}]
                 )

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fulmine.server import protocol as p
 from fulmine.server.completions import Completions, chat_finish_reason
 from fulmine.server.run import Choice
-from fulmine.server.tools import ToolCall
+from fulmine.server.tool_calls import CallDelta, ToolCall
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 ERROR_TYPES = {
@@ -147,9 +147,7 @@ def to_chat(body: MessagesRequest) -> p.ChatCompletionRequest:
 def _blocks(content: str, calls: list[ToolCall]) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = [{"type": "text", "text": content}] if content else []
     for call in calls:
-        blocks.append(
-            {"type": "tool_use", "id": _tool_id(call), "name": call.name, "input": json.loads(call.arguments)}
-        )
+        blocks.append({"type": "tool_use", "id": _tool_id(call), "name": call.name, "input": call.parsed()})
     return blocks
 
 
@@ -220,7 +218,7 @@ async def _events(chat: Any, model: str) -> AsyncIterator[tuple[str, dict[str, A
     called = False
     async for _, output in run.outputs():
         reason = p.finish_reason(output)
-        content, calls = output.new_text, []
+        content, calls = output.new_text, list[CallDelta]()
         if parser is not None:
             content, calls = parser.feed(output.new_text, final=reason is not None)
         if content:
@@ -235,15 +233,18 @@ async def _events(chat: Any, model: str) -> AsyncIterator[tuple[str, dict[str, A
                 {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": content}},
             )
         for call in calls:
-            if text_open:
+            if call.started:
+                if text_open:
+                    yield "content_block_stop", {"type": "content_block_stop", "index": index}
+                    index, text_open = index + 1, False
+                block = {"type": "tool_use", "id": _tool_id(call.call), "name": call.call.name, "input": {}}
+                yield "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
+            if call.arguments:
+                delta = {"type": "input_json_delta", "partial_json": call.arguments}
+                yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+            if call.done:
                 yield "content_block_stop", {"type": "content_block_stop", "index": index}
-                index, text_open = index + 1, False
-            block = {"type": "tool_use", "id": _tool_id(call), "name": call.name, "input": {}}
-            yield "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
-            delta = {"type": "input_json_delta", "partial_json": call.arguments}
-            yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
-            yield "content_block_stop", {"type": "content_block_stop", "index": index}
-            index, called = index + 1, True
+                index, called = index + 1, True
         if reason is not None:
             if text_open:
                 yield "content_block_stop", {"type": "content_block_stop", "index": index}

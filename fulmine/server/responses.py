@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fulmine.server import protocol as p
 from fulmine.server.completions import ChatRun, Completions, chat_finish_reason
 from fulmine.server.run import Choice
-from fulmine.server.tools import ToolCall
+from fulmine.server.tool_calls import CallDelta, ToolCall
 
 STORE_SIZE = 1024  # responses kept for previous_response_id
 
@@ -297,9 +297,10 @@ class Responses:
         output: list[dict[str, Any]] = []
         open_id, open_text, full_text = None, "", ""  # the message item being streamed, if any
         all_calls: list[ToolCall] = []
+        items: dict[int, tuple[int, dict[str, Any]]] = {}  # a streaming call's (output index, item)
         async for _, out in run.outputs():
             final = p.finish_reason(out) is not None
-            content, calls = out.new_text, list[ToolCall]()
+            content, calls = out.new_text, list[CallDelta]()
             if parser is not None:
                 content, calls = parser.feed(out.new_text, final=final)
             if content:
@@ -317,15 +318,20 @@ class Responses:
                     yield event
                 open_id = None
             for call in calls:
-                item = _call_item(call, "in_progress")
-                output.append(item)
-                where = {"item_id": item["id"], "output_index": len(output) - 1}
-                yield _event("output_item.added", output_index=len(output) - 1, item={**item, "arguments": ""})
-                yield _event("function_call_arguments.delta", **where, delta=call.arguments)
-                yield _event("function_call_arguments.done", **where, arguments=call.arguments)
-                item["status"] = "completed"
-                yield _event("output_item.done", output_index=len(output) - 1, item=item)
-                all_calls.append(call)
+                if call.started:
+                    output.append(_call_item(call.call, "in_progress"))
+                    items[call.index] = len(output) - 1, output[-1]
+                    added = {**output[-1], "arguments": ""}
+                    yield _event("output_item.added", output_index=len(output) - 1, item=added)
+                at, item = items[call.index]
+                where = {"item_id": item["id"], "output_index": at}
+                if call.arguments:
+                    yield _event("function_call_arguments.delta", **where, delta=call.arguments)
+                if call.done:
+                    item.update(arguments=call.call.arguments, status="completed")
+                    yield _event("function_call_arguments.done", **where, arguments=call.call.arguments)
+                    yield _event("output_item.done", output_index=at, item=item)
+                    all_calls.append(call.call)
         if not output:  # an empty answer is still one (empty) message
             output.append(_message_item("msg_" + secrets.token_hex(12), ""))
         response = self._response(chat, body, c, output, all_calls)

@@ -1,4 +1,4 @@
-"""Tool calling: tools rendered into the prompt, calls parsed out of the answer (whole or streamed),
+"""Tool calling: tools rendered into the prompt (calls are read out of the answer by tool_calls.py),
 and `tool_choice` required / a named function enforced by a grammar.
 
 The call format is the model's own, detected from its chat template:
@@ -16,33 +16,11 @@ renders them (the generic format: as `<tool_response>` blocks in a user turn).
 from __future__ import annotations
 
 import json
-import secrets
-import string
-from dataclasses import dataclass, field
 from typing import Any
 
 from fulmine.request import StructuredOutput
 from fulmine.server.protocol import ChatCompletionRequest, RequestError
-
-HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
-MISTRAL_OPEN = "[TOOL_CALLS]"
-
-
-@dataclass
-class ToolCall:
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-    id: str = ""
-
-    def to_openai(self, index: int | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
-        if index is not None:
-            out["index"] = index
-        return out
+from fulmine.server.tool_calls import HERMES_CLOSE, HERMES_OPEN, MISTRAL_OPEN, loads
 
 
 def checked_tools(body: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -71,12 +49,6 @@ def checked_tools(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     if choice == "required" and not tools:
         raise RequestError("tool_choice required needs tools", "tool_choice")
     return [] if choice == "none" else tools
-
-
-def call_id(format_name: str) -> str:
-    if format_name == "mistral":  # Mistral's templates check for exactly 9 alphanumerics
-        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
-    return "call_" + secrets.token_hex(12)
 
 
 def detect_format(chat_template: str | None) -> str:
@@ -109,7 +81,7 @@ def generic_system_prompt(tools: list[dict[str, Any]]) -> str:
 
 
 def hermes_block(name: str, arguments: str) -> str:
-    body = json.dumps({"name": name, "arguments": _loads(arguments)}, ensure_ascii=False)
+    body = json.dumps({"name": name, "arguments": loads(arguments)}, ensure_ascii=False)
     return f"{HERMES_OPEN}\n{body}\n{HERMES_CLOSE}"
 
 
@@ -135,7 +107,7 @@ def render_messages(
                 {
                     "id": c.get("id"),
                     "type": "function",
-                    "function": {"name": c["function"]["name"], "arguments": _loads(c["function"]["arguments"])},
+                    "function": {"name": c["function"]["name"], "arguments": loads(c["function"]["arguments"])},
                 }
                 for c in calls
             ]
@@ -147,15 +119,6 @@ def render_messages(
         else:
             out.insert(0, {"role": "system", "content": prompt})
     return out
-
-
-def _loads(arguments: Any) -> Any:
-    if not isinstance(arguments, str):
-        return arguments
-    try:
-        return json.loads(arguments)
-    except json.JSONDecodeError:
-        return arguments
 
 
 def special_markers(tokenizer: Any) -> set[str]:
@@ -203,123 +166,3 @@ def constraint(
         start, end = _lit(HERMES_OPEN, tokens), _lit(HERMES_CLOSE, tokens)
         lark = f'start: block{repeat}\nblock: {start} "\\n" %json {schema} "\\n" {end} "\\n"?'
     return StructuredOutput("grammar", lark)
-
-
-def parse(text: str, fmt: str, tool_names: set[str]) -> tuple[str, list[ToolCall]]:
-    """(content, calls) of a whole answer. Text that is not a well-formed call of a known tool stays
-    content (with hermes blocks, from the first malformed block on); beside calls, content that is
-    only whitespace is dropped."""
-    if fmt == "llama3_json":
-        call = _call(_loads(text.strip()), "parameters", tool_names)
-        return ("", [call]) if call else (text, [])
-    if fmt == "mistral":
-        head, marker, tail = text.partition(MISTRAL_OPEN)  # calls only when the answer opens with them
-        items = _loads(tail.strip()) if marker and not head.strip() else None
-        found = [_call(item, "arguments", tool_names) for item in items] if isinstance(items, list) else []
-        calls = [c for c in found if c is not None]
-        if not calls or len(calls) < len(found):
-            return text, []
-        return _content([head]), calls
-    return StreamParser(fmt, tool_names).feed(text, final=True)
-
-
-def _content(pieces: list[str]) -> str:
-    joined = "".join(pieces)
-    return joined if joined.strip() else ""
-
-
-def _call(obj: Any, key: str, tool_names: set[str]) -> ToolCall | None:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in tool_names:
-        return None
-    arguments = obj.get(key, obj.get("arguments", {}))
-    if isinstance(arguments, str):
-        arguments = _loads(arguments)
-    if not isinstance(arguments, dict):
-        return None
-    return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False))
-
-
-@dataclass
-class StreamParser:
-    """Splits an answer, as it streams, into content deltas and tool calls; what it emits over the
-    whole stream is exactly `parse` of the whole text. Content that might still become a call (a
-    partial marker) is held back until decided, as is whitespace until something else follows it
-    (content beside calls that is only whitespace is dropped). A hermes call is emitted, whole, as soon as
-    its block closes; mistral and llama3_json calls when the answer ends."""
-
-    fmt: str
-    tool_names: set[str]
-    parallel: bool = True  # False: only the first call is kept (parallel_tool_calls: false)
-    text: str = ""
-    pos: int = 0  # text[:pos] is decided: emitted as content or as calls
-    pending: str = ""  # decided content not yet emitted (whitespace only so far)
-    calls: list[ToolCall] = field(default_factory=list)
-    broken: bool = False  # a malformed block: the rest is content
-    emitted: bool = False  # some content was emitted: whitespace is content from now on
-
-    def feed(self, delta: str, final: bool) -> tuple[str, list[ToolCall]]:
-        """(content delta, newly completed calls) after `delta`; `final` when the answer is complete."""
-        self.text += delta
-        if self.fmt in ("mistral", "llama3_json"):
-            return self._feed_whole(final)
-        out: list[str] = []
-        new: list[ToolCall] = []
-        while not self.broken:
-            start = self.text.find(HERMES_OPEN, self.pos)
-            if start < 0:
-                break
-            close = self.text.find(HERMES_CLOSE, start)
-            if close < 0 and not final:
-                out.append(self._decide(start))
-                return "".join(out), new
-            body = self.text[start + len(HERMES_OPEN) : close if close >= 0 else len(self.text)]
-            call = _call(_loads(body.strip()), "arguments", self.tool_names)
-            if call is None:
-                self.broken = True
-                break
-            out.append(self._decide(start))
-            if self.parallel or not self.calls:
-                call.id = call_id(self.fmt)
-                self.calls.append(call)
-                new.append(call)
-            self.pos = close + len(HERMES_CLOSE) if close >= 0 else len(self.text)  # unclosed: cut at the end
-        if final:
-            out.append(self._decide(len(self.text), last=True))
-        else:  # hold back a tail that could begin a marker
-            hold = next(
-                (n for n in range(min(len(HERMES_OPEN), len(self.text) - self.pos), 0, -1)
-                 if HERMES_OPEN.startswith(self.text[len(self.text) - n :])),
-                0,
-            ) if not self.broken else 0  # fmt: skip
-            out.append(self._decide(len(self.text) - hold))
-        return "".join(out), new
-
-    def _decide(self, upto: int, last: bool = False) -> str:
-        """text[pos:upto] is content: emit it, or hold it while everything pending is whitespace."""
-        piece, self.pos = self.text[self.pos : upto], max(self.pos, upto)
-        self.pending += piece
-        if self.pending.strip() or self.emitted or (last and not self.calls):
-            out, self.pending = self.pending, ""
-            self.emitted = self.emitted or bool(out)
-            return out
-        return ""
-
-    def _feed_whole(self, final: bool) -> tuple[str, list[ToolCall]]:
-        if self.fmt == "llama3_json":
-            undecided = not self.text.strip() or self.text.lstrip().startswith("{")
-        else:
-            undecided = MISTRAL_OPEN.startswith(self.text.lstrip()[: len(MISTRAL_OPEN)]) or MISTRAL_OPEN in self.text
-        if not final:
-            if undecided or self.broken:
-                return "", []
-            self.broken = True  # plain content from here on
-        if final:
-            content, calls = parse(self.text, self.fmt, self.tool_names) if not self.broken else (self.text, [])
-            calls = calls if self.parallel else calls[:1]
-            for call in calls:
-                call.id = call_id(self.fmt)
-            self.calls = calls
-            out, self.pos = content[self.pos :] if not calls else content, len(self.text)
-            return out, calls
-        out, self.pos = self.text[self.pos :], len(self.text)
-        return out, []

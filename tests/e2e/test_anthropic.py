@@ -4,6 +4,8 @@ errors in Anthropic's shape."""
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
 import jsonschema
@@ -53,8 +55,14 @@ def test_tool_use_and_tool_result(client: anthropic.Anthropic) -> None:
     assert use.name == "get_weather" and use.id.startswith("toolu_")
     jsonschema.validate(use.input, WEATHER)
     with client.messages.stream(**kwargs) as stream:
+        fragments = [
+            e.delta.partial_json
+            for e in stream
+            if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+        ]
         final = stream.get_final_message()
     [streamed] = [block for block in final.content if block.type == "tool_use"]
+    assert len(fragments) > 1 and json.loads("".join(fragments)) == streamed.input  # streamed as written
     assert (streamed.name, streamed.input) == (use.name, use.input) and final.stop_reason == "tool_use"
     history = [
         *ask,

@@ -60,8 +60,10 @@ def test_function_calls_and_outputs(client: openai.OpenAI) -> None:
     assert call.name == "get_weather" and call.call_id
     jsonschema.validate(json.loads(call.arguments), WEATHER)
     with client.responses.stream(**kwargs) as stream:
+        fragments = [event.delta for event in stream if event.type == "response.function_call_arguments.delta"]
         final = stream.get_final_response()
     [streamed] = [item for item in final.output if item.type == "function_call"]
+    assert len(fragments) > 1 and "".join(fragments) == streamed.arguments  # streamed as written
     assert (streamed.name, streamed.arguments) == (call.name, call.arguments)
     answer = client.responses.create(
         model=MODEL,

@@ -39,15 +39,17 @@ SCHEMAS = {"get_weather": WEATHER, "add": ADD}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-def check_calls(calls) -> None:
-    assert calls
+def check_calls(calls, allow_none: bool = False) -> None:
+    assert calls or allow_none
     for call in calls:
         assert call.type == "function" and call.id
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
 def streamed(client: openai.OpenAI, **kwargs):
-    content, calls, finish = "", {}, None
+    """Content, calls and finish reason rebuilt from a stream, as clients do; the arguments arrive
+    in fragments as they are written (more chunks than calls)."""
+    content, calls, finish, fragments = "", {}, None, 0
     for chunk in client.chat.completions.create(model=MODEL, stream=True, **kwargs):
         if not chunk.choices:
             continue
@@ -58,7 +60,9 @@ def streamed(client: openai.OpenAI, **kwargs):
             entry["id"] = delta.id or entry["id"]
             entry["name"] += (delta.function.name or "") if delta.function else ""
             entry["arguments"] += (delta.function.arguments or "") if delta.function else ""
+            fragments += 1
         finish = choice.finish_reason or finish
+    assert fragments > len(calls) or not calls
     return content, [calls[i] for i in sorted(calls)], finish
 
 
@@ -85,7 +89,11 @@ def exchange(server: RunningServer, client: openai.OpenAI) -> None:
     several = client.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120
     )
-    check_calls(several.choices[0].message.tool_calls)  # parallel calls allowed: one or more, each valid
+    # parallel calls allowed: one or more, each valid; cut by max_tokens, the last one has the
+    # arguments written so far (as OpenAI's API returns them) and the finish reason says so
+    calls, finish = several.choices[0].message.tool_calls, several.choices[0].finish_reason
+    assert calls and finish in ("tool_calls", "length")
+    check_calls(calls[:-1] if finish == "length" else calls, allow_none=True)
     # the call and its result back in the conversation: the template renders them, the model answers
     history = [
         *ASK,
