@@ -18,6 +18,7 @@
  */
 #include <Python.h>
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -215,9 +216,10 @@ static void adjust_row(float *x, int V, const Adjust *a, int r, uint32_t *stamp,
         if (t < 0 || t >= V || stamp[t] == applied) continue;
         uint32_t c = stamp[t] == counted ? count[t] : 0;
         float v = x[t];
+        if (!(v > -INFINITY)) continue; /* masked out (or NaN): stays out, whatever the penalty */
         if (rep != 1.0f) v = v > 0.0f ? v / rep : v * rep;
         if (c) v -= freq * (float)c + pres;
-        x[t] = v;
+        x[t] = v > FLT_MAX ? FLT_MAX : v < -FLT_MAX ? -FLT_MAX : v; /* a tiny rep must not make inf */
         stamp[t] = applied;
     }
 }
@@ -227,23 +229,34 @@ static double unit_of(uint64_t key) { return (double)(splitmix64(key) >> 11) * 0
 /* One row: the token drawn, or with a draft (>= 0) speculative verification: the draft is accepted
  * with its probability p(draft) (*accepted = 1, the draft returned), else a token is drawn from p
  * with the draft removed and renormalized. Greedy rows accept a draft equal to their argmax. */
+static int64_t first_max(const float *x, int V, float m) {
+    for (int i = 0; i < V; i++)
+        if (x[i] == m) return i;
+    return 0;
+}
+
 static int64_t sample_row(const float *x, int V, float t, int top_k, float top_p, float min_p, uint64_t key,
                           int64_t draft, float *e, Cand *cand, uint8_t *accepted) {
     float m = row_max(x, V);
     *accepted = 0;
-    if (t <= 0.0f || !(m > -INFINITY)) { /* greedy (or nothing finite): the first maximal logit */
-        int64_t best = 0;
-        for (int i = 0; i < V; i++)
-            if (x[i] == m) {
-                best = i;
-                break;
-            }
+    /* greedy; or nothing finite, or an infinite logit, which outweighs every other: the first maximal */
+    if (t <= 0.0f || !(m > -INFINITY) || !(m < INFINITY)) {
+        int64_t best = first_max(x, V, m);
         *accepted = best == draft;
         return best;
     }
-    float inv_t = 1.0f / t, lo = -INFINITY;
-    if (top_k > 0 && top_k < V) lo = kth_largest(x, V, top_k, m, cand);
+    /* -inf logits (a grammar's mask) never enter the draw, however the exp pass rounds them */
+    float inv_t = 1.0f / t, lo = -FLT_MAX;
+    if (top_k > 0 && top_k < V) {
+        float kth = kth_largest(x, V, top_k, m, cand);
+        lo = kth > lo ? kth : lo;
+    }
     double z = exp_pass(x, V, m, inv_t, lo, e);
+    if (!(z > 0.0 && z < INFINITY)) { /* NaN logits, or a temperature so small that exp overflows */
+        int64_t best = first_max(x, V, m);
+        *accepted = best == draft;
+        return best;
+    }
     float floor = lo;
     if (top_p < 1.0f) {
         /* a relative 1e-6 of slack: mass that reaches top_p up to float rounding has reached it */
@@ -280,7 +293,7 @@ static int64_t sample_row(const float *x, int V, float t, int top_k, float top_p
             if (acc > target) return i;
         }
     }
-    return last >= 0 ? last : 0; /* rounding left the target just past the sum */
+    return last >= 0 ? last : first_max(x, V, m); /* rounding left the target just past the sum */
 }
 
 #define PTR(v) ((void *)(uintptr_t)(v))

@@ -252,7 +252,10 @@ class Sampler:
 
     def _probabilities(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Each row's final distribution: temperature, top-k, top-p, min-p (greedy rows: temperature 1)."""
-        logits = logits / batch.temperature.unsqueeze(1)
+        # measured from each row's max first (softmax is shift-invariant): a large logit over a tiny
+        # temperature must not overflow to inf, which would make the whole row NaN
+        top = logits.max(dim=-1, keepdim=True).values.clamp(min=torch.finfo(logits.dtype).min)
+        logits = (logits - top) / batch.temperature.unsqueeze(1)
         if batch.top_k is not None:
             logits = _top_k(logits, batch.top_k, batch.max_top_k)
         if batch.top_p is not None:
@@ -319,7 +322,8 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     assert batch.repetition_penalty is not None
     assert batch.presence_penalty is not None and batch.frequency_penalty is not None
     rep = batch.repetition_penalty.unsqueeze(1)
-    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    # a tiny repetition_penalty must not push a logit to inf (it would outweigh a grammar's mask)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep).clamp(max=torch.finfo(logits.dtype).max)
     logits = torch.where(batch.seen_mask, penalized, logits)
     counts = batch.output_counts
     logits = logits - batch.frequency_penalty.unsqueeze(1) * counts

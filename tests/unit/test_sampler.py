@@ -171,3 +171,39 @@ def test_c_penalties_and_bias_equal_the_pytorch_ones() -> None:
     adjusted = logits.clone()
     Sampler(torch.device("cpu"), 0)(adjusted, batch)
     torch.testing.assert_close(adjusted, expected)
+
+
+class _FixedMask:
+    """A stand-in for a grammar matcher whose mask allows a fixed set of tokens."""
+
+    def __init__(self, allowed: list[int], vocab: int) -> None:
+        bits = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
+        for token in allowed:
+            bits[token // 32] |= torch.tensor(1 << (token % 32)).to(torch.int32)
+        self.bits = bits
+
+    def unsafe_compute_mask_ptr(self, ptr: int, nbytes: int) -> None:
+        import ctypes
+
+        ctypes.memmove(ptr, self.bits.data_ptr(), nbytes)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 1e-3, 1e-30])
+@pytest.mark.parametrize("extra", [{}, {"top_k": 3}, {"top_p": 1e-30}, {"min_p": 1.0}])
+def test_a_masked_token_is_never_drawn_whatever_the_penalties(make_sampler, temperature: float, extra: dict) -> None:
+    """A grammar's mask holds however extreme the other parameters: a repetition penalty so small
+    that a penalized logit overflows float32 (the fuzzer found a 500 there: `repetition_penalty`
+    1e-38 drew a token outside the grammar), a temperature that overflows the exp."""
+    from fulmine.sampling.grammar import TokenMasks
+
+    vocab, allowed, rows = 300, [5, 17, 290], 8
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(1)) * 4
+    logits[:, 5] = 6.0  # in the history: the penalty would push it to inf
+    params = [SamplingParams(temperature=temperature, repetition_penalty=1e-40, **extra)] * rows
+    history = (list(range(0, vocab, 3)) + [5], [5, 17, 200])
+    batch = SamplingBatch.build(params, [None] * rows, [history] * rows, vocab, torch.device("cpu"))
+    ids = [f"r{i}" for i in range(rows)]
+    batch.token_masks = TokenMasks({i: (_FixedMask(allowed, vocab), []) for i in ids}, vocab)
+    batch.row_ids = ids
+    tokens = make_sampler(0)(logits, batch).token_ids.tolist()
+    assert set(tokens) <= set(allowed), tokens
