@@ -1,7 +1,8 @@
 """Structured outputs: what a constraint costs. Per-token mask time (p50 / p99, one core), the
 compile time of a new schema (what the first request with it waits), and constrained against free
 greedy decode on the same prompt, in the engine, with and without fast-forward (forced tokens fed
-as drafts).
+as drafts); and an extraction answer (copying the prompt) constrained, with n-gram speculation under
+the grammar against none.
 
     python -m bench.structured                       # the embedded SmolLM2 (49k vocabulary)
     python -m bench.structured --model ~/.cache/fulmine/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
@@ -40,6 +41,19 @@ SCHEMA = {
     "additionalProperties": False,
 }
 PROMPT = [{"role": "user", "content": "Write a JSON profile of a fictional software engineer."}]
+# Extraction: the answer copies much of the prompt, where n-gram drafts (under the grammar) pay.
+RECORD = (
+    "Customer record 48213. Name: Margaret Okonkwo-Lindqvist. Email: margaret.okonkwo@northwind-traders.com. "
+    "Phone: +1 415 555 0187. Address: 1450 Larkspur Avenue, Apartment 12B, Sacramento, California 95814, "
+    "United States. Company: Northwind Traders International. Title: Senior Procurement Manager."
+)
+EXTRACT_PROMPT = [{"role": "user", "content": f"{RECORD}\nExtract every field of this record as JSON."}]
+EXTRACT_SCHEMA = {
+    "type": "object",
+    "properties": {key: {"type": "string"} for key in ("name", "email", "phone", "address", "company", "title")},
+    "required": ["name", "email", "phone", "address", "company", "title"],
+    "additionalProperties": False,
+}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -47,12 +61,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def decode_rate(llm: LLM, params: SamplingParams, reps: int) -> tuple[float, int]:
+def decode_rate(llm: LLM, params: SamplingParams, reps: int, prompt: list = PROMPT) -> tuple[float, int]:
     """(median tok/s of the generated tokens after the first, tokens generated)."""
     rates, count = [], 0
     for _ in range(reps):
         engine = llm.engine
-        engine.add_request(PROMPT, params)
+        engine.add_request(prompt, params)
         first, count = None, 0
         while engine.has_unfinished():
             for out in engine.step():
@@ -99,6 +113,16 @@ def main() -> None:
     engine.config = replace(engine.config, grammar_fast_forward=False)  # the same tokens, one step each
     stepwise_rate, _ = decode_rate(llm, constrained, args.reps)
     engine.config = replace(engine.config, grammar_fast_forward=True)
+
+    # extraction, speculation on (n-gram drafts cut to what the grammar allows) against off
+    speculating = LLM(args.model, progress=False, num_threads=args.threads)
+    extract = SamplingParams(
+        max_tokens=200, temperature=0.0, structured=StructuredOutput("json_schema", json.dumps(EXTRACT_SCHEMA))
+    )
+    extract_off, _ = decode_rate(llm, extract, args.reps, EXTRACT_PROMPT)
+    extract_on, extract_tokens = decode_rate(speculating, extract, args.reps, EXTRACT_PROMPT)
+    extract_free, _ = decode_rate(speculating, replace(extract, structured=None), args.reps, EXTRACT_PROMPT)
+    governor = speculating.engine.governor
     result = {
         "model": engine.source.name,
         "vocab": vocab,
@@ -115,6 +139,12 @@ def main() -> None:
         "free_tokens": free_tokens,
         "constrained_tokens": constrained_tokens,
         "answer": answer.text,
+        "extract_constrained_spec_off_tok_s": extract_off,
+        "extract_constrained_spec_on_tok_s": extract_on,
+        "extract_free_spec_on_tok_s": extract_free,
+        "extract_spec_on_over_off": extract_on / extract_off,
+        "extract_tokens": extract_tokens,
+        "extract_draft_acceptance": governor.acceptance_rate if governor is not None else None,
     }
     print(f"model {result['model']} (vocabulary {vocab}), {args.threads} threads, medians of {args.reps}")
     print(f"grammar tokenizer built once:      {tokenizer_s * 1e3:8.0f} ms")
@@ -123,6 +153,8 @@ def main() -> None:
     print(f"greedy decode free / constrained:  {free_rate:8.1f} / {constrained_rate:.1f} tok/s "
           f"({result['constrained_over_free']:.2f}x; without fast-forward {stepwise_rate:.1f}, "
           f"{result['stepwise_over_free']:.2f}x)")  # fmt: skip
+    print(f"extraction, constrained, speculation off / on: {extract_off:8.1f} / {extract_on:.1f} tok/s "
+          f"({result['extract_spec_on_over_off']:.2f}x; free with speculation {extract_free:.1f})")  # fmt: skip
     print(json.dumps(result))
 
 

@@ -188,8 +188,7 @@ class LLMEngine:
         now = time.monotonic()
         for s in scheduled.scheduled:
             s.request.first_scheduled_time = s.request.first_scheduled_time or now
-            constrained = s.request.request_id in self.matchers  # its drafts are the grammar's, not the governor's
-            if self.governor is not None and s.request.draft_token_ids and not constrained:
+            if self.governor is not None and s.request.draft_token_ids:  # (a no-op for a grammar's drafts)
                 self.governor.verified(s.request.request_id, len(s.draft_token_ids))
         batch = StepBatch.from_scheduled(scheduled, self.kv_cache.block_tables)
         masks = {
@@ -250,16 +249,29 @@ class LLMEngine:
         return tokens
 
     def _fast_forward(self, request: Request) -> None:
-        """The tokens the request's grammar forces next (the rest of a key, a closing quote...) go in as
-        drafts: verified in the next forward, accepted whenever the sampled token agrees, so a run of
-        forced tokens costs one step instead of one step each."""
-        if request.is_finished or not self.config.grammar_fast_forward:
+        """Drafts for a constrained request. The tokens its grammar forces next (the rest of a key, a
+        closing quote...) first: verified in the next forward, accepted whenever the sampled token
+        agrees, so a run of forced tokens costs one step instead of one step each. Where the grammar
+        leaves a choice, the speculative proposer's drafts (n-gram: JSON that copies the prompt), cut
+        at the first token the grammar would refuse."""
+        request.draft_token_ids = []
+        if request.is_finished:
             return
         if request.sampling_params.seed is not None and self.runner.sampler.kernel is None:
             return  # PyTorch's per-request generators would advance differently: the seed's text would change
         room = draft_room(request)
-        if room > 0:
-            request.draft_token_ids = list(self.matchers[request.request_id].compute_ff_tokens()[:room])
+        if room <= 0 or request.num_computed_tokens != request.num_tokens - 1:
+            return
+        matcher = self.matchers[request.request_id]
+        forced = list(matcher.compute_ff_tokens()[:room]) if self.config.grammar_fast_forward else []
+        if forced or self.governor is None:
+            request.draft_token_ids = forced
+            return
+        proposal = self.governor.drafts(request, room, len(self.scheduler.running))
+        valid = matcher.validate_tokens(proposal) if proposal else 0
+        if valid < len(proposal):
+            self.governor.verified(request.request_id, valid)
+        request.draft_token_ids = proposal[:valid]
 
     def _propose_drafts(self) -> None:
         """Drafts for every running request whose next step samples, for the scheduler to verify."""
@@ -268,7 +280,7 @@ class LLMEngine:
         for request in running:
             request.draft_token_ids = []
             if request.num_computed_tokens != request.num_tokens - 1 or request.request_id in self.matchers:
-                continue  # still prefilling (or recomputing after a preemption), or constrained
+                continue  # still prefilling (or recomputing after a preemption), or constrained (_fast_forward)
             room = draft_room(request)
             if room > 0:
                 request.draft_token_ids = self.governor.drafts(request, room, len(running))

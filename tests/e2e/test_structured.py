@@ -289,3 +289,36 @@ def test_a_refused_draft_leaves_the_grammar_usable(engine: LLMEngine) -> None:
     TokenMasks({"r": (matcher, refused)}, engine.model_config.vocab_size).wait()
     assert not matcher.is_error()
     assert matcher.consume_tokens(engine.tokenizer.encode("yes", add_special_tokens=False))
+
+
+def test_ngram_speculation_under_a_grammar_changes_speed_not_tokens() -> None:
+    """Where the grammar leaves a choice, n-gram drafts (an extraction answer copies the prompt) are
+    cut at the first token the grammar refuses and verified under the grammar's masks: the same
+    tokens as with no speculation at all, greedy and seeded, with drafts accepted."""
+    record = "Name: Alice Johnson-Whitaker. Email: alice.johnson-whitaker@example.org. City: San Francisco."
+    ask = [{"role": "user", "content": f"{record}\nExtract the name, email and city of this record as JSON."}]
+    schema = json.dumps(
+        {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "email": {"type": "string"}, "city": {"type": "string"}},
+            "required": ["name", "email", "city"],
+            "additionalProperties": False,
+        }
+    )
+    results = {}
+    for speculative in ("ngram", "off"):
+        engine = LLMEngine(None, EngineConfig(speculative=speculative), progress=False)
+        if engine.governor is not None:
+            engine.governor.always_draft = True
+        outs = []
+        for params in (
+            SamplingParams(max_tokens=80, temperature=0.0, structured=StructuredOutput("json_schema", schema)),
+            SamplingParams(max_tokens=80, temperature=0.8, seed=5, structured=StructuredOutput("json_schema", schema)),
+        ):
+            out = run(engine, ask, params)
+            outs.append((out.token_ids, out.finish_reason))
+            jsonschema.validate(json.loads(out.text), json.loads(schema))
+        results[speculative] = outs
+        if engine.governor is not None:
+            assert engine.governor.num_accepted > 0
+    assert results["ngram"] == results["off"]
