@@ -1,4 +1,6 @@
-"""Chat and text completions: validate, tokenize, submit n choices, then stream or collect.
+"""Chat and text completions: validate, tokenize (chat: through the template, with tools), submit n
+choices as a `Generation` (events.py) that every chat-shaped API starts here, then OpenAI's adapters:
+its chunks from the generation's events, or its whole bodies from the answers folded from them.
 
 Each choice is its own engine request (they share the prompt's KV blocks through the prefix
 cache). A client that disconnects, or a request past its deadline, leaves the output loop, which
@@ -14,7 +16,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -22,40 +23,18 @@ from fastapi import Request
 
 from fulmine import __version__
 from fulmine.config import ConfigError, ServerConfig
-from fulmine.engine.outputs import RequestOutput
 from fulmine.request import StructuredOutput
 from fulmine.server import logprobs as lp
 from fulmine.server import protocol as p
 from fulmine.server import tools
 from fulmine.server.async_engine import AsyncEngine
+from fulmine.server.events import Answer, Generation
 from fulmine.server.metrics import Metrics
 from fulmine.server.run import Choice, Run
-from fulmine.server.tool_calls import CallDelta, StreamParser, ToolCall, parse
+from fulmine.server.tool_calls import CallDelta
 from fulmine.tokenizer import encode_prompt
 
 logger = logging.getLogger("fulmine.server")
-
-
-@dataclass
-class ChatRun:
-    """A started chat request: its run, and how its answers split into content and tool calls."""
-
-    run: Run
-    tool_format: str
-    tool_names: set[str]
-    parallel: bool
-
-    def _parser(self) -> StreamParser:
-        return StreamParser(self.tool_format, self.tool_names, self.parallel)
-
-    def parsers(self) -> dict[int, StreamParser]:
-        """A stream parser per choice (none without tools: the text is all content)."""
-        return {c.index: self._parser() for c in self.run.choices} if self.tool_names else {}
-
-    def answer(self, c: Choice) -> tuple[str, list[ToolCall]]:
-        """A finished choice's (content, tool calls): what its stream parser emits over the whole stream."""
-        text = "".join(c.text_parts)
-        return parse(text, self.tool_format, self.tool_names, self.parallel) if self.tool_names else (text, [])
 
 
 def _call_chunk(delta: CallDelta) -> dict[str, Any]:
@@ -64,12 +43,6 @@ def _call_chunk(delta: CallDelta) -> dict[str, Any]:
         function = {"name": delta.call.name, "arguments": delta.arguments}
         return {"index": delta.index, "id": delta.call.id, "type": "function", "function": function}
     return {"index": delta.index, "function": {"arguments": delta.arguments}}
-
-
-def chat_finish_reason(output: RequestOutput | None, called: bool) -> str:
-    """stop / length, and tool_calls for an answer that ended by calling tools."""
-    reason = (p.finish_reason(output) if output is not None else None) or "stop"
-    return "tool_calls" if called and reason == "stop" else reason
 
 
 class Completions:
@@ -188,7 +161,9 @@ class Completions:
         return choices
 
     # -- the two endpoints ----------------------------------------------------------------------
-    async def start_chat(self, body: p.ChatCompletionRequest, request: Request, id_prefix: str = "chatcmpl") -> ChatRun:
+    async def start_chat(
+        self, body: p.ChatCompletionRequest, request: Request, id_prefix: str = "chatcmpl"
+    ) -> Generation:
         """A chat request checked, templated and started: what every chat-shaped API (OpenAI chat
         completions, Anthropic messages) turns into its own responses."""
         arrival = time.monotonic()
@@ -209,35 +184,32 @@ class Completions:
         run = self._run(body.model, id_prefix, choices, arrival, request)
         self._log_prompt(run.id, messages)
         names = {tools.function_name(t) for t in tool_list}
-        return ChatRun(run, fmt, names, parallel)
+        return Generation(run, fmt, names, parallel)
 
     async def chat(self, body: p.ChatCompletionRequest, request: Request) -> Any:
-        chat = await self.start_chat(body, request)
-        run = chat.run
+        generation = await self.start_chat(body, request)
+        run = generation.run
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return run.stream_response(self._chat_chunks(run, include_usage, chat.parsers()))
-        await run.collect()
-        message_choices = []
-        for c in run.choices:
-            text, calls = chat.answer(c)
-            message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
-            if calls:
-                message["tool_calls"] = [call.to_openai() for call in calls]
-            message["refusal"] = None
-            message_choices.append(
-                {
-                    "index": c.index,
-                    "message": message,
-                    "logprobs": {"content": lp.chat_logprobs(self.token_text, c, 0), "refusal": None}
-                    if body.logprobs
-                    else None,
-                    "finish_reason": chat_finish_reason(c.last, bool(calls)),
-                }
-            )
+            return run.stream_response(self._chat_chunks(generation, include_usage))
+        choices = [self._chat_choice(answer, bool(body.logprobs)) for answer in await generation.answers()]
         return run.json_response(
-            self._envelope(run, "chat.completion", message_choices, usage=run.usage(), timing=run.timing())
+            self._envelope(run, "chat.completion", choices, usage=run.usage(), timing=run.timing())
         )
+
+    def _chat_choice(self, answer: Answer, logprobs: bool) -> dict[str, Any]:
+        content, calls = answer.content, answer.calls
+        message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+        if calls:
+            message["tool_calls"] = [call.to_openai() for call in calls]
+        message["refusal"] = None
+        entries = lp.chat_logprobs(self.token_text, answer.choice, 0) if logprobs else None
+        return {
+            "index": answer.choice.index,
+            "message": message,
+            "logprobs": {"content": entries, "refusal": None} if logprobs else None,
+            "finish_reason": answer.finish,
+        }
 
     async def completions(self, body: p.CompletionRequest, request: Request) -> Any:
         arrival = time.monotonic()
@@ -250,21 +222,21 @@ class Completions:
         choices = self._make_choices(body, prompts, max_tokens, body.logprobs)
         run = self._run(body.model, "cmpl", choices, arrival, request)
         self._log_prompt(run.id, body.prompt)
+        generation = Generation(run)  # no tools: all text is content
         echo = {c.index: self.tokenizer.decode(c.prompt_ids) for c in choices} if body.echo else {}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return run.stream_response(self._text_chunks(run, include_usage, echo, body.logprobs is not None))
-        await run.collect()
+            return run.stream_response(self._text_chunks(generation, include_usage, echo, body.logprobs is not None))
         text_choices = [
             {
-                "index": c.index,
-                "text": echo.get(c.index, "") + "".join(c.text_parts),
-                "logprobs": lp.echo_and_text_logprobs(self.token_text, c, echo.get(c.index))
+                "index": a.choice.index,
+                "text": echo.get(a.choice.index, "") + a.content,
+                "logprobs": lp.echo_and_text_logprobs(self.token_text, a.choice, echo.get(a.choice.index))
                 if body.logprobs is not None
                 else None,
-                "finish_reason": p.finish_reason(c.last) if c.last else "stop",
+                "finish_reason": a.finish,
             }
-            for c in choices
+            for a in await generation.answers()
         ]
         return run.json_response(
             self._envelope(run, "text_completion", text_choices, usage=run.usage(), timing=run.timing())
@@ -298,12 +270,10 @@ class Completions:
             logger.info("%s prompt: %s", run_id, json.dumps(prompt, ensure_ascii=False)[:4000])
 
     # -- streams --------------------------------------------------------------------------------
-    async def _chat_chunks(
-        self, run: Run, include_usage: bool, parsers: dict[int, StreamParser]
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Content deltas; with tools, each choice's text goes through its StreamParser, which holds
-        back what may become a call and streams each call: index, id and name first, then fragments
-        of its arguments."""
+    async def _chat_chunks(self, generation: Generation, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        """The chat stream from the generation's events: content deltas, then each tool call's index,
+        id and name, then fragments of its arguments; a last chunk per choice with its finish reason."""
+        run = generation.run
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             return self._envelope(run, "chat.completion.chunk", choices, stream_usage=include_usage, **extra)
@@ -319,43 +289,49 @@ class Completions:
                     }
                 ]
             )
-        async for c, output in run.outputs():
+        async for event in generation.events():
+            c, output = event.choice, event.output
             logprobs = None
             if c.params.logprobs is not None:
                 logprobs = {"content": lp.chat_logprobs(self.token_text, c, c.logprobs_sent), "refusal": None}
                 c.logprobs_sent = len(output.token_ids)
-            reason = p.finish_reason(output)
-            content, calls, parser = output.new_text, list[CallDelta](), parsers.get(c.index)
-            if parser is not None:
-                content, calls = parser.feed(output.new_text, final=reason is not None)
-            if content or logprobs:
+            if event.content or logprobs:
                 yield chunk(
-                    [{"index": c.index, "delta": {"content": content}, "logprobs": logprobs, "finish_reason": None}]
+                    [
+                        {
+                            "index": c.index,
+                            "delta": {"content": event.content},
+                            "logprobs": logprobs,
+                            "finish_reason": None,
+                        }
+                    ]
                 )
-            deltas = [_call_chunk(d) for d in calls if d.started or d.arguments]
+            deltas = [_call_chunk(d) for d in event.calls if d.started or d.arguments]
             if deltas:
                 yield chunk(
                     [{"index": c.index, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}]
                 )
-            if reason is not None:
-                reason = chat_finish_reason(output, bool(parser and parser.calls))
+            if event.finish is not None:
                 yield chunk(
-                    [{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}],
+                    [{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": event.finish}],
                     timing=p.timing(output),
                 )
         if include_usage:
             yield chunk([], usage=run.usage(), timing=run.timing())
 
     async def _text_chunks(
-        self, run: Run, include_usage: bool, echo: dict[int, str], logprobs: bool
+        self, generation: Generation, include_usage: bool, echo: dict[int, str], logprobs: bool
     ) -> AsyncIterator[dict[str, Any]]:
+        run = generation.run
+
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             return self._envelope(run, "text_completion", choices, stream_usage=include_usage, **extra)
 
         if not logprobs:  # echoed prompts go first; with logprobs, once the prefill has scored them
             for index, text in echo.items():
                 yield chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": None}])
-        async for c, output in run.outputs():
+        async for event in generation.events():
+            c, output, reason = event.choice, event.output, event.finish
             entry = None
             if logprobs:
                 if c.index in echo and c.logprobs_sent == 0:
@@ -366,10 +342,9 @@ class Completions:
                 offset = len(echo.get(c.index, "")) + len("".join(c.text_parts[:-1]))
                 entry = lp.text_logprobs(self.token_text, c, c.logprobs_sent, offset)
                 c.logprobs_sent = len(output.token_ids)
-            reason = p.finish_reason(output)
-            if output.new_text or entry or reason:
+            if event.content or entry or reason:
                 yield chunk(
-                    [{"index": c.index, "text": output.new_text, "logprobs": entry, "finish_reason": reason}],
+                    [{"index": c.index, "text": event.content, "logprobs": entry, "finish_reason": reason}],
                     **({"timing": p.timing(output)} if reason else {}),
                 )
         if include_usage:

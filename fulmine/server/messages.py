@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from fulmine.server import protocol as p
-from fulmine.server.completions import Completions, chat_finish_reason
+from fulmine.server.completions import Completions
+from fulmine.server.events import Generation
 from fulmine.server.run import Choice
-from fulmine.server.tool_calls import CallDelta, ToolCall
+from fulmine.server.tool_calls import ToolCall
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 ERROR_TYPES = {
@@ -175,29 +176,28 @@ async def create(completions: Completions, body: MessagesRequest, request: Reque
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    await run.collect()
-    c = run.choices[0]
-    content, calls = chat.answer(c)
+    [answer] = await chat.answers()
+    c = answer.choice
     return JSONResponse(
         {
             "id": run.id,
             "type": "message",
             "role": "assistant",
             "model": body.model,
-            "content": _blocks(content, calls),
-            "stop_reason": STOP_REASONS[chat_finish_reason(c.last, bool(calls))],
+            "content": _blocks(answer.content, answer.calls),
+            "stop_reason": STOP_REASONS[answer.finish],
             "stop_sequence": None,
             "usage": _usage(c),
         }
     )
 
 
-async def _events(chat: Any, model: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+async def _events(chat: Generation, model: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """Anthropic's stream: message_start, per block start / deltas / stop, message_delta, message_stop.
-    A tool call is one tool_use block with its whole input as one input_json_delta."""
+    A tool call is one tool_use block, its input streamed as input_json_delta fragments."""
     run = chat.run
     c = run.choices[0]
-    start = {
+    start: dict[str, Any] = {
         "id": run.id,
         "type": "message",
         "role": "assistant",
@@ -213,14 +213,9 @@ async def _events(chat: Any, model: str) -> AsyncIterator[tuple[str, dict[str, A
             "message": {**start, "usage": {"input_tokens": len(c.prompt_ids), "output_tokens": 0}},
         },
     )
-    parser = chat.parsers().get(c.index)
     index, text_open = 0, False
-    called = False
-    async for _, output in run.outputs():
-        reason = p.finish_reason(output)
-        content, calls = output.new_text, list[CallDelta]()
-        if parser is not None:
-            content, calls = parser.feed(output.new_text, final=reason is not None)
+    async for event in chat.events():
+        content, calls = event.content, event.calls
         if content:
             if not text_open:
                 yield (
@@ -244,11 +239,11 @@ async def _events(chat: Any, model: str) -> AsyncIterator[tuple[str, dict[str, A
                 yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
             if call.done:
                 yield "content_block_stop", {"type": "content_block_stop", "index": index}
-                index, called = index + 1, True
-        if reason is not None:
+                index += 1
+        if event.finish is not None:
             if text_open:
                 yield "content_block_stop", {"type": "content_block_stop", "index": index}
-            stop = STOP_REASONS[chat_finish_reason(output, called)]
+            stop = STOP_REASONS[event.finish]
             usage = _usage(c)
             yield (
                 "message_delta",

@@ -20,9 +20,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from fulmine.server import protocol as p
-from fulmine.server.completions import ChatRun, Completions, chat_finish_reason
+from fulmine.server.completions import Completions
+from fulmine.server.events import Generation
 from fulmine.server.run import Choice
-from fulmine.server.tool_calls import CallDelta, ToolCall
+from fulmine.server.tool_calls import ToolCall
 
 STORE_SIZE = 1024  # responses kept for previous_response_id
 
@@ -212,26 +213,24 @@ class Responses:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        await chat.run.collect()
-        c = chat.run.choices[0]
-        content, calls = chat.answer(c)
+        [answer] = await chat.answers()
+        content, calls = answer.content, answer.calls
         output = ([_message_item("msg_" + secrets.token_hex(12), content)] if content or not calls else []) + [
             _call_item(call) for call in calls
         ]
-        response = self._response(chat, body, c, output, calls)
+        response = self._response(chat, body, answer.choice, output, answer.finish)
         self._remember(response, conversation, content, calls, body)
         return JSONResponse(response)
 
     def _response(
         self,
-        chat: ChatRun,
+        chat: Generation,
         body: ResponsesRequest,
         c: Choice | None,
         output: list[dict[str, Any]],
-        calls: list[ToolCall],
+        reason: str | None,
         status: str | None = None,
     ) -> dict[str, Any]:
-        reason = chat_finish_reason(c.last, bool(calls)) if c is not None and c.last is not None else None
         if status is None:
             status = "incomplete" if reason == "length" else "completed"
         usage = None
@@ -286,23 +285,21 @@ class Responses:
         self.store.put(response["id"], [*conversation, answer])
 
     async def _events(
-        self, chat: ChatRun, body: ResponsesRequest, conversation: list[dict[str, Any]]
+        self, chat: Generation, body: ResponsesRequest, conversation: list[dict[str, Any]]
     ) -> AsyncIterator[dict[str, Any]]:
         """The Responses stream: created, in_progress, per output item added / deltas / done, completed."""
         run = chat.run
         c = run.choices[0]
         for kind in ("created", "in_progress"):
-            yield _event(kind, response=self._response(chat, body, None, [], [], "in_progress"))
-        parser = chat.parsers().get(c.index)
+            yield _event(kind, response=self._response(chat, body, None, [], None, "in_progress"))
         output: list[dict[str, Any]] = []
         open_id, open_text, full_text = None, "", ""  # the message item being streamed, if any
         all_calls: list[ToolCall] = []
         items: dict[int, tuple[int, dict[str, Any]]] = {}  # a streaming call's (output index, item)
-        async for _, out in run.outputs():
-            final = p.finish_reason(out) is not None
-            content, calls = out.new_text, list[CallDelta]()
-            if parser is not None:
-                content, calls = parser.feed(out.new_text, final=final)
+        reason = None
+        async for event in chat.events():
+            final, content, calls = event.finish is not None, event.content, event.calls
+            reason = event.finish or reason
             if content:
                 if open_id is None:
                     open_id, open_text = "msg_" + secrets.token_hex(12), ""
@@ -314,8 +311,8 @@ class Responses:
                 full_text += content
                 yield _event("output_text.delta", **_at(open_id, len(output) - 1), delta=content, logprobs=[])
             if (calls or final) and open_id is not None:
-                for event in _close_message(output, open_id, open_text):
-                    yield event
+                for closing in _close_message(output, open_id, open_text):
+                    yield closing
                 open_id = None
             for call in calls:
                 if call.started:
@@ -334,7 +331,7 @@ class Responses:
                     all_calls.append(call.call)
         if not output:  # an empty answer is still one (empty) message
             output.append(_message_item("msg_" + secrets.token_hex(12), ""))
-        response = self._response(chat, body, c, output, all_calls)
+        response = self._response(chat, body, c, output, reason)
         self._remember(response, conversation, full_text, all_calls, body)
         yield _event("incomplete" if response["status"] == "incomplete" else "completed", response=response)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,13 +128,9 @@ class Run:
         failed = output.finish_reason is FinishReason.ERROR
         m.requests.labels("error" if failed else p.finish_reason(output) or "abort").inc()
 
-    async def collect(self) -> None:
-        """Run to the end; a client that disconnects meanwhile aborts everything."""
-
-        async def consume() -> None:
-            async for _ in self.outputs():
-                pass
-
+    async def collect(self, consume: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `consume` (which reads this run's outputs) to the end; a client that disconnects
+        meanwhile aborts everything."""
         task = asyncio.create_task(consume())
         while not task.done():
             await asyncio.wait([task], timeout=_DISCONNECT_POLL_S)
