@@ -4,6 +4,7 @@
     python -m bench.compare --reps 5 --engines fulmine llama.cpp
     python -m bench.compare --engines fulmine fulmine:speculative=off llama.cpp   # variants by config
     python -m bench.compare --engines fulmine llama-bench   # native llama.cpp (bash bench/build_llama_cpp.sh)
+    python -m bench.compare --engines fulmine llama-bench --depth 4096   # also decode after 4k tokens
 
 Each (engine, repetition) is its own process; repetitions alternate engines so machine noise
 falls on all of them. Prints a table, then one JSON line last.
@@ -23,6 +24,7 @@ METRICS = [
     ("decode_tok_s_t1.0", "  temperature 1.0", True),
     ("decode_tok_s_t0.7-p0.9", "  temperature 0.7, top_p 0.9", True),
     ("decode_tok_s_chain", "  llama.cpp chain k40 p.95 m.05 t.8", True),
+    ("decode_tok_s_deep", "decode tok/s after --depth tokens", True),
     ("ttft_long_s", "TTFT 512-token prompt (s)", False),
     ("prefill_tok_s", "prefill tok/s", True),
     ("ttft_chat_s", "TTFT short chat (s)", False),
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["fulmine", "llama.cpp", "transformers"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=0, help="also decode after a prompt this long (e.g. 4096)")
     args = parser.parse_args()
     if args.model is None:
         from fulmine.models.source import default_model_path
@@ -56,6 +59,8 @@ def main() -> None:
                 str(args.threads),
                 "--salt",
                 str(rep),
+                "--depth",
+                str(args.depth),
             ]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:

@@ -158,34 +158,47 @@ def time_stream(
     return first - started, (count - 1) / (last - first)
 
 
-def llama_bench(model: str, threads: int, decode_tokens: int, prompt_tokens: int) -> dict[str, Any]:
-    """Native llama.cpp's own benchmark (bench/build_llama_cpp.sh builds it): prompt processing of
-    `prompt_tokens` and generation of `decode_tokens`, one repetition (compare.py repeats)."""
+def native_binary(name: str) -> str:
+    """A native llama.cpp program (llama-bench, llama-server) that bench/build_llama_cpp.sh built."""
     import os
     import shutil
-    import subprocess
     from pathlib import Path
 
     found = [
-        Path(os.environ.get("LLAMA_CPP_BIN", "")) / "llama-bench",
-        Path.home() / ".cache/fulmine/llama.cpp/bin/llama-bench",
-        Path(shutil.which("llama-bench") or "/nonexistent"),
+        Path(os.environ.get("LLAMA_CPP_BIN", "")) / name,
+        Path.home() / ".cache/fulmine/llama.cpp/bin" / name,
+        Path(shutil.which(name) or "/nonexistent"),
     ]
     binary = next((path for path in found if path.is_file()), None)
     if binary is None:
-        raise SystemExit("llama-bench not found: run `bash bench/build_llama_cpp.sh` (or set LLAMA_CPP_BIN)")
+        raise SystemExit(f"{name} not found: run `bash bench/build_llama_cpp.sh` (or set LLAMA_CPP_BIN)")
+    return str(binary)
+
+
+def llama_bench(model: str, threads: int, decode_tokens: int, prompt_tokens: int, depth: int) -> dict[str, Any]:
+    """Native llama.cpp's own benchmark (bench/build_llama_cpp.sh builds it): prompt processing of
+    `prompt_tokens` and generation of `decode_tokens`, and with `depth` generation after that many
+    tokens of context; one repetition (compare.py repeats)."""
+    import subprocess
+
+    binary = native_binary("llama-bench")
     command = [str(binary), "-m", model, "-t", str(threads), "-p", str(prompt_tokens), "-n", str(decode_tokens)]
     out = subprocess.run([*command, "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
     tests = json.loads(out.stdout)
     prefill = next(t["avg_ts"] for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)
     decode = next(t["avg_ts"] for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0)
-    return {
+    result = {
         "engine": "llama-bench",
         "decode_tok_s": decode,
         "ttft_long_s": prompt_tokens / prefill,
         "long_prompt_tokens": prompt_tokens,
         "prefill_tok_s": prefill,
     }
+    if depth:
+        deep = [str(binary), "-m", model, "-t", str(threads), "-p", "0", "-n", "64", "-d", str(depth)]
+        out = subprocess.run([*deep, "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+        result["decode_tok_s_deep"] = json.loads(out.stdout)[0]["avg_ts"]
+    return result
 
 
 def engine_options(text: str) -> dict[str, Any]:
@@ -209,12 +222,13 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--long-prompt", type=int, default=512)
     parser.add_argument("--salt", type=int, default=0)
+    parser.add_argument("--depth", type=int, default=0, help="also decode 64 tokens after a prompt this long")
     args = parser.parse_args()
     started = time.perf_counter()
     engine: Engine
     name, _, options = args.engine.partition(":")
     if name == "llama-bench":  # its own timing loop: decode and prefill only
-        print(json.dumps(llama_bench(args.model, args.threads, args.decode_tokens, args.long_prompt)))
+        print(json.dumps(llama_bench(args.model, args.threads, args.decode_tokens, args.long_prompt, args.depth)))
         return
     if name == "fulmine":
         import torch  # noqa: F401  (import time is not load time)
@@ -254,6 +268,10 @@ def main() -> None:
         "ttft_chat_s": chat_ttft,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if args.depth:  # decode with a long context behind it (attention reads it all each token)
+        _, result["decode_tok_s_deep"] = time_stream(
+            engine, long_prompt(engine.tokenize, args.depth, args.salt + 1), 64
+        )
     print(json.dumps(result))
     sys.stdout.flush()
 

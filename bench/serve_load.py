@@ -2,13 +2,15 @@
 
     python -m bench.serve_load                       # both servers, the embedded model
     python -m bench.serve_load --concurrency 1 4 8 --requests 16
+    python -m bench.serve_load --servers fulmine llama-server --scenarios long_prompt --num-long 4
 
 Starts each server on a free loopback port, one at a time (they would fight over 2 cores), and
 measures with streaming clients:
 - N concurrent chat streams: TTFT and inter-token latency p50/p99, end-to-end, throughput;
 - multi-turn chat: TTFT of each follow-up turn (the previous conversation is a prefix), for
   fulmine with and without prefix caching, and llama.cpp (which keeps its slot's prompt cache);
-- a running stream's inter-token latency while a ~2k-token prompt arrives (chunked prefill).
+- a running stream's inter-token latency while ~2k-token prompts arrive together (chunked prefill,
+  sized by --max-itl-ms): its gaps while they prefill.
 Prints a table, then one JSON line last.
 """
 
@@ -69,6 +71,27 @@ def server(kind: str, model: str, threads: int, extra: list[str]) -> Iterator[tu
             "--num-threads",
             str(threads),
             "--served-model-name",
+            "m",
+            *extra,
+        ]
+    elif kind == "llama-server":  # native llama.cpp's server, 4 slots (continuous batching)
+        from bench.engines import native_binary
+
+        command = [
+            native_binary("llama-server"),
+            "-m",
+            model,
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+            "--threads-batch",
+            str(threads),
+            "-c",
+            "32768",
+            "--parallel",
+            "8",
+            "-a",
             "m",
             *extra,
         ]
@@ -145,6 +168,8 @@ async def stream_chat(
         "e2e": end - started,
         "tokens": len(times),
         "text": "".join(parts),
+        "times": times,
+        "started": started,
     }
 
 
@@ -206,8 +231,9 @@ async def multi_turn(base: str, model: str, turns: int, max_tokens: int) -> list
     return ttfts
 
 
-async def itl_under_long_prompt(base: str, model: str) -> dict[str, Any]:
-    """Inter-token latency of a running stream while a ~2k-token prompt is prefilled beside it."""
+async def itl_under_long_prompt(base: str, model: str, num_long: int = 4) -> dict[str, Any]:
+    """Inter-token latency of a running stream while `num_long` ~2k-token prompts (distinct, so no
+    prefix cache helps) arrive together and are prefilled beside it: the gaps while they prefill."""
     async with httpx.AsyncClient() as client:
         running = asyncio.create_task(
             stream_chat(  # ignore_eos: an extension fulmine honours; llama.cpp's server ignores it
@@ -215,28 +241,39 @@ async def itl_under_long_prompt(base: str, model: str) -> dict[str, Any]:
                 base,
                 model,
                 [{"role": "user", "content": "Write a long story about a dragon."}],
-                300,
+                600,
                 ignore_eos=True,
             )
         )
         await asyncio.sleep(1.0)
-        long = await stream_chat(client, base, model, [{"role": "user", "content": LONG_TEXT[:9000]}], 4)
+        arrived = time.perf_counter()
+        prompts = [f"Document {k}. {LONG_TEXT[: 9000 - 20]}\nSummarize it." for k in range(num_long)]
+        longs = await asyncio.gather(
+            *(stream_chat(client, base, model, [{"role": "user", "content": text}], 4) for text in prompts)
+        )
+        prefilled = max(r["started"] + r["ttft"] for r in longs)
         try:
             result = await running
         except httpx.HTTPError as error:  # llama-cpp-python's server drops a stream when another arrives
             print(f"the running stream was dropped: {error!r}", file=sys.stderr)
             return {
                 "running_itl_p50": float("nan"),
+                "running_itl_p90": float("nan"),
                 "running_itl_max": float("nan"),
                 "running_tokens": 0,
-                "long_prompt_ttft": long["ttft"],
+                "long_prompt_ttft": max(r["ttft"] for r in longs),
                 "running_dropped": True,
             }
+    times = result["times"]
+    window = [b - a for a, b in zip(times, times[1:]) if b > arrived and a < prefilled]
     return {
-        "running_itl_p50": pct(result["itl"], 0.5),
-        "running_itl_max": max(result["itl"] or [0.0]),
+        "num_long": num_long,
+        "running_itl_p50": pct(window, 0.5),
+        "running_itl_p90": pct(window, 0.9),
+        "running_itl_max": max(window or [0.0]),
+        "running_tokens_during_prefill": len(window),
         "running_tokens": result["tokens"],
-        "long_prompt_ttft": long["ttft"],
+        "long_prompt_ttft": max(r["ttft"] for r in longs),
         "running_dropped": False,
     }
 
@@ -244,34 +281,57 @@ async def itl_under_long_prompt(base: str, model: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None)
-    parser.add_argument("--servers", nargs="+", default=["fulmine", "llama.cpp"])
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        default=["fulmine", "llama.cpp"],
+        help="fulmine, llama.cpp (llama-cpp-python's server: one request at a time), llama-server (native, "
+        "bench/build_llama_cpp.sh; 8 slots)",
+    )
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=["load", "multi_turn", "long_prompt"],
+        choices=["load", "multi_turn", "long_prompt"],
+    )
+    parser.add_argument("--num-long", type=int, default=4, help="long prompts arriving together beside a stream")
+    parser.add_argument("--fulmine-args", default="", help="extra `fulmine serve` flags, e.g. '--max-itl-ms 0'")
     args = parser.parse_args()
     if args.model is None:
         from fulmine.models.source import default_model_path
 
         args.model = str(default_model_path())
     report: dict[str, Any] = {"model": args.model, "load": {}, "multi_turn": {}, "long_prompt": {}}
-    variants = [("fulmine", []), ("fulmine (no prefix cache)", ["--no-enable-prefix-caching"])]
-    if "llama.cpp" in args.servers:
-        variants.append(("llama.cpp", []))
+    report["fulmine_args"] = args.fulmine_args
+    extra_flags = args.fulmine_args.split()
+    variants = [("fulmine", extra_flags)]
+    if "multi_turn" in args.scenarios:
+        variants.append(("fulmine (no prefix cache)", [*extra_flags, "--no-enable-prefix-caching"]))
+    for peer in ("llama.cpp", "llama-server"):
+        if peer in args.servers:
+            variants.append((peer, []))
     for name, extra in variants:
-        kind = "llama.cpp" if name == "llama.cpp" else "fulmine"
+        kind = name if name in ("llama.cpp", "llama-server") else "fulmine"
         if kind not in args.servers:
             continue
         with server(kind, args.model, args.threads, extra) as (base, model):
             asyncio.run(stream_chat_warmup(base, model))
-            report["multi_turn"][name] = asyncio.run(multi_turn(base, model, args.turns, 32))
+            if "multi_turn" in args.scenarios:
+                report["multi_turn"][name] = asyncio.run(multi_turn(base, model, args.turns, 32))
             if "no prefix" in name:
                 continue
-            report["load"][name] = [
-                asyncio.run(concurrent_load(base, model, c, args.requests, args.max_tokens)) for c in args.concurrency
-            ]
-            report["long_prompt"][name] = asyncio.run(itl_under_long_prompt(base, model))
+            if "load" in args.scenarios:
+                report["load"][name] = [
+                    asyncio.run(concurrent_load(base, model, c, args.requests, args.max_tokens))
+                    for c in args.concurrency
+                ]
+            if "long_prompt" in args.scenarios:
+                report["long_prompt"][name] = asyncio.run(itl_under_long_prompt(base, model, args.num_long))
         print(f"done: {name}", file=sys.stderr)
     print_report(report)
     print(json.dumps(report))
@@ -301,12 +361,13 @@ def print_report(report: dict[str, Any]) -> None:
     print("\nmulti-turn TTFT (s), turn 0 cold:")
     for name, ttfts in report["multi_turn"].items():
         print(f"  {name:28}" + " ".join(f"{t:7.3f}" for t in ttfts))
-    print("\na running stream while a ~2k-token prompt arrives:")
+    print("\na running stream while ~2k-token prompts arrive together (its gaps while they prefill):")
     for name, r in report["long_prompt"].items():
         print(
-            f"  {name:28} ITL p50 {r['running_itl_p50']:.3f} s, max {r['running_itl_max']:.3f} s "
-            f"over {r['running_tokens']} tokens{' (stream dropped)' if r['running_dropped'] else ''}; "
-            f"long prompt TTFT {r['long_prompt_ttft']:.2f} s"
+            f"  {name:28} {r.get('num_long', 1)} prompts: ITL p50 {r['running_itl_p50']:.3f} s, "
+            f"p90 {r['running_itl_p90']:.3f} s, max {r['running_itl_max']:.3f} s over "
+            f"{r.get('running_tokens_during_prefill', 0)} tokens{' (stream dropped)' if r['running_dropped'] else ''}; "
+            f"slowest long prompt TTFT {r['long_prompt_ttft']:.2f} s"
         )
 
 

@@ -87,6 +87,12 @@ class EngineConfig:
         "per-step token budget: longer prompts are prefilled in chunks of at most this, so a running "
         "stream waits at most one such step between tokens (256 costs nothing measurable in TTFT here)",
     )
+    max_itl_ms: float = _opt(
+        100.0,
+        "while streams are decoding, prompts beside them are prefilled in chunks sized (from measured "
+        "steps) so that each step, and so each stream's gap between tokens, stays under this; 0: off "
+        "(chunks of max_num_batched_tokens)",
+    )
     block_size: int = _opt(16, "tokens per KV cache block")
     kv_cache_memory_gb: float | None = _opt(
         None,
@@ -132,6 +138,7 @@ class EngineConfig:
         checks = [
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
+            (self.max_itl_ms >= 0, "max_itl_ms must be >= 0"),
             (self.block_size >= 1, "block_size must be >= 1"),
             (self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0"),
             (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),

@@ -15,6 +15,7 @@ import torch
 
 from fulmine import kernels
 from fulmine.config import ConfigError, EngineConfig
+from fulmine.engine.chunking import PrefillBudget
 from fulmine.engine.detokenizer import IncrementalDetokenizer
 from fulmine.engine.model_runner import ModelRunner
 from fulmine.engine.outputs import ModelRunnerOutput, RequestMetrics, RequestOutput, SchedulerOutput
@@ -80,6 +81,7 @@ class LLMEngine:
             )
             self.governor = Governor(config.num_speculative_tokens, proposer)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.prefill_budget = PrefillBudget(config.max_itl_ms, config.max_num_batched_tokens)
         self.runner = ModelRunner(
             model_module,
             num_blocks,
@@ -182,9 +184,11 @@ class LLMEngine:
         schedule -> execute -> update, then (with speculation) drafts for the next step are proposed
         for every decoding request at once."""
         started = time.perf_counter()
-        scheduled = self.scheduler.schedule()
+        scheduled = self.scheduler.schedule(self.prefill_budget.limit() if self.prefill_budget.enabled else None)
         if scheduled.is_empty:
             return []
+        prefill_tokens = sum(s.num_new_tokens for s in scheduled.scheduled if s.num_new_tokens > 1)
+        streaming = prefill_tokens > 0 and any(s.request.output_token_ids for s in scheduled.scheduled)
         now = time.monotonic()
         for s in scheduled.scheduled:
             s.request.first_scheduled_time = s.request.first_scheduled_time or now
@@ -213,6 +217,8 @@ class LLMEngine:
             self._propose_drafts()
             if not failed and batch.seqs and all(s.samples for s in batch.seqs):  # decode steps
                 self.governor.record_step(batch.num_tokens, time.perf_counter() - started)
+        if streaming:  # a step streams waited for: how long its prefill made them wait
+            self.prefill_budget.observe(prefill_tokens, time.perf_counter() - started)
         outputs = [self._fail(request, error) for request, error in failed_requests]
         for request, tokens in updated:
             try:

@@ -45,13 +45,24 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, prefill_limit: int | None = None) -> SchedulerOutput:
+        """This step's requests and token counts. `prefill_limit`: the most prompt tokens the step may
+        take while some request is decoding (its next token waits for this step), so that a long
+        prompt arriving does not stretch the gap between a running stream's tokens."""
         budget = self.max_num_batched_tokens
+        streaming = prefill_limit is not None and any(_decoding(r) for r in self.running)
+        prefill = prefill_limit if streaming and prefill_limit is not None else budget
         out = SchedulerOutput(scheduled=[])
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            remaining = request.num_tokens - request.num_computed_tokens
+            num_new = min(remaining, budget) if remaining == 1 else min(remaining, budget, max(prefill, 0))
+            if num_new == 0:
+                index += 1
+                continue
+            if remaining > 1:
+                prefill -= num_new
             drafts = self._drafts(request, num_new, budget)
             if not self._allocate_or_preempt(request, num_new + len(drafts), out):
                 break  # the request itself was preempted, so nothing after it can run either
@@ -60,13 +71,13 @@ class Scheduler:
             index += 1
         if out.preempted_ids:  # a step that had to preempt admits nobody new
             return out
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and min(budget, prefill) > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             # prompt logprobs need every prompt position computed, so such a request skips the cache
             wants_prompt_logprobs = request.sampling_params.prompt_logprobs is not None
             matched = [] if wants_prompt_logprobs else self.kv_cache.match_prefix(request.all_token_ids)
             num_cached = len(matched) * self.kv_cache.block_size
-            num_new = min(request.num_tokens - num_cached, budget)
+            num_new = min(request.num_tokens - num_cached, budget, prefill)
             if not self.kv_cache.can_allocate(request.request_id, num_cached + num_new, matched):
                 break
             self.kv_cache.allocate(request.request_id, num_cached + num_new, matched)
@@ -78,6 +89,7 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+            prefill -= num_new
         return out
 
     def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
@@ -163,3 +175,8 @@ def draft_room(request: Request) -> int:
     if max_tokens is not None:
         room = min(room, max_tokens - len(request.output_token_ids) - 1)
     return room
+
+
+def _decoding(request: Request) -> bool:
+    """The request streams tokens and its next one is one step away (not a prompt, not a recompute)."""
+    return bool(request.output_token_ids) and request.num_computed_tokens == request.num_tokens - 1

@@ -52,6 +52,28 @@ AVX2 static void wsum_avx2(float *o, const float *w, const float *base, const in
         for (int u = 0; u < lanes; u++) _mm256_storeu_ps(o + d0 + 8 * u, acc[u]);
     }
 }
+
+/* scores -> probabilities in place: exp(s - max) / sum, eight at a time */
+AVX2 static void softmax_avx2(float *s, int n) {
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + i));
+    float lanes[8], mx = -INFINITY;
+    _mm256_storeu_ps(lanes, vm);
+    for (int j = 0; j < 8; j++) mx = lanes[j] > mx ? lanes[j] : mx;
+    for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    __m256 vmx = _mm256_set1_ps(mx), acc = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), vmx));
+        _mm256_storeu_ps(s + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum256(acc);
+    for (; i < n; i++) sum += s[i] = expf(s[i] - mx);
+    __m256 inv = _mm256_set1_ps(1.f / sum);
+    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(s + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), inv));
+    for (; i < n; i++) s[i] *= 1.f / sum;
+}
 #endif
 
 static float dot_scalar(const float *a, const float *b, int n) {
@@ -74,14 +96,22 @@ static void wsum_scalar(float *o, const float *w, const float *base, const int64
     for (int i = 0; i < n; i++) axpy_scalar(o, w[i], base + offs[i], D);
 }
 
+static void softmax_scalar(float *s, int n) {
+    float mx = -INFINITY, sum = 0.f;
+    for (int i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    for (int i = 0; i < n; i++) sum += s[i] = expf(s[i] - mx);
+    for (int i = 0; i < n; i++) s[i] /= sum;
+}
+
 /* Block dequantizers of the types above (one block; float types: one value) */
 
 /* the attention's vector kernels, of the ISA matmul.c chose */
 static struct {
     void (*scores)(const float *, const float *, const int64_t *, int, int, float, float *);
     void (*wsum)(float *, const float *, const float *, const int64_t *, int, int);
+    void (*softmax)(float *, int);
     int level;
-} ATT = {scores_scalar, wsum_scalar, -1};
+} ATT = {scores_scalar, wsum_scalar, softmax_scalar, -1};
 
 static void choose_attention_kernels(void) {
     if (ATT.level == kernels_level()) return;
@@ -90,6 +120,7 @@ static void choose_attention_kernels(void) {
     if (ATT.level >= ISA_AVX2) {
         ATT.scores = scores_avx2;
         ATT.wsum = wsum_avx2;
+        ATT.softmax = softmax_avx2;
     }
 #endif
 }
@@ -119,17 +150,19 @@ static void attention_task(void *ctx, int chunk, int nchunks) {
     /* per chunk: a score row and the context's row offsets into the cache */
     float *scores = j->scores + (size_t)chunk * j->max_ctx * 3;
     int64_t *offs = (int64_t *)(scores + j->max_ctx);
-    for (int task = chunk; task < j->T * j->nh; task += nchunks) {
+    /* a contiguous range of (token, head) tasks: the heads sharing a KV head run one after another
+     * on one thread, the second and later finding its keys and values in that core's cache */
+    int ntasks = j->T * j->nh, first = (int)((int64_t)ntasks * chunk / nchunks);
+    int last = (int)((int64_t)ntasks * (chunk + 1) / nchunks);
+    for (int task = first; task < last; task++) {
         int t = task / j->nh, h = task % j->nh, g = h / group, p = j->pos[t];
         const int32_t *table = j->tables + (size_t)j->seq[t] * j->max_blocks;
         int lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n = p - lo + 1;
-        for (int c = lo; c <= p; c++)
-            offs[c - lo] = (((int64_t)table[c / j->bs] * j->bs + c % j->bs) * j->nkv + g) * D;
+        if (task == first || h % group == 0) /* the previous task had the same token and KV head otherwise */
+            for (int c = lo; c <= p; c++)
+                offs[c - lo] = (((int64_t)table[c / j->bs] * j->bs + c % j->bs) * j->nkv + g) * D;
         ATT.scores(j->q + ((size_t)t * j->nh + h) * D, kc, offs, n, D, j->scale, scores);
-        float mx = -INFINITY, sum = 0.f;
-        for (int i = 0; i < n; i++) mx = scores[i] > mx ? scores[i] : mx;
-        for (int i = 0; i < n; i++) sum += scores[i] = expf(scores[i] - mx);
-        for (int i = 0; i < n; i++) scores[i] /= sum;
+        ATT.softmax(scores, n);
         ATT.wsum(j->out + ((size_t)t * j->nh + h) * D, scores, vc, offs, n, D);
     }
 }

@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "quant.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define SAMPLE_X86 1
@@ -67,23 +69,8 @@ static double exp_pass_scalar(const float *x, int V, float m, float inv_t, float
 }
 
 #ifdef SAMPLE_X86
-#define SAMPLE_AVX2 __attribute__((target("avx2,fma")))
+#define SAMPLE_AVX2 AVX2 /* quant.h: avx2, fma, f16c */
 
-SAMPLE_AVX2 static inline __m256 exp256(__m256 x) { /* x <= 0; Cephes' expf, relative error ~2e-7 */
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
 
 SAMPLE_AVX2 static double exp_pass_avx2(const float *x, int V, float m, float inv_t, float lo, float *e) {
     __m256 vm = _mm256_set1_ps(m), vt = _mm256_set1_ps(inv_t), vlo = _mm256_set1_ps(lo);
@@ -315,7 +302,7 @@ PyObject *py_sample(PyObject *self, PyObject *args) {
     if (use_avx2 < 0) {
         __builtin_cpu_init();
         use_avx2 = getenv("FULMINE_KERNELS_SCALAR") == NULL && __builtin_cpu_supports("avx2") &&
-                   __builtin_cpu_supports("fma");
+                   __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     }
 #else
     use_avx2 = 0;

@@ -128,3 +128,49 @@ def test_a_finished_conversation_is_reused_output_included() -> None:
     scheduler.add_request(follow_up)
     scheduler.schedule()
     assert follow_up.num_cached_tokens == 12
+
+
+def test_with_no_stream_waiting_a_prompt_takes_the_whole_budget() -> None:
+    """The prefill limit binds only while a stream waits for its next token."""
+    scheduler = make_scheduler(num_blocks=256, budget=64)
+    scheduler.add_request(make_request("b", 100))  # nobody decodes yet: the whole budget
+    out = scheduler.schedule(prefill_limit=8)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("b", 64)]
+    scheduler.update_from_output(out, fake_run(out))
+    scheduler.add_request(make_request("a", 4, max_tokens=50))
+    steps = []
+    while not scheduler.requests["b"].output_token_ids:
+        out = scheduler.schedule(prefill_limit=8)
+        steps.append([(s.request.request_id, s.num_new_tokens) for s in out.scheduled])
+        scheduler.update_from_output(out, fake_run(out))
+    assert steps == [[("b", 36), ("a", 4)]]  # still no stream waiting: no limit
+
+
+def test_a_new_prompt_beside_a_stream_is_chunked_by_the_prefill_limit() -> None:
+    scheduler = make_scheduler(num_blocks=256, budget=64)
+    scheduler.add_request(make_request("a", 4, max_tokens=50))
+    out = scheduler.schedule(prefill_limit=8)
+    scheduler.update_from_output(out, fake_run(out))
+    scheduler.add_request(make_request("b", 30))
+    chunks = []
+    while not scheduler.requests["b"].output_token_ids:
+        out = scheduler.schedule(prefill_limit=8)
+        chunks.append([(s.request.request_id, s.num_new_tokens) for s in out.scheduled])
+        scheduler.update_from_output(out, fake_run(out))
+    assert chunks == [[("a", 1), ("b", 8)], [("a", 1), ("b", 8)], [("a", 1), ("b", 8)], [("a", 1), ("b", 6)]]
+
+
+def test_the_prefill_budget_converges_on_the_chunk_that_fills_the_target() -> None:
+    """Steps cost a + b * prompt tokens: feedback finds (setpoint - a) / b, within a few steps."""
+    from fulmine.engine.chunking import MIN_CHUNK, SETPOINT, PrefillBudget
+
+    budget = PrefillBudget(max_itl_ms=100, max_tokens=512)
+    for _ in range(30):
+        chunk = budget.limit()
+        budget.observe(chunk, 0.020 + 0.0005 * chunk)  # 20 ms of decode, 0.5 ms a prompt token
+    assert abs(budget.limit() - (0.100 * SETPOINT - 0.020) / 0.0005) <= 2
+    slow = PrefillBudget(max_itl_ms=100, max_tokens=512)
+    for _ in range(30):
+        slow.observe(slow.limit(), 0.150 + 0.0005 * slow.limit())  # decode alone is over the target
+    assert slow.limit() == MIN_CHUNK
+    assert PrefillBudget(max_itl_ms=0, max_tokens=512).limit() == 512  # off
