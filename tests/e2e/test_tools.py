@@ -150,9 +150,26 @@ def test_bad_tool_messages_get_a_400(server: RunningServer) -> None:
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_qwen_calls_with_its_own_tool_tokens() -> None:
+def test_qwen_calls_with_its_own_tool_tokens_through_every_client() -> None:
+    """Qwen2.5-Coder-0.5B from the real-model set (its template's own <tool_call> tokens) behind a real
+    server: the same checks the embedded model passes, through the openai, anthropic, Agents SDK,
+    LangChain, LiteLLM and instructor clients."""
+    import anthropic
+    from agents import OpenAIResponsesModel
+    from langchain_openai import ChatOpenAI
+
+    from tests.e2e import test_agents_sdk, test_anthropic, test_langchain, test_litellm_instructor, test_responses
     from tests.parity.test_real_models import fetch
 
     path = fetch("qwen2.5-coder-0.5b")
     with serve(engine_loader(str(path)), served_model_name=(MODEL,)) as qwen:
-        exchange(qwen, openai.OpenAI(base_url=f"{qwen.base_url}/v1", api_key="unused", max_retries=0))
+        client = openai.OpenAI(base_url=f"{qwen.base_url}/v1", api_key="unused", max_retries=0)
+        exchange(qwen, client)
+        test_responses.test_function_calls_and_outputs(client)
+        test_anthropic.test_tool_use_and_tool_result(anthropic.Anthropic(base_url=qwen.base_url, api_key="-"))
+        test_agents_sdk.test_agent_calls_a_tool_and_answers(OpenAIResponsesModel, qwen)
+        llm = ChatOpenAI(base_url=f"{qwen.base_url}/v1", api_key="-", model=MODEL, temperature=0, max_retries=0)
+        test_langchain.test_bind_tools_whole_and_streamed(llm)
+        test_langchain.test_with_structured_output(llm, "json_schema")
+        test_litellm_instructor.test_litellm_tools_plain_and_streamed_alike(qwen)
+        test_litellm_instructor.test_instructor_typed_outputs(qwen, "TOOLS")
