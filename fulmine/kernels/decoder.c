@@ -18,20 +18,32 @@ AVX2 static float dot_avx2(const float *a, const float *b, int n) {
     return s;
 }
 
+/* eight vectors -> one vector of their eight horizontal sums (lane i: the sum of v[i]) */
+AVX2 static inline __m256 hsum8x8(const __m256 v[8]) {
+    __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+    __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3); /* per 128-bit half: sums of 0-3, 4-7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* eight positions at a time: eight accumulators, one per key row, reduced together (no horizontal
+ * sum per position) */
 AVX2 static void scores_avx2(const float *q, const float *base, const int64_t *offs, int n, int D, float scale, float *out) {
-    if (D % 16) {
-        for (int i = 0; i < n; i++) out[i] = dot_avx2(q, base + offs[i], D) * scale;
-        return;
-    }
-    for (int i = 0; i < n; i++) {
-        const float *k = base + offs[i];
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (int d = 0; d < D; d += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(k + d + 8), a1);
+    int i = 0;
+    if (D % 8 == 0) {
+        __m256 vs = _mm256_set1_ps(scale);
+        for (; i + 8 <= n; i += 8) {
+            const float *k[8];
+            __m256 acc[8];
+            for (int r = 0; r < 8; r++) k[r] = base + offs[i + r], acc[r] = _mm256_setzero_ps();
+            for (int d = 0; d < D; d += 8) {
+                __m256 qd = _mm256_loadu_ps(q + d);
+                for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k[r] + d), acc[r]);
+            }
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(hsum8x8(acc), vs));
         }
-        out[i] = hsum256(_mm256_add_ps(a0, a1)) * scale;
     }
+    for (; i < n; i++) out[i] = dot_avx2(q, base + offs[i], D) * scale;
 }
 
 /* the output row stays in registers (up to 64 floats at a time) across every position */
@@ -158,9 +170,13 @@ static void attention_task(void *ctx, int chunk, int nchunks) {
         int t = task / j->nh, h = task % j->nh, g = h / group, p = j->pos[t];
         const int32_t *table = j->tables + (size_t)j->seq[t] * j->max_blocks;
         int lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n = p - lo + 1;
-        if (task == first || h % group == 0) /* the previous task had the same token and KV head otherwise */
-            for (int c = lo; c <= p; c++)
-                offs[c - lo] = (((int64_t)table[c / j->bs] * j->bs + c % j->bs) * j->nkv + g) * D;
+        if (task == first || h % group == 0) { /* the previous task had the same token and KV head otherwise */
+            int b = lo / j->bs, r = lo % j->bs; /* block and slot of position c, walked without dividing */
+            for (int c = lo; c <= p; c++) {
+                offs[c - lo] = (((int64_t)table[b] * j->bs + r) * j->nkv + g) * D;
+                if (++r == j->bs) r = 0, b++;
+            }
+        }
         ATT.scores(j->q + ((size_t)t * j->nh + h) * D, kc, offs, n, D, j->scale, scores);
         ATT.softmax(scores, n);
         ATT.wsum(j->out + ((size_t)t * j->nh + h) * D, scores, vc, offs, n, D);
