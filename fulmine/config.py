@@ -99,6 +99,13 @@ class EngineConfig:
         "memory budget for the KV cache; default 1 GB, raised to one full context when that needs more "
         "(on the CPU pages become resident only as the cache fills)",
     )
+    kv_cache_dtype: str = _opt(
+        "auto",
+        "keys and values in the cache: auto is float16 on the CPU (half the bytes each decode step reads "
+        "at long context, and twice the tokens in the same memory; llama.cpp's default too) unless full "
+        "precision was asked for (--weight-dtype float32 or --exact-kernels), else the activation dtype; or "
+        "float32, float16, bfloat16",
+    )
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of earlier requests with the same prefix")
     device: str = _opt("auto", "auto picks cuda when available, else cpu")
     dtype: str = _opt("auto", "activations: auto is float32 on cpu, bfloat16 on cuda")
@@ -139,6 +146,10 @@ class EngineConfig:
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
             (self.max_itl_ms >= 0, "max_itl_ms must be >= 0"),
+            (
+                self.kv_cache_dtype in ("auto", "float32", "float16", "bfloat16"),
+                "kv_cache_dtype must be auto, float32, float16 or bfloat16",
+            ),
             (self.block_size >= 1, "block_size must be >= 1"),
             (self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0"),
             (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),

@@ -22,7 +22,7 @@ from fulmine.engine.outputs import ModelRunnerOutput, RequestMetrics, RequestOut
 from fulmine.engine.scheduler import Scheduler, draft_room
 from fulmine.engine.step import SequenceStep, StepBatch
 from fulmine.kv_cache import KVCacheManager
-from fulmine.kv_cache.sizing import fit_max_model_len, kv_cache_blocks, kv_cache_bytes_per_token
+from fulmine.kv_cache.sizing import fit_max_model_len, kv_cache_blocks, kv_cache_bytes_per_token, kv_cache_dtype
 from fulmine.layers.linear import Embedding, Linear
 from fulmine.models.loader import load_model
 from fulmine.models.source import resolve
@@ -51,7 +51,8 @@ class LLMEngine:
         self.source = resolve(model)
         model_config = self.source.config
         self.model_config = model_config
-        bytes_per_token = kv_cache_bytes_per_token(model_config, dtype)
+        kv_dtype = kv_cache_dtype(config, device, dtype, weight_dtype)
+        bytes_per_token = kv_cache_bytes_per_token(model_config, kv_dtype)
         self.max_model_len = fit_max_model_len(config, model_config, bytes_per_token, device)
         if self.max_model_len > model_config.max_position_embeddings:
             raise ConfigError(
@@ -93,6 +94,7 @@ class LLMEngine:
             config.exact_kernels,
             config.executor,
             config.max_num_seqs,
+            kv_dtype,
         )
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.grammars = Grammars(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
@@ -120,8 +122,7 @@ class LLMEngine:
         if params.structured is not None:
             self.matchers[request_id] = self.grammars.matcher(params.structured)
             self.num_constrained += 1
-        if arrival_time is not None:
-            request.arrival_time = arrival_time
+        request.arrival_time = request.arrival_time if arrival_time is None else arrival_time
         self.scheduler.add_request(request)
         self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         return request_id
@@ -130,11 +131,8 @@ class LLMEngine:
         """Raise ConfigError if the request cannot run as asked (thread-safe: reads only)."""
         if not prompt_ids:
             raise ConfigError("the prompt is empty")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ConfigError(
-                f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len} "
-                "(prompt plus at least one generated token)"
-            )
+        if len(prompt_ids) >= self.max_model_len:  # the prompt plus at least one generated token
+            raise ConfigError(f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len}")
         vocab = self.model_config.vocab_size
         for name, token_ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
             bad = [t for t in token_ids if not 0 <= t < vocab]

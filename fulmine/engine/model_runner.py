@@ -32,10 +32,13 @@ class ModelRunner:
         exact_kernels: bool = False,
         executor: str = "auto",
         max_num_seqs: int = 64,
+        kv_dtype: torch.dtype | None = None,  # the KV cache's element type (default: dtype)
     ) -> None:
         self.model, self.config = model, model.config
         self.device, self.block_size = device, block_size
-        self.state = allocate_model_state(model, num_blocks, block_size, max_model_len, device, dtype, exact_kernels)
+        self.state = allocate_model_state(
+            model, num_blocks, block_size, max_model_len, device, dtype, exact_kernels, kv_dtype or dtype
+        )
         self.kv_caches = self.state.kv_caches
         self.executors: list[Executor] = make_executors(self.state, executor, max_num_seqs)
         self.sampler = Sampler(device, seed)

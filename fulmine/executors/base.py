@@ -55,6 +55,7 @@ def allocate_model_state(
     device: torch.device,
     dtype: torch.dtype,
     exact_kernels: bool,
+    kv_dtype: torch.dtype | None = None,
 ) -> ModelState:
     config = model.config
     null_slot = num_blocks * block_size
@@ -63,8 +64,8 @@ def allocate_model_state(
     for _ in range(config.num_layers):
         # uninitialized: on the CPU pages become resident only as blocks are used
         k_cache, v_cache = (
-            torch.empty(shape, dtype=dtype, device=device),
-            torch.empty(shape, dtype=dtype, device=device),
+            torch.empty(shape, dtype=kv_dtype or dtype, device=device),
+            torch.empty(shape, dtype=kv_dtype or dtype, device=device),
         )
         k_cache[null_slot:].zero_()
         v_cache[null_slot:].zero_()

@@ -94,10 +94,10 @@ def _matrix(linear: Linear) -> list[tuple[int, int]] | None:
     return [(base + offset * row_bytes, qtype) for offset in offsets]
 
 
-def _pointer(tensor: torch.Tensor | None) -> int:
+def _pointer(tensor: torch.Tensor | None, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> int:
     if tensor is None:
         return 0
-    assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+    assert tensor.dtype in dtypes and tensor.is_contiguous()
     return tensor.data_ptr()
 
 
@@ -109,6 +109,8 @@ def unsupported_reason(state: ModelState) -> str | None:
         return "the C kernels are not built"
     if state.device.type != "cpu" or state.dtype != torch.float32:
         return "fused steps run on the CPU with float32 activations"
+    if state.kv_caches[0][0].dtype not in (torch.float32, torch.float16):
+        return "fused steps read float32 or float16 KV caches"
     if config.head_dim % 2 or config.hidden_size % 32 or config.intermediate_size % 32:
         return "dimensions the kernel does not tile"
     for layer in model.layers:
@@ -161,13 +163,14 @@ class FusedDecoder:
                     _pointer(pre_mlp),
                     *[field for shard in gate_up for field in shard],
                     *down[0],
-                    _pointer(k_cache),
-                    _pointer(v_cache),
+                    _pointer(k_cache, (torch.float32, torch.float16)),
+                    _pointer(v_cache, (torch.float32, torch.float16)),
                     config.sliding_window if sliding and config.sliding_window else 0,
                     _pointer(rope.cos),
                     _pointer(rope.sin),
                     _pointer(attn_out),
                     _pointer(mlp_out),
+                    int(k_cache.dtype == torch.float16),  # else float32
                 ]
             )
         assert len(rows[0]) == module.info()["layer_fields"]

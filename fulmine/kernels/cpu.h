@@ -69,7 +69,7 @@ void dequantize(Mat w, void *out, int bf16); /* W -> float32 or bfloat16 [N, K],
 enum {
     L_IN_NORM, L_Q, L_Q_TYPE, L_K, L_K_TYPE, L_V, L_V_TYPE, L_QKV_BIAS, L_Q_NORM, L_K_NORM, L_O, L_O_TYPE, L_O_BIAS,
     L_POST_NORM, L_GATE, L_GATE_TYPE, L_UP, L_UP_TYPE, L_DOWN, L_DOWN_TYPE, L_K_CACHE, L_V_CACHE, L_WINDOW, L_COS,
-    L_SIN, L_ATTN_OUT_NORM, L_FFN_OUT_NORM, L_FIELDS
+    L_SIN, L_ATTN_OUT_NORM, L_FFN_OUT_NORM, L_KV_HALF, L_FIELDS
 };
 int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *final_norm, const int32_t *pos,
                     const int32_t *seq, const int32_t *tables, int max_blocks, const int *dims, float eps, float scale,

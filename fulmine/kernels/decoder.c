@@ -65,6 +65,61 @@ AVX2 static void wsum_avx2(float *o, const float *w, const float *base, const in
     }
 }
 
+/* the same two over a float16 cache (F16C widens eight values a load) */
+AVX2 static inline __m256 load_half8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+AVX2 static void scores_half_avx2(const float *q, const uint16_t *base, const int64_t *offs, int n, int D, float scale,
+                                  float *out) {
+    int i = 0;
+    if (D % 8 == 0) {
+        __m256 vs = _mm256_set1_ps(scale);
+        for (; i + 8 <= n; i += 8) {
+            const uint16_t *k[8];
+            __m256 acc[8];
+            for (int r = 0; r < 8; r++) k[r] = base + offs[i + r], acc[r] = _mm256_setzero_ps();
+            for (int d = 0; d < D; d += 8) {
+                __m256 qd = _mm256_loadu_ps(q + d);
+                for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qd, load_half8(k[r] + d), acc[r]);
+            }
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(hsum8x8(acc), vs));
+        }
+    }
+    for (; i < n; i++) {
+        const uint16_t *k = base + offs[i];
+        float s = 0.f;
+        for (int d = 0; d < D; d++) s += q[d] * _cvtsh_ss(k[d]);
+        out[i] = s * scale;
+    }
+}
+
+AVX2 static void wsum_half_avx2(float *o, const float *w, const uint16_t *base, const int64_t *offs, int n, int D) {
+    if (D % 8) {
+        memset(o, 0, sizeof(float) * D);
+        for (int i = 0; i < n; i++)
+            for (int d = 0; d < D; d++) o[d] += w[i] * _cvtsh_ss(base[offs[i] + d]);
+        return;
+    }
+    for (int d0 = 0; d0 < D; d0 += 64) {
+        int lanes = (D - d0 < 64 ? D - d0 : 64) / 8;
+        __m256 acc[8];
+        for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
+        for (int i = 0; i < n; i++) {
+            const uint16_t *v = base + offs[i] + d0;
+            __m256 wi = _mm256_set1_ps(w[i]);
+            for (int u = 0; u < lanes; u++) acc[u] = _mm256_fmadd_ps(wi, load_half8(v + 8 * u), acc[u]);
+        }
+        for (int u = 0; u < lanes; u++) _mm256_storeu_ps(o + d0 + 8 * u, acc[u]);
+    }
+}
+
+/* float32 rows -> float16, rounded to nearest even (as PyTorch's .to(float16)) */
+AVX2 static void to_half_avx2(uint16_t *dst, const float *src, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
 /* scores -> probabilities in place: exp(s - max) / sum, eight at a time */
 AVX2 static void softmax_avx2(float *s, int n) {
     __m256 vm = _mm256_set1_ps(-INFINITY);
@@ -108,6 +163,45 @@ static void wsum_scalar(float *o, const float *w, const float *base, const int64
     for (int i = 0; i < n; i++) axpy_scalar(o, w[i], base + offs[i], D);
 }
 
+static uint16_t float_to_half(float f) { /* round to nearest even; overflow to inf, NaN kept */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, e = (x >> 23) & 0xff, m = x & 0x7fffff;
+    if (e == 0xff) return (uint16_t)(sign | 0x7c00 | (m ? 0x200 : 0));
+    int exp = (int)e - 127 + 15;
+    if (exp >= 31) return (uint16_t)(sign | 0x7c00);
+    if (exp <= 0) { /* subnormal or zero */
+        if (exp < -10) return (uint16_t)sign;
+        m |= 0x800000;
+        int shift = 14 - exp;
+        uint32_t half = m >> shift, rest = m & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rest > mid || (rest == mid && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = ((uint32_t)exp << 10) | (m >> 13), rest = m & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) half++; /* may carry into the exponent: right */
+    return (uint16_t)(sign | half);
+}
+
+static void to_half_scalar(uint16_t *dst, const float *src, int n) {
+    for (int i = 0; i < n; i++) dst[i] = float_to_half(src[i]);
+}
+
+static void scores_half_scalar(const float *q, const uint16_t *base, const int64_t *offs, int n, int D, float scale,
+                               float *out) {
+    for (int i = 0; i < n; i++) {
+        float s = 0.f;
+        for (int d = 0; d < D; d++) s += q[d] * fulmine_half_to_float(base[offs[i] + d]);
+        out[i] = s * scale;
+    }
+}
+
+static void wsum_half_scalar(float *o, const float *w, const uint16_t *base, const int64_t *offs, int n, int D) {
+    memset(o, 0, sizeof(float) * D);
+    for (int i = 0; i < n; i++)
+        for (int d = 0; d < D; d++) o[d] += w[i] * fulmine_half_to_float(base[offs[i] + d]);
+}
+
 static void softmax_scalar(float *s, int n) {
     float mx = -INFINITY, sum = 0.f;
     for (int i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
@@ -122,8 +216,11 @@ static struct {
     void (*scores)(const float *, const float *, const int64_t *, int, int, float, float *);
     void (*wsum)(float *, const float *, const float *, const int64_t *, int, int);
     void (*softmax)(float *, int);
+    void (*scores_half)(const float *, const uint16_t *, const int64_t *, int, int, float, float *);
+    void (*wsum_half)(float *, const float *, const uint16_t *, const int64_t *, int, int);
+    void (*to_half)(uint16_t *, const float *, int);
     int level;
-} ATT = {scores_scalar, wsum_scalar, softmax_scalar, -1};
+} ATT = {scores_scalar, wsum_scalar, softmax_scalar, scores_half_scalar, wsum_half_scalar, to_half_scalar, -1};
 
 static void choose_attention_kernels(void) {
     if (ATT.level == kernels_level()) return;
@@ -133,6 +230,9 @@ static void choose_attention_kernels(void) {
         ATT.scores = scores_avx2;
         ATT.wsum = wsum_avx2;
         ATT.softmax = softmax_avx2;
+        ATT.scores_half = scores_half_avx2;
+        ATT.wsum_half = wsum_half_avx2;
+        ATT.to_half = to_half_avx2;
     }
 #endif
 }
@@ -158,7 +258,7 @@ typedef struct {
 static void attention_task(void *ctx, int chunk, int nchunks) {
     AttnJob *j = (AttnJob *)ctx;
     const float *kc = (const float *)(intptr_t)j->layer[L_K_CACHE], *vc = (const float *)(intptr_t)j->layer[L_V_CACHE];
-    int window = (int)j->layer[L_WINDOW], D = j->D, group = j->nh / j->nkv;
+    int window = (int)j->layer[L_WINDOW], D = j->D, group = j->nh / j->nkv, half = (int)j->layer[L_KV_HALF];
     /* per chunk: a score row and the context's row offsets into the cache */
     float *scores = j->scores + (size_t)chunk * j->max_ctx * 3;
     int64_t *offs = (int64_t *)(scores + j->max_ctx);
@@ -177,9 +277,17 @@ static void attention_task(void *ctx, int chunk, int nchunks) {
                 if (++r == j->bs) r = 0, b++;
             }
         }
-        ATT.scores(j->q + ((size_t)t * j->nh + h) * D, kc, offs, n, D, j->scale, scores);
-        ATT.softmax(scores, n);
-        ATT.wsum(j->out + ((size_t)t * j->nh + h) * D, scores, vc, offs, n, D);
+        const float *q = j->q + ((size_t)t * j->nh + h) * D;
+        float *o = j->out + ((size_t)t * j->nh + h) * D;
+        if (half) {
+            ATT.scores_half(q, (const uint16_t *)kc, offs, n, D, j->scale, scores);
+            ATT.softmax(scores, n);
+            ATT.wsum_half(o, scores, (const uint16_t *)vc, offs, n, D);
+        } else {
+            ATT.scores(q, kc, offs, n, D, j->scale, scores);
+            ATT.softmax(scores, n);
+            ATT.wsum(o, scores, vc, offs, n, D);
+        }
     }
 }
 
@@ -271,8 +379,13 @@ int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *
             }
             const int32_t *table = tables + (size_t)seq[t] * max_blocks;
             int64_t slot = (int64_t)table[pos[t] / bs] * bs + pos[t] % bs;
-            memcpy(kc + slot * nkv * D, row + (size_t)nh * D, sizeof(float) * nkv * D);
-            memcpy(vc + slot * nkv * D, row + (size_t)(nh + nkv) * D, sizeof(float) * nkv * D);
+            if (ly[L_KV_HALF]) { /* the cache holds float16: each value written rounded, as PyTorch rounds */
+                ATT.to_half((uint16_t *)kc + slot * nkv * D, row + (size_t)nh * D, nkv * D);
+                ATT.to_half((uint16_t *)vc + slot * nkv * D, row + (size_t)(nh + nkv) * D, nkv * D);
+            } else {
+                memcpy(kc + slot * nkv * D, row + (size_t)nh * D, sizeof(float) * nkv * D);
+                memcpy(vc + slot * nkv * D, row + (size_t)(nh + nkv) * D, sizeof(float) * nkv * D);
+            }
         }
         for (int t = 0; t < T; t++) memcpy(att + (size_t)t * nh * D, qkv + (size_t)t * qkv_n, sizeof(float) * nh * D);
         /* queries are copied out so the attention job reads them densely; the output goes to tmp rows */

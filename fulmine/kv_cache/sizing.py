@@ -13,6 +13,19 @@ logger = logging.getLogger("fulmine.kv_cache")
 MAX_CONTEXT_SHARE = 0.5
 
 
+def kv_cache_dtype(
+    config: EngineConfig, device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype
+) -> torch.dtype:
+    """The cache's element type: --kv-cache-dtype, else float16 on the CPU (the activations' dtype when
+    full precision was asked for: float32 weights, or exact kernels, which promise a dequantized
+    reference to rounding), else the activations' dtype."""
+    chosen = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.kv_cache_dtype)
+    if chosen is not None:
+        return chosen
+    full_precision = config.exact_kernels or weight_dtype == torch.float32
+    return torch.float16 if device.type == "cpu" and not full_precision else dtype
+
+
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element

@@ -1,6 +1,7 @@
 """Paged attention in plain PyTorch: write the step's keys/values into the cache, then attend.
 
-The cache of one layer is two tensors shaped [num_slots, num_kv_heads, head_dim], where a slot is
+The cache of one layer is two tensors shaped [num_slots, num_kv_heads, head_dim] (float16 on the CPU
+by default: written rounded, read back widened), where a slot is
 `block_id * block_size + offset`. `AttentionMetadata` is built once per step by the model runner
 and shared by every layer; it picks one of three layouts:
 - fresh: one sequence with no cached context, so keys/values are the step's own (causal SDPA);
@@ -40,8 +41,10 @@ def paged_attention(
 ) -> torch.Tensor:
     """Returns [num_tokens, num_heads * head_dim]."""
     num_tokens = q.shape[0]
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    if k_cache.dtype != q.dtype:  # a narrower cache: attend over the values as it holds them, so a prompt
+        k, v = k.to(k_cache.dtype).to(q.dtype), v.to(v_cache.dtype).to(q.dtype)  # whole == in chunks
 
     if meta.is_fresh:
         out = F.scaled_dot_product_attention(
@@ -57,6 +60,7 @@ def paged_attention(
         assert meta.kv_slots is not None
         keys = k_cache[meta.kv_slots].transpose(1, 2)  # [num_seqs, num_kv_heads, context, head_dim]
         values = v_cache[meta.kv_slots].transpose(1, 2)
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # (no copy when the cache has q's type)
 
     if meta.query_index is None:  # one sequence: no padding
         out = F.scaled_dot_product_attention(

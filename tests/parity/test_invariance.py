@@ -22,10 +22,18 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 SMALL_KV = {"kv_cache_memory_gb": 20 * 4 * 512 / 2**30, "max_model_len": 64, "block_size": 4}
 
 
-@pytest.fixture(scope="module", params=["cpu-fused", "torch", "graph-eager"])
+@pytest.fixture(scope="module", params=["cpu-fused", "torch", "graph-eager", "cpu-fused/float16", "torch/float16"])
 def make_llm(tiny_llama, request):
+    """Per executor, with the float32 KV cache these float32 tests default to; the CPU executors
+    also with the float16 cache the CPU serves with by default."""
+    executor, _, kv = request.param.partition("/")
+
     def make(**engine_args) -> LLM:
-        args = dict(dtype="float32", weight_dtype="float32", progress=False, executor=request.param) | engine_args
+        args = dict(dtype="float32", weight_dtype="float32", progress=False, executor=executor) | engine_args
+        if kv:
+            args["kv_cache_dtype"] = kv
+            if "kv_cache_memory_gb" in args:  # the same number of blocks at half the bytes a token
+                args["kv_cache_memory_gb"] /= 2
         return LLM(str(tiny_llama), **args)
 
     return make
