@@ -24,6 +24,7 @@ METRICS = [
     ("decode_tok_s_t1.0", "  temperature 1.0", True),
     ("decode_tok_s_t0.7-p0.9", "  temperature 0.7, top_p 0.9", True),
     ("decode_tok_s_chain", "  llama.cpp chain k40 p.95 m.05 t.8", True),
+    ("decode_tok_s_code", "decode tok/s, a code edit (greedy)", True),
     ("decode_tok_s_deep", "decode tok/s after --depth tokens", True),
     ("ttft_long_s", "TTFT 512-token prompt (s)", False),
     ("prefill_tok_s", "prefill tok/s", True),
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--depth", type=int, default=0, help="also decode after a prompt this long (e.g. 4096)")
+    parser.add_argument("--decode-tokens", type=int, default=256, help="tokens of each timed story decode")
     args = parser.parse_args()
     if args.model is None:
         from fulmine.models.source import default_model_path
@@ -61,6 +63,8 @@ def main() -> None:
                 str(rep),
                 "--depth",
                 str(args.depth),
+                "--decode-tokens",
+                str(args.decode_tokens),
             ]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:

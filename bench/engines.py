@@ -223,6 +223,7 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=512)
     parser.add_argument("--salt", type=int, default=0)
     parser.add_argument("--depth", type=int, default=0, help="also decode 64 tokens after a prompt this long")
+    parser.add_argument("--code-tokens", type=int, default=160, help="decoded of the code-edit answer (greedy)")
     args = parser.parse_args()
     started = time.perf_counter()
     engine: Engine
@@ -268,6 +269,11 @@ def main() -> None:
         "ttft_chat_s": chat_ttft,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    # a code edit: the answer repeats most of the prompt (where prompt-lookup drafting pays)
+    from fulmine.benchmark.workloads import workload
+
+    code_prompt = engine.chat_prompt(f"[{args.salt}] " + workload("code").prompts[0][0]["content"])
+    _, result["decode_tok_s_code"] = time_stream(engine, code_prompt, args.code_tokens)
     if args.depth:  # decode with a long context behind it (attention reads it all each token)
         _, result["decode_tok_s_deep"] = time_stream(
             engine, long_prompt(engine.tokenize, args.depth, args.salt + 1), 64
