@@ -21,8 +21,6 @@ from fulmine.request import Request, SamplingParams
 
 
 class DraftModelProposer:
-    free = False  # each drafted token is a forward of the draft model
-
     def __init__(
         self,
         path: str,

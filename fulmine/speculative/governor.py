@@ -6,18 +6,14 @@ Two measurements drive it:
   one-token "shadow" proposal each step, scored against the token the model then produces, so
   the estimate stays current without paying for verification.
 - cost: step time as a line in the number of tokens the step computes (t = t0 + t1 * tokens),
-  fitted online by weighted least squares over the engine's decode steps; and, for a proposer that
-  runs a model (draft.py), its own seconds per drafted token (td), timed as it proposes.
+  fitted online by weighted least squares over the engine's decode steps.
 With per-token acceptance a, drafting k tokens yields (1 - a^(k+1)) / (1 - a) tokens for one
-step costing t0 + t1 * (batch + k) + td * k; the governor picks the k (0 included) with the most
-tokens per second for the batch, so a request whose drafts are rarely accepted stops drafting.
-A proposer that is not free makes its one-token shadow proposal only every SHADOW_EVERY steps
-while drafting is off (the n-gram lookup costs nothing and shadows every step).
+step costing t0 + t1 * (batch + k); the governor picks the k (0 included) with the most tokens
+per second for the batch, so a request whose drafts are rarely accepted stops drafting.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,8 +23,6 @@ from fulmine.speculative.ngram import NgramProposer
 
 class Proposer(Protocol):
     """Where drafts come from: n-gram lookup (ngram.py) or a draft model (draft.py)."""
-
-    free: bool  # proposing costs next to nothing (a lookup), not a forward pass
 
     def propose(self, request_id: str, tokens: list[int], k: int) -> list[int]: ...
 
@@ -43,7 +37,6 @@ PRIOR_COST_RATIO = 0.5
 MIN_GAIN = 1.1
 ACCEPTANCE_DECAY = 0.9  # weight of a request's older acceptance evidence per observation
 COST_DECAY = 0.98  # weight of older steps in the cost fit
-SHADOW_EVERY = 8  # a costly proposer's shadow proposal while drafting is off: one step in this many
 
 
 @dataclass
@@ -52,7 +45,6 @@ class _Acceptance:
     rejected: float = 1.0
     pending: list[int] | None = None  # this step's proposal (drafted or shadow)
     drafted: bool = False
-    quiet_steps: int = 0  # steps since the last proposal (a costly proposer shadows only now and then)
 
     @property
     def rate(self) -> float:
@@ -74,32 +66,18 @@ class _CostFit:
         self.n, self.x, self.y = self.n * d + 1, self.x * d + tokens, self.y * d + seconds
         self.xx, self.xy = self.xx * d + tokens * tokens, self.xy * d + tokens * seconds
 
-    def _line(self) -> tuple[float, float] | None:
-        """(slope, intercept) of the fit, or None while it is not identified."""
-        if self.n < 4:
-            return None
-        variance = self.xx / self.n - (self.x / self.n) ** 2
-        if variance < 0.1:  # all steps the same size: the slope is not identified
-            return None
-        slope = (self.xy / self.n - self.x / self.n * self.y / self.n) / variance
-        return slope, self.y / self.n - slope * self.x / self.n
-
     def ratio(self) -> float:
         """t1 / t0: the cost of one more token relative to a step's fixed cost."""
-        line = self._line()
-        if line is None:
+        if self.n < 4:
             return PRIOR_COST_RATIO
-        slope, intercept = line
+        variance = self.xx / self.n - (self.x / self.n) ** 2
+        if variance < 0.1:  # all steps the same size: the slope is not identified
+            return PRIOR_COST_RATIO
+        slope = (self.xy / self.n - self.x / self.n * self.y / self.n) / variance
+        intercept = self.y / self.n - slope * self.x / self.n
         if intercept <= 0:
             return 1e9  # no fixed cost at all: a step's time is all per token, drafting cannot pay
         return max(slope, 0.0) / intercept
-
-    def fixed_seconds(self) -> float | None:
-        """t0, a step's fixed cost: the fit's intercept, or while it is not identified the mean step."""
-        line = self._line()
-        if line is not None and line[1] > 0:
-            return line[1]
-        return self.y / self.n if self.n else None
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -115,7 +93,6 @@ class Governor:
         self.cost = _CostFit()
         self.num_drafted = 0  # totals, for metrics
         self.num_accepted = 0
-        self.draft_seconds = self.draft_tokens = 0.0  # the proposer's own time and tokens (decayed)
         self.always_draft = False  # tests: draft whatever the proposer offers, to exercise verification
 
     def drafts(self, request: Request, limit: int, batch_size: int) -> list[int]:
@@ -129,17 +106,7 @@ class Governor:
         limit = min(limit, self.max_drafts)
         # k first: a draft model pays per drafted token (off, it still drafts one, to score it)
         k = self.choose(state.rate, limit, batch_size)
-        state.quiet_steps += 1
-        if k == 0 and not self.proposer.free and state.quiet_steps < SHADOW_EVERY:
-            state.pending, state.drafted = None, False
-            return []
-        state.quiet_steps = 0
-        started = time.perf_counter()
         proposal = self.proposer.propose(request.request_id, request.all_token_ids, max(k, 1))
-        if not self.proposer.free and proposal:
-            d = COST_DECAY
-            self.draft_seconds = self.draft_seconds * d + time.perf_counter() - started
-            self.draft_tokens = self.draft_tokens * d + len(proposal)
         k = min(k, len(proposal))
         state.pending, state.drafted = (proposal[:k], True) if k else (proposal[:1], False)
         return proposal[:k]
@@ -154,20 +121,12 @@ class Governor:
         if self.always_draft:
             return available
         ratio = self.cost.ratio()
-        draft = self.draft_cost()
 
         def tokens_per_cost(k: int) -> float:
-            return (batch_size - 1 + expected_tokens(acceptance, k)) / (1 + ratio * (batch_size + k) + draft * k)
+            return (batch_size - 1 + expected_tokens(acceptance, k)) / (1 + ratio * (batch_size + k))
 
         best = max(range(available + 1), key=tokens_per_cost)
         return best if tokens_per_cost(best) >= MIN_GAIN * tokens_per_cost(0) else 0
-
-    def draft_cost(self) -> float:
-        """The proposer's seconds per drafted token over a step's fixed cost t0 (0 for a free one)."""
-        t0 = self.cost.fixed_seconds()
-        if self.proposer.free or not self.draft_tokens or not t0:
-            return 0.0
-        return self.draft_seconds / self.draft_tokens / t0
 
     def observe(self, request_id: str, new_tokens: list[int]) -> None:
         """The tokens a request gained this step, scored against what was proposed for it."""

@@ -30,8 +30,6 @@ class NgramIndex:
 
 
 class NgramProposer:
-    free = True  # a lookup in the request's own tokens
-
     def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
         self.min_n, self.max_n = min_n, max_n
         self.indexes: dict[str, NgramIndex] = {}

@@ -25,8 +25,6 @@ class OracleProposer:
     """Drafts the true greedy continuation (from a run without speculation), every other proposal
     with its third token wrong, so verification both accepts and rejects in every batch shape."""
 
-    free = True
-
     def __init__(self, continuations: dict[tuple[int, ...], list[int]]) -> None:
         self.continuations = continuations
         self.calls = 0

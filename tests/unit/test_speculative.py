@@ -64,49 +64,6 @@ def test_governor_does_not_draft_when_verification_is_expensive() -> None:
     assert governor.drafts(repetitive, 4, 1) == []
 
 
-class CostlyProposer:
-    """A draft model stand-in: proposes the true continuation, taking `seconds` a drafted token."""
-
-    free = False
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds, self.calls = seconds, 0
-
-    def propose(self, request_id: str, tokens: list[int], k: int) -> list[int]:
-        import time
-
-        self.calls += 1
-        time.sleep(self.seconds * k)
-        return [tokens[len(tokens) % 4]] * k
-
-    def release(self, request_id: str) -> None:
-        pass
-
-
-def test_governor_counts_what_a_draft_model_costs() -> None:
-    """Drafts that verification would pay for are not worth it when drafting each costs as much as a
-    step; drafting off, such a proposer shadows one step in SHADOW_EVERY, not every step."""
-    from fulmine.speculative.governor import SHADOW_EVERY
-
-    for seconds, drafting in ((0.0005, True), (0.02, False)):
-        proposer = CostlyProposer(seconds)
-        governor = Governor(4, proposer)
-        for _ in range(20):  # steps cost 10 ms + 1 ms per token
-            governor.record_step(1, 0.011)
-            governor.record_step(5, 0.015)
-        repetitive = request([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3])
-        drafted = []
-        for _ in range(16):  # drafts right 70 % of the time
-            drafts = governor.drafts(repetitive, 4, 1)
-            drafted.append(len(drafts))
-            governor.observe("r", [*drafts[:2], 99])
-        assert (drafted[-1] > 0) == drafting, (seconds, drafted)
-    calls = proposer.calls
-    for _ in range(2 * SHADOW_EVERY):
-        governor.drafts(repetitive, 4, 1)
-    assert proposer.calls - calls == 2  # shadows only now and then
-
-
 def test_governor_skips_requests_it_would_change() -> None:
     governor = Governor(4)
     governor.always_draft = True
