@@ -256,7 +256,7 @@ def _kill_engine_once(running: RunningServer) -> None:
     scheduler = running.engine.scheduler
     original = scheduler.schedule
 
-    def schedule():  # type: ignore[no-untyped-def]
+    def schedule(*args, **kwargs):  # type: ignore[no-untyped-def]
         scheduler.schedule = original  # type: ignore[method-assign]
         raise RuntimeError("injected engine bug")
 
