@@ -26,77 +26,51 @@ AVX2 static inline __m256 hsum8x8(const __m256 v[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* eight values of a cache row from element e on: float32, or float16 widened by F16C */
+AVX2 INLINE __m256 load8(const void *base, int64_t e, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + e)))
+                : _mm256_loadu_ps((const float *)base + e);
+}
+
 /* eight positions at a time: eight accumulators, one per key row, reduced together (no horizontal
- * sum per position) */
-AVX2 static void scores_avx2(const float *q, const float *base, const int64_t *offs, int n, int D, float scale, float *out) {
+ * sum per position). One body for both cache types: `half` is a constant at each call. */
+AVX2 INLINE void scores_rows(const float *q, const void *base, const int64_t *offs, int n, int D, float scale,
+                             float *out, int half) {
     int i = 0;
     if (D % 8 == 0) {
         __m256 vs = _mm256_set1_ps(scale);
         for (; i + 8 <= n; i += 8) {
-            const float *k[8];
             __m256 acc[8];
-            for (int r = 0; r < 8; r++) k[r] = base + offs[i + r], acc[r] = _mm256_setzero_ps();
+            for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
             for (int d = 0; d < D; d += 8) {
                 __m256 qd = _mm256_loadu_ps(q + d);
-                for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k[r] + d), acc[r]);
-            }
-            _mm256_storeu_ps(out + i, _mm256_mul_ps(hsum8x8(acc), vs));
-        }
-    }
-    for (; i < n; i++) out[i] = dot_avx2(q, base + offs[i], D) * scale;
-}
-
-/* the output row stays in registers (up to 64 floats at a time) across every position */
-AVX2 static void wsum_avx2(float *o, const float *w, const float *base, const int64_t *offs, int n, int D) {
-    if (D % 8) {
-        wsum_scalar(o, w, base, offs, n, D);
-        return;
-    }
-    for (int d0 = 0; d0 < D; d0 += 64) {
-        int lanes = (D - d0 < 64 ? D - d0 : 64) / 8;
-        __m256 acc[8];
-        for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
-        for (int i = 0; i < n; i++) {
-            const float *v = base + offs[i] + d0;
-            __m256 wi = _mm256_set1_ps(w[i]);
-            for (int u = 0; u < lanes; u++) acc[u] = _mm256_fmadd_ps(wi, _mm256_loadu_ps(v + 8 * u), acc[u]);
-        }
-        for (int u = 0; u < lanes; u++) _mm256_storeu_ps(o + d0 + 8 * u, acc[u]);
-    }
-}
-
-/* the same two over a float16 cache (F16C widens eight values a load) */
-AVX2 static inline __m256 load_half8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-
-AVX2 static void scores_half_avx2(const float *q, const uint16_t *base, const int64_t *offs, int n, int D, float scale,
-                                  float *out) {
-    int i = 0;
-    if (D % 8 == 0) {
-        __m256 vs = _mm256_set1_ps(scale);
-        for (; i + 8 <= n; i += 8) {
-            const uint16_t *k[8];
-            __m256 acc[8];
-            for (int r = 0; r < 8; r++) k[r] = base + offs[i + r], acc[r] = _mm256_setzero_ps();
-            for (int d = 0; d < D; d += 8) {
-                __m256 qd = _mm256_loadu_ps(q + d);
-                for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qd, load_half8(k[r] + d), acc[r]);
+                for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qd, load8(base, offs[i + r] + d, half), acc[r]);
             }
             _mm256_storeu_ps(out + i, _mm256_mul_ps(hsum8x8(acc), vs));
         }
     }
     for (; i < n; i++) {
-        const uint16_t *k = base + offs[i];
+        if (!half) {
+            out[i] = dot_avx2(q, (const float *)base + offs[i], D) * scale;
+            continue;
+        }
+        const uint16_t *k = (const uint16_t *)base + offs[i];
         float s = 0.f;
         for (int d = 0; d < D; d++) s += q[d] * _cvtsh_ss(k[d]);
         out[i] = s * scale;
     }
 }
 
-AVX2 static void wsum_half_avx2(float *o, const float *w, const uint16_t *base, const int64_t *offs, int n, int D) {
+/* the output row stays in registers (up to 64 floats at a time) across every position */
+AVX2 INLINE void wsum_rows(float *o, const float *w, const void *base, const int64_t *offs, int n, int D, int half) {
     if (D % 8) {
+        if (!half) {
+            wsum_scalar(o, w, (const float *)base, offs, n, D);
+            return;
+        }
         memset(o, 0, sizeof(float) * D);
         for (int i = 0; i < n; i++)
-            for (int d = 0; d < D; d++) o[d] += w[i] * _cvtsh_ss(base[offs[i] + d]);
+            for (int d = 0; d < D; d++) o[d] += w[i] * _cvtsh_ss(((const uint16_t *)base)[offs[i] + d]);
         return;
     }
     for (int d0 = 0; d0 < D; d0 += 64) {
@@ -104,12 +78,28 @@ AVX2 static void wsum_half_avx2(float *o, const float *w, const uint16_t *base, 
         __m256 acc[8];
         for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
         for (int i = 0; i < n; i++) {
-            const uint16_t *v = base + offs[i] + d0;
             __m256 wi = _mm256_set1_ps(w[i]);
-            for (int u = 0; u < lanes; u++) acc[u] = _mm256_fmadd_ps(wi, load_half8(v + 8 * u), acc[u]);
+            for (int u = 0; u < lanes; u++) acc[u] = _mm256_fmadd_ps(wi, load8(base, offs[i] + d0 + 8 * u, half), acc[u]);
         }
         for (int u = 0; u < lanes; u++) _mm256_storeu_ps(o + d0 + 8 * u, acc[u]);
     }
+}
+
+AVX2 static void scores_avx2(const float *q, const float *base, const int64_t *offs, int n, int D, float scale, float *out) {
+    scores_rows(q, base, offs, n, D, scale, out, 0);
+}
+
+AVX2 static void wsum_avx2(float *o, const float *w, const float *base, const int64_t *offs, int n, int D) {
+    wsum_rows(o, w, base, offs, n, D, 0);
+}
+
+AVX2 static void scores_half_avx2(const float *q, const uint16_t *base, const int64_t *offs, int n, int D, float scale,
+                                  float *out) {
+    scores_rows(q, base, offs, n, D, scale, out, 1);
+}
+
+AVX2 static void wsum_half_avx2(float *o, const float *w, const uint16_t *base, const int64_t *offs, int n, int D) {
+    wsum_rows(o, w, base, offs, n, D, 1);
 }
 
 /* float32 rows -> float16, rounded to nearest even (as PyTorch's .to(float16)) */
