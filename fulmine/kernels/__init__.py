@@ -18,6 +18,8 @@ except ImportError:  # not built (no compiler at install time): PyTorch paths on
 # GGML type ids (as GGUF stores them) the kernels read directly
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14
 BLOCK_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
+# fulmine's own: a type with 8 or 16 rows interleaved (kernels/interleaved.c), e.g. Q4_1 | X16
+X8, X16 = 0x100, 0x200
 
 _threads: int | None = None
 
@@ -34,6 +36,17 @@ def block_layout(qtype: int) -> tuple[int, int]:
     assert module is not None
     entry = module.info()["types"][qtype]
     return entry["block"], entry["bytes"]
+
+
+def interleave_rows() -> int:
+    """How many rows this CPU's interleaved layouts group: 16 where the 512-bit kernels run, else 8."""
+    module = cpu()
+    assert module is not None
+    return int(module.info()["interleave"])
+
+
+def base_type(qtype: int) -> int:
+    return qtype & ~(X8 | X16)
 
 
 def set_threads(n: int) -> None:

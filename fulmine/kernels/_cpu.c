@@ -38,8 +38,9 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KiLKiLKp|L", &x, &R, &K, &w, &type, &N, &y, &exact, &ldy)) return NULL;
     if (ldy < 0) ldy = N;
     const QType *qt = qtype(type);
-    if (!qt || K % qt->block || (qt->block > 1 && K % 32))
+    if (!qt || K % qt->block || (qt->block > 1 && K % 32) || (qt->rows > 1 && N % qt->rows))
         return PyErr_Format(PyExc_ValueError, "bad weight type %d / K %lld", type, K);
+    if (exact && qt->rows > 1) return PyErr_Format(PyExc_ValueError, "%s has no exact kernel", qt->name);
     Scratch sc;
     if (scratch_alloc(&sc, R < 64 ? R : 64, K)) return PyErr_NoMemory();
     Mat m = mat1(PTR(w), type, N, K);
@@ -72,10 +73,19 @@ static PyObject *py_embed(PyObject *self, PyObject *args) {
     long long K;
     if (!PyArg_ParseTuple(args, "KiLKiK", &w, &type, &K, &ids, &T, &out)) return NULL;
     if (!qtype(type) || K % qtype(type)->block) return PyErr_Format(PyExc_ValueError, "bad weight type %d", type);
-    size_t rb = row_bytes(type, K);
     const int64_t *id = (const int64_t *)PTR(ids);
-    for (int t = 0; t < T; t++) dequant_row((const uint8_t *)PTR(w) + (size_t)id[t] * rb, type, K, (float *)PTR(out) + (size_t)t * K);
+    for (int t = 0; t < T; t++) dequant_row((const uint8_t *)PTR(w), type, id[t], K, (float *)PTR(out) + (size_t)t * K);
     Py_RETURN_NONE;
+}
+
+static PyObject *py_interleave(PyObject *self, PyObject *args) {
+    unsigned long long w, out;
+    int type, G;
+    long long N, K;
+    if (!PyArg_ParseTuple(args, "KiLLKi", &w, &type, &N, &K, &out, &G)) return NULL;
+    if (interleave_rows(type, G, PTR(w), N, K, PTR(out)))
+        return PyErr_Format(PyExc_ValueError, "type %d has no layout of %d rows interleaved for %lld rows", type, G, N);
+    return PyLong_FromLong(type | (G == 16 ? T_X16 : T_X8));
 }
 
 static PyObject *py_decoder_forward(PyObject *self, PyObject *args) {
@@ -108,16 +118,17 @@ static PyObject *py_info(PyObject *self, PyObject *args) {
     PyObject *types = PyDict_New();
     for (int i = 0; types && i < num_types(); i++) {
         const QType *t = type_at(i);
-        PyObject *entry = Py_BuildValue("{s:s,s:i,s:i,s:O}", "name", t->name, "block", t->block, "bytes", t->bytes,
-                                        "fast", has_fast_kernel(t->type) ? Py_True : Py_False);
+        PyObject *entry = Py_BuildValue("{s:s,s:i,s:i,s:O,s:i}", "name", t->name, "block", t->block, "bytes", t->bytes,
+                                        "fast", has_fast_kernel(t->type) ? Py_True : Py_False, "base",
+                                        t->rows > 1 ? t->base : t->type);
         PyObject *key = PyLong_FromLong(t->type);
         if (!entry || !key || PyDict_SetItem(types, key, entry)) types = NULL;
         Py_XDECREF(entry);
         Py_XDECREF(key);
     }
     if (!types) return NULL;
-    PyObject *out = Py_BuildValue("{s:s,s:i,s:i,s:N}", "isa", kernels_isa(), "threads", pool_threads(), "layer_fields",
-                                  (int)L_FIELDS, "types", types);
+    PyObject *out = Py_BuildValue("{s:s,s:i,s:i,s:i,s:N}", "isa", kernels_isa(), "threads", pool_threads(), "layer_fields",
+                                  (int)L_FIELDS, "interleave", interleave_group(), "types", types);
     return out;
 }
 
@@ -126,6 +137,7 @@ PyObject *py_sample(PyObject *self, PyObject *args); /* sample.c */
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(x, R, K, w, type, N, y, exact[, ldy]): y[R,N] = x[R,K] @ W[N,K]^T, y's rows ldy apart"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(w, type, N, K, out, bf16=False): W -> float32 or bfloat16 [N, K]"},
+    {"interleave", py_interleave, METH_VARARGS, "interleave(w, type, N, K, out, G): W with G rows interleaved into out; its type id"},
     {"embed", py_embed, METH_VARARGS, "embed(w, type, K, ids, T, out): rows ids of W as float32"},
     {"decoder_forward", py_decoder_forward, METH_VARARGS, "the whole decoder over T tokens, in place"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): the kernels' thread count"},

@@ -4,6 +4,7 @@
  *   quant.h     type ids, activation formats, row kernel signatures, QType, SIMD helpers
  *   blocks32.c  F32, F16, Q8_0, Q4_0, Q4_1 row kernels; the per-32 activation quantizer
  *   kquants.c   Q5_0, Q5_1, Q4_K, Q5_K, Q6_K row kernels; the per-256 activation quantizer
+ *   interleaved.c  Q4_0, Q4_1, Q8_0 with 8 or 16 rows interleaved (built at load) and their kernels
  *   matmul.c    the table of types, the ISA chosen at import, y = x @ W^T, dequantization
  *   decoder.c   the whole decoder for a few tokens over the paged KV cache
  *   pool.c      the thread pool every product and attention splits its work over
@@ -58,11 +59,13 @@ const QType *type_at(int i);
 const QType *qtype(int type); /* NULL: not a type the kernels read */
 size_t row_bytes(int type, int64_t K);
 int has_fast_kernel(int type);
+int interleave_group(void); /* rows the interleaved layouts of this CPU group: 16 with 512-bit kernels, else 8 */
 Mat mat1(const uint8_t *data, int type, int64_t N, int64_t K);
 int scratch_alloc(Scratch *s, size_t R, size_t K); /* 0, or -1; free(s->xsum) releases it */
 /* y[R, N] (rows ldy apart) = x[R, K] @ W[N, K]^T; fast (int8 activations) unless exact */
 void matmul(const float *x, int R, Mat w, float *y, int64_t ldy, const Scratch *s, int exact);
-void dequant_row(const uint8_t *w, int type, int64_t K, float *out);
+/* row n of W[N, K] (base: the matrix's first byte) -> float32 */
+void dequant_row(const uint8_t *base, int type, int64_t n, int64_t K, float *out);
 void dequantize(Mat w, void *out, int bf16); /* W -> float32 or bfloat16 [N, K], over the pool */
 
 /* decoder.c */

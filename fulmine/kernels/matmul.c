@@ -33,7 +33,7 @@ AVX2 static void to_bf16_avx2(const float *x, uint16_t *out, int64_t n) {
 
 /* The table of weight types the kernels read: block size, bytes, dequantizer, row kernels per ISA
  * and numerics mode; blocks32.c's and kquants.c's entries, joined at import. */
-#define MAX_TYPES 16
+#define MAX_TYPES 24
 static QType TYPES[MAX_TYPES];
 static int NUM_TYPES = 0;
 
@@ -50,15 +50,17 @@ size_t row_bytes(int type, int64_t K) {
 
 static struct {
     int level; /* ISA_SCALAR, ISA_AVX2 or ISA_VNNI: the row kernels used (forceable, for the tests) */
+    int group; /* rows per group of the interleaved layouts: 16 where the 512-bit kernels run */
     void (*quantize_row)(const float *, int64_t, int8_t *, float *, float *);
     void (*quantize_row_k)(const float *, int64_t, int8_t *, float *, int16_t *);
     void (*to_bf16)(const float *, uint16_t *, int64_t);
     const char *isa;
-} K_ = {ISA_SCALAR, quantize_row_scalar, quantize_row_k_scalar, to_bf16_scalar, "scalar"};
+} K_ = {ISA_SCALAR, 8, quantize_row_scalar, quantize_row_k_scalar, to_bf16_scalar, "scalar"};
 
 void kernels_init(void) {
     for (int i = 0; i < NUM_BASE_TYPES; i++) TYPES[NUM_TYPES++] = BASE_TYPES[i];
     for (int i = 0; i < NUM_KQUANT_TYPES && NUM_TYPES < MAX_TYPES; i++) TYPES[NUM_TYPES++] = KQUANT_TYPES[i];
+    for (int i = 0; i < NUM_INTERLEAVED_TYPES && NUM_TYPES < MAX_TYPES; i++) TYPES[NUM_TYPES++] = INTERLEAVED_TYPES[i];
 #ifdef FULMINE_X86
     __builtin_cpu_init();
     if (getenv("FULMINE_KERNELS_SCALAR") == NULL && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -71,6 +73,7 @@ void kernels_init(void) {
             getenv("FULMINE_KERNELS_AVX2") == NULL) {
             K_.level = ISA_VNNI;
             K_.isa = "avx2+avx512vnni";
+            if (__builtin_cpu_supports("avx512bw")) K_.group = 16;
         }
     }
 #endif
@@ -116,23 +119,24 @@ typedef struct {
 static void matmul_task(void *ctx, int chunk, int nchunks) {
     MatmulJob *j = (MatmulJob *)ctx;
     int64_t N = j->w.N, K = j->w.K;
-    int64_t per = (N + nchunks - 1) / nchunks;
+    int64_t per = ((N + nchunks - 1) / nchunks + 15) / 16 * 16; /* whole groups of interleaved rows */
     int64_t n0 = per * chunk, n1 = n0 + per < N ? n0 + per : N;
     int64_t nb = K / 32;
-    float out[MAX_RG];
+    float out[MAX_RG * 16];
     for (int p = 0, start = 0; p < j->w.nparts; start = (int)j->w.end[p], p++) {
         int64_t lo = n0 > start ? n0 : start, hi = n1 < j->w.end[p] ? n1 : j->w.end[p];
         if (lo >= hi) continue;
         size_t rb = row_bytes(j->w.type[p], K);
         row_fn fn = row_kernel(j->w.type[p]);
         qrow_fn qfn = qrow_kernel(j->w.type[p]);
+        int step = qtype(j->w.type[p])->rows > 1 ? qtype(j->w.type[p])->rows : 1; /* rows a kernel call covers */
         const uint8_t *base = j->w.data[p] - (size_t)start * rb, *end = base + (size_t)hi * rb;
-        for (int64_t n = lo; n < hi; n++) {
+        for (int64_t n = lo; n < hi; n += step) {
             const uint8_t *row = base + (size_t)n * rb;
             /* weights stream from memory once per token: ask for the rows PREFETCH_ROWS ahead now, so
              * their lines arrive while this row is computed (the hardware prefetcher alone left the
              * decode at a quarter of the memory bandwidth) */
-            for (const uint8_t *ahead = row + PREFETCH_ROWS * rb, *stop = ahead + rb; ahead < stop && ahead < end; ahead += 64)
+            for (const uint8_t *ahead = row + PREFETCH_ROWS * rb, *stop = ahead + rb; step == 1 && ahead < stop && ahead < end; ahead += 64)
                 __builtin_prefetch(ahead, 0, 3);
             for (int r0 = 0; r0 < j->R; r0 += MAX_RG) {
                 int rg = j->R - r0 < MAX_RG ? j->R - r0 : MAX_RG;
@@ -144,7 +148,8 @@ static void matmul_task(void *ctx, int chunk, int nchunks) {
                 } else {
                     fn(row, j->x + (size_t)r0 * K, rg, K, j->xsum ? j->xsum + (size_t)r0 * nb : NULL, out);
                 }
-                for (int r = 0; r < rg; r++) j->y[(size_t)(r0 + r) * j->ldy + n] = out[r];
+                for (int r = 0; r < rg; r++)
+                    for (int i = 0; i < step; i++) j->y[(size_t)(r0 + r) * j->ldy + n + i] = out[r * step + i];
             }
         }
     }
@@ -166,6 +171,7 @@ void matmul(const float *x, int R, Mat w, float *y, int64_t ldy, const Scratch *
     int64_t nb = w.K / 32;
     float *xsum = s->xsum;
     int fast = !exact, needs_xsum = 0, per32 = 0, per256 = 0;
+    for (int p = 0; p < w.nparts; p++) fast = fast || qtype(w.type[p])->rows > 1; /* interleaved: int8 kernels only */
     for (int p = 0; p < w.nparts; p++) {
         fast = fast && qrow_kernel(w.type[p]) != NULL; /* every part has an int8 kernel */
         needs_xsum = needs_xsum || qtype(w.type[p])->exact_needs_xsum;
@@ -199,12 +205,25 @@ void matmul(const float *x, int R, Mat w, float *y, int64_t ldy, const Scratch *
 /* ---------------------------------------------------------------------------------------------
  * Dequantization: W[N, K] -> float32, split over rows.
  */
-void dequant_row(const uint8_t *w, int type, int64_t K, float *out) {
+void dequant_row(const uint8_t *base, int type, int64_t n, int64_t K, float *out) {
     const QType *t = qtype(type);
+    size_t rb = row_bytes(type, K);
     if (type == T_F32) {
-        memcpy(out, w, (size_t)K * 4);
+        memcpy(out, base + (size_t)n * rb, (size_t)K * 4);
         return;
     }
+    if (t->rows > 1) { /* interleaved: the lane of row n in its group's blocks, unpacked to base blocks */
+        const QType *b = qtype(t->base);
+        const int G = t->rows;
+        const uint8_t *group = base + (size_t)(n / G) * G * rb;
+        uint8_t blk[64];
+        for (int64_t i = 0; i < K / t->block; i++) {
+            interleaved_unpack(type, group + (size_t)i * G * t->bytes, (int)(n % G), blk);
+            b->dequant(blk, out + i * t->block);
+        }
+        return;
+    }
+    const uint8_t *w = base + (size_t)n * rb;
     for (int64_t b = 0; b < K / t->block; b++) t->dequant(w + b * t->bytes, out + b * t->block);
 }
 
@@ -218,14 +237,13 @@ static void dequant_task(void *ctx, int chunk, int nchunks) {
     DequantJob *j = (DequantJob *)ctx;
     int64_t K = j->w.K, per = (j->w.N + nchunks - 1) / nchunks, n0 = per * chunk;
     int64_t n1 = n0 + per < j->w.N ? n0 + per : j->w.N;
-    size_t rb = row_bytes(j->w.type[0], K);
     float *row = j->bf16 ? malloc(sizeof(float) * K) : NULL;
     for (int64_t n = n0; n < n1; n++) {
         if (!j->bf16) {
-            dequant_row(j->w.data[0] + (size_t)n * rb, j->w.type[0], K, (float *)j->out + n * K);
+            dequant_row(j->w.data[0], j->w.type[0], n, K, (float *)j->out + n * K);
             continue;
         }
-        dequant_row(j->w.data[0] + (size_t)n * rb, j->w.type[0], K, row);
+        dequant_row(j->w.data[0], j->w.type[0], n, K, row);
         K_.to_bf16(row, (uint16_t *)j->out + n * K, K);
     }
     free(row);
@@ -242,3 +260,4 @@ const char *kernels_isa(void) { return K_.isa; }
 int num_types(void) { return NUM_TYPES; }
 const QType *type_at(int i) { return &TYPES[i]; }
 int has_fast_kernel(int type) { return qrow_kernel(type) != NULL; }
+int interleave_group(void) { return K_.group; }

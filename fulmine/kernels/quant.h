@@ -19,6 +19,8 @@ enum {
     T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
     T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14
 };
+/* fulmine's own: a base type with 8 or 16 rows interleaved (interleaved.c), e.g. T_Q4_1 | T_X16 */
+enum { T_X8 = 0x100, T_X16 = 0x200 };
 
 /* The fast mode's activations, in two formats (a product computes the ones its weight types read):
  * - per 32 (the 32-weight block types): qx[r * K + k] int8, dx[r * nb + b] the scale of 32-block b
@@ -55,11 +57,23 @@ typedef struct {
     qrow_fn fast[N_ISA];                              /* NULL: the one of the ISA before; none: exact only */
     int exact_needs_xsum;                             /* the exact kernel reads float block sums */
     int act256;                                       /* the fast kernel reads the per-256 activations */
+    int rows;                                         /* interleaved types: 8 or 16 rows a kernel call covers (0: one) */
+    int base;                                         /* an interleaved type's base type */
 } QType;
 
 /* kquants.c: Q5_0, Q5_1, Q4_K, Q5_K, Q6_K */
 extern const QType KQUANT_TYPES[];
 extern const int NUM_KQUANT_TYPES;
+
+/* interleaved.c: Q4_0, Q4_1 and Q8_0 with G = 8 or 16 rows interleaved. A kernel of such a type
+ * reads a group of G weight rows and writes out[r * G + j] for row j of the group and activation row r. */
+extern const QType INTERLEAVED_TYPES[];
+extern const int NUM_INTERLEAVED_TYPES;
+/* W[N, K] of type base -> its layout with G rows interleaved in out (same size); -1 if base has
+ * none or N % G */
+int interleave_rows(int base, int G, const uint8_t *w, int64_t N, int64_t K, uint8_t *out);
+/* the base block of lane (row) `lane` of an interleaved block */
+void interleaved_unpack(int type, const uint8_t *in, int lane, uint8_t *blk);
 
 float fulmine_half_to_float(uint16_t h);
 

@@ -115,6 +115,15 @@ class Linear(nn.Module):
         self.quant = weight
         self.weight.data = torch.empty(0, dtype=self.weight.dtype)  # the dense matrix is not kept
 
+    def interleave(self) -> None:
+        """Interleave the quantized matrix's rows for the kernels (layers/quantized.py), where every
+        shard of a merged matrix starts on a whole group of rows."""
+        if self.quant is None or kernels.cpu() is None:
+            return
+        group = kernels.interleave_rows()
+        if isinstance(self.quant, QuantizedShards) or all(size % group == 0 for size in self.out_sizes):
+            self.quant = self.quant.interleaved(group)
+
     def quantize(self, qtype: int) -> None:
         if self.quant is None and self.in_features % 32 == 0:
             self.set_quantized(quantize(self.weight.data, qtype))

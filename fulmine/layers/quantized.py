@@ -11,6 +11,7 @@ turns a dense matrix into such blocks (`--quantization int8|int4` on a float che
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,9 +21,11 @@ from fulmine import kernels
 class QuantizedWeight:
     def __init__(self, raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> None:
         rows, cols = shape
-        if qtype not in kernels.BLOCK_TYPES or cols % kernels.block_layout(qtype)[0]:
+        base = kernels.base_type(qtype)
+        group = 16 if qtype & kernels.X16 else 8 if qtype & kernels.X8 else 1
+        if base not in kernels.BLOCK_TYPES or cols % kernels.block_layout(base)[0] or rows % group:
             raise ValueError(f"GGML type {qtype} with {cols} columns is not supported by the kernels")
-        block, nbytes = kernels.block_layout(qtype)
+        block, nbytes = kernels.block_layout(base)
         expected = (rows, cols // block * nbytes)
         if raw.dtype != torch.uint8 or tuple(raw.shape) != expected:
             raise ValueError(f"raw blocks {tuple(raw.shape)} do not fit {shape} of type {qtype}")
@@ -35,6 +38,19 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return self.raw.numel()
+
+    def interleaved(self, group: int | None = None) -> QuantizedWeight:
+        """The same matrix with `group` rows interleaved (8 or 16; default: what this CPU's kernels
+        run best; kernels/interleaved.c), or itself where the type or row count has no such layout.
+        Interleaved types have int8-activation kernels only (never `exact`)."""
+        module = kernels.cpu()
+        group = group or kernels.interleave_rows()
+        target = self.qtype | (kernels.X16 if group == 16 else kernels.X8)
+        if module is None or target not in module.info()["types"] or self.shape[0] % group:
+            return self
+        raw = torch.from_numpy(np.empty(tuple(self.raw.shape), dtype=np.uint8))  # numpy's: huge pages (gguf_file.py)
+        module.interleave(self.raw.data_ptr(), self.qtype, self.shape[0], self.shape[1], raw.data_ptr(), group)
+        return QuantizedWeight(raw, target, self.shape)
 
     def matmul(self, x: torch.Tensor, exact: bool = False, max_kernel_rows: int = 1 << 30) -> torch.Tensor:
         """x [R, K] float32 -> [R, N] float32; `exact` keeps activations in float32 (see _cpu.c).
@@ -83,6 +99,9 @@ class QuantizedShards:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.cat([p.dequantize(dtype) for p in self.parts])
+
+    def interleaved(self, group: int | None = None) -> QuantizedShards:
+        return QuantizedShards([p.interleaved(group) for p in self.parts])
 
 
 def _matmul(

@@ -158,7 +158,8 @@ class DecoderModel(nn.Module):
         """Kept GGUF blocks become quantized weights; `quantize` (a GGML type) quantizes the dense rest.
 
         The embedding table (and a tied lm_head with it) is quantized to Q8_0 whatever `quantize`
-        asks, as llama.cpp keeps its output layer at higher precision.
+        asks, as llama.cpp keeps its output layer at higher precision. In the fast mode (not `exact`)
+        the matrices get their rows interleaved by eight where the kernels have that layout.
         """
         tied = self.config.tie_word_embeddings
         for module in self.modules():
@@ -167,6 +168,8 @@ class DecoderModel(nn.Module):
                 if quantize is not None:
                     is_table = isinstance(module, Embedding) or module is self.lm_head
                     module.quantize(kernels.Q8_0 if is_table else quantize)
+                if not exact:
+                    module.interleave()
                 module.exact = exact
         if tied:
             self.lm_head.quant, self.lm_head.exact = self.embed_tokens.quant, exact

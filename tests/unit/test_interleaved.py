@@ -1,0 +1,125 @@
+"""Interleaved layouts (kernels/interleaved.c): 8 or 16 weight rows side by side, built at load.
+
+The layout holds the same blocks (dequantization and embedding lookups read the base type's values),
+the products equal gguf's reading of the blocks times int8 activations, and a row computes the same
+bits whatever the number of activation rows, the group size and the ISA path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fulmine import kernels
+from fulmine.layers.quantized import QuantizedShards
+from tests.unit.test_kernels import KERNEL_MAX_ROWS, fast_reference, gguf_weight
+
+pytestmark = pytest.mark.skipif(kernels.cpu() is None, reason="C kernels not built")
+
+BASES = [kernels.Q4_0, kernels.Q4_1, kernels.Q8_0]
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    kernels.set_threads(request.param)
+    yield request.param
+    kernels.set_threads(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("qtype", BASES)
+@pytest.mark.parametrize("group", [8, 16])
+def test_same_values_as_the_base_layout(qtype: int, group: int, threads: int) -> None:
+    weight, reference = gguf_weight(qtype)
+    mixed = weight.interleaved(group)
+    assert mixed.qtype == qtype | (kernels.X16 if group == 16 else kernels.X8)
+    assert mixed.raw.shape == weight.raw.shape and not torch.equal(mixed.raw, weight.raw)
+    assert torch.equal(mixed.dequantize(), reference)
+    assert torch.equal(mixed.dequantize(torch.bfloat16), weight.dequantize(torch.bfloat16))
+    ids = torch.tensor([0, 95, 7, 8, 15, 16, 7])
+    assert torch.equal(mixed.embed(ids), reference[ids])
+
+
+@pytest.mark.parametrize("qtype", BASES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 17, KERNEL_MAX_ROWS + 1])
+def test_products_and_rows_alone(qtype: int, rows: int, threads: int) -> None:
+    weight, reference = gguf_weight(qtype)
+    for group in (8, 16):
+        mixed = weight.interleaved(group)
+        x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows))
+        fast = mixed.matmul(x, False, KERNEL_MAX_ROWS)
+        check_products_fast_only(mixed, reference, rows)
+        if rows <= KERNEL_MAX_ROWS:  # past the threshold, the GEMM of the dequantized matrix
+            check_rows_alone_fast(mixed, rows)
+            assert torch.equal(fast, weight.interleaved(24 - group).matmul(x, False, KERNEL_MAX_ROWS))
+
+
+def check_products_fast_only(weight, reference: torch.Tensor, rows: int) -> None:
+    """check_products without the exact mode, which interleaved types do not have."""
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)) * 3
+    exact = x @ reference.T
+
+    tol = dict(rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
+    torch.testing.assert_close(weight.matmul(x, False, KERNEL_MAX_ROWS), fast_reference(x, reference), **tol)
+
+
+def check_rows_alone_fast(weight, rows: int) -> None:
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)) * 3
+    together = weight.matmul(x, False, KERNEL_MAX_ROWS)
+    alone = torch.cat([weight.matmul(x[i : i + 1], False, KERNEL_MAX_ROWS) for i in range(rows)])
+    assert torch.equal(together, alone), (weight.qtype, rows)
+
+
+def test_exact_mode_and_odd_row_counts_are_refused() -> None:
+    weight, _ = gguf_weight(kernels.Q4_1)
+    mixed = weight.interleaved(8)
+    with pytest.raises(ValueError, match="no exact kernel"):
+        mixed.matmul(torch.randn(2, weight.shape[1]), True, KERNEL_MAX_ROWS)
+    odd, _ = gguf_weight(kernels.Q4_1, rows=12)
+    assert odd.interleaved(8) is odd and odd.interleaved(16) is odd  # 12 rows: kept as they are
+    assert gguf_weight(kernels.Q4_K)[0].interleaved(8).qtype == kernels.Q4_K  # no interleaved layout
+
+
+def test_interleaved_shards_multiply_as_one_matrix(threads: int) -> None:
+    """A q/k/v of shards, some interleaved, equals the stacked matrix (row ranges split across threads
+    fall on whole groups)."""
+    parts = [
+        gguf_weight(t, rows=r, seed=i)
+        for i, (t, r) in enumerate([(kernels.Q4_1, 64), (kernels.Q8_0, 48), (kernels.Q4_K, 32)])
+    ]
+    shards = QuantizedShards([w for w, _ in parts]).interleaved(16)
+    assert [p.qtype for p in shards.parts] == [kernels.Q4_1 | kernels.X16, kernels.Q8_0 | kernels.X16, kernels.Q4_K]
+    plain = QuantizedShards([w for w, _ in parts])
+    x = torch.randn(5, shards.shape[1])
+    torch.testing.assert_close(
+        shards.matmul(x, False, KERNEL_MAX_ROWS), plain.matmul(x, False, KERNEL_MAX_ROWS), rtol=1e-4, atol=1e-3
+    )
+    assert torch.equal(shards.dequantize(), plain.dequantize())
+
+
+@pytest.mark.parametrize("variable", ["FULMINE_KERNELS_SCALAR", "FULMINE_KERNELS_AVX2"])
+def test_every_isa_path_computes_the_same_bits(variable: str) -> None:
+    """The portable C kernel and the AVX2 one give the bits of the default path (512-bit on CPUs
+    that have it) for both group sizes."""
+    if variable == "FULMINE_KERNELS_AVX2" and "avx2" not in kernels.describe():
+        pytest.skip("this CPU has no AVX2")
+    code = (
+        "import sys, torch; from tests.unit.test_interleaved import *;"
+        "x = torch.randn(11, 512, generator=torch.Generator().manual_seed(0));"
+        "out = [gguf_weight(t)[0].interleaved(g).matmul(x, False, 32) for t in BASES for g in (8, 16)];"
+        "torch.save(out, sys.argv[1])"
+    )
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fulmine-interleaved-{os.getpid()}.pt")
+    results = []
+    for env in ({}, {variable: "1"}):
+        done = subprocess.run(
+            [sys.executable, "-c", code, path], env={**os.environ, **env}, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        results.append(torch.load(path))
+    os.unlink(path)
+    for default, forced in zip(*results):
+        assert torch.equal(default, forced)
