@@ -35,6 +35,15 @@ from fulmine.models.decoder import DecoderLayer, DecoderModel, SandwichDecoderLa
 # 256: 539 vs 465; fast (bfloat16 GEMM): 32: 66 vs 94, 48: 100 vs 95, 64: 139 vs 108, 128: 275 vs 166.
 FUSED_MAX_TOKENS_EXACT = 128
 FUSED_MAX_TOKENS_FAST = 48
+# With the interleaved layouts (kernels/interleaved.c) the fast kernels' products keep up with the GEMM
+# to 256 rows; the fused attention (per token and head, over the whole context) falls behind deeper
+# in. Time to the first token, one prompt prefilled in chunks of 256, fused vs PyTorch path (2-core
+# AVX-512 CPU, embedded model, `--max-num-batched-tokens` 256, the default): 64 tokens 50 vs 119-121 ms,
+# 128: 101-105 vs 141-158, 256: 198-213 vs 188-201, 512: 442 vs 434, 1024: 1122 vs 932. So a step of up
+# to 256 tokens runs fused while its tokens sit in the first 512 positions: a prompt of up to 512
+# tokens is prefilled with the numerics of its decode steps.
+FUSED_MAX_TOKENS_SHALLOW = 256
+FUSED_SHALLOW_POSITIONS = 512
 
 
 def _bf16_tiles() -> bool:
@@ -236,7 +245,10 @@ class CpuFusedExecutor:
         )
 
     def accepts(self, batch: StepBatch) -> bool:
-        return batch.num_tokens <= self.decoder.max_tokens
+        if batch.num_tokens <= self.decoder.max_tokens:
+            return True
+        shallow = not self.decoder.exact and batch.num_tokens <= FUSED_MAX_TOKENS_SHALLOW
+        return shallow and max(batch.positions) < FUSED_SHALLOW_POSITIONS
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         # One owner for the cores: the matrices run in the C kernels' own pool, so what PyTorch does

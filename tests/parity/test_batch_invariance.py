@@ -1,0 +1,62 @@
+"""Batch invariance in the default mode (quantized weights, int8 activations, float16 KV cache):
+the same greedy request gives the same token ids alone, batched beside other requests' prefills,
+prefilled in chunks of any size, served again from the prefix cache, and with speculation on or off.
+
+Every step of these requests runs the fused C decoder (executors/cpu_fused.py: prompts within its
+first 512 positions), whose row kernels compute a row's bits whatever else shares the step.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fulmine import LLM, SamplingParams
+from fulmine.models.source import default_model_path
+
+pytestmark = pytest.mark.slow
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Name three colors."}],
+    [{"role": "user", "content": "Write a haiku about lightning."}],
+    [{"role": "user", "content": "Explain recursion to a child. " * 12}],  # ~100 tokens: a multi-row prefill
+    [{"role": "user", "content": "List the planets of the solar system, one per line."}],
+    [{"role": "user", "content": "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n# Explain it."}],
+    [{"role": "user", "content": "Translate 'good morning' into French, Spanish and German."}],
+    [{"role": "user", "content": "Tell me a story about a fox. " * 30}],  # ~250 tokens
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+def make(**engine_args) -> LLM:
+    return LLM(str(default_model_path()), progress=False, **engine_args)
+
+
+@pytest.fixture(scope="module")
+def alone() -> list[list[int]]:
+    llm = make(speculative="off", enable_prefix_caching=False)
+    return [llm.chat(chat, GREEDY).token_ids for chat in CHATS]
+
+
+@pytest.mark.parametrize(
+    "engine_args",
+    [
+        {"speculative": "off"},  # all eight in one batch: prefills beside prefills and decodes
+        {"speculative": "off", "max_num_batched_tokens": 37},  # prompts in chunks of 37 beside decodes
+        {"speculative": "off", "max_num_seqs": 3},  # a queue: prefills join running decodes
+        {},  # the default: n-gram speculation (drafts verified as extra rows)
+    ],
+    ids=["batched", "chunked", "queued", "speculative"],
+)
+def test_same_tokens_alone_and_together(alone, engine_args) -> None:
+    llm = make(**engine_args)
+    outputs = llm.generate(CHATS, GREEDY)
+    assert [o.token_ids for o in outputs] == alone
+
+
+def test_same_tokens_from_the_prefix_cache(alone) -> None:
+    llm = make(speculative="off")
+    first = [llm.chat(chat, GREEDY).token_ids for chat in CHATS]
+    again = llm.generate(CHATS, GREEDY)  # every prompt's blocks cached: only the tail is computed
+    assert first == alone and [o.token_ids for o in again] == alone
+    assert all(o.num_cached_tokens > 0 for o in again)
