@@ -4,7 +4,8 @@
  *   quant.h     type ids, activation formats, row kernel signatures, QType, SIMD helpers
  *   blocks32.c  F32, F16, Q8_0, Q4_0, Q4_1 row kernels; the per-32 activation quantizer
  *   kquants.c   Q5_0, Q5_1, Q4_K, Q5_K, Q6_K row kernels; the per-256 activation quantizer
- *   interleaved.c  Q4_0, Q4_1, Q8_0 with 8 or 16 rows interleaved (built at load) and their kernels
+ *   interleaved.c  the layouts with 8 or 16 rows interleaved (built at load); Q4_0, Q4_1, Q8_0, Q5_0 kernels
+ *   interleaved_k.c  Q4_K and Q6_K kernels with 16 rows interleaved
  *   matmul.c    the table of types, the ISA chosen at import, y = x @ W^T, dequantization
  *   decoder.c   the whole decoder for a few tokens over the paged KV cache
  *   pool.c      the thread pool every product and attention splits its work over

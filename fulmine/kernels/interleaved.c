@@ -1,5 +1,5 @@
-/* Row-interleaved layouts of Q4_0, Q4_1 and Q8_0, built once at load, and their int8-activation
- * row kernels. G weight rows' blocks lie side by side (G = 16 where the CPU has 512-bit integer dot
+/* Row-interleaved layouts, built once at load, and the int8-activation row kernels of Q4_0, Q4_1,
+ * Q8_0 and Q5_0 in them (Q4_K's and Q6_K's: interleaved_k.c). G weight rows' blocks lie side by side (G = 16 where the CPU has 512-bit integer dot
  * products, else 8), so one vector dot product multiplies four weights of each of the G rows by the
  * same four activations (a broadcast), and a block ends as one vector holding the G rows' sums: no
  * horizontal sums, each weight unpacked once for every activation row. (llama.cpp's repacked
@@ -9,11 +9,11 @@
  * field by field of the base block, each field interleaved in units: fp16 scales in units of 2
  * bytes (G scales: one load), quants in units of 4 bytes (a chunk of 4 G bytes: lane j holds four
  * bytes of row j). A group of G rows is row_bytes * G bytes, so a matrix keeps its size and its row
- * offsets (shards start at multiples of G rows).
+ * offsets (shards start at multiples of G rows). Q5_0 and the K-quants have only G = 16 layouts.
  *
  * Numerics, the same for every ISA, both G and every row count: per row and block the integer dot
  * product is exact, then acc = fma(float(sum), d * dx, acc) and, for a type with a minimum (Q4_1;
- * Q4_0's is -8 d), acc = fma(m, xsum, acc). The scalar kernel uses fmaf, so it gives the SIMD
+ * Q4_0's is -8 d, Q5_0's -16 d), acc = fma(m, xsum, acc). The scalar kernel uses fmaf, so it gives the SIMD
  * kernels' bits.
  */
 #include <math.h>
@@ -30,9 +30,20 @@ typedef struct {
 static const Field Q4_0_FIELDS[] = {{2, 2}, {16, 4}, {0, 0}};
 static const Field Q4_1_FIELDS[] = {{2, 2}, {2, 2}, {16, 4}, {0, 0}};
 static const Field Q8_0_FIELDS[] = {{2, 2}, {32, 4}, {0, 0}};
+static const Field Q5_0_FIELDS[] = {{2, 2}, {4, 4}, {16, 4}, {0, 0}};
+static const Field Q4_K_FIELDS[] = {{2, 2}, {2, 2}, {12, 4}, {128, 4}, {0, 0}}; /* kernels: interleaved_k.c */
+static const Field Q6_K_FIELDS[] = {{128, 4}, {64, 4}, {16, 4}, {2, 2}, {0, 0}};
 
 static const Field *fields(int base) {
-    return base == T_Q4_0 ? Q4_0_FIELDS : base == T_Q4_1 ? Q4_1_FIELDS : base == T_Q8_0 ? Q8_0_FIELDS : NULL;
+    switch (base) {
+    case T_Q4_0: return Q4_0_FIELDS;
+    case T_Q4_1: return Q4_1_FIELDS;
+    case T_Q8_0: return Q8_0_FIELDS;
+    case T_Q5_0: return Q5_0_FIELDS;
+    case T_Q4_K: return Q4_K_FIELDS;
+    case T_Q6_K: return Q6_K_FIELDS;
+    default: return NULL;
+    }
 }
 
 static int group_rows(int type) { return type & T_X16 ? 16 : 8; }
@@ -70,8 +81,9 @@ static inline float half_at(const uint8_t *p, int j) {
 /* out[r * G + j] = dot(row j of the group, activation row r) */
 static void interleaved_scalar(const uint8_t *w, const QAct *a, int R, int64_t K, float *out, int base, int G) {
     const int64_t nb = K / 32;
-    const size_t bsz = (size_t)G * (base == T_Q8_0 ? 34 : base == T_Q4_1 ? 20 : 18);
-    const int qoff = G * (base == T_Q4_1 ? 4 : 2);
+    const int q5 = base == T_Q5_0;
+    const size_t bsz = (size_t)G * (base == T_Q8_0 ? 34 : base == T_Q4_1 ? 20 : q5 ? 22 : 18);
+    const int qoff = G * (base == T_Q4_1 || q5 ? 4 : 2) + (q5 ? 2 * G : 0);
     for (int r = 0; r < R; r++)
         for (int j = 0; j < G; j++) {
             float acc = 0.f;
@@ -79,6 +91,8 @@ static void interleaved_scalar(const uint8_t *w, const QAct *a, int R, int64_t K
                 const uint8_t *blk = w + b * bsz, *q = blk + qoff;
                 const int8_t *x = a->qx + r * K + b * 32;
                 float d = half_at(blk, j), dx = a->dx[r * nb + b];
+                uint32_t qh = 0; /* Q5_0: bit e, the fifth bit of weight e */
+                if (q5) memcpy(&qh, blk + 2 * G + 4 * j, 4);
                 int s = 0;
                 for (int g = 0; g < (base == T_Q8_0 ? 8 : 4); g++)
                     for (int t = 0; t < 4; t++) {
@@ -86,11 +100,16 @@ static void interleaved_scalar(const uint8_t *w, const QAct *a, int R, int64_t K
                         if (base == T_Q8_0) {
                             s += (int8_t)byte * x[4 * g + t];
                         } else {
-                            s += (byte & 0x0f) * x[4 * g + t] + (byte >> 4) * x[16 + 4 * g + t];
+                            int e = 4 * g + t, lo = byte & 0x0f, hi = byte >> 4;
+                            if (q5) lo |= (int)((qh >> e) & 1) << 4, hi |= (int)((qh >> (e + 16)) & 1) << 4;
+                            s += lo * x[e] + hi * x[16 + e];
                         }
                     }
                 acc = fmaf((float)s, d * dx, acc);
-                if (base != T_Q8_0) acc = fmaf(base == T_Q4_1 ? half_at(blk + 2 * G, j) : -8.f * d, a->xsum[r * nb + b], acc);
+                if (base != T_Q8_0) {
+                    float m = base == T_Q4_1 ? half_at(blk + 2 * G, j) : (q5 ? -16.f : -8.f) * d;
+                    acc = fmaf(m, a->xsum[r * nb + b], acc);
+                }
             }
             out[r * G + j] = acc;
         }
@@ -105,6 +124,7 @@ SCALAR(q8_0x8, T_Q8_0, 8)
 SCALAR(q4_0x16, T_Q4_0, 16)
 SCALAR(q4_1x16, T_Q4_1, 16)
 SCALAR(q8_0x16, T_Q8_0, 16)
+SCALAR(q5_0x16, T_Q5_0, 16)
 
 #ifdef FULMINE_X86
 /* the same block of the group AHEAD groups on (weights stream from memory once per step: spread
@@ -274,6 +294,48 @@ ZMM static void q4_0x16_zmm(const uint8_t *w, const QAct *a, int R, int64_t K, f
 ZMM static void q4_1x16_zmm(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { SWITCH_RG(R, q4x16_rg, w, a, K, out, 1) }
 ZMM static void q8_0x16_zmm(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { SWITCH_RG(R, q8x16_rg, w, a, K, out) }
 
+/* Q5_0 (16 rows only): Q4_0's nibbles with a fifth bit from qh (bit e of a row's 32: weight e), each
+ * chunk's four bits spread to its four bytes by a 16-entry table lookup; minimum -16 d */
+ZMM static inline __attribute__((always_inline)) void q5x16_rg(const int RG, const uint8_t *w, const QAct *a,
+                                                               int64_t K, float *out) {
+    const int64_t nb = K / 32;
+    const size_t bsz = 16 * 22;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    /* entry i: bit b of i as bit 4 of byte b */
+    const __m512i spread = _mm512_setr_epi32(0x0, 0x10, 0x1000, 0x1010, 0x100000, 0x100010, 0x101000, 0x101010,
+                                             0x10000000, 0x10000010, 0x10001000, 0x10001010, 0x10100000,
+                                             0x10100010, 0x10101000, 0x10101010);
+    __m512 acc[MAX_RG];
+    for (int r = 0; r < RG; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * bsz, *q = blk + 96;
+        PREFETCH_NEXT_GROUP(blk, nb * bsz, bsz);
+        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        __m512 m = _mm512_mul_ps(d, _mm512_set1_ps(-16.f));
+        __m512i qh = _mm512_loadu_si512((const void *)(blk + 32));
+        __m512i lo[4], hi[4];
+        for (int g = 0; g < 4; g++) { /* vpermd reads the low 4 bits of each index */
+            __m512i v = _mm512_loadu_si512((const void *)(q + 64 * g));
+            lo[g] = _mm512_or_si512(_mm512_and_si512(v, low), _mm512_permutexvar_epi32(_mm512_srli_epi32(qh, 4 * g), spread));
+            hi[g] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                                    _mm512_permutexvar_epi32(_mm512_srli_epi32(qh, 16 + 4 * g), spread));
+        }
+        for (int r = 0; r < RG; r++) {
+            const int8_t *x = a->qx + r * K + b * 32;
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            for (int g = 0; g < 4; g++) {
+                s0 = _mm512_dpbusd_epi32(s0, lo[g], bcast4_zmm(x + 4 * g));
+                s1 = _mm512_dpbusd_epi32(s1, hi[g], bcast4_zmm(x + 16 + 4 * g));
+            }
+            __m512 p = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            acc[r] = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(a->dx[r * nb + b])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a->xsum[r * nb + b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < RG; r++) _mm512_storeu_ps(out + 16 * r, acc[r]);
+}
+ZMM static void q5_0x16_zmm(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { SWITCH_RG(R, q5x16_rg, w, a, K, out) }
+
 #define X8_ISAS(NAME) {NAME##_scalar, NAME##_avx2, NAME##_vnni}
 #define X16_ISAS(NAME) {NAME##_scalar, NULL, NAME##_zmm}
 #else
@@ -290,5 +352,6 @@ const QType INTERLEAVED_TYPES[] = {
     {T_Q4_0 | T_X16, "Q4_0x16", 32, 18, NULL, {NULL, NULL, NULL}, X16_ISAS(q4_0x16), 1, 0, 16, T_Q4_0},
     {T_Q4_1 | T_X16, "Q4_1x16", 32, 20, NULL, {NULL, NULL, NULL}, X16_ISAS(q4_1x16), 1, 0, 16, T_Q4_1},
     {T_Q8_0 | T_X16, "Q8_0x16", 32, 34, NULL, {NULL, NULL, NULL}, X16_ISAS(q8_0x16), 0, 0, 16, T_Q8_0},
+    {T_Q5_0 | T_X16, "Q5_0x16", 32, 22, NULL, {NULL, NULL, NULL}, X16_ISAS(q5_0x16), 0, 0, 16, T_Q5_0},
 };
 const int NUM_INTERLEAVED_TYPES = sizeof(INTERLEAVED_TYPES) / sizeof(INTERLEAVED_TYPES[0]);

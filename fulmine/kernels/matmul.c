@@ -61,6 +61,7 @@ void kernels_init(void) {
     for (int i = 0; i < NUM_BASE_TYPES; i++) TYPES[NUM_TYPES++] = BASE_TYPES[i];
     for (int i = 0; i < NUM_KQUANT_TYPES && NUM_TYPES < MAX_TYPES; i++) TYPES[NUM_TYPES++] = KQUANT_TYPES[i];
     for (int i = 0; i < NUM_INTERLEAVED_TYPES && NUM_TYPES < MAX_TYPES; i++) TYPES[NUM_TYPES++] = INTERLEAVED_TYPES[i];
+    for (int i = 0; i < NUM_INTERLEAVED_K_TYPES && NUM_TYPES < MAX_TYPES; i++) TYPES[NUM_TYPES++] = INTERLEAVED_K_TYPES[i];
 #ifdef FULMINE_X86
     __builtin_cpu_init();
     if (getenv("FULMINE_KERNELS_SCALAR") == NULL && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -216,7 +217,7 @@ void dequant_row(const uint8_t *base, int type, int64_t n, int64_t K, float *out
         const QType *b = qtype(t->base);
         const int G = t->rows;
         const uint8_t *group = base + (size_t)(n / G) * G * rb;
-        uint8_t blk[64];
+        uint8_t blk[256]; /* the largest block (Q6_K: 210 bytes) */
         for (int64_t i = 0; i < K / t->block; i++) {
             interleaved_unpack(type, group + (size_t)i * G * t->bytes, (int)(n % G), blk);
             b->dequant(blk, out + i * t->block);

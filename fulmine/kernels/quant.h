@@ -65,10 +65,13 @@ typedef struct {
 extern const QType KQUANT_TYPES[];
 extern const int NUM_KQUANT_TYPES;
 
-/* interleaved.c: Q4_0, Q4_1 and Q8_0 with G = 8 or 16 rows interleaved. A kernel of such a type
+/* interleaved.c: Q4_0, Q4_1 and Q8_0 with G = 8 or 16 rows interleaved, Q5_0 with 16. A kernel of such a type
  * reads a group of G weight rows and writes out[r * G + j] for row j of the group and activation row r. */
 extern const QType INTERLEAVED_TYPES[];
 extern const int NUM_INTERLEAVED_TYPES;
+/* interleaved_k.c: Q4_K and Q6_K with 16 rows interleaved */
+extern const QType INTERLEAVED_K_TYPES[];
+extern const int NUM_INTERLEAVED_K_TYPES;
 /* W[N, K] of type base -> its layout with G rows interleaved in out (same size); -1 if base has
  * none or N % G */
 int interleave_rows(int base, int G, const uint8_t *w, int64_t N, int64_t K, uint8_t *out);

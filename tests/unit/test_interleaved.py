@@ -21,6 +21,8 @@ from tests.unit.test_kernels import KERNEL_MAX_ROWS, fast_reference, gguf_weight
 pytestmark = pytest.mark.skipif(kernels.cpu() is None, reason="C kernels not built")
 
 BASES = [kernels.Q4_0, kernels.Q4_1, kernels.Q8_0]
+# (type, rows interleaved): Q4_0, Q4_1, Q8_0 in both group sizes; Q5_0 and the K-quants (interleaved_k.c) in 16
+LAYOUTS = [(t, g) for t in BASES for g in (8, 16)] + [(kernels.Q5_0, 16), (kernels.Q4_K, 16), (kernels.Q6_K, 16)]
 
 
 @pytest.fixture(params=[1, 2])
@@ -30,8 +32,7 @@ def threads(request):
     kernels.set_threads(torch.get_num_threads())
 
 
-@pytest.mark.parametrize("qtype", BASES)
-@pytest.mark.parametrize("group", [8, 16])
+@pytest.mark.parametrize(("qtype", "group"), LAYOUTS)
 def test_same_values_as_the_base_layout(qtype: int, group: int, threads: int) -> None:
     weight, reference = gguf_weight(qtype)
     mixed = weight.interleaved(group)
@@ -43,27 +44,27 @@ def test_same_values_as_the_base_layout(qtype: int, group: int, threads: int) ->
     assert torch.equal(mixed.embed(ids), reference[ids])
 
 
-@pytest.mark.parametrize("qtype", BASES)
+@pytest.mark.parametrize(("qtype", "group"), LAYOUTS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 17, KERNEL_MAX_ROWS + 1])
-def test_products_and_rows_alone(qtype: int, rows: int, threads: int) -> None:
+def test_products_and_rows_alone(qtype: int, group: int, rows: int, threads: int) -> None:
     weight, reference = gguf_weight(qtype)
-    for group in (8, 16):
-        mixed = weight.interleaved(group)
-        x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows))
-        fast = mixed.matmul(x, False, KERNEL_MAX_ROWS)
-        check_products_fast_only(mixed, reference, rows)
-        if rows <= KERNEL_MAX_ROWS:  # past the threshold, the GEMM of the dequantized matrix
-            check_rows_alone_fast(mixed, rows)
-            assert torch.equal(fast, weight.interleaved(24 - group).matmul(x, False, KERNEL_MAX_ROWS))
+    mixed = weight.interleaved(group)
+    check_products_fast_only(mixed, reference, rows)
+    if rows <= KERNEL_MAX_ROWS:  # past the threshold, the GEMM of the dequantized matrix
+        check_rows_alone_fast(mixed, rows)
+        if qtype in BASES:  # the other group size: the same bits
+            x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows))
+            other = weight.interleaved(24 - group).matmul(x, False, KERNEL_MAX_ROWS)
+            assert torch.equal(mixed.matmul(x, False, KERNEL_MAX_ROWS), other)
 
 
 def check_products_fast_only(weight, reference: torch.Tensor, rows: int) -> None:
     """check_products without the exact mode, which interleaved types do not have."""
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)) * 3
     exact = x @ reference.T
-
+    block = 256 if kernels.base_type(weight.qtype) in (kernels.Q4_K, kernels.Q6_K) else 32
     tol = dict(rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
-    torch.testing.assert_close(weight.matmul(x, False, KERNEL_MAX_ROWS), fast_reference(x, reference), **tol)
+    torch.testing.assert_close(weight.matmul(x, False, KERNEL_MAX_ROWS), fast_reference(x, reference, block), **tol)
 
 
 def check_rows_alone_fast(weight, rows: int) -> None:
@@ -80,7 +81,8 @@ def test_exact_mode_and_odd_row_counts_are_refused() -> None:
         mixed.matmul(torch.randn(2, weight.shape[1]), True, KERNEL_MAX_ROWS)
     odd, _ = gguf_weight(kernels.Q4_1, rows=12)
     assert odd.interleaved(8) is odd and odd.interleaved(16) is odd  # 12 rows: kept as they are
-    assert gguf_weight(kernels.Q4_K)[0].interleaved(8).qtype == kernels.Q4_K  # no interleaved layout
+    assert gguf_weight(kernels.Q4_K)[0].interleaved(8).qtype == kernels.Q4_K  # K-quants: 16 rows only
+    assert gguf_weight(kernels.Q5_K)[0].interleaved(16).qtype == kernels.Q5_K  # no interleaved layout
 
 
 def test_interleaved_shards_multiply_as_one_matrix(threads: int) -> None:
@@ -88,10 +90,10 @@ def test_interleaved_shards_multiply_as_one_matrix(threads: int) -> None:
     fall on whole groups)."""
     parts = [
         gguf_weight(t, rows=r, seed=i)
-        for i, (t, r) in enumerate([(kernels.Q4_1, 64), (kernels.Q8_0, 48), (kernels.Q4_K, 32)])
+        for i, (t, r) in enumerate([(kernels.Q4_1, 64), (kernels.Q8_0, 48), (kernels.Q5_K, 32)])
     ]
     shards = QuantizedShards([w for w, _ in parts]).interleaved(16)
-    assert [p.qtype for p in shards.parts] == [kernels.Q4_1 | kernels.X16, kernels.Q8_0 | kernels.X16, kernels.Q4_K]
+    assert [p.qtype for p in shards.parts] == [kernels.Q4_1 | kernels.X16, kernels.Q8_0 | kernels.X16, kernels.Q5_K]
     plain = QuantizedShards([w for w, _ in parts])
     x = torch.randn(5, shards.shape[1])
     torch.testing.assert_close(
@@ -109,7 +111,7 @@ def test_every_isa_path_computes_the_same_bits(variable: str) -> None:
     code = (
         "import sys, torch; from tests.unit.test_interleaved import *;"
         "x = torch.randn(11, 512, generator=torch.Generator().manual_seed(0));"
-        "out = [gguf_weight(t)[0].interleaved(g).matmul(x, False, 32) for t in BASES for g in (8, 16)];"
+        "out = [gguf_weight(t)[0].interleaved(g).matmul(x, False, 32) for t, g in LAYOUTS];"
         "torch.save(out, sys.argv[1])"
     )
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fulmine-interleaved-{os.getpid()}.pt")
