@@ -14,7 +14,7 @@ from fulmine.config import ConfigError, EngineConfig
 from fulmine.engine.model_runner import ModelRunner
 from fulmine.engine.step import SequenceStep, StepBatch
 from fulmine.kv_cache import KVCacheManager
-from fulmine.kv_cache.sizing import kv_cache_blocks, kv_cache_bytes_per_token
+from fulmine.kv_cache.sizing import kv_cache_blocks, kv_cache_bytes_per_token, kv_cache_dtype
 from fulmine.models.loader import load_model
 from fulmine.models.source import resolve
 from fulmine.request import Request, SamplingParams
@@ -39,7 +39,10 @@ class DraftModelProposer:
             )
         self.max_model_len = min(max_model_len, source.config.max_position_embeddings)
         model = load_model(source, device, dtype, weight_dtype, False, config.quantization, config.exact_kernels)
-        num_blocks = kv_cache_blocks(config, kv_cache_bytes_per_token(source.config, dtype), self.max_model_len, device)
+        # the target's cache type: a draft that attends over other values than the target's disagrees more
+        kv_dtype = kv_cache_dtype(config, device, dtype, weight_dtype)
+        bytes_per_token = kv_cache_bytes_per_token(source.config, kv_dtype)
+        num_blocks = kv_cache_blocks(config, bytes_per_token, self.max_model_len, device)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(
             model,
@@ -52,6 +55,7 @@ class DraftModelProposer:
             config.exact_kernels,
             config.executor,
             config.max_num_seqs,
+            kv_dtype,
         )
         self.requests: dict[str, Request] = {}  # the draft's view: its tokens and how many its cache holds
         self.greedy = SamplingParams(temperature=0.0)
