@@ -32,6 +32,32 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 CACHE_SIZE = 256
 
 
+_NAMED_SUBSCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMAS = ("items", "prefixItems", "anyOf", "oneOf", "allOf", "not", "if", "then", "else", "additionalProperties")
+
+
+def closed_objects(schema: Any) -> Any:
+    """OpenAI's strict mode (`strict: true` on a json_schema response format or a function): the
+    output has exactly the schema's properties, so an object schema that does not say otherwise gets
+    additionalProperties false (JSON Schema's default is true: a model may then keep adding keys).
+    A copy; every subschema (properties, items, combinators, definitions) likewise."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _NAMED_SUBSCHEMAS and isinstance(value, dict):
+            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        elif key in _SUBSCHEMAS:
+            out[key] = closed_objects(value)
+        else:
+            out[key] = value
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def grammar_text(structured: StructuredOutput) -> str:
     """The llguidance grammar for a constraint (not yet checked against a tokenizer)."""
     import llguidance

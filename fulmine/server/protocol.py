@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fulmine.engine.outputs import RequestOutput
 from fulmine.request import INT64_MAX, INT64_MIN, SamplingParams, StructuredOutput
+from fulmine.sampling.grammar import closed_objects
 
 MAX_STOP_SEQUENCES = 4
 # Every integer a request carries fits the engine's 64-bit integers; larger ones are a 400 here.
@@ -162,6 +163,8 @@ class _Sampling(_Strict):
                 if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
                     raise RequestError("response_format.json_schema must be an object with a schema", "response_format")
                 schema = spec.get("schema", {})  # OpenAI: a missing schema means any JSON
+                if spec.get("strict") is True:
+                    schema = closed_objects(schema)
                 found.append(("response_format", StructuredOutput("json_schema", json.dumps(schema))))
             elif kind not in (None, "text"):
                 raise RequestError(

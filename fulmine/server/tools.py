@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 from fulmine.request import StructuredOutput
+from fulmine.sampling.grammar import closed_objects
 from fulmine.server.protocol import ChatCompletionRequest, RequestError
 from fulmine.server.tool_calls import HERMES_CLOSE, HERMES_OPEN, MISTRAL_OPEN, loads
 
@@ -26,7 +27,7 @@ from fulmine.server.tool_calls import HERMES_CLOSE, HERMES_OPEN, MISTRAL_OPEN, l
 def checked_tools(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     """The tools the model may call (none when tool_choice is "none"), checked; the legacy
     functions / function_call are taken as tools / tool_choice."""
-    tools = (
+    tools = list(
         body.tools if body.tools is not None else [{"type": "function", "function": f} for f in body.functions or []]
     )
     names = []
@@ -38,6 +39,8 @@ def checked_tools(body: ChatCompletionRequest) -> list[dict[str, Any]]:
             raise RequestError("each tool is {type: function, function: {name, parameters}}", f"tools[{i}]")
         if not isinstance(function.get("parameters", {}), dict):
             raise RequestError("a function's parameters are a JSON schema object", f"tools[{i}].function.parameters")
+        if function.get("strict") is True and "parameters" in function:  # exactly the parameters named
+            tools[i] = {**tool, "function": {**function, "parameters": closed_objects(function["parameters"])}}
         names.append(function["name"])
     choice = body.tool_choice_value()
     if isinstance(choice, dict):
@@ -136,10 +139,12 @@ def constraint(
     tools: list[dict[str, Any]], tool_choice: Any, parallel: bool, fmt: str, tokens: frozenset[str] = frozenset()
 ) -> StructuredOutput | None:
     """A grammar forcing a call when tool_choice is "required" or names a function (None for "auto"):
-    the call's arguments then always parse and validate against the function's parameters. `tokens`:
+    the call's arguments then always parse and validate against the function's parameters. A named
+    function is called once (as OpenAI's API and vLLM do); "required" allows parallel calls. `tokens`:
     the markers that are single tokens (special_markers)."""
     if tool_choice in (None, "auto", "none"):
         return None
+    parallel = parallel and not isinstance(tool_choice, dict)
     if isinstance(tool_choice, dict):
         wanted = [_function(tool_choice)["name"]]
     else:

@@ -179,6 +179,42 @@ def test_openai_parse_returns_the_pydantic_object(client: openai.OpenAI) -> None
     assert completion.choices[0].finish_reason == "stop"
 
 
+def test_strict_schemas_allow_exactly_their_properties(client: openai.OpenAI) -> None:
+    """`strict: true` (OpenAI's strict mode): objects that do not set additionalProperties take no keys
+    beyond theirs, in a response format and in a function's parameters, nested ones too; without
+    strict, JSON Schema's default (more keys allowed) holds."""
+    from fulmine.sampling.grammar import closed_objects
+
+    open_schema = {"type": "object", "properties": {"name": {"type": "string"}, "inner": {"type": "object"}}}
+    assert closed_objects(open_schema) == {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "inner": {"type": "object", "additionalProperties": False}},
+        "additionalProperties": False,
+    }
+    assert closed_objects({"type": "object", "additionalProperties": {"type": "integer"}})["additionalProperties"] == {
+        "type": "integer"
+    }
+    schema = Person.model_json_schema()  # as pydantic writes it: no additionalProperties
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    answer = client.chat.completions.create(
+        model=MODEL, messages=ASK, response_format=fmt, temperature=0, max_tokens=200
+    )
+    assert answer.choices[0].finish_reason == "stop"
+    assert set(json.loads(answer.choices[0].message.content)) <= set(schema["properties"])
+    tool = {"type": "function", "function": {"name": "person", "parameters": schema, "strict": True}}
+    call = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "person"}},
+        temperature=0,
+        max_tokens=200,
+    )
+    assert call.choices[0].finish_reason == "tool_calls"
+    [made] = call.choices[0].message.tool_calls  # a named function is called once
+    assert set(json.loads(made.function.arguments)) <= set(schema["properties"])
+
+
 def test_json_schema_streamed_equals_plain(server: RunningServer, client: openai.OpenAI) -> None:
     schema = SCHEMAS["enum_and_bounds"]
     fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
