@@ -212,9 +212,10 @@ class LLMEngine:
         if self.governor is not None:
             for request, tokens in updated:
                 self.governor.observe(request.request_id, tokens)
+            forward = time.perf_counter() - started  # the proposer's time is the governor's to count
             self._propose_drafts()
             if not failed and batch.seqs and all(s.samples for s in batch.seqs):  # decode steps
-                self.governor.record_step(batch.num_tokens, time.perf_counter() - started)
+                self.governor.record_step(batch.num_tokens, forward)
         if streaming:  # a step streams waited for: how long its prefill made them wait
             self.prefill_budget.observe(prefill_tokens, time.perf_counter() - started)
         outputs = [self._fail(request, error) for request, error in failed_requests]

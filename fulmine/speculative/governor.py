@@ -7,13 +7,18 @@ Two measurements drive it:
   the estimate stays current without paying for verification.
 - cost: step time as a line in the number of tokens the step computes (t = t0 + t1 * tokens),
   fitted online by weighted least squares over the engine's decode steps.
+- the proposer's cost: seconds per proposed token, timed around each proposal (a draft model runs a
+  forward per token; n-gram lookup is ~free).
 With per-token acceptance a, drafting k tokens yields (1 - a^(k+1)) / (1 - a) tokens for one
-step costing t0 + t1 * (batch + k); the governor picks the k (0 included) with the most tokens
-per second for the batch, so a request whose drafts are rarely accepted stops drafting.
+step costing t0 + t1 * (batch + k) + c * k; the governor picks the k (0 included) with the most
+tokens per second for the batch, so a request whose drafts are rarely accepted stops drafting. A
+costly proposer's shadow proposals would tax every plain step, so while its drafting is off it
+shadows only one step in SHADOW_EVERY (every step of a request's first WARMUP_SHADOWS).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +42,10 @@ PRIOR_COST_RATIO = 0.5
 MIN_GAIN = 1.1
 ACCEPTANCE_DECAY = 0.9  # weight of a request's older acceptance evidence per observation
 COST_DECAY = 0.98  # weight of older steps in the cost fit
+PROPOSER_DECAY = 0.9  # weight of older proposals in the proposer's cost per token
+COSTLY = 0.05  # a proposer whose token costs more than this share of a step's fixed cost is rationed
+SHADOW_EVERY = 8
+WARMUP_SHADOWS = 8
 
 
 @dataclass
@@ -45,6 +54,7 @@ class _Acceptance:
     rejected: float = 1.0
     pending: list[int] | None = None  # this step's proposal (drafted or shadow)
     drafted: bool = False
+    steps: int = 0  # proposals asked of the governor for this request
 
     @property
     def rate(self) -> float:
@@ -68,16 +78,31 @@ class _CostFit:
 
     def ratio(self) -> float:
         """t1 / t0: the cost of one more token relative to a step's fixed cost."""
-        if self.n < 4:
+        fit = self._fit()
+        if fit is None:
             return PRIOR_COST_RATIO
-        variance = self.xx / self.n - (self.x / self.n) ** 2
-        if variance < 0.1:  # all steps the same size: the slope is not identified
-            return PRIOR_COST_RATIO
-        slope = (self.xy / self.n - self.x / self.n * self.y / self.n) / variance
-        intercept = self.y / self.n - slope * self.x / self.n
+        intercept, slope = fit
         if intercept <= 0:
             return 1e9  # no fixed cost at all: a step's time is all per token, drafting cannot pay
         return max(slope, 0.0) / intercept
+
+    def fixed_seconds(self) -> float | None:
+        """t0, the fit's cost of a step apart from its tokens (with the prior ratio until identified)."""
+        if self.n < 1:
+            return None
+        fit = self._fit()
+        if fit is None or fit[0] <= 0:
+            return self.y / self.n / (1 + PRIOR_COST_RATIO * self.x / self.n)
+        return fit[0]
+
+    def _fit(self) -> tuple[float, float] | None:
+        if self.n < 4:
+            return None
+        variance = self.xx / self.n - (self.x / self.n) ** 2
+        if variance < 0.1:  # all steps the same size: the slope is not identified
+            return None
+        slope = (self.xy / self.n - self.x / self.n * self.y / self.n) / variance
+        return self.y / self.n - slope * self.x / self.n, slope
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -91,6 +116,7 @@ class Governor:
         self.proposer: Proposer = proposer or NgramProposer()
         self.requests: dict[str, _Acceptance] = {}
         self.cost = _CostFit()
+        self.proposer_seconds: float | None = None  # per proposed token (exponentially weighted)
         self.num_drafted = 0  # totals, for metrics
         self.num_accepted = 0
         self.always_draft = False  # tests: draft whatever the proposer offers, to exercise verification
@@ -106,7 +132,14 @@ class Governor:
         limit = min(limit, self.max_drafts)
         # k first: a draft model pays per drafted token (off, it still drafts one, to score it)
         k = self.choose(state.rate, limit, batch_size)
+        state.steps += 1
+        if k == 0 and self._costly() and state.steps > WARMUP_SHADOWS and state.steps % SHADOW_EVERY:
+            state.pending = None  # no shadow this step
+            return []
+        started = time.perf_counter()
         proposal = self.proposer.propose(request.request_id, request.all_token_ids, max(k, 1))
+        if proposal:
+            self._time_proposer((time.perf_counter() - started) / len(proposal))
         k = min(k, len(proposal))
         state.pending, state.drafted = (proposal[:k], True) if k else (proposal[:1], False)
         return proposal[:k]
@@ -117,13 +150,30 @@ class Governor:
         if state is not None and state.drafted and state.pending is not None and num_drafts < len(state.pending):
             state.pending = state.pending[:num_drafts] or None
 
+    def _time_proposer(self, per_token: float) -> None:
+        previous = self.proposer_seconds
+        weighted = PROPOSER_DECAY * previous + (1 - PROPOSER_DECAY) * per_token if previous is not None else per_token
+        self.proposer_seconds = weighted
+
+    def _proposer_ratio(self) -> float:
+        """c / t0: a proposed token's cost relative to a step's fixed cost (0 until both are measured)."""
+        fixed = self.cost.fixed_seconds()
+        if self.proposer_seconds is None or not fixed:
+            return 0.0
+        return self.proposer_seconds / fixed
+
+    def _costly(self) -> bool:
+        return self._proposer_ratio() > COSTLY
+
     def choose(self, acceptance: float, available: int, batch_size: int) -> int:
         if self.always_draft:
             return available
-        ratio = self.cost.ratio()
+        ratio, proposing = self.cost.ratio(), self._proposer_ratio()
+        shadow = proposing / SHADOW_EVERY if proposing > COSTLY else proposing  # what staying off costs
 
         def tokens_per_cost(k: int) -> float:
-            return (batch_size - 1 + expected_tokens(acceptance, k)) / (1 + ratio * (batch_size + k))
+            extra = proposing * k if k else shadow
+            return (batch_size - 1 + expected_tokens(acceptance, k)) / (1 + ratio * (batch_size + k) + extra)
 
         best = max(range(available + 1), key=tokens_per_cost)
         return best if tokens_per_cost(best) >= MIN_GAIN * tokens_per_cost(0) else 0
