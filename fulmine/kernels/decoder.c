@@ -201,6 +201,38 @@ static void softmax_scalar(float *s, int n) {
 
 /* Block dequantizers of the types above (one block; float types: one value) */
 
+/* the gated activation a = act(g) * u over n values: SiLU (Llama) or tanh GELU (Gemma 3) */
+static float gelu_tanh(float x) { return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
+static void glu_scalar(float *a, const float *g, const float *u, int n, int gelu) {
+    for (int i = 0; i < n; i++) a[i] = (gelu ? gelu_tanh(g[i]) : g[i] / (1.f + expf(-g[i]))) * u[i];
+}
+#ifdef FULMINE_X86
+/* with exp256 (quant.h), which takes x <= 0: sigmoid(x) from e^-|x|, tanh(z) = sign(z) (1 - e) / (1 + e)
+ * with e = e^-2|z| */
+AVX2 static void glu_avx2(float *a, const float *g, const float *u, int n, int gelu) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i), v;
+        if (gelu) {
+            __m256 z = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                     _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x), _mm256_mul_ps(x, x), x));
+            __m256 e = exp256(_mm256_mul_ps(_mm256_set1_ps(-2.f), _mm256_andnot_ps(sign, z)));
+            __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+            t = _mm256_or_ps(t, _mm256_and_ps(sign, z)); /* z's sign (t >= 0) */
+            v = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t));
+        } else {
+            __m256 e = exp256(_mm256_or_ps(x, sign)); /* e^-|x| */
+            __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, e));
+            __m256 negative = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+            v = _mm256_mul_ps(x, _mm256_blendv_ps(s, _mm256_mul_ps(e, s), negative));
+        }
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(v, _mm256_loadu_ps(u + i)));
+    }
+    glu_scalar(a + i, g + i, u + i, n - i, gelu);
+}
+#endif
+
 /* the attention's vector kernels, of the ISA matmul.c chose */
 static struct {
     void (*scores)(const float *, const float *, const int64_t *, int, int, float, float *);
@@ -209,8 +241,9 @@ static struct {
     void (*scores_half)(const float *, const uint16_t *, const int64_t *, int, int, float, float *);
     void (*wsum_half)(float *, const float *, const uint16_t *, const int64_t *, int, int);
     void (*to_half)(uint16_t *, const float *, int);
+    void (*glu)(float *, const float *, const float *, int, int);
     int level;
-} ATT = {scores_scalar, wsum_scalar, softmax_scalar, scores_half_scalar, wsum_half_scalar, to_half_scalar, -1};
+} ATT = {scores_scalar, wsum_scalar, softmax_scalar, scores_half_scalar, wsum_half_scalar, to_half_scalar, glu_scalar, -1};
 
 static void choose_attention_kernels(void) {
     if (ATT.level == kernels_level()) return;
@@ -223,6 +256,7 @@ static void choose_attention_kernels(void) {
         ATT.scores_half = scores_half_avx2;
         ATT.wsum_half = wsum_half_avx2;
         ATT.to_half = to_half_avx2;
+        ATT.glu = glu_avx2;
     }
 #endif
 }
@@ -296,7 +330,20 @@ static void norm_rows(float *x, const float *w, int T, int H, float eps, float *
     }
 }
 
-static float gelu_tanh(float x) { return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))); }
+/* the MLP's gated activation for rows [T * chunk / nchunks, ...) */
+typedef struct {
+    float *act;
+    const float *gu;
+    int T, I, gelu;
+} GluJob;
+
+static void glu_task(void *ctx, int chunk, int nchunks) {
+    GluJob *j = (GluJob *)ctx;
+    for (int t = j->T * chunk / nchunks; t < j->T * (chunk + 1) / nchunks; t++) {
+        const float *g = j->gu + (size_t)t * 2 * j->I;
+        ATT.glu(j->act + (size_t)t * j->I, g, g + j->I, j->I, j->gelu);
+    }
+}
 
 static void rope(float *x, const float *cos, const float *sin, int D) {
     int half = D / 2;
@@ -390,14 +437,8 @@ int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *
         for (int t = 0; t < T; t++)
             rms_norm(h + (size_t)t * H, (const float *)(intptr_t)ly[L_POST_NORM], xn + (size_t)t * H, H, eps);
         matmul(xn, T, layer_parts(ly, L_GATE, 2, gate_up_rows, H), gu, 2 * I, &sc, exact);
-        for (int t = 0; t < T; t++) {
-            const float *g = gu + (size_t)t * 2 * I, *u = g + I;
-            float *a = act + (size_t)t * I;
-            if (gelu)
-                for (int i = 0; i < I; i++) a[i] = gelu_tanh(g[i]) * u[i];
-            else
-                for (int i = 0; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
-        }
+        GluJob gj = {act, gu, T, I, gelu};
+        pool_run(glu_task, &gj, T < pool_threads() ? T : pool_threads());
         matmul(act, T, layer_mat(ly, L_DOWN, L_DOWN_TYPE, H, I), xn, H, &sc, exact);
         norm_rows(xn, (const float *)(intptr_t)ly[L_FFN_OUT_NORM], T, H, eps, tmp);
         for (size_t i = 0; i < n_x; i++) h[i] += xn[i];
