@@ -37,11 +37,13 @@ FUSED_MAX_TOKENS_EXACT = 128
 FUSED_MAX_TOKENS_FAST = 48
 # With the interleaved layouts (kernels/interleaved.c) the fast kernels' products keep up with the GEMM
 # to 256 rows; the fused attention (per token and head, over the whole context) falls behind deeper
-# in. Time to the first token, one prompt prefilled in chunks of 256, fused vs PyTorch path (2-core
-# AVX-512 CPU, embedded model, `--max-num-batched-tokens` 256, the default): 64 tokens 50 vs 119-121 ms,
-# 128: 101-105 vs 141-158, 256: 198-213 vs 188-201, 512: 442 vs 434, 1024: 1122 vs 932. So a step of up
-# to 256 tokens runs fused while its tokens sit in the first 512 positions: a prompt of up to 512
-# tokens is prefilled with the numerics of its decode steps.
+# in. Time to the first token, one prompt prefilled in chunks of 256 (the default budget), fused vs
+# PyTorch path, 2-core AVX-512 CPU: embedded model 64 tokens 42-50 vs 119-121 ms, 128: 87-105 vs
+# 141-158, 256: 184-213 vs 188-201, 512: 409-442 vs 434; 1024 (fused throughout): 1122 vs 932.
+# Qwen2.5-Coder-0.5B Q4_K_M 256: 483-582 vs 562-793, 512: 1047-1233 vs 1136-1569. Gemma 3 270M
+# 256: 190-198 vs 182-218, 512: 427-437 vs 415. So a step of up to 256 tokens runs fused while its
+# tokens sit in the first 512 positions: a prompt of up to 512 tokens is prefilled with the numerics
+# of its decode steps.
 FUSED_MAX_TOKENS_SHALLOW = 256
 FUSED_SHALLOW_POSITIONS = 512
 
