@@ -226,23 +226,36 @@ ZMM static inline __m512i bcast4_zmm(const int8_t *p) {
     return _mm512_set1_epi32(v);
 }
 
+/* kind: T_Q4_0, T_Q4_1, or T_Q5_0 (Q4_0's nibbles with a fifth bit from qh, bit e of a row's 32 for
+ * weight e, each chunk's four bits spread to its four bytes by a 16-entry table lookup; minimum -16 d) */
 ZMM static inline __attribute__((always_inline)) void q4x16_rg(const int RG, const uint8_t *w, const QAct *a,
-                                                               int64_t K, float *out, const int q41) {
+                                                               int64_t K, float *out, const int kind) {
     const int64_t nb = K / 32;
-    const size_t bsz = q41 ? 320 : 288;
+    const int q41 = kind == T_Q4_1, q5 = kind == T_Q5_0;
+    const size_t bsz = q41 ? 320 : q5 ? 352 : 288;
     const __m512i low = _mm512_set1_epi8(0x0f);
+    /* entry i: bit b of i as bit 4 of byte b */
+    const __m512i spread = _mm512_setr_epi32(0x0, 0x10, 0x1000, 0x1010, 0x100000, 0x100010, 0x101000, 0x101010,
+                                             0x10000000, 0x10000010, 0x10001000, 0x10001010, 0x10100000,
+                                             0x10100010, 0x10101000, 0x10101010);
     __m512 acc[MAX_RG];
     for (int r = 0; r < RG; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + b * bsz, *q = blk + (q41 ? 64 : 32);
+        const uint8_t *blk = w + b * bsz, *q = blk + (q41 ? 64 : q5 ? 96 : 32);
         PREFETCH_NEXT_GROUP(blk, nb * bsz, bsz);
         __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
-        __m512 m = q41 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32))) : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+        __m512 m = q41 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)))
+                       : _mm512_mul_ps(d, _mm512_set1_ps(q5 ? -16.f : -8.f));
+        __m512i qh = q5 ? _mm512_loadu_si512((const void *)(blk + 32)) : _mm512_setzero_si512();
         __m512i lo[4], hi[4];
         for (int g = 0; g < 4; g++) {
             __m512i v = _mm512_loadu_si512((const void *)(q + 64 * g));
             lo[g] = _mm512_and_si512(v, low);
             hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            if (q5) { /* vpermd reads the low 4 bits of each index */
+                lo[g] = _mm512_or_si512(lo[g], _mm512_permutexvar_epi32(_mm512_srli_epi32(qh, 4 * g), spread));
+                hi[g] = _mm512_or_si512(hi[g], _mm512_permutexvar_epi32(_mm512_srli_epi32(qh, 16 + 4 * g), spread));
+            }
         }
         for (int r = 0; r < RG; r++) {
             const int8_t *x = a->qx + r * K + b * 32;
@@ -290,51 +303,11 @@ ZMM static inline __attribute__((always_inline)) void q8x16_rg(const int RG, con
     for (int r = 0; r < RG; r++) _mm512_storeu_ps(out + 16 * r, acc[r]);
 }
 
-ZMM static void q4_0x16_zmm(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { SWITCH_RG(R, q4x16_rg, w, a, K, out, 0) }
-ZMM static void q4_1x16_zmm(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { SWITCH_RG(R, q4x16_rg, w, a, K, out, 1) }
+ZMM static void q4_0x16_zmm(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { SWITCH_RG(R, q4x16_rg, w, a, K, out, T_Q4_0) }
+ZMM static void q4_1x16_zmm(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { SWITCH_RG(R, q4x16_rg, w, a, K, out, T_Q4_1) }
 ZMM static void q8_0x16_zmm(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { SWITCH_RG(R, q8x16_rg, w, a, K, out) }
 
-/* Q5_0 (16 rows only): Q4_0's nibbles with a fifth bit from qh (bit e of a row's 32: weight e), each
- * chunk's four bits spread to its four bytes by a 16-entry table lookup; minimum -16 d */
-ZMM static inline __attribute__((always_inline)) void q5x16_rg(const int RG, const uint8_t *w, const QAct *a,
-                                                               int64_t K, float *out) {
-    const int64_t nb = K / 32;
-    const size_t bsz = 16 * 22;
-    const __m512i low = _mm512_set1_epi8(0x0f);
-    /* entry i: bit b of i as bit 4 of byte b */
-    const __m512i spread = _mm512_setr_epi32(0x0, 0x10, 0x1000, 0x1010, 0x100000, 0x100010, 0x101000, 0x101010,
-                                             0x10000000, 0x10000010, 0x10001000, 0x10001010, 0x10100000,
-                                             0x10100010, 0x10101000, 0x10101010);
-    __m512 acc[MAX_RG];
-    for (int r = 0; r < RG; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + b * bsz, *q = blk + 96;
-        PREFETCH_NEXT_GROUP(blk, nb * bsz, bsz);
-        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
-        __m512 m = _mm512_mul_ps(d, _mm512_set1_ps(-16.f));
-        __m512i qh = _mm512_loadu_si512((const void *)(blk + 32));
-        __m512i lo[4], hi[4];
-        for (int g = 0; g < 4; g++) { /* vpermd reads the low 4 bits of each index */
-            __m512i v = _mm512_loadu_si512((const void *)(q + 64 * g));
-            lo[g] = _mm512_or_si512(_mm512_and_si512(v, low), _mm512_permutexvar_epi32(_mm512_srli_epi32(qh, 4 * g), spread));
-            hi[g] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low),
-                                    _mm512_permutexvar_epi32(_mm512_srli_epi32(qh, 16 + 4 * g), spread));
-        }
-        for (int r = 0; r < RG; r++) {
-            const int8_t *x = a->qx + r * K + b * 32;
-            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-            for (int g = 0; g < 4; g++) {
-                s0 = _mm512_dpbusd_epi32(s0, lo[g], bcast4_zmm(x + 4 * g));
-                s1 = _mm512_dpbusd_epi32(s1, hi[g], bcast4_zmm(x + 16 + 4 * g));
-            }
-            __m512 p = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-            acc[r] = _mm512_fmadd_ps(p, _mm512_mul_ps(d, _mm512_set1_ps(a->dx[r * nb + b])), acc[r]);
-            acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a->xsum[r * nb + b]), acc[r]);
-        }
-    }
-    for (int r = 0; r < RG; r++) _mm512_storeu_ps(out + 16 * r, acc[r]);
-}
-ZMM static void q5_0x16_zmm(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { SWITCH_RG(R, q5x16_rg, w, a, K, out) }
+ZMM static void q5_0x16_zmm(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) { SWITCH_RG(R, q4x16_rg, w, a, K, out, T_Q5_0) }
 
 #define X8_ISAS(NAME) {NAME##_scalar, NAME##_avx2, NAME##_vnni}
 #define X16_ISAS(NAME) {NAME##_scalar, NULL, NAME##_zmm}

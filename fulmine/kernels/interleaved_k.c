@@ -18,18 +18,6 @@
 
 enum { Q4_KX16_BYTES = 16 * 144, Q6_KX16_BYTES = 16 * 210 };
 
-static void scales_mins(const uint8_t *q, int *sc, int *mn) {
-    for (int j = 0; j < 8; j++) {
-        if (j < 4) {
-            sc[j] = q[j] & 63;
-            mn[j] = q[j + 4] & 63;
-        } else {
-            sc[j] = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
-            mn[j] = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-        }
-    }
-}
-
 /* out[r * 16 + j] = dot(row j of the group, activation row r) */
 static void q4_kx16_scalar(const uint8_t *w, const QAct *a, int R, int64_t K, float *out) {
     const int64_t nk = K / 256;
@@ -39,8 +27,9 @@ static void q4_kx16_scalar(const uint8_t *w, const QAct *a, int R, int64_t K, fl
             for (int64_t kb = 0; kb < nk; kb++) {
                 uint8_t blk[144];
                 interleaved_unpack(T_Q4_K | T_X16, w + kb * Q4_KX16_BYTES, j, blk);
-                int sc[8], mn[8], isum = 0, msum = 0;
-                scales_mins(blk + 4, sc, mn);
+                uint8_t sc[8], mn[8];
+                int isum = 0, msum = 0;
+                scales_k4(blk + 4, sc, mn);
                 const int8_t *x = a->kq + r * K + kb * 256;
                 const int16_t *bs = a->ksum + r * (K / 16) + kb * 16;
                 for (int s = 0; s < 8; s++) {

@@ -59,7 +59,7 @@ static void dequant_q5_1(const uint8_t *blk, float *out) {
 /* Q4_K: d f16 | dmin f16 | scales[12] (8 six-bit scales and mins) | qs[128]. Sub-block j (32 weights):
  * u = low (j even) or high (j odd) nibbles of qs[32 * (j / 2) ..], w = d * sc[j] * u - dmin * mn[j].
  * Q5_K: d | dmin | scales[12] | qh[32] (bit j of qh[l]: the fifth bit of weight l of sub-block j) | qs[128]. */
-static void scales_k4(const uint8_t *q, uint8_t *sc, uint8_t *mn) {
+void scales_k4(const uint8_t *q, uint8_t *sc, uint8_t *mn) {
     for (int j = 0; j < 8; j++) {
         if (j < 4) {
             sc[j] = q[j] & 63;

@@ -36,6 +36,8 @@ typedef struct {
     const int16_t *ksum;
 } QAct;
 
+/* kquants.c: Q4_K / Q5_K's 12 scale bytes -> the 8 six-bit scales and the 8 minimums */
+void scales_k4(const uint8_t *q, uint8_t *sc, uint8_t *mn);
 /* kquants.c: x row [K] (K % 256 == 0) -> the per-256 format */
 void quantize_row_k_scalar(const float *x, int64_t K, int8_t *q, float *d, int16_t *sums);
 void quantize_row_k_avx2(const float *x, int64_t K, int8_t *q, float *d, int16_t *sums);
