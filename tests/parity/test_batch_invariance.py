@@ -1,4 +1,5 @@
-"""Batch invariance in the default mode (quantized weights, int8 activations, float16 KV cache):
+"""Batch invariance in the default mode (quantized weights, int8 activations, float16 KV cache), on the
+embedded model and two real Q4_K_M files:
 the same greedy request gives the same token ids alone, batched beside other requests' prefills,
 prefilled in chunks of any size, served again from the prefix cache, and with speculation on or off.
 
@@ -60,3 +61,19 @@ def test_same_tokens_from_the_prefix_cache(alone) -> None:
     again = llm.generate(CHATS, GREEDY)  # every prompt's blocks cached: only the tail is computed
     assert first == alone and [o.token_ids for o in again] == alone
     assert all(o.num_cached_tokens > 0 for o in again)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b", "gemma3-270m"])
+def test_real_models_same_tokens_alone_batched_chunked_and_cached(name: str) -> None:
+    """The same on real Q4_K_M files (Q4_K, Q5_0, Q6_K, Q8_0 matrices, interleaved; Gemma 3's block)."""
+    from tests.parity.test_real_models import fetch
+
+    path = str(fetch(name))
+    prompts = [chat[-1]["content"] for chat in CHATS[:3] + CHATS[5:6] + CHATS[7:]]  # Gemma 3 270M: no template
+    plain = LLM(path, progress=False, speculative="off", enable_prefix_caching=False)
+    alone = [plain.generate(prompt, GREEDY)[0].token_ids for prompt in prompts]
+    for engine_args in ({"speculative": "off"}, {"speculative": "off", "max_num_batched_tokens": 37}, {}):
+        llm = LLM(path, progress=False, **engine_args)
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone, engine_args
+    again = llm.generate(prompts, GREEDY)  # the last engine: every prompt now from its prefix cache
+    assert [o.token_ids for o in again] == alone and again[-1].num_cached_tokens > 0  # the ~250-token prompt
