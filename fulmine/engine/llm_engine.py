@@ -231,24 +231,25 @@ class LLMEngine:
 
     def _advance_grammar(self, request: Request, tokens: list[int]) -> list[int]:
         """The request's matcher consumes its new tokens (returned, less any it refused); a completed
-        grammar ends the request (its only continuation would be end of sequence), finish reason stop.
-        A token drawn outside the grammar once it was complete (min_tokens holding back the end of
-        sequence left nothing to draw) is dropped and the request stops there."""
+        grammar ends the request (its only continuation would be end of sequence), finish reason stop,
+        there: tokens after it (a verified draft's next token) and a token drawn outside the grammar
+        once it was complete (min_tokens holding back the end of sequence) are dropped."""
         matcher = self.matchers[request.request_id]
         for i, token in enumerate(tokens):
             complete = matcher.is_accepting()
             if token in self.eos_token_ids and complete:
                 return tokens
-            if not matcher.consume_token(token):
-                if not complete:
-                    raise RuntimeError(f"the output left its grammar: {matcher.get_error().splitlines()[0]}")
-                dropped = len(tokens) - i
-                del request.output_token_ids[-dropped:]
+            consumed = matcher.consume_token(token)
+            if not consumed and not complete:
+                raise RuntimeError(f"the output left its grammar: {matcher.get_error().splitlines()[0]}")
+            keep = i if not consumed else i + 1 if matcher.is_stopped() else len(tokens)
+            if keep < len(tokens):  # without drafts the request would have ended at token `keep`
+                del request.output_token_ids[len(request.output_token_ids) - len(tokens) + keep :]
                 del request.output_logprobs[len(request.output_token_ids) :]
                 if not request.is_finished:
                     self.scheduler.finish_request(request.request_id, FinishReason.STOP)
                 request.finish_reason = FinishReason.STOP
-                return tokens[:i]
+                return tokens[:keep]
         if matcher.is_stopped() and not request.is_finished:
             self.scheduler.finish_request(request.request_id, FinishReason.STOP)
         return tokens

@@ -9,8 +9,9 @@
  * path's (fulmine/sampling/sampler.py): top-k on the logits, top-p on the top-k distribution, min-p
  * relative to the most likely token, renormalized; ties at a cut are all kept.
  *
- * With a draft token per row, the same pass verifies it (speculative decoding): accepted with its
- * probability under that distribution, else a token drawn from the rest, renormalized.
+ * With a draft token per row, the same pass verifies it (speculative decoding): accepted when the
+ * row's draw is the draft, which is accepting it with its probability under that distribution and
+ * else drawing from the rest, renormalized (see sample_row).
  *
  * The uniform numbers of each row come from a 64-bit key, hashed by splitmix64: for a seeded
  * request the key is a function of its seed and the index of the token it draws (Python computes
@@ -213,9 +214,12 @@ static void adjust_row(float *x, int V, const Adjust *a, int r, uint32_t *stamp,
 
 static double unit_of(uint64_t key) { return (double)(splitmix64(key) >> 11) * 0x1.0p-53; } /* [0, 1) */
 
-/* One row: the token drawn, or with a draft (>= 0) speculative verification: the draft is accepted
- * with its probability p(draft) (*accepted = 1, the draft returned), else a token is drawn from p
- * with the draft removed and renormalized. Greedy rows accept a draft equal to their argmax. */
+/* One row: the token drawn; with a draft (>= 0), speculative verification: the draft is accepted
+ * (*accepted = 1) when the row's own draw is the draft. For a proposer that proposes one token (n-gram
+ * lookup, a draft model's greedy choice, a grammar's forced token) this is the rejection sampler
+ * itself: accepted with probability p(draft), otherwise a draw from p without the draft. And the
+ * draw is the one the row makes without a draft, so a seeded request's tokens do not depend on
+ * whether it was drafted for. Greedy rows accept a draft equal to their argmax. */
 static int64_t first_max(const float *x, int V, float m) {
     for (int i = 0; i < V; i++)
         if (x[i] == m) return i;
@@ -259,28 +263,18 @@ static int64_t sample_row(const float *x, int V, float t, int top_k, float top_p
         for (int i = 0; i < V; i++)
             if (x[i] >= floor) z += e[i];
     }
-    int64_t skip = -1; /* a rejected draft */
-    if (draft >= 0 && draft < V) {
-        double p_draft = x[draft] >= floor && z > 0.0 ? e[draft] / z : 0.0;
-        if (unit_of(key ^ 0x5bd1e9955bd1e995ULL) < p_draft) {
-            *accepted = 1;
-            return draft;
-        }
-        if (p_draft > 0.0) {
-            z -= e[draft];
-            skip = draft;
-        }
-    }
     double target = unit_of(key) * z, acc = 0.0;
-    int64_t last = -1;
-    for (int i = 0; i < V; i++) {
-        if (x[i] >= floor && e[i] > 0.0f && i != skip) {
+    int64_t last = -1, token = -1;
+    for (int i = 0; i < V && token < 0; i++) {
+        if (x[i] >= floor && e[i] > 0.0f) {
             acc += e[i];
             last = i;
-            if (acc > target) return i;
+            if (acc > target) token = i;
         }
     }
-    return last >= 0 ? last : first_max(x, V, m); /* rounding left the target just past the sum */
+    if (token < 0) token = last >= 0 ? last : first_max(x, V, m); /* rounding left the target just past the sum */
+    *accepted = token == draft;
+    return token;
 }
 
 #define PTR(v) ((void *)(uintptr_t)(v))
