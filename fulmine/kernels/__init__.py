@@ -6,6 +6,7 @@ FULMINE_NO_KERNELS=1 forces that path (the tests use it to check the fallback).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -43,6 +44,14 @@ def interleave_rows() -> int:
     module = cpu()
     assert module is not None
     return int(module.info()["interleave"])
+
+
+@functools.cache
+def type_ids() -> frozenset[int]:
+    """Every type id the kernels read (GGML's and fulmine's interleaved ones)."""
+    module = cpu()
+    assert module is not None
+    return frozenset(module.info()["types"])
 
 
 def base_type(qtype: int) -> int:

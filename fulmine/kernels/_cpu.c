@@ -83,7 +83,11 @@ static PyObject *py_interleave(PyObject *self, PyObject *args) {
     int type, G;
     long long N, K;
     if (!PyArg_ParseTuple(args, "KiLLKi", &w, &type, &N, &K, &out, &G)) return NULL;
-    if (interleave_rows(type, G, PTR(w), N, K, PTR(out)))
+    int rc;
+    Py_BEGIN_ALLOW_THREADS;
+    rc = interleave_rows(type, G, PTR(w), N, K, PTR(out));
+    Py_END_ALLOW_THREADS;
+    if (rc)
         return PyErr_Format(PyExc_ValueError, "type %d has no layout of %d rows interleaved for %lld rows", type, G, N);
     return PyLong_FromLong(type | (G == 16 ? T_X16 : T_X8));
 }

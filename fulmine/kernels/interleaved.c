@@ -48,20 +48,42 @@ static const Field *fields(int base) {
 
 static int group_rows(int type) { return type & T_X16 ? 16 : 8; }
 
+typedef struct {
+    const Field *layout;
+    const uint8_t *w;
+    uint8_t *out;
+    int G, bytes;
+    int64_t groups, nb;
+    size_t rb;
+} InterleaveJob;
+
+/* groups [groups * chunk / nchunks, ...) of G rows; each unit a fixed-size copy (a move, not a call) */
+static void interleave_task(void *ctx, int chunk, int nchunks) {
+    const InterleaveJob *j = (const InterleaveJob *)ctx;
+    for (int64_t g = j->groups * chunk / nchunks; g < j->groups * (chunk + 1) / nchunks; g++) {
+        uint8_t *out = j->out + (size_t)g * j->G * j->rb;
+        for (int64_t b = 0; b < j->nb; b++) {
+            const uint8_t *src = j->w + (size_t)g * j->G * j->rb + (size_t)b * j->bytes;
+            size_t off = 0;
+            for (const Field *f = j->layout; f->bytes; off += (size_t)f->bytes, f++)
+                for (int c = 0; c < f->bytes; c += f->unit)
+                    for (int r = 0; r < j->G; r++, out += f->unit) {
+                        const uint8_t *from = src + (size_t)r * j->rb + off + c;
+                        if (f->unit == 4)
+                            memcpy(out, from, 4);
+                        else
+                            memcpy(out, from, 2);
+                    }
+        }
+    }
+}
+
 int interleave_rows(int base, int G, const uint8_t *w, int64_t N, int64_t K, uint8_t *out) {
     const Field *layout = fields(base);
     const QType *t = qtype(base);
     if (!layout || !t || (G != 8 && G != 16) || N % G || K % t->block) return -1;
-    int64_t nb = K / t->block;
-    size_t rb = row_bytes(base, K);
-    for (int64_t g = 0; g < N / G; g++)
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *src = w + (size_t)g * G * rb + (size_t)b * t->bytes;
-            size_t off = 0;
-            for (const Field *f = layout; f->bytes; off += (size_t)f->bytes, f++)
-                for (int c = 0; c < f->bytes; c += f->unit)
-                    for (int j = 0; j < G; j++, out += f->unit) memcpy(out, src + (size_t)j * rb + off + c, (size_t)f->unit);
-        }
+    InterleaveJob job = {layout, w, out, G, t->bytes, N / G, K / t->block, row_bytes(base, K)};
+    pool_run(interleave_task, &job, pool_chunks(N / G));
     return 0;
 }
 

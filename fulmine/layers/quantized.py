@@ -46,7 +46,7 @@ class QuantizedWeight:
         module = kernels.cpu()
         group = group or kernels.interleave_rows()
         target = self.qtype | (kernels.X16 if group == 16 else kernels.X8)
-        if module is None or target not in module.info()["types"] or self.shape[0] % group:
+        if module is None or target not in kernels.type_ids() or self.shape[0] % group:
             return self
         raw = torch.from_numpy(np.empty(tuple(self.raw.shape), dtype=np.uint8))  # numpy's: huge pages (gguf_file.py)
         module.interleave(self.raw.data_ptr(), self.qtype, self.shape[0], self.shape[1], raw.data_ptr(), group)
