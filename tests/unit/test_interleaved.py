@@ -16,7 +16,7 @@ import torch
 
 from fulmine import kernels
 from fulmine.layers.quantized import QuantizedShards
-from tests.unit.test_kernels import KERNEL_MAX_ROWS, fast_reference, gguf_weight
+from tests.unit.test_kernels import KERNEL_MAX_ROWS, check_products, check_rows_alone, gguf_weight, threads  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.skipif(kernels.cpu() is None, reason="C kernels not built")
 
@@ -25,15 +25,9 @@ BASES = [kernels.Q4_0, kernels.Q4_1, kernels.Q8_0]
 LAYOUTS = [(t, g) for t in BASES for g in (8, 16)] + [(kernels.Q5_0, 16), (kernels.Q4_K, 16), (kernels.Q6_K, 16)]
 
 
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    kernels.set_threads(request.param)
-    yield request.param
-    kernels.set_threads(torch.get_num_threads())
-
-
 @pytest.mark.parametrize(("qtype", "group"), LAYOUTS)
-def test_same_values_as_the_base_layout(qtype: int, group: int, threads: int) -> None:
+@pytest.mark.usefixtures("threads")  # 1 and 2 threads (test_kernels.py)
+def test_same_values_as_the_base_layout(qtype: int, group: int) -> None:
     weight, reference = gguf_weight(qtype)
     mixed = weight.interleaved(group)
     assert mixed.qtype == qtype | (kernels.X16 if group == 16 else kernels.X8)
@@ -46,32 +40,17 @@ def test_same_values_as_the_base_layout(qtype: int, group: int, threads: int) ->
 
 @pytest.mark.parametrize(("qtype", "group"), LAYOUTS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 17, KERNEL_MAX_ROWS + 1])
-def test_products_and_rows_alone(qtype: int, group: int, rows: int, threads: int) -> None:
+@pytest.mark.usefixtures("threads")  # 1 and 2 threads (test_kernels.py)
+def test_products_and_rows_alone(qtype: int, group: int, rows: int) -> None:
     weight, reference = gguf_weight(qtype)
     mixed = weight.interleaved(group)
-    check_products_fast_only(mixed, reference, rows)
+    check_products(mixed, reference, rows, exact_mode=False)  # interleaved types: no exact kernels
     if rows <= KERNEL_MAX_ROWS:  # past the threshold, the GEMM of the dequantized matrix
-        check_rows_alone_fast(mixed, rows)
+        check_rows_alone(mixed, rows, modes=(False,))
         if qtype in BASES:  # the other group size: the same bits
             x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows))
             other = weight.interleaved(24 - group).matmul(x, False, KERNEL_MAX_ROWS)
             assert torch.equal(mixed.matmul(x, False, KERNEL_MAX_ROWS), other)
-
-
-def check_products_fast_only(weight, reference: torch.Tensor, rows: int) -> None:
-    """check_products without the exact mode, which interleaved types do not have."""
-    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)) * 3
-    exact = x @ reference.T
-    block = 256 if kernels.base_type(weight.qtype) in (kernels.Q4_K, kernels.Q6_K) else 32
-    tol = dict(rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
-    torch.testing.assert_close(weight.matmul(x, False, KERNEL_MAX_ROWS), fast_reference(x, reference, block), **tol)
-
-
-def check_rows_alone_fast(weight, rows: int) -> None:
-    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)) * 3
-    together = weight.matmul(x, False, KERNEL_MAX_ROWS)
-    alone = torch.cat([weight.matmul(x[i : i + 1], False, KERNEL_MAX_ROWS) for i in range(rows)])
-    assert torch.equal(together, alone), (weight.qtype, rows)
 
 
 def test_exact_mode_and_odd_row_counts_are_refused() -> None:
@@ -85,7 +64,8 @@ def test_exact_mode_and_odd_row_counts_are_refused() -> None:
     assert gguf_weight(kernels.Q5_K)[0].interleaved(16).qtype == kernels.Q5_K  # no interleaved layout
 
 
-def test_interleaved_shards_multiply_as_one_matrix(threads: int) -> None:
+@pytest.mark.usefixtures("threads")  # 1 and 2 threads (test_kernels.py)
+def test_interleaved_shards_multiply_as_one_matrix() -> None:
     """A q/k/v of shards, some interleaved, equals the stacked matrix (row ranges split across threads
     fall on whole groups)."""
     parts = [
