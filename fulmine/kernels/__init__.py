@@ -31,27 +31,29 @@ def cpu() -> ModuleType | None:
     return _module
 
 
-def block_layout(qtype: int) -> tuple[int, int]:
-    """(weights, bytes) per block of a type the kernels read, from the kernels' own table."""
+@functools.cache
+def _table() -> tuple[dict[int, dict], int]:
+    """The kernels' table of types and their interleaved group size: fixed at import."""
     module = cpu()
     assert module is not None
-    entry = module.info()["types"][qtype]
+    info = module.info()
+    return info["types"], int(info["interleave"])
+
+
+def block_layout(qtype: int) -> tuple[int, int]:
+    """(weights, bytes) per block of a type the kernels read, from the kernels' own table."""
+    entry = _table()[0][qtype]
     return entry["block"], entry["bytes"]
 
 
 def interleave_rows() -> int:
     """How many rows this CPU's interleaved layouts group: 16 where the 512-bit kernels run, else 8."""
-    module = cpu()
-    assert module is not None
-    return int(module.info()["interleave"])
+    return _table()[1]
 
 
-@functools.cache
 def type_ids() -> frozenset[int]:
     """Every type id the kernels read (GGML's and fulmine's interleaved ones)."""
-    module = cpu()
-    assert module is not None
-    return frozenset(module.info()["types"])
+    return frozenset(_table()[0])
 
 
 def base_type(qtype: int) -> int:
