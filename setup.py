@@ -26,7 +26,18 @@ class OptionalBuildExt(build_ext):
 
 
 # one extension, _cpu: its files and what each holds are listed in fulmine/kernels/cpu.h
-SOURCES = ("_cpu", "pool", "blocks32", "kquants", "interleaved", "interleaved_k", "matmul", "decoder", "sample")
+SOURCES = (
+    "_cpu",
+    "pool",
+    "blocks32",
+    "kquants",
+    "interleaved",
+    "interleaved_k",
+    "matmul",
+    "attention",
+    "decoder",
+    "sample",
+)
 kernels = Extension(
     "fulmine.kernels._cpu",
     sources=[f"fulmine/kernels/{name}.c" for name in SOURCES],

@@ -1,13 +1,13 @@
-"""The CPU-fused executor: the whole decoder for a few tokens in one C call (decode steps,
-speculative verification, short chunks), and the thresholds measured on this kind of CPU.
+"""The CPU-fused executor: the whole decoder in one C call per step (decode steps, speculative
+verification, prompt chunks), and the thresholds measured on this kind of CPU.
 
 PyTorch spends ~10 us dispatching each small op; a decode step of a 30-layer model is ~700 of
 them, more time than reading the weights. `FusedDecoder` hands the C kernel (kernels/_cpu.c,
 `decoder_forward`) a table of every layer's weight, norm and cache pointers once, then each step
-passes only the tokens, their positions and their block tables. Same cache layout and numerics
-as the PyTorch path (float32 activations; quantized matrices as in `Linear`), so steps may
-alternate between the two. Llama-style blocks (Llama, Mistral, Qwen2, Qwen3) and Gemma 3's (two
-more norms, GeGLU); long prefill chunks take the PyTorch executor.
+passes only the tokens, their positions and their block tables. Same cache layout as the PyTorch path,
+so steps may alternate between the two. Llama-style blocks (Llama, Mistral, Qwen2, Qwen3) and
+Gemma 3's (two more norms, GeGLU). In the fast mode it takes every step (one numerics per row,
+whatever the batch); in the exact mode, long prefill chunks take the PyTorch executor.
 
 The thresholds below were measured on the 2-core AVX-512 CPU; `tune_layers` hands the layers
 theirs (the PyTorch executor's products on the CPU follow them too).
@@ -29,23 +29,22 @@ from fulmine.layers.quantized import QuantizedShards, QuantizedWeight
 from fulmine.layers.rotary import RotaryEmbedding
 from fulmine.models.decoder import DecoderLayer, DecoderModel, SandwichDecoderLayer
 
-# Steps with at most this many tokens run fused; above, the batched GEMMs of the PyTorch path win.
-# Measured on the 2-core AVX-512 CPU, embedded model, one prompt, fused vs PyTorch path:
-# exact (float32 GEMM): 16 tokens 32 vs 38 ms, 32: 60 vs 129, 64: 124 vs 179, 128: 268 vs 308,
-# 256: 539 vs 465; fast (bfloat16 GEMM): 32: 66 vs 94, 48: 100 vs 95, 64: 139 vs 108, 128: 275 vs 166.
+# In the exact mode (float32 activations) steps of at most this many tokens run fused; above, the
+# float32 GEMMs of the PyTorch path win. Embedded model, one prompt, fused vs PyTorch path, 2-core
+# AVX-512 CPU: 16 tokens 32 vs 38 ms, 32: 60 vs 129, 64: 124 vs 179, 128: 268 vs 308, 256: 539 vs 465.
 FUSED_MAX_TOKENS_EXACT = 128
-FUSED_MAX_TOKENS_FAST = 48
-# With the interleaved layouts (kernels/interleaved.c) the fast kernels' products keep up with the GEMM
-# to 256 rows; the fused attention (per token and head, over the whole context) falls behind deeper
-# in. Time to the first token, one prompt prefilled in chunks of 256 (the default budget), fused vs
-# PyTorch path, 2-core AVX-512 CPU: embedded model 64 tokens 42-50 vs 119-121 ms, 128: 87-105 vs
-# 141-158, 256: 184-213 vs 188-201, 512: 409-442 vs 434; 1024 (fused throughout): 1122 vs 932.
-# Qwen2.5-Coder-0.5B Q4_K_M 256: 483-582 vs 562-793, 512: 1047-1233 vs 1136-1569. Gemma 3 270M
-# 256: 190-198 vs 182-218, 512: 427-437 vs 415. So a step of up to 256 tokens runs fused while its
-# tokens sit in the first 512 positions: a prompt of up to 512 tokens is prefilled with the numerics
-# of its decode steps.
-FUSED_MAX_TOKENS_SHALLOW = 256
-FUSED_SHALLOW_POSITIONS = 512
+# In the fast mode every step runs fused, in pieces of at most this many tokens (pieces in order: a
+# later token attends to an earlier piece's keys, written by then). With the interleaved layouts
+# (kernels/interleaved.c) the int8 kernels keep up with dequantize + bfloat16 GEMM at any row count,
+# and the fused attention (kernels/attention.c) with PyTorch's. Time to the first token, one prompt
+# prefilled in chunks of 256 (the default budget), fused vs PyTorch path, same runs, 2-core AVX-512 CPU:
+# embedded model 512 tokens 300-312 vs 379-407 ms, 1024: 723-766 vs 788-887, 2048: 1927-2025 vs
+# 2185-2196, 4096: 6391-6547 vs 5751-6009 (its only loss); Qwen2.5-Coder-0.5B Q4_K_M 512: 848-870 vs
+# 1029-1043, 2048: 4348-4441 vs 4867-4877, 4096: 11790-11890 vs 11463-11822; Gemma 3 270M 1024:
+# 676-713 vs 842-860, 4096: 3516-3540 vs 5227-5606. In chunks of 1024: embedded 1024 tokens 815-847
+# vs 1784-1881 ms, 2048: 2198-2301 vs 2986-3043. So a decode row, a prefill row, a verified draft and a
+# prefix-cache resume always compute the same bits (batch invariance), at no cost.
+FUSED_PIECE_TOKENS = 1024
 
 
 def _bf16_tiles() -> bool:
@@ -145,7 +144,7 @@ class FusedDecoder:
     ) -> None:
         config = model.config
         self.model, self.config, self.exact = model, config, exact
-        self.max_tokens = FUSED_MAX_TOKENS_EXACT if exact else FUSED_MAX_TOKENS_FAST
+        self.max_tokens = FUSED_MAX_TOKENS_EXACT if exact else None  # None: any step
         module = kernels.cpu()
         assert module is not None
         self._kernel = module.decoder_forward
@@ -204,7 +203,9 @@ class FusedDecoder:
         """Final hidden states [num_tokens, hidden_size] of tokens at `positions` of sequences `seq_index`.
 
         tables[s] is sequence s's block table; every token's own key/value is written to the cache
-        before any token attends, so a sequence's tokens see each other causally.
+        before any token attends, so a sequence's tokens see each other causally. A sequence's tokens
+        come in order of position, so pieces of FUSED_PIECE_TOKENS run one after another compute what
+        one call would.
         """
         hidden = self.model.embed_tokens(torch.tensor(input_ids, dtype=torch.long)).float()
         if self.config.embed_scale != 1.0:
@@ -214,21 +215,23 @@ class FusedDecoder:
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         pos = torch.tensor(positions, dtype=torch.int32)
         seq = torch.tensor(seq_index, dtype=torch.int32)
-        self._kernel(
-            hidden.data_ptr(),
-            len(input_ids),
-            len(self.layer_table),
-            self.layer_table.data_ptr(),
-            self.final_norm.data_ptr(),
-            pos.data_ptr(),
-            seq.data_ptr(),
-            table.data_ptr(),
-            width,
-            self.dims,
-            self.config.rms_norm_eps,
-            self.scale,
-            self.exact,
-        )
+        for start in range(0, len(input_ids), FUSED_PIECE_TOKENS):
+            end = min(start + FUSED_PIECE_TOKENS, len(input_ids))
+            self._kernel(
+                hidden[start:end].data_ptr(),
+                end - start,
+                len(self.layer_table),
+                self.layer_table.data_ptr(),
+                self.final_norm.data_ptr(),
+                pos[start:end].data_ptr(),
+                seq[start:end].data_ptr(),
+                table.data_ptr(),
+                width,
+                self.dims,
+                self.config.rms_norm_eps,
+                self.scale,
+                self.exact,
+            )
         return hidden
 
 
@@ -247,10 +250,8 @@ class CpuFusedExecutor:
         )
 
     def accepts(self, batch: StepBatch) -> bool:
-        if batch.num_tokens <= self.decoder.max_tokens:
-            return True
-        shallow = not self.decoder.exact and batch.num_tokens <= FUSED_MAX_TOKENS_SHALLOW
-        return shallow and max(batch.positions) < FUSED_SHALLOW_POSITIONS
+        limit = self.decoder.max_tokens
+        return limit is None or batch.num_tokens <= limit
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         # One owner for the cores: the matrices run in the C kernels' own pool, so what PyTorch does

@@ -1,6 +1,6 @@
 /* fulmine's CPU kernels, Python bindings: matrix products on weights kept in their checkpoint's
  * block format (GGUF Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; float16; float32), the whole
- * decoder for a few tokens in one call, and sampling. cpu.h lists the files and what each holds.
+ * decoder in one call per step, and sampling. cpu.h lists the files and what each holds.
  *
  * Plain C with no torch dependency, so it builds with the package (setup.py) on any compiler and
  * works with any torch: Python hands in raw pointers (tensor.data_ptr()). AVX2/FMA/F16C paths are

@@ -7,7 +7,8 @@
  *   interleaved.c  the layouts with 8 or 16 rows interleaved (built at load); Q4_0, Q4_1, Q8_0, Q5_0 kernels
  *   interleaved_k.c  Q4_K and Q6_K kernels with 16 rows interleaved
  *   matmul.c    the table of types, the ISA chosen at import, y = x @ W^T, dequantization
- *   decoder.c   the whole decoder for a few tokens over the paged KV cache
+ *   decoder.c   the whole decoder for a step's tokens over the paged KV cache
+ *   attention.c its attention: scores, softmax and weighted sums over the cache, the cache writes
  *   pool.c      the thread pool every product and attention splits its work over
  *   sample.c    sampling (temperature, top-k/p, min-p, penalties, bias, draft verification)
  *   _cpu.c      the Python bindings
@@ -68,6 +69,20 @@ void matmul(const float *x, int R, Mat w, float *y, int64_t ldy, const Scratch *
 /* row n of W[N, K] (base: the matrix's first byte) -> float32 */
 void dequant_row(const uint8_t *base, int type, int64_t n, int64_t K, float *out);
 void dequantize(Mat w, void *out, int bf16); /* W -> float32 or bfloat16 [N, K], over the pool */
+
+/* attention.c: one layer's attention for T tokens over the paged KV cache, and its cache writes */
+typedef struct {
+    int T, nh, nkv, D, bs, max_blocks, window, half; /* half: the cache holds float16, else float32 */
+    float scale;
+    const void *k_cache, *v_cache;
+    const int32_t *pos, *seq, *tables; /* per token: position, sequence; per sequence: its block table */
+    const float *q; /* [T, nh * D] queries after RoPE */
+    float *out;     /* [T, nh * D] */
+} Attention;
+size_t attention_scratch(const Attention *a); /* floats of scratch that attention() needs */
+void attention(const Attention *a, float *scratch);
+/* n values into a cache at element `offset`, rounded to nearest even into float16 (as PyTorch rounds) */
+void kv_store(void *cache, int half, int64_t offset, const float *src, int n);
 
 /* decoder.c */
 enum {

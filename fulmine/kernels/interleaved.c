@@ -241,7 +241,6 @@ X8_KERNELS(vnni, VNNI, DOTACC_VNNI)
 
 /* G = 16: the same kernels on 512-bit vectors (AVX-512 has no byte sign: Q8_0's activations are
  * negated under a mask where the weight is negative) */
-#define ZMM __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 ZMM static inline __m512i bcast4_zmm(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);

@@ -86,7 +86,6 @@ static void q6_kx16_scalar(const uint8_t *w, const QAct *a, int R, int64_t K, fl
 }
 
 #ifdef FULMINE_X86
-#define ZMM __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 ZMM static inline __m512i bcast4(const void *p) { /* four bytes in every 32-bit lane */
     int32_t v;

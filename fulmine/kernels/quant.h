@@ -105,6 +105,8 @@ float fulmine_half_to_float(uint16_t h);
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+/* 512-bit kernels: where the 16-row interleaved layouts are used (interleave_group() == 16) */
+#define ZMM __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define INLINE static inline __attribute__((always_inline))
 /* MAX_RG zeroed accumulators */
 #define ZEROS_PS                                                                                           \

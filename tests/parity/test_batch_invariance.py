@@ -3,8 +3,9 @@ embedded model and two real Q4_K_M files:
 the same greedy request gives the same token ids alone, batched beside other requests' prefills,
 prefilled in chunks of any size, served again from the prefix cache, and with speculation on or off.
 
-Every step of these requests runs the fused C decoder (executors/cpu_fused.py: prompts within its
-first 512 positions), whose row kernels compute a row's bits whatever else shares the step.
+Every step runs the fused C decoder (executors/cpu_fused.py), whose row kernels and attention
+compute a row's bits whatever else shares the step; the last prompt (~1100 tokens) is chunked past
+the 512th position and, on Gemma 3, past its sliding window.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ CHATS = [
     [{"role": "user", "content": "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n# Explain it."}],
     [{"role": "user", "content": "Translate 'good morning' into French, Spanish and German."}],
     [{"role": "user", "content": "Tell me a story about a fox. " * 30}],  # ~250 tokens
+    [{"role": "user", "content": "Summarize: " + "The team discussed the release, the bugs and the benchmarks. " * 90}],
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 
@@ -76,4 +78,36 @@ def test_real_models_same_tokens_alone_batched_chunked_and_cached(name: str) -> 
         llm = LLM(path, progress=False, **engine_args)
         assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone, engine_args
     again = llm.generate(prompts, GREEDY)  # the last engine: every prompt now from its prefix cache
-    assert [o.token_ids for o in again] == alone and again[-1].num_cached_tokens > 0  # the ~250-token prompt
+    assert [o.token_ids for o in again] == alone and again[-1].num_cached_tokens > 0  # the long prompt
+
+
+def test_the_same_bits_on_the_avx2_and_512_bit_paths() -> None:
+    """The fused decoder with its kernels forced to AVX2 (8-row layouts, attention one head at a time)
+    gives the logprobs of the default path (16-row layouts, four heads at a time on AVX-512 CPUs), bit
+    for bit, for a prompt past the 512th position and its decode steps. (The embedded model's Q4_1 and
+    Q8_0 have 8-row layouts; K-quants stay in their own layout on AVX2, with their own numerics.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fulmine import kernels
+
+    if kernels.cpu() is None or "avx2" not in kernels.describe():
+        pytest.skip("this CPU has no AVX2 kernels")
+    path = str(default_model_path())
+    code = (
+        "import json, sys; from fulmine import LLM, SamplingParams;"
+        "llm = LLM(sys.argv[1], progress=False, speculative='off');"
+        f"prompt = {CHATS[-1][0]['content']!r};"
+        "out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8, logprobs=2, ignore_eos=True))[0];"
+        "print(json.dumps([out.token_ids, [lp.top for lp in out.logprobs]]))"
+    )
+    results = []
+    for env in ({}, {"FULMINE_KERNELS_AVX2": "1"}):
+        done = subprocess.run(
+            [sys.executable, "-c", code, path], env={**os.environ, **env}, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert results[0] == results[1]
