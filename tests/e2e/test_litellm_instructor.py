@@ -10,7 +10,7 @@ import os
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
 litellm = pytest.importorskip("litellm")
@@ -23,8 +23,13 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 class City(BaseModel):
-    name: str
-    country: str
+    # closed and bounded, as a typed output should be: in an open object (JSON schema's default, without
+    # `strict`) or an unbounded string the 135M model's greedy answer can go on until max_tokens, adding
+    # keys or characters (which of them numerics changes elsewhere decide)
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=40)
+    country: str = Field(max_length=40)
 
 
 def _litellm(server, **kwargs):

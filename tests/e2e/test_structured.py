@@ -27,15 +27,18 @@ ASK = [{"role": "user", "content": "Describe a fictional person as JSON."}]
 SCHEMAS = {
     "nested_required_optional": {
         "type": "object",
-        "properties": {
-            "name": {"type": "string"},
+        "properties": {  # strings bounded: the 135M model sampled at 1.0 can run on inside an unbounded one
+            "name": {"type": "string", "maxLength": 40},
             "address": {
                 "type": "object",
-                "properties": {"city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                "properties": {
+                    "city": {"type": "string", "maxLength": 40},
+                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                },
                 "required": ["city", "zip"],
                 "additionalProperties": False,
             },
-            "nickname": {"type": "string"},
+            "nickname": {"type": "string", "maxLength": 40},
         },
         "required": ["name", "address"],
         "additionalProperties": False,
