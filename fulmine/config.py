@@ -89,9 +89,19 @@ class EngineConfig:
     )
     max_itl_ms: float = _opt(
         100.0,
-        "while streams are decoding, prompts beside them are prefilled in chunks sized (from measured "
-        "steps) so that each step, and so each stream's gap between tokens, stays under this; 0: off "
-        "(chunks of max_num_batched_tokens)",
+        "while streams are decoding, prompts beside them are prefilled in chunks sized (by the step cost "
+        "model, fitted on measured steps) so that each step, and so each stream's gap between tokens, stays "
+        "under this; 0: off (chunks of max_num_batched_tokens)",
+    )
+    slo_ttft_ms: float = _opt(
+        0.0,
+        "default time-to-first-token target of every request (a request's own `slo` overrides it): a "
+        "request predicted to miss it is refused at once (HTTP 429 with Retry-After); 0: none",
+    )
+    slo_itl_ms: float = _opt(
+        0.0,
+        "default inter-token target of every request (a request's own `slo` overrides it): prompts beside "
+        "its stream are chunked to keep it, and a request it cannot be met for is refused; 0: none",
     )
     block_size: int = _opt(16, "tokens per KV cache block")
     kv_cache_memory_gb: float | None = _opt(
@@ -146,6 +156,7 @@ class EngineConfig:
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
             (self.max_itl_ms >= 0, "max_itl_ms must be >= 0"),
+            (self.slo_ttft_ms >= 0 and self.slo_itl_ms >= 0, "slo_ttft_ms and slo_itl_ms must be >= 0"),
             (
                 self.kv_cache_dtype in ("auto", "float32", "float16", "bfloat16"),
                 "kv_cache_dtype must be auto, float32, float16 or bfloat16",
@@ -184,6 +195,11 @@ class ServerConfig:
     log_prompts: bool = _opt(False, "log prompts (they are not logged otherwise)")
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, requests in flight may finish for this long; then they end")
     max_engine_restarts: int = _opt(3, "engine failures (in 10 minutes) met by a reload; one more exits non-zero")
+    cpu_watts_per_core: float = _opt(
+        10.0,
+        "power of one busy CPU core, for the energy estimate where no counter is readable (RAPL, NVML); "
+        "the estimate is labelled as one in /metrics and fulmine bench",
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -194,6 +210,7 @@ class ServerConfig:
             (self.max_n >= 1, "max_n must be >= 1"),
             (self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0"),
             (self.max_engine_restarts >= 0, "max_engine_restarts must be >= 0"),
+            (self.cpu_watts_per_core > 0, "cpu_watts_per_core must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -36,6 +36,27 @@ class StructuredOutput:
             raise ConfigError("a structured output's spec is text (a schema as JSON, a pattern, a grammar)")
 
 
+@dataclass(frozen=True)
+class SLO:
+    """A request's latency targets: its first token within ttft_ms of arrival, then each next one
+    within itl_ms of the last (None: no target). The engine admits a request only if it predicts
+    both can be met (engine/admission.py), schedules tighter first tokens first, and sizes prompt
+    chunks beside the request's stream to keep its inter-token target."""
+
+    ttft_ms: float | None = None
+    itl_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_ms", "itl_ms"):
+            value = getattr(self, name)
+            if value is not None and not (_is_real(value) and 0 < value <= 3.6e6):
+                raise ConfigError(f"slo.{name} must be a number of milliseconds in (0, 3600000] (got {value!r})", name)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.ttft_ms is None and self.itl_ms is None
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int | None = 256  # None: up to the context window
@@ -55,6 +76,7 @@ class SamplingParams:
     min_tokens: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     structured: StructuredOutput | None = None  # the output must match this (sampling/grammar.py)
+    slo: SLO | None = None  # latency targets (not sampling, but per request like the rest)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -167,6 +189,7 @@ class Request:
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
         self.num_preemptions = 0
+        self.deadline = math.inf  # monotonic time its first token is due by (SLO.ttft_ms); inf: no target
 
     @property
     def num_prompt_tokens(self) -> int:

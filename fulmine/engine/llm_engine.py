@@ -15,10 +15,11 @@ import torch
 
 from fulmine import kernels
 from fulmine.config import ConfigError, EngineConfig
-from fulmine.engine.chunking import PrefillBudget
+from fulmine.engine.admission import Admission, Streams
+from fulmine.engine.cost_model import StepCostModel, StepShape, calibrate
 from fulmine.engine.detokenizer import IncrementalDetokenizer
 from fulmine.engine.model_runner import ModelRunner
-from fulmine.engine.outputs import ModelRunnerOutput, RequestMetrics, RequestOutput, SchedulerOutput
+from fulmine.engine.outputs import RequestMetrics, RequestOutput, SchedulerOutput
 from fulmine.engine.scheduler import Scheduler, draft_room
 from fulmine.engine.step import SequenceStep, StepBatch
 from fulmine.kv_cache import KVCacheManager
@@ -26,7 +27,7 @@ from fulmine.kv_cache.sizing import fit_max_model_len, kv_cache_blocks, kv_cache
 from fulmine.layers.linear import Embedding, Linear
 from fulmine.models.loader import load_model
 from fulmine.models.source import resolve
-from fulmine.request import FinishReason, Request, SamplingParams
+from fulmine.request import SLO, FinishReason, Request, SamplingParams
 from fulmine.sampling.grammar import Grammars, TokenMasks
 from fulmine.speculative.draft import DraftModelProposer
 from fulmine.speculative.governor import Governor
@@ -47,7 +48,8 @@ class LLMEngine:
         weight_dtype = _DTYPES.get(config.weight_dtype) or (torch.float16 if device.type == "cpu" else dtype)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        kernels.set_threads(torch.get_num_threads())
+        self.num_threads = torch.get_num_threads()  # the cores it computes on (the kernels' pool)
+        kernels.set_threads(self.num_threads)
         self.source = resolve(model)
         model_config = self.source.config
         self.model_config = model_config
@@ -72,17 +74,20 @@ class LLMEngine:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids = tuple(sorted(eos))
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # what a step costs: one model for the governor, the prefill limit, admission and `fulmine plan`
+        self.cost = StepCostModel()
         self.governor = None
         if config.speculative == "ngram":
-            self.governor = Governor(config.num_speculative_tokens)
+            self.governor = Governor(config.num_speculative_tokens, cost=self.cost)
         elif config.speculative == "draft":
             assert config.draft_model is not None
             proposer = DraftModelProposer(
                 config.draft_model, config, model_config.vocab_size, self.max_model_len, device, dtype, weight_dtype
             )
-            self.governor = Governor(config.num_speculative_tokens, proposer)
+            self.governor = Governor(config.num_speculative_tokens, proposer, cost=self.cost)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
-        self.prefill_budget = PrefillBudget(config.max_itl_ms, config.max_num_batched_tokens)
+        default_slo = SLO(config.slo_ttft_ms or None, config.slo_itl_ms or None)
+        self.admission = Admission(self.cost, config.max_num_batched_tokens, config.max_itl_ms, default_slo)
         self.runner = ModelRunner(
             model_module,
             num_blocks,
@@ -102,6 +107,7 @@ class LLMEngine:
         self.mask_seconds = 0.0  # time spent computing token masks, for /metrics
         self.num_constrained = 0  # constrained requests admitted, for /metrics
         self._ids = itertools.count()
+        calibrate(self)
 
     # -- requests ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int] | list[Message]) -> list[int]:
@@ -119,13 +125,28 @@ class LLMEngine:
         self.check_request(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
-        if params.structured is not None:
-            self.matchers[request_id] = self.grammars.matcher(params.structured)
-            self.num_constrained += 1
         request.arrival_time = request.arrival_time if arrival_time is None else arrival_time
-        self.scheduler.add_request(request)
+        if not self.admission.is_admitted(request_id):  # (the server admits before it submits)
+            self.admit(request_id, prompt_ids, params, request.arrival_time)
+        request.deadline = self.admission.added(request_id)
+        try:
+            if params.structured is not None:
+                self.matchers[request_id] = self.grammars.matcher(params.structured)
+                self.num_constrained += 1
+            self.scheduler.add_request(request)
+        except Exception:
+            self.admission.forget(request_id)
+            raise
         self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         return request_id
+
+    def admit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival_time: float) -> None:
+        """Admit a request by its latency targets or raise admission.Refused (thread-safe: the server
+        admits on its own thread, so that a refusal does not wait for a step to end)."""
+        cached = len(self.kv_cache.peek_prefix(prompt_ids)) * self.kv_cache.block_size
+        slo = self.admission.targets(params.slo)
+        streams = Streams.of(list(self.scheduler.running))
+        self.admission.admit(request_id, len(prompt_ids) - cached, slo, arrival_time, streams)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ConfigError if the request cannot run as asked (thread-safe: reads only)."""
@@ -182,11 +203,9 @@ class LLMEngine:
         schedule -> execute -> update, then (with speculation) drafts for the next step are proposed
         for every decoding request at once."""
         started = time.perf_counter()
-        scheduled = self.scheduler.schedule(self.prefill_budget.limit() if self.prefill_budget.enabled else None)
+        scheduled = self.scheduler.schedule(self.admission.step_limit(self.scheduler.running, self.scheduler.waiting))
         if scheduled.is_empty:
             return []
-        prefill_tokens = sum(s.num_new_tokens for s in scheduled.scheduled if s.num_new_tokens > 1)
-        streaming = prefill_tokens > 0 and any(s.request.output_token_ids for s in scheduled.scheduled)
         now = time.monotonic()
         for s in scheduled.scheduled:
             s.request.first_scheduled_time = s.request.first_scheduled_time or now
@@ -200,7 +219,7 @@ class LLMEngine:
         }
         if masks:  # their masks fill on a worker thread while the forward runs
             batch.token_masks = TokenMasks(masks, self.model_config.vocab_size)
-        result, failed = self._execute(batch)
+        result, failed = self.runner.execute_isolated(batch)
         if batch.token_masks is not None:
             batch.token_masks.wait()
             self.mask_seconds += batch.token_masks.seconds
@@ -209,15 +228,13 @@ class LLMEngine:
             failed_ids = {request_id for request_id, _ in failed}
             scheduled = SchedulerOutput([s for s in scheduled.scheduled if s.request.request_id not in failed_ids])
         updated = self.scheduler.update_from_output(scheduled, result)
+        if not failed:  # the proposer's time is the governor's to count, apart
+            self.cost.observe(StepShape.of(batch), time.perf_counter() - started)
+        self.admission.progress(self.scheduler.requests)
         if self.governor is not None:
             for request, tokens in updated:
                 self.governor.observe(request.request_id, tokens)
-            forward = time.perf_counter() - started  # the proposer's time is the governor's to count
             self._propose_drafts()
-            if not failed and batch.seqs and all(s.samples for s in batch.seqs):  # decode steps
-                self.governor.record_step(batch.num_tokens, forward)
-        if streaming:  # a step streams waited for: how long its prefill made them wait
-            self.prefill_budget.observe(prefill_tokens, time.perf_counter() - started)
         outputs = [self._fail(request, error) for request, error in failed_requests]
         for request, tokens in updated:
             try:
@@ -291,34 +308,6 @@ class LLMEngine:
             if room > 0:
                 request.draft_token_ids = self.governor.drafts(request, room, len(running))
 
-    def _execute(self, batch: StepBatch) -> tuple[ModelRunnerOutput, list[tuple[str, Exception]]]:
-        """Run the batch. If it raises, find the requests that make it raise by running halves of the
-        batch (bisecting) and return, with the others' results, each failing request's id and error.
-
-        Rerunning is safe: a request's KV slots are rewritten with the same values, and each seeded
-        request's generator is rewound to where it stood before the step, so the requests that did
-        not fail get the tokens they would have had in a step without the failing ones."""
-        rng = self.runner.rng_states([s.request_id for s in batch.seqs])
-        try:
-            return self.runner.execute(batch), []
-        except Exception as error:
-            merged, failed = ModelRunnerOutput({}), []
-
-            def bisect(group: StepBatch, error: Exception) -> None:
-                if len(group.seqs) == 1:
-                    failed.append((group.seqs[0].request_id, error))
-                    return
-                half, ids = len(group.seqs) // 2, [s.request_id for s in group.seqs]
-                for part in (group.subset(set(ids[:half])), group.subset(set(ids[half:]))):
-                    self.runner.set_rng_states(rng, [s.request_id for s in part.seqs])
-                    try:
-                        merged.merge(self.runner.execute(part))
-                    except Exception as part_error:
-                        bisect(part, part_error)
-
-            bisect(batch, error)
-            return merged, failed
-
     def _fail(self, request: Request, error: BaseException) -> RequestOutput:
         """End one request with FinishReason.ERROR; the engine and every other request go on."""
         logger.error("request %s failed and was ended; the others go on", request.request_id, exc_info=error)
@@ -351,6 +340,7 @@ class LLMEngine:
     def _forget(self, request_id: str) -> IncrementalDetokenizer | None:
         """Drop a finished request's per-request state (detokenizer, generator, draft state)."""
         self.runner.release(request_id)
+        self.admission.forget(request_id)
         self.matchers.pop(request_id, None)
         if self.governor is not None:
             self.governor.release(request_id)

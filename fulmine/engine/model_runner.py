@@ -74,6 +74,34 @@ class ModelRunner:
         return output
 
     @torch.inference_mode()
+    def execute_isolated(self, batch: StepBatch) -> tuple[ModelRunnerOutput, list[tuple[str, Exception]]]:
+        """Run the batch. If it raises, find the requests that make it raise by running halves of the
+        batch (bisecting) and return, with the others' results, each failing request's id and error.
+
+        Rerunning is safe: a request's KV slots are rewritten with the same values, and each seeded
+        request's generator is rewound to where it stood before the step, so the requests that did
+        not fail get the tokens they would have had in a step without the failing ones."""
+        rng = self.rng_states([s.request_id for s in batch.seqs])
+        try:
+            return self.execute(batch), []
+        except Exception as error:
+            merged, failed = ModelRunnerOutput({}), []
+
+            def bisect(group: StepBatch, error: Exception) -> None:
+                if len(group.seqs) == 1:
+                    failed.append((group.seqs[0].request_id, error))
+                    return
+                half, ids = len(group.seqs) // 2, [s.request_id for s in group.seqs]
+                for part in (group.subset(set(ids[:half])), group.subset(set(ids[half:]))):
+                    self.set_rng_states(rng, [s.request_id for s in part.seqs])
+                    try:
+                        merged.merge(self.execute(part))
+                    except Exception as part_error:
+                        bisect(part, part_error)
+
+            bisect(batch, error)
+            return merged, failed
+
     def hidden_states(self, batch: StepBatch) -> torch.Tensor:
         """[num_tokens, hidden] final (normed) hidden states of the batch's tokens, nothing sampled."""
         executor = next(e for e in self.executors if e.accepts(batch))

@@ -2,8 +2,9 @@
 
 One idea (vLLM v1's): a request's `num_computed_tokens` catches up with its `num_tokens`. Each
 step has a token budget; running requests are served first (a decode needs one token, an
-unfinished prefill takes what the budget allows), then waiting requests are admitted in arrival
-order, starting from the longest cached prefix of their tokens, the rest chunked to fit. When
+unfinished prefill takes what the budget allows), then waiting requests are admitted, the
+earliest first-token deadline first (SLO.ttft_ms; those without one after, in arrival order),
+starting from the longest cached prefix of their tokens, the rest chunked to fit. When
 the KV cache runs out, the most recently admitted running request is preempted: its blocks are
 freed and it is recomputed later. A decoding request may also carry the draft tokens the engine
 proposed for it after the last step (`request.draft_token_ids`): they take budget and KV slots;
@@ -43,7 +44,9 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        # by deadline: before the first waiting request due later (no deadline: at the end)
+        index = next((i for i, r in enumerate(self.waiting) if r.deadline > request.deadline), len(self.waiting))
+        self.waiting.insert(index, request)
 
     def schedule(self, prefill_limit: int | None = None) -> SchedulerOutput:
         """This step's requests and token counts. `prefill_limit`: the most prompt tokens the step may

@@ -45,6 +45,14 @@ class KVCacheManager:
     def match_prefix(self, token_ids: list[int]) -> list[int]:
         """Cached blocks holding the longest known prefix of `token_ids`, leaving at least one
         token to compute (its logits are needed)."""
+        matched = self.peek_prefix(token_ids)
+        if self.enable_prefix_caching:
+            self.num_queried_tokens += len(token_ids)
+            self.num_hit_tokens += len(matched) * self.block_size
+        return matched
+
+    def peek_prefix(self, token_ids: list[int]) -> list[int]:
+        """match_prefix without counting the query (admission predicts with it from another thread)."""
         if not self.enable_prefix_caching:
             return []
         max_blocks = (len(token_ids) - 1) // self.block_size
@@ -54,8 +62,6 @@ class KVCacheManager:
             if block_id is None:
                 break
             matched.append(block_id)
-        self.num_queried_tokens += len(token_ids)
-        self.num_hit_tokens += len(matched) * self.block_size
         return matched
 
     def num_blocks_needed(self, request_id: str, num_total_tokens: int, matched: list[int] | None = None) -> int:

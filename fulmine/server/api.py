@@ -225,7 +225,7 @@ def _model_card(name: str, created: int) -> dict[str, Any]:
 def _install_error_handlers(app: FastAPI) -> None:
     async def request_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, p.RequestError)
-        headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+        headers = {"Retry-After": str(error.retry_after_s)} if error.status in (429, 503) else None
         return _error(error.status, error.message, error.error_type, error.param, error.code, headers, request.url.path)
 
     async def validation_error(request: Request, error: Exception) -> Response:

@@ -130,6 +130,7 @@ class AsyncEngine:
         with self._pending_lock:
             self._num_pending -= 1
         if request_id not in self._streams:
+            self.engine.admission.forget(request_id)
             return  # the client left before the request reached the engine
         try:
             self.engine.add_request(prompt_ids, params, request_id, arrival_time)

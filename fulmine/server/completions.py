@@ -23,6 +23,7 @@ from fastapi import Request
 
 from fulmine import __version__
 from fulmine.config import ConfigError, ServerConfig
+from fulmine.engine.admission import Refused
 from fulmine.request import StructuredOutput
 from fulmine.server import logprobs as lp
 from fulmine.server import protocol as p
@@ -244,7 +245,25 @@ class Completions:
 
     def _run(self, model: str, id_prefix: str, choices: list[Choice], arrival: float, request: Request) -> Run:
         timeout_s = self.config.request_timeout_s
-        return Run(self.engine, self.metrics, timeout_s, model, p.new_id(id_prefix), choices, arrival, request)
+        run = Run(self.engine, self.metrics, timeout_s, model, p.new_id(id_prefix), choices, arrival, request)
+        self._admit(run)
+        return run
+
+    def _admit(self, run: Run) -> None:
+        """Every choice admitted by its latency targets (engine/admission.py), here on the server's
+        thread so that a refusal does not wait for a step; or the whole request refused with 429."""
+        engine, admitted = self.engine.engine, []
+        try:
+            for c in run.choices:
+                engine.admit(c.request_id, c.prompt_ids, c.params, run.arrival)
+                admitted.append(c.request_id)
+        except Refused as refused:
+            for request_id in admitted:
+                engine.admission.forget(request_id)
+            self.metrics.rejected.labels("slo").inc()
+            raise p.RequestError(
+                str(refused), "slo", "slo_unattainable", 429, "rate_limit_error", refused.retry_after_s
+            ) from None
 
     def _envelope(
         self, run: Run, kind: str, choices: list[dict[str, Any]], stream_usage: bool = False, **extra: Any

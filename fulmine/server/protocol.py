@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fulmine.engine.outputs import RequestOutput
-from fulmine.request import INT64_MAX, INT64_MIN, SamplingParams, StructuredOutput
+from fulmine.request import INT64_MAX, INT64_MIN, SLO, SamplingParams, StructuredOutput
 from fulmine.sampling.grammar import closed_objects
 
 MAX_STOP_SEQUENCES = 4
@@ -37,9 +37,11 @@ class RequestError(Exception):
         code: str | None = None,
         status: int = 400,
         error_type: str = "invalid_request_error",
+        retry_after_s: int = 1,  # with 429 and 503: the Retry-After header
     ) -> None:
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.error_type = message, param, code, status, error_type
+        self.retry_after_s = retry_after_s
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -119,6 +121,13 @@ class StreamOptions(_Strict):
     include_obfuscation: bool | None = None
 
 
+class LatencyTargets(_Strict):
+    """fulmine's `slo` extension: the request's first token within ttft_ms, each next within itl_ms."""
+
+    ttft_ms: float | None = Field(None, gt=0, le=3.6e6)
+    itl_ms: float | None = Field(None, gt=0, le=3.6e6)
+
+
 class _Sampling(_Strict):
     """Fields shared by chat and text completions (fulmine extensions marked)."""
 
@@ -149,6 +158,8 @@ class _Sampling(_Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None
+    # latency targets (fulmine's extension): refused with 429 at once if they cannot be met
+    slo: LatencyTargets | None = None
 
     def structured(self) -> StructuredOutput | None:
         """The request's output constraint, from whichever field names it (at most one)."""
@@ -235,6 +246,7 @@ class _Sampling(_Strict):
             min_tokens=self.min_tokens,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             structured=self.structured(),
+            slo=SLO(self.slo.ttft_ms, self.slo.itl_ms) if self.slo is not None else None,
         )
 
 

@@ -53,6 +53,7 @@ class ResponsesRequest(BaseModel):
     service_tier: str | None = None
     stream_options: dict[str, Any] | None = None
     top_logprobs: int | None = None
+    slo: dict[str, Any] | None = None  # fulmine's latency targets, as on chat completions
 
 
 class ResponseStore:
@@ -173,6 +174,7 @@ def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> p.ChatComp
         "tool_choice": tool_choice,
         "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": response_format,
+        "slo": body.slo,
     }
     try:
         return p.ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})

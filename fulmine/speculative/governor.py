@@ -5,12 +5,12 @@ Two measurements drive it:
   counts of accepted and rejected drafts). While drafting is off the proposer still makes a
   one-token "shadow" proposal each step, scored against the token the model then produces, so
   the estimate stays current without paying for verification.
-- cost: step time as a line in the number of tokens the step computes (t = t0 + t1 * tokens),
-  fitted online by weighted least squares over the engine's decode steps.
+- cost: step time as the engine's step cost model predicts it (engine/cost_model.py: fitted on
+  every measured step), for the batch's rows plus the drafts, at the request's context.
 - the proposer's cost: seconds per proposed token, timed around each proposal (a draft model runs a
   forward per token; n-gram lookup is ~free).
 With per-token acceptance a, drafting k tokens yields (1 - a^(k+1)) / (1 - a) tokens for one
-step costing t0 + t1 * (batch + k) + c * k; the governor picks the k (0 included) with the most
+step costing t(batch + k) + c * k; the governor picks the k (0 included) with the most
 tokens per second for the batch, so a request whose drafts are rarely accepted stops drafting. A
 costly proposer's shadow proposals would tax every plain step, so while its drafting is off it
 shadows only one step in SHADOW_EVERY (every step of a request's first WARMUP_SHADOWS).
@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from fulmine.engine.cost_model import StepCostModel, StepShape
 from fulmine.request import Request
 from fulmine.speculative.ngram import NgramProposer
 
@@ -41,7 +42,6 @@ PRIOR_COST_RATIO = 0.5
 # fit is noisy, and a predicted 2 % gain measured as a 5 % loss (list-repeating chat, 52 % acceptance).
 MIN_GAIN = 1.1
 ACCEPTANCE_DECAY = 0.9  # weight of a request's older acceptance evidence per observation
-COST_DECAY = 0.98  # weight of older steps in the cost fit
 PROPOSER_DECAY = 0.9  # weight of older proposals in the proposer's cost per token
 COSTLY = 0.05  # a proposer whose token costs more than this share of a step's fixed cost is rationed
 SHADOW_EVERY = 8
@@ -65,57 +65,17 @@ class _Acceptance:
         self.rejected = self.rejected * ACCEPTANCE_DECAY + rejected
 
 
-class _CostFit:
-    """Weighted least squares of step seconds on step tokens."""
-
-    def __init__(self) -> None:
-        self.n = self.x = self.y = self.xx = self.xy = 0.0
-
-    def add(self, tokens: int, seconds: float) -> None:
-        d = COST_DECAY
-        self.n, self.x, self.y = self.n * d + 1, self.x * d + tokens, self.y * d + seconds
-        self.xx, self.xy = self.xx * d + tokens * tokens, self.xy * d + tokens * seconds
-
-    def ratio(self) -> float:
-        """t1 / t0: the cost of one more token relative to a step's fixed cost."""
-        fit = self._fit()
-        if fit is None:
-            return PRIOR_COST_RATIO
-        intercept, slope = fit
-        if intercept <= 0:
-            return 1e9  # no fixed cost at all: a step's time is all per token, drafting cannot pay
-        return max(slope, 0.0) / intercept
-
-    def fixed_seconds(self) -> float | None:
-        """t0, the fit's cost of a step apart from its tokens (with the prior ratio until identified)."""
-        if self.n < 1:
-            return None
-        fit = self._fit()
-        if fit is None or fit[0] <= 0:
-            return self.y / self.n / (1 + PRIOR_COST_RATIO * self.x / self.n)
-        return fit[0]
-
-    def _fit(self) -> tuple[float, float] | None:
-        if self.n < 4:
-            return None
-        variance = self.xx / self.n - (self.x / self.n) ** 2
-        if variance < 0.1:  # all steps the same size: the slope is not identified
-            return None
-        slope = (self.xy / self.n - self.x / self.n * self.y / self.n) / variance
-        return self.y / self.n - slope * self.x / self.n, slope
-
-
 def expected_tokens(acceptance: float, k: int) -> float:
     """Tokens one step yields with k drafts, each accepted with `acceptance` until the first rejection."""
     return sum(acceptance**i for i in range(k + 1))
 
 
 class Governor:
-    def __init__(self, max_drafts: int, proposer: Proposer | None = None) -> None:
+    def __init__(self, max_drafts: int, proposer: Proposer | None = None, cost: StepCostModel | None = None) -> None:
         self.max_drafts = max_drafts
         self.proposer: Proposer = proposer or NgramProposer()
         self.requests: dict[str, _Acceptance] = {}
-        self.cost = _CostFit()
+        self.cost = cost or StepCostModel()
         self.proposer_seconds: float | None = None  # per proposed token (exponentially weighted)
         self.num_drafted = 0  # totals, for metrics
         self.num_accepted = 0
@@ -131,7 +91,7 @@ class Governor:
         state = self.requests.setdefault(request.request_id, _Acceptance())
         limit = min(limit, self.max_drafts)
         # k first: a draft model pays per drafted token (off, it still drafts one, to score it)
-        k = self.choose(state.rate, limit, batch_size)
+        k = self.choose(state.rate, limit, batch_size, request.num_tokens)
         state.steps += 1
         if k == 0 and self._costly() and state.steps > WARMUP_SHADOWS and state.steps % SHADOW_EVERY:
             state.pending = None  # no shadow this step
@@ -155,9 +115,15 @@ class Governor:
         weighted = PROPOSER_DECAY * previous + (1 - PROPOSER_DECAY) * per_token if previous is not None else per_token
         self.proposer_seconds = weighted
 
+    def _step_seconds(self, tokens: int, context: int) -> float:
+        """A decode step of `tokens` rows at `context` (relative to a one-row step before the model is fitted)."""
+        if not self.cost.fitted:
+            return 1 + PRIOR_COST_RATIO * tokens
+        return self.cost.seconds(StepShape.decode(tokens, context))
+
     def _proposer_ratio(self) -> float:
         """c / t0: a proposed token's cost relative to a step's fixed cost (0 until both are measured)."""
-        fixed = self.cost.fixed_seconds()
+        fixed = self.cost.fixed_seconds if self.cost.fitted else 0.0
         if self.proposer_seconds is None or not fixed:
             return 0.0
         return self.proposer_seconds / fixed
@@ -165,15 +131,16 @@ class Governor:
     def _costly(self) -> bool:
         return self._proposer_ratio() > COSTLY
 
-    def choose(self, acceptance: float, available: int, batch_size: int) -> int:
+    def choose(self, acceptance: float, available: int, batch_size: int, context: int = 0) -> int:
         if self.always_draft:
             return available
-        ratio, proposing = self.cost.ratio(), self._proposer_ratio()
-        shadow = proposing / SHADOW_EVERY if proposing > COSTLY else proposing  # what staying off costs
+        # seconds a proposed token costs (counted once the step cost is known, as the steps' seconds are)
+        proposing = (self.proposer_seconds or 0.0) if self.cost.fitted else 0.0
+        shadow = proposing / SHADOW_EVERY if self._costly() else proposing  # what staying off costs
 
         def tokens_per_cost(k: int) -> float:
-            extra = proposing * k if k else shadow
-            return (batch_size - 1 + expected_tokens(acceptance, k)) / (1 + ratio * (batch_size + k) + extra)
+            seconds = self._step_seconds(batch_size + k, context) + (proposing * k if k else shadow)
+            return (batch_size - 1 + expected_tokens(acceptance, k)) / seconds
 
         best = max(range(available + 1), key=tokens_per_cost)
         return best if tokens_per_cost(best) >= MIN_GAIN * tokens_per_cost(0) else 0
@@ -196,9 +163,6 @@ class Governor:
             state.observe(matched, 1 if matched < len(proposal) else 0)
         else:
             state.observe(matched, 1 - matched)
-
-    def record_step(self, num_tokens: int, seconds: float) -> None:
-        self.cost.add(num_tokens, seconds)
 
     def release(self, request_id: str) -> None:
         self.requests.pop(request_id, None)

@@ -158,19 +158,3 @@ def test_a_new_prompt_beside_a_stream_is_chunked_by_the_prefill_limit() -> None:
         chunks.append([(s.request.request_id, s.num_new_tokens) for s in out.scheduled])
         scheduler.update_from_output(out, fake_run(out))
     assert chunks == [[("a", 1), ("b", 8)], [("a", 1), ("b", 8)], [("a", 1), ("b", 8)], [("a", 1), ("b", 6)]]
-
-
-def test_the_prefill_budget_converges_on_the_chunk_that_fills_the_target() -> None:
-    """Steps cost a + b * prompt tokens: feedback finds (setpoint - a) / b, within a few steps."""
-    from fulmine.engine.chunking import MIN_CHUNK, SETPOINT, PrefillBudget
-
-    budget = PrefillBudget(max_itl_ms=100, max_tokens=512)
-    for _ in range(30):
-        chunk = budget.limit()
-        budget.observe(chunk, 0.020 + 0.0005 * chunk)  # 20 ms of decode, 0.5 ms a prompt token
-    assert abs(budget.limit() - (0.100 * SETPOINT - 0.020) / 0.0005) <= 2
-    slow = PrefillBudget(max_itl_ms=100, max_tokens=512)
-    for _ in range(30):
-        slow.observe(slow.limit(), 0.150 + 0.0005 * slow.limit())  # decode alone is over the target
-    assert slow.limit() == MIN_CHUNK
-    assert PrefillBudget(max_itl_ms=0, max_tokens=512).limit() == 512  # off

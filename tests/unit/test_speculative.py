@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fulmine.engine.cost_model import StepShape
 from fulmine.request import Request, SamplingParams
 from fulmine.sampling.sampler import Sampler, SamplingBatch
 from fulmine.speculative.governor import Governor, expected_tokens
@@ -34,8 +35,8 @@ def request(tokens: list[int], **params) -> Request:
 def test_governor_drafts_when_it_pays_and_stops_when_it_does_not() -> None:
     governor = Governor(4)
     for _ in range(20):  # steps cost 10 ms + 1 ms per token: drafting is cheap
-        governor.record_step(1, 0.011)
-        governor.record_step(5, 0.015)
+        governor.cost.observe(StepShape(1, 1), 0.011)
+        governor.cost.observe(StepShape(5, 5), 0.015)
     repetitive = request([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3])
     for _ in range(10):  # every draft accepted
         drafts = governor.drafts(repetitive, 4, 1)
@@ -55,8 +56,8 @@ def test_governor_drafts_when_it_pays_and_stops_when_it_does_not() -> None:
 def test_governor_does_not_draft_when_verification_is_expensive() -> None:
     governor = Governor(4)
     for _ in range(20):  # each extra token costs as much as a whole step
-        governor.record_step(1, 0.010)
-        governor.record_step(3, 0.030)
+        governor.cost.observe(StepShape(1, 1), 0.010)
+        governor.cost.observe(StepShape(3, 3), 0.030)
     repetitive = request([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3])
     for _ in range(10):
         governor.drafts(repetitive, 4, 1)
