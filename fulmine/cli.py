@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     from fulmine.benchmark.run import add_arguments
 
     add_arguments(bench)
+    plan = commands.add_parser(
+        "plan", help="capacity from this machine's measured steps: users per replica at a speed, replicas and power"
+    )
+    from fulmine.plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(plan)
+    plan.add_argument(
+        "--cpu-watts-per-core", type=float, default=10.0, help="for the energy estimate where no counter is readable"
+    )
+    _add_engine_flags(plan)
     return parser
 
 
@@ -104,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         from fulmine.benchmark.run import main as bench
 
         return bench(args)
+    if args.command == "plan":
+        return _plan(args)
     try:
         params = _sampling_params(args)  # bad values fail before the model loads
         llm = _load(args)
@@ -127,6 +139,20 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
             if f.name not in _ENGINE_FLAGS_SKIPPED
         }
     )
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from fulmine.engine.llm_engine import LLMEngine
+    from fulmine.plan import main as plan
+
+    try:
+        # plans are for plain decoding (speculation only adds where drafts are accepted)
+        config = dataclasses.replace(_engine_config(args), speculative="off")
+        engine = LLMEngine(args.model, config, progress=False)
+    except ConfigError as error:
+        print(f"fulmine: error: {error}", file=sys.stderr)
+        return 2
+    return plan(args, engine, args.cpu_watts_per_core)
 
 
 def _serve(args: argparse.Namespace) -> int:

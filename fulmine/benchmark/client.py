@@ -25,6 +25,7 @@ class RequestResult:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     error: str = ""
+    refused: bool = False  # 429: the server said it could not meet the request's latency targets
 
     @property
     def tpot(self) -> float | None:
@@ -41,6 +42,7 @@ async def stream_chat(
     max_tokens: int,
     sampling: dict[str, float],
     api_key: str | None,
+    slo: dict[str, float] | None = None,
 ) -> RequestResult:
     body: dict[str, Any] = {
         "model": model,
@@ -50,6 +52,8 @@ async def stream_chat(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if slo:
+        body["slo"] = slo  # fulmine's extension: refused at once (429) if it cannot be met
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     started = time.perf_counter()
     result = RequestResult(ok=False)
@@ -59,6 +63,8 @@ async def stream_chat(
         async with client.stream("POST", f"{base_url}/chat/completions", json=body, headers=headers) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
+                result.refused = response.status_code == 429
+                result.e2e = time.perf_counter() - started
                 return result
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":

@@ -58,6 +58,11 @@ def summarize(
         return r.ttft <= slo_ttft and itl <= slo_itl
 
     good = sum(1 for r in ok if within(r))
+    refused = [r for r in results if r.refused]
+    extra: dict[str, Any] = {}
+    if refused:  # by latency targets: how many, and how long a refusal took at most
+        extra["refused"] = len(refused)
+        extra["refuse_max_ms"] = max(r.e2e for r in refused) * 1e3
     return Summary(
         endpoint=endpoint,
         workload=workload,
@@ -73,6 +78,7 @@ def summarize(
         tok_s_total=sum(r.completion_tokens for r in ok) / duration if duration > 0 else 0.0,
         slo_attainment=good / len(results) if results else 0.0,
         goodput_rps=good / duration if duration > 0 else 0.0,
+        extra=extra,
     )
 
 

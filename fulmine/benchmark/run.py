@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-prompt-tokens", type=int, default=1000)
     parser.add_argument("--slo-ttft", type=float, default=1.0, help="seconds, for goodput")
     parser.add_argument("--slo-itl", type=float, default=0.1, help="seconds, mean per request, for goodput")
+    parser.add_argument(
+        "--send-slo",
+        action="store_true",
+        help="send --slo-ttft and --slo-itl with each request (fulmine's `slo` field: a request that cannot meet "
+        "them is refused at once with 429); without it the server serves every request first come, first served",
+    )
     parser.add_argument("--threads", type=int, default=2, help="threads of the servers bench starts")
     parser.add_argument("--plot", default=None, metavar="DIR", help="write latency_cdf.png and tok_s_per_user.png")
 
@@ -76,7 +82,10 @@ async def run_level(
                 if not args.allow_cache:
                     first = {**messages[0], "content": f"[{nonce}-{i}] {messages[0]['content']}"}
                     messages = [first, *messages[1:]]
-                return await stream_chat(client, base_url, model, messages, load.max_tokens, sampling, args.api_key)
+                slo = {"ttft_ms": args.slo_ttft * 1e3, "itl_ms": args.slo_itl * 1e3} if args.send_slo else None
+                return await stream_chat(
+                    client, base_url, model, messages, load.max_tokens, sampling, args.api_key, slo
+                )
 
         started = time.perf_counter()
         results = await asyncio.gather(*(one(i) for i in range(num_requests)))
@@ -99,7 +108,11 @@ def fulmine_metrics(base_url: str) -> dict[str, float]:
         return {}
     values = {}
     for line in text.splitlines():
-        if line.startswith("fulmine_") and " " in line and "{" not in line:
+        if line.startswith("fulmine_energy_joules{"):  # labelled by its source: keep the label
+            labels, value = line.rsplit(" ", 1)
+            values["fulmine_energy_joules"] = float(value)
+            values["energy_source"] = labels.split('source="', 1)[1].rsplit('"', 1)[0]  # type: ignore[assignment]
+        elif line.startswith("fulmine_") and " " in line and "{" not in line:
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
@@ -186,7 +199,13 @@ def main(args: argparse.Namespace) -> int:
 def _add_engine_figures(
     summary: Summary, before: dict[str, float], after: dict[str, float], bandwidth: float | None
 ) -> None:
-    """Speculation acceptance, and weight bytes read per second against the memory roofline."""
+    """Speculation acceptance, weight bytes read per second against the memory roofline, joules per
+    output token (with its source), and refusals by latency targets."""
+    joules = after.get("fulmine_energy_joules", 0) - before.get("fulmine_energy_joules", 0)
+    tokens = after.get("fulmine_generation_tokens_total", 0) - before.get("fulmine_generation_tokens_total", 0)
+    if joules > 0 and tokens > 0:
+        summary.extra["J/tok"] = joules / tokens
+        summary.extra["energy_source"] = after.get("energy_source")
     drafted = after.get("fulmine_spec_draft_tokens", 0) - before.get("fulmine_spec_draft_tokens", 0)
     if drafted > 0:
         accepted = after.get("fulmine_spec_accepted_tokens", 0) - before.get("fulmine_spec_accepted_tokens", 0)

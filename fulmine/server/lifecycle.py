@@ -29,6 +29,7 @@ from types import FrameType
 import uvicorn
 
 from fulmine.config import ServerConfig
+from fulmine.energy import EnergyMeter
 from fulmine.engine.llm_engine import LLMEngine
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import AsyncEngine
@@ -82,6 +83,10 @@ class ServerState:
             return
         async_engine = AsyncEngine(engine, on_death=self._on_engine_death)
         self.metrics.watch(async_engine)
+        if self.metrics.energy is None:  # one meter for the server's life, restarts included
+            device = engine.runner.device
+            cuda = (device.index or 0) if device.type == "cuda" else None
+            self.metrics.meter(EnergyMeter(self.config.cpu_watts_per_core, cuda))
         self.model_names = list(self.config.served_model_name) or [_default_name(engine)]
         self.engine = async_engine
         self.completions = Completions(async_engine, self.metrics, self.config, self.model_names)

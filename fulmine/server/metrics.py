@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fulmine.energy import EnergyMeter
 from fulmine.server.async_engine import AsyncEngine
 
 _LATENCY_BUCKETS = (
@@ -51,6 +52,17 @@ class Metrics:
         )
         self.requests = Counter("fulmine_requests", "Finished requests.", ["finish_reason"], registry=r)
         self.rejected = Counter("fulmine_requests_rejected", "Requests refused.", ["reason"], registry=r)
+        self.slo = Counter(
+            "fulmine_slo_requests",
+            "Finished requests with a latency target, by target (ttft, itl: its gaps' p90) and whether it was met.",
+            ["target", "met"],
+            registry=r,
+        )
+        self.goodput = Counter(
+            "fulmine_slo_goodput_requests",
+            "Finished requests that met every latency target they had (rate(): goodput per second).",
+            registry=r,
+        )
         self.engine_deaths = Counter(
             "fulmine_engine_deaths", "Engine failures no request could be blamed for (each restarts it).", registry=r
         )
@@ -73,6 +85,25 @@ class Metrics:
             "fulmine_token_mask_seconds", "Time computing constrained rows' allowed tokens.", registry=r
         )
         self.grammar_compiles = Gauge("fulmine_grammar_compiles", "Distinct constraints compiled.", registry=r)
+        self.output_tokens = 0  # generated tokens in all, for joules per token
+        self.energy: EnergyMeter | None = None
+        self.joules = Gauge(
+            "fulmine_energy_joules", "Energy used since the server started, by its source.", ["source"], registry=r
+        )
+        self.joules_per_token = Gauge(
+            "fulmine_energy_joules_per_output_token",
+            "Energy used since the server started per generated token, by its source.",
+            ["source"],
+            registry=r,
+        )
+
+    def meter(self, energy: EnergyMeter) -> None:
+        """Energy from this meter (its source named on both series)."""
+        self.energy = energy
+        self.joules.labels(energy.source).set_function(energy.joules)
+        self.joules_per_token.labels(energy.source).set_function(
+            lambda: energy.joules() / self.output_tokens if self.output_tokens else 0.0
+        )
 
     def watch(self, engine: AsyncEngine) -> None:
         """Gauges read the engine at scrape time."""

@@ -36,6 +36,8 @@ class Choice:
     request_id: str = ""
     last: RequestOutput | None = None
     last_time: float | None = None
+    first_token_s: float | None = None  # arrival to first token
+    gaps: list[float] = field(default_factory=list)  # between its tokens, for its SLO's attainment
     logprobs_sent: int = 0
     text_parts: list[str] = field(default_factory=list)
 
@@ -96,13 +98,16 @@ class Run:
                     raise item
                 now = time.monotonic()
                 if c.last_time is None:
-                    metrics.ttft.observe(now - self.arrival)
+                    c.first_token_s = now - self.arrival
+                    metrics.ttft.observe(c.first_token_s)
                 else:
-                    metrics.itl.observe(now - c.last_time)
+                    c.gaps.append(now - c.last_time)
+                    metrics.itl.observe(c.gaps[-1])
                 c.last, c.last_time = item, now
                 c.text_parts.append(item.new_text)
                 if item.finished:
                     self._record(item)
+                    self._record_slo(c, item)
                     if item.finish_reason is FinishReason.ERROR:
                         raise p.RequestError(
                             f"the engine could not run this request ({item.error}); other requests were not "
@@ -124,9 +129,27 @@ class Run:
             m.queue.observe(output.metrics.first_scheduled_time - output.metrics.arrival_time)
         m.prompt_tokens.inc(output.num_prompt_tokens)
         m.generation_tokens.inc(output.num_output_tokens)
+        m.output_tokens += output.num_output_tokens
         m.cached_tokens.inc(output.num_cached_tokens)
         failed = output.finish_reason is FinishReason.ERROR
         m.requests.labels("error" if failed else p.finish_reason(output) or "abort").inc()
+
+    def _record_slo(self, c: Choice, output: RequestOutput) -> None:
+        """Whether a finished choice met its latency targets: time to first token, and the 90th
+        percentile of its gaps between tokens (a stream's occasional long gap is not a miss)."""
+        slo = self.engine.engine.admission.targets(c.params.slo)
+        if slo is None or output.finish_reason is FinishReason.ERROR or c.first_token_s is None:
+            return
+        met = []
+        if slo.ttft_ms is not None:
+            met.append(("ttft", c.first_token_s * 1e3 <= slo.ttft_ms))
+        if slo.itl_ms is not None and c.gaps:
+            gaps = sorted(c.gaps)
+            met.append(("itl", gaps[min(len(gaps) - 1, int(0.9 * len(gaps)))] * 1e3 <= slo.itl_ms))
+        for target, ok in met:
+            self.metrics.slo.labels(target, "true" if ok else "false").inc()
+        if met and all(ok for _, ok in met):
+            self.metrics.goodput.inc()
 
     async def collect(self, consume: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run `consume` (which reads this run's outputs) to the end; a client that disconnects
