@@ -4,7 +4,8 @@ The profile is the engine's step cost model (engine/cost_model.py, fitted at sta
 machine's steps) and a replica's power while busy (energy.py: measured, or an estimate named as
 one). Predictions come from simulating the scheduler's policy with that model: prompts chunked into
 the token budget beside the streams, one token per stream per step. Users are closed-loop: each
-sends its next request when the last one ends. Speculative decoding is off in the profile (it only
+sends its next request when the last one ends, their first requests spread over one request's
+duration (steady state, not a burst). Speculative decoding is off in the profile (it only
 adds speed where drafts are accepted).
 
 `--validate` measures the engine at 1, 2 and 4 concurrent users (a burst of requests), after
@@ -42,24 +43,39 @@ class Outcome:
     tok_s_per_user: float  # after the first token, per request
 
 
-def simulate(cost: StepCostModel, load: Load, budget: int, cycles: int = 1, limit: Limit | None = None) -> Outcome:
-    """Steps of `load.users` users sending `cycles` requests each, back to back (all at time 0 first).
-    `limit(streams, start)`: the prompt tokens a step may take beside streams (the engine's
-    Admission.chunk_limit: its inter-token target), the whole budget without one."""
+def simulate(
+    cost: StepCostModel,
+    load: Load,
+    budget: int,
+    cycles: int = 1,
+    limit: Limit | None = None,
+    stagger_s: float = 0.0,
+) -> Outcome:
+    """Steps of `load.users` users sending `cycles` requests each, back to back; user u's first at
+    u * stagger_s / users (0: all at once, a burst). `limit(streams, start)`: the prompt tokens a step
+    may take beside streams (the engine's Admission.chunk_limit: its inter-token target), the whole
+    budget without one. With several cycles the first is a warm-up, not counted."""
+    users = load.users
     # per user: tokens of the current request's prompt still to compute, tokens still to generate
-    prompt = [load.prompt_tokens] * load.users
-    output = [load.output_tokens] * load.users
-    started, first = [0.0] * load.users, [0.0] * load.users
-    done = [0] * load.users
+    prompt, output = [load.prompt_tokens] * users, [load.output_tokens] * users
+    started = [u * stagger_s / users for u in range(users)]
+    first, done = [0.0] * users, [0] * users
     clock, ttfts, speeds = 0.0, [], []
+    counted = 1 if cycles > 1 else 0  # requests of the first cycle are not counted
+
+    def active(u: int) -> bool:
+        return done[u] < cycles and started[u] <= clock
+
     while min(done) < cycles:
-        rows = [u for u in range(load.users) if done[u] < cycles and prompt[u] == 0]
+        if not any(active(u) for u in range(users)):  # idle until the next user arrives
+            clock = min(started[u] for u in range(users) if done[u] < cycles)
+        rows = [u for u in range(users) if active(u) and prompt[u] == 0]
         context = load.prompt_tokens + load.output_tokens // 2
         shape, room, chunks = StepShape.decode(len(rows), context), budget - len(rows), []
         prefill = limit(Streams(len(rows), context), 0) if limit is not None and rows else budget
         room = min(room, prefill)
-        for u in range(load.users):
-            if done[u] < cycles and prompt[u] > 0 and room > 0:
+        for u in range(users):
+            if active(u) and prompt[u] > 0 and room > 0:
                 n = min(prompt[u], room)
                 shape = shape.plus_prompt(n, load.prompt_tokens - prompt[u])
                 chunks.append((u, n))
@@ -68,14 +84,16 @@ def simulate(cost: StepCostModel, load: Load, budget: int, cycles: int = 1, limi
         for u in rows:
             output[u] -= 1
             if output[u] == 0:  # the request ends; the user sends the next
-                speeds.append((load.output_tokens - 1) / max(clock - first[u], 1e-9))
+                if done[u] >= counted:
+                    speeds.append((load.output_tokens - 1) / max(clock - first[u], 1e-9))
                 done[u] += 1
                 prompt[u], output[u], started[u] = load.prompt_tokens, load.output_tokens, clock
         for u, n in chunks:
             prompt[u] -= n
             if prompt[u] == 0:  # its first token comes from this step
                 first[u] = clock
-                ttfts.append(clock - started[u])
+                if done[u] >= counted:
+                    ttfts.append(clock - started[u])
                 output[u] -= 1
     ttfts.sort()
     return Outcome(
@@ -88,8 +106,13 @@ def users_per_replica(
 ) -> int:
     """The most users one replica serves at --speed tok/s each with a TTFT p90 within --ttft-ms."""
 
+    # users in steady state: their requests spread over one request's duration, not all at once
+    one = simulate(cost, Load(1, args.prompt_tokens, args.output_tokens), budget, 1, limit)
+    period = one.ttft_p50_s + (args.output_tokens - 1) / one.tok_s_per_user
+
     def fits(users: int) -> bool:
-        outcome = simulate(cost, Load(users, args.prompt_tokens, args.output_tokens), budget, 2, limit)
+        load = Load(users, args.prompt_tokens, args.output_tokens)
+        outcome = simulate(cost, load, budget, 3, limit, stagger_s=period)
         return outcome.tok_s_per_user >= args.speed and outcome.ttft_p90_s * 1e3 <= args.ttft_ms
 
     if not fits(1):
