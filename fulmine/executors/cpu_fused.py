@@ -37,7 +37,8 @@ FUSED_MAX_TOKENS_EXACT = 128
 # later token attends to an earlier piece's keys, written by then). With the interleaved layouts
 # (kernels/interleaved.c) the int8 kernels keep up with dequantize + bfloat16 GEMM at any row count,
 # and the fused attention (kernels/attention.c) with PyTorch's. Time to the first token, one prompt
-# prefilled in chunks of 256 (the default budget), fused vs PyTorch path, same runs, 2-core AVX-512 CPU:
+# prefilled in chunks of 256 (the default budget), fused vs PyTorch path, same runs, 2-core AVX-512 CPU
+# (`python -m bench.prefill --path fused|torch`):
 # embedded model 512 tokens 300-312 vs 379-407 ms, 1024: 723-766 vs 788-887, 2048: 1927-2025 vs
 # 2185-2196, 4096: 6391-6547 vs 5751-6009 (its only loss); Qwen2.5-Coder-0.5B Q4_K_M 512: 848-870 vs
 # 1029-1043, 2048: 4348-4441 vs 4867-4877, 4096: 11790-11890 vs 11463-11822; Gemma 3 270M 1024:
