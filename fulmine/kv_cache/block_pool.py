@@ -1,8 +1,8 @@
 """The pool of KV cache blocks: free list, reference counts, and the prefix cache.
 
 Block ids index the physical cache tensors owned by the model runner; this module never touches
-them. A full block whose contents are known is registered under a key (its parent block's key
-hash and its own token ids), so a later request with the same prefix can reuse it. A block with
+them. A full block whose contents are known is registered under its key (kv_cache/keys.py: a
+SHA-256 chain over the prefix's token ids), so a later request with the same prefix can reuse it. A block with
 no references is either plain free or, if registered, evictable: it keeps its contents until
 the pool runs out of plain free blocks, and the least recently released goes first.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-BlockKey = tuple[int, tuple[int, ...]]  # (parent block's key hash, this block's token ids)
+from fulmine.kv_cache.keys import BlockKey
 
 
 class BlockPool:

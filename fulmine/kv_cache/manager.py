@@ -8,7 +8,8 @@ chat turn finds the whole previous conversation.
 
 from __future__ import annotations
 
-from fulmine.kv_cache.block_pool import BlockKey, BlockPool
+from fulmine.kv_cache.block_pool import BlockPool
+from fulmine.kv_cache.keys import BlockKey, block_keys
 from fulmine.request import Request
 
 
@@ -34,14 +35,6 @@ class KVCacheManager:
     def hit_rate(self) -> float:
         return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
 
-    def _block_keys(self, token_ids: list[int], num_blocks: int, start: list[BlockKey]) -> list[BlockKey]:
-        keys = list(start)
-        bs = self.block_size
-        for index in range(len(keys), num_blocks):
-            parent = hash(keys[-1]) if keys else 0
-            keys.append((parent, tuple(token_ids[index * bs : (index + 1) * bs])))
-        return keys
-
     def match_prefix(self, token_ids: list[int]) -> list[int]:
         """Cached blocks holding the longest known prefix of `token_ids`, leaving at least one
         token to compute (its logits are needed)."""
@@ -57,7 +50,7 @@ class KVCacheManager:
             return []
         max_blocks = (len(token_ids) - 1) // self.block_size
         matched = []
-        for key in self._block_keys(token_ids, max_blocks, []):
+        for key in block_keys(token_ids, self.block_size, max_blocks):
             block_id = self.pool.lookup(key)
             if block_id is None:
                 break
@@ -94,7 +87,7 @@ class KVCacheManager:
         known = self._keys.setdefault(request_id, [])
         if num_full <= len(known):
             return  # the common decode step: no block filled up
-        keys = self._block_keys(request.all_token_ids, num_full, known)
+        keys = block_keys(request.all_token_ids, self.block_size, num_full, known)
         for index in range(len(known), num_full):
             self.pool.register(table[index], keys[index])
         self._keys[request_id] = keys

@@ -49,22 +49,22 @@ def test_freed_run_comes_back_contiguous() -> None:
 def test_cached_blocks_survive_until_evicted_least_recent_first() -> None:
     pool = BlockPool(4)
     a, b = pool.allocate(2), pool.allocate(2)
-    pool.register(a[0], (0, (1, 2)))
-    pool.register(b[0], (0, (3, 4)))
+    pool.register(a[0], b"key-a")
+    pool.register(b[0], b"key-b")
     pool.free(a)
     pool.free(b)
     assert pool.num_free_blocks == 4 and pool.usage == 0.0
-    assert pool.lookup((0, (1, 2))) == a[0]
+    assert pool.lookup(b"key-a") == a[0]
     pool.allocate(2)  # the two unregistered blocks: the cached ones survive
-    assert pool.lookup((0, (1, 2))) == a[0] and pool.lookup((0, (3, 4))) == b[0]
+    assert pool.lookup(b"key-a") == a[0] and pool.lookup(b"key-b") == b[0]
     pool.allocate(1)  # evicts the least recently released cached block: a[0]
-    assert pool.lookup((0, (1, 2))) is None and pool.lookup((0, (3, 4))) == b[0]
+    assert pool.lookup(b"key-a") is None and pool.lookup(b"key-b") == b[0]
 
 
 def test_touching_a_cached_block_takes_it_out_of_eviction() -> None:
     pool = BlockPool(2)
     (block,) = pool.allocate(1)
-    pool.register(block, (0, (9,)))
+    pool.register(block, b"key-c")
     pool.free([block])
     pool.touch([block])
     assert pool.ref_counts[block] == 1 and pool.num_free_blocks == 1
@@ -123,3 +123,27 @@ def test_the_default_context_is_cut_to_fit_the_memory(monkeypatch: pytest.Monkey
     assert sizing.fit_max_model_len(EngineConfig(max_model_len=32768), model, 57_344, cpu) == 32768
     monkeypatch.setattr(sizing, "_available_memory_bytes", lambda *args: 8 * 2**30)
     assert sizing.fit_max_model_len(EngineConfig(), model, 57_344, cpu) == 32768
+
+
+def test_block_keys_are_a_sha256_chain_over_the_prefix() -> None:
+    """The documented scheme (kv_cache/keys.py), checked against hashlib directly: stable across
+    processes and machines, so a router computes the keys a replica caches."""
+    import hashlib
+    import struct
+    import subprocess
+    import sys
+
+    from fulmine.kv_cache import block_keys
+
+    tokens = [1, 2, 3, 4, 70000, 6, 7]
+    keys = block_keys(tokens, 2)
+    assert len(keys) == 3  # full blocks only
+    first = hashlib.sha256(struct.pack("<2I", 1, 2)).digest()
+    assert keys[0] == first
+    assert keys[1] == hashlib.sha256(first + struct.pack("<2I", 3, 4)).digest()
+    assert block_keys(tokens[:4] + [5, 5], 2)[:2] == keys[:2] and block_keys([9, 2, 3, 4], 2)[1] != keys[1]
+    assert block_keys(tokens, 2, start=keys[:1]) == keys and block_keys(tokens, 2, num_blocks=1) == keys[:1]
+    assert block_keys(tokens, 3)[0] != block_keys(tokens, 2)[0]
+    code = "from fulmine.kv_cache import block_keys; print(block_keys([1, 2, 3, 4, 70000, 6, 7], 2)[2].hex())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == keys[2].hex()
