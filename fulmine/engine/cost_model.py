@@ -167,12 +167,13 @@ def calibrate(engine: LLMEngine) -> None:
     if room < 4 or not kv.can_allocate(request_id, room):
         return
     table = kv.allocate(request_id, room)
-    shallow, deep = min(64, room // 2), min(CALIBRATION_DEPTH, room - 33)
+    # positions within the borrowed table: a deep chunk of 32 ends before `room`
+    shallow, deep = min(64, room // 2), max(min(CALIBRATION_DEPTH, room - 33), room // 2)
     token = engine.model_config.vocab_size // 2
     greedy = SamplingParams(temperature=0.0)
 
     def seqs(rows: int, start: int, tokens: int) -> list[SequenceStep]:
-        ids = [token] * min(tokens, room - 1)
+        ids = [token] * min(tokens, room - 1, room - start)
         return [SequenceStep(f"{request_id}-{r}", ids, start, table, 0, True, greedy, ids, []) for r in range(rows)]
 
     shapes = [seqs(1, shallow, 1), seqs(8, shallow, 1), seqs(1, 0, 64), seqs(4, deep, 1)]

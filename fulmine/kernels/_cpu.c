@@ -101,6 +101,11 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args) {
                           &max_blocks, &H, &nh, &nkv, &D, &I, &bs, &gelu, &eps, &scale, &exact))
         return NULL;
     int dims[7] = {H, nh, nkv, D, I, bs, gelu};
+    const int32_t *positions = (const int32_t *)PTR(pos);
+    for (int t = 0; t < T; t++) /* a position outside the block table would write outside the cache */
+        if (positions[t] < 0 || positions[t] >= (int64_t)max_blocks * bs)
+            return PyErr_Format(PyExc_ValueError, "token %d: position %d outside its block table (%d positions)", t,
+                                positions[t], max_blocks * bs);
     int rc;
     Py_BEGIN_ALLOW_THREADS;
     rc = decoder_forward((float *)PTR(h), T, L, (const int64_t *)PTR(layers), (const float *)PTR(final_norm),

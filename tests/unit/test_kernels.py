@@ -192,3 +192,15 @@ def test_bfloat16_ties_round_to_even(threads: int) -> None:
     values = weight.dequantize()
     assert values[0, 0] == 1.0 + 2**-8
     assert torch.equal(weight.dequantize(torch.bfloat16), values.bfloat16())
+
+
+@pytest.mark.parametrize("position", [-1, 16, 2**31 - 1])
+def test_the_decoder_refuses_a_position_outside_the_block_table(position: int) -> None:
+    """A position the block table does not cover would write keys and values outside the cache (a
+    negative one corrupted the heap once): refused before anything runs."""
+    module = kernels.cpu()
+    if module is None:
+        pytest.skip("the C kernels are not built")
+    pos = torch.tensor([position], dtype=torch.int32)
+    with pytest.raises(ValueError, match="outside its block table"):
+        module.decoder_forward(0, 1, 0, 0, 0, pos.data_ptr(), 0, 0, 1, (64, 1, 1, 64, 64, 16, 0), 1e-6, 1.0, False)
