@@ -149,6 +149,11 @@ class EngineConfig:
         "(the same tokens, fewer steps); off samples them one step each",
     )
     num_threads: int | None = _opt(None, "torch intra-op threads on CPU (default: all cores)")
+    tensor_parallel_size: int = _opt(
+        1,
+        "split the model across this many processes (tensor parallel on torch.distributed, gloo on the CPU; "
+        "its heads, KV heads and MLP divided among them, the threads too); a correctness path on one CPU",
+    )
     seed: int = _opt(0, "seed for requests that do not bring their own")
 
     def __post_init__(self) -> None:
@@ -168,6 +173,7 @@ class EngineConfig:
             (self.weight_dtype in _DTYPES, f"weight_dtype must be one of {', '.join(_DTYPES)}"),
             (self.quantization in _QUANTIZATIONS, f"quantization must be one of {', '.join(_QUANTIZATIONS)}"),
             (self.executor in _EXECUTORS, f"executor must be one of {', '.join(_EXECUTORS)}"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
             (self.speculative in ("ngram", "draft", "off"), "speculative must be ngram, draft or off"),
             (
                 (self.speculative == "draft") == (self.draft_model is not None),

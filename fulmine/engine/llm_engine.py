@@ -15,6 +15,7 @@ import torch
 
 from fulmine import kernels
 from fulmine.config import ConfigError, EngineConfig
+from fulmine.distributed.workers import start_ranks
 from fulmine.engine.admission import Admission, Streams
 from fulmine.engine.cost_model import StepCostModel, StepShape, calibrate
 from fulmine.engine.detokenizer import IncrementalDetokenizer
@@ -62,12 +63,23 @@ class LLMEngine:
                 f"({model_config.max_position_embeddings})"
             )
         num_blocks = kv_cache_blocks(config, bytes_per_token, self.max_model_len, device)
+        load_args = dict(
+            device=device, dtype=dtype, weight_dtype=weight_dtype, quantization=config.quantization,
+            exact_kernels=config.exact_kernels,
+        )  # fmt: skip
+        runner_args = dict(
+            num_blocks=num_blocks, block_size=config.block_size, max_model_len=self.max_model_len, device=device,
+            dtype=dtype, seed=config.seed, exact_kernels=config.exact_kernels, executor=config.executor,
+            max_num_seqs=config.max_num_seqs, kv_dtype=kv_dtype,
+        )  # fmt: skip
+        # tensor parallel: the other ranks start loading their parts now (distributed/workers.py)
+        tp_size = config.tensor_parallel_size
+        self.ranks = start_ranks(config, model, model_config, load_args, runner_args) if tp_size > 1 else None
         # The tokenizer (mostly importing transformers) loads on a thread while weights load.
         with ThreadPoolExecutor(max_workers=1) as pool:
             tokenizer = pool.submit(load_tokenizer, self.source, progress)
-            model_module = load_model(
-                self.source, device, dtype, weight_dtype, progress, config.quantization, config.exact_kernels
-            )
+            tp = self.ranks.tp if self.ranks is not None else None
+            model_module = load_model(self.source, progress=progress, tp=tp, **load_args)  # type: ignore[arg-type]
             self.tokenizer = tokenizer.result()
         eos = set(model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -88,19 +100,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         default_slo = SLO(config.slo_ttft_ms or None, config.slo_itl_ms or None)
         self.admission = Admission(self.cost, config.max_num_batched_tokens, config.max_itl_ms, default_slo)
-        self.runner = ModelRunner(
-            model_module,
-            num_blocks,
-            config.block_size,
-            self.max_model_len,
-            device,
-            dtype,
-            config.seed,
-            config.exact_kernels,
-            config.executor,
-            config.max_num_seqs,
-            kv_dtype,
-        )
+        self.runner = ModelRunner(model_module, **runner_args)  # type: ignore[arg-type]
+        if self.ranks is not None:
+            self.runner.tell = self.ranks.tell
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.grammars = Grammars(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
         self.matchers: dict[str, Any] = {}  # request id -> its grammar matcher (constrained requests)

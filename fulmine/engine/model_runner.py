@@ -8,6 +8,9 @@ their logprobs when asked for).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from fulmine.engine.outputs import ModelRunnerOutput
@@ -44,9 +47,13 @@ class ModelRunner:
         self.sampler = Sampler(device, seed)
         self.generators: dict[str, torch.Generator] = {}
         self.last_executor = ""  # which executor ran the latest step (tests, metrics)
+        # tensor parallel: tells the other ranks to do what this one does (distributed/workers.py)
+        self.tell: Callable[[tuple[str, Any]], None] | None = None
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> ModelRunnerOutput:
+        if self.tell is not None:
+            self.tell(("execute", batch))
         executor = next(e for e in self.executors if e.accepts(batch))
         self.last_executor = executor.name
         hidden = executor.forward(batch)
@@ -104,6 +111,8 @@ class ModelRunner:
 
     def hidden_states(self, batch: StepBatch) -> torch.Tensor:
         """[num_tokens, hidden] final (normed) hidden states of the batch's tokens, nothing sampled."""
+        if self.tell is not None:
+            self.tell(("hidden", batch))
         executor = next(e for e in self.executors if e.accepts(batch))
         return executor.forward(batch).float()
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from fulmine import kernels
 from fulmine.config import ModelConfig
+from fulmine.distributed.tensor_parallel import TensorParallel
 from fulmine.layers.activation import gelu_tanh_and_mul, silu_and_mul
 from fulmine.layers.attention import AttentionMetadata, paged_attention
 from fulmine.layers.linear import Embedding, Linear, MergedLinear
@@ -42,6 +43,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.scale = config.attn_scale
+        self.tp: TensorParallel | None = None  # tensor parallel: o_proj's partial sums all-reduced
 
     def forward(
         self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
@@ -55,7 +57,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, meta.cos, meta.sin), apply_rotary(k, meta.cos, meta.sin)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out)
+        out = self.o_proj(out)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
@@ -64,9 +67,11 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
         self.act_and_mul = gelu_tanh_and_mul if config.hidden_act == "gelu_tanh" else silu_and_mul
+        self.tp: TensorParallel | None = None  # tensor parallel: down_proj's partial sums all-reduced
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        out = self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
@@ -133,6 +138,15 @@ class DecoderModel(nn.Module):
         # layer's default, which the CPU executor's tuning leaves), so a row's logits never depend
         # on what else was sampled with it
         self.tie_weights()
+        self.tp: TensorParallel | None = None  # this model is one rank's part (distributed/tensor_parallel.py)
+        self.full_vocab_size = config.vocab_size
+
+    def set_tensor_parallel(self, tp: TensorParallel, vocab_size: int) -> None:
+        """This model holds rank tp.rank's part of a model with `vocab_size` tokens."""
+        self.tp, self.full_vocab_size = tp, vocab_size
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.tp = tp
 
     def forward(
         self,
@@ -141,7 +155,11 @@ class DecoderModel(nn.Module):
         metas: list[AttentionMetadata],  # one per layer
     ) -> torch.Tensor:
         """Final hidden states, [num_tokens, hidden_size]."""
-        x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
+        if self.tp is None:
+            x = self.embed_tokens(input_ids)
+        else:
+            x = self.tp.embed(self.embed_tokens, input_ids, self.full_vocab_size)
+        x = x.to(self.norm.weight.dtype)
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
         residual: torch.Tensor | None = None
@@ -152,7 +170,8 @@ class DecoderModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_sampled, hidden_size] -> [num_sampled, vocab_size] in float32."""
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        return logits if self.tp is None else self.tp.gather_logits(logits, self.full_vocab_size)
 
     def finish_loading(self, quantize: int | None = None, exact: bool = False) -> None:
         """Kept GGUF blocks become quantized weights; `quantize` (a GGML type) quantizes the dense rest.

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from fulmine import kernels
 from fulmine.config import ConfigError, ModelConfig
+from fulmine.distributed.tensor_parallel import TensorParallel, shard_config, shard_tensor
 from fulmine.layers.linear import Linear
 from fulmine.models.decoder import DecoderModel
 from fulmine.models.source import ModelSource
@@ -61,20 +62,27 @@ def load_model(
     progress: bool = True,
     quantization: str = "none",
     exact_kernels: bool = False,
+    tp: TensorParallel | None = None,
 ) -> DecoderModel:
     """`dtype` is the activations' (and norms'); `weight_dtype` the matrices', if narrower.
 
     The model is laid out on the meta device and allocated uninitialized in its final dtypes,
     so loading never holds a second, wider copy; every parameter must then come from the
-    checkpoint, which is checked. `quantization` is EngineConfig's (auto, none, int8, int4).
+    checkpoint, which is checked. `quantization` is EngineConfig's (auto, none, int8, int4). With
+    `tp`, the model is that rank's part (distributed/tensor_parallel.py), its matrices dense.
     """
     if quantization in ("int8", "int4") and (kernels.cpu() is None or device.type != "cpu"):
         raise ConfigError(f"--quantization {quantization} needs fulmine's C kernels on the CPU, which are not built")
     keep_blocks = (
-        quantization == "auto" and kernels.cpu() is not None and device.type == "cpu" and dtype == torch.float32
+        quantization == "auto"
+        and kernels.cpu() is not None
+        and device.type == "cpu"
+        and dtype == torch.float32
+        and tp is None
     )
+    config = source.config if tp is None else shard_config(source.config, tp)
     with torch.device("meta"):
-        model = DecoderModel(source.config).to(dtype)
+        model = DecoderModel(config).to(dtype)
     if weight_dtype is not None and weight_dtype != dtype:
         model.narrow_weights(weight_dtype)
     _allocate(model, device)
@@ -93,6 +101,8 @@ def load_model(
     )
     for name, tensor in tensors:
         try:
+            if tp is not None:
+                tensor = shard_tensor(name, tensor, source.config, tp)
             filled = model.load_weight(name, tensor)
             if filled is not None:
                 missing.discard(filled)
@@ -101,6 +111,8 @@ def load_model(
         bar.update()
     bar.close()
     model.fold_norm_offsets()
+    if tp is not None:
+        model.set_tensor_parallel(tp, source.config.vocab_size)
     model.finish_loading({"int8": kernels.Q8_0, "int4": kernels.Q4_1}.get(quantization), exact_kernels)
     _report_unread_types(model, source)
     if source.gguf is not None:

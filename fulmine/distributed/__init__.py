@@ -1,0 +1,1 @@
+"""Many processes as one engine: tensor parallelism on torch.distributed."""
