@@ -117,7 +117,10 @@ class ServerState:
             self._give_up(error)
             return
         self.status = "restarting"
-        # drop the dead engine (weights, KV cache) before loading its replacement: never two at once
+        # drop the dead engine (weights, KV cache, its tensor-parallel ranks) before loading its
+        # replacement: never two at once
+        if self.engine is not None and self.engine.engine.ranks is not None:
+            self.engine.engine.ranks.close()
         self.completions, self.engine = None, None
         self.metrics.unwatch()
         gc.collect()

@@ -62,3 +62,22 @@ def test_the_embedded_model_on_three_ranks() -> None:
 def test_a_size_that_does_not_divide_the_heads_is_refused() -> None:
     with pytest.raises(ConfigError, match="does not divide the model's 9 attention heads"):
         LLMEngine(None, EngineConfig(tensor_parallel_size=2, speculative="off"), progress=False)
+
+
+def test_a_server_on_three_ranks_answers_the_openai_client() -> None:
+    import openai
+
+    from tests.e2e.server import engine_loader, serve
+
+    with serve(engine_loader(None, tensor_parallel_size=3, speculative="off"), served_model_name=("m",)) as server:
+        try:
+            client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+            stream = client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "Hi!"}], max_tokens=8, temperature=0, stream=True
+            )
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+            assert text
+        finally:
+            ranks = server.engine.ranks
+            assert ranks is not None
+            ranks.close()
