@@ -167,6 +167,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"fulmine: error: {error}", file=sys.stderr)
         return 2
+    if engine_config.node_rank > 0:  # a worker node of a tensor-parallel engine: no API, its ranks only
+        from fulmine.distributed.workers import run_node
+
+        print(f"fulmine: node {engine_config.node_rank}: ranks joining {engine_config.master_addr}", file=sys.stderr)
+        return run_node(engine_config)
     import uvicorn
 
     from fulmine.engine.llm_engine import LLMEngine

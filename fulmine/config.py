@@ -154,6 +154,10 @@ class EngineConfig:
         "split the model across this many processes (tensor parallel on torch.distributed, gloo on the CPU; "
         "its heads, KV heads and MLP divided among them, the threads too); a correctness path on one CPU",
     )
+    nnodes: int = _opt(1, "machines the tensor-parallel ranks span (each hosts tensor_parallel_size / nnodes)")
+    node_rank: int = _opt(0, "this machine's index among them: 0 serves the API, the others run headless")
+    master_addr: str = _opt("127.0.0.1", "the head node's address, where the ranks meet")
+    master_port: int = _opt(0, "the head node's port for the ranks (0: a free one, single machine only)")
     seed: int = _opt(0, "seed for requests that do not bring their own")
 
     def __post_init__(self) -> None:
@@ -174,6 +178,12 @@ class EngineConfig:
             (self.quantization in _QUANTIZATIONS, f"quantization must be one of {', '.join(_QUANTIZATIONS)}"),
             (self.executor in _EXECUTORS, f"executor must be one of {', '.join(_EXECUTORS)}"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
+            (
+                self.nnodes >= 1 and self.tensor_parallel_size % self.nnodes == 0,
+                "nnodes must divide tensor_parallel_size (each node hosts as many ranks)",
+            ),
+            (0 <= self.node_rank < self.nnodes, "node_rank must be in [0, nnodes)"),
+            (self.nnodes == 1 or self.master_port > 0, "several nodes need --master-port (the head's, agreed)"),
             (self.speculative in ("ngram", "draft", "off"), "speculative must be ngram, draft or off"),
             (
                 (self.speculative == "draft") == (self.draft_model is not None),

@@ -2,6 +2,12 @@
 1..N-1 are processes that load their part of the model and run every step rank 0 runs, each step
 told to them by a broadcast of its plain-data StepBatch (the scheduler's decisions are rank 0's
 alone). Every rank computes the whole step, collectives included; only rank 0's samples are used.
+
+Across machines (`--nnodes`, `--node-rank`, `--master-addr`, `--master-port`, as SGLang and vLLM
+name them): each node hosts tensor_parallel_size / nnodes consecutive ranks; the head (node 0)
+serves the API, the others run headless (`fulmine serve --node-rank K ...`) until the head stops.
+Every node needs the model at the same path. gloo picks the network interface from the host name;
+set GLOO_SOCKET_IFNAME where that is not the one the nodes share.
 """
 
 from __future__ import annotations
@@ -22,14 +28,37 @@ from fulmine.config import ConfigError, EngineConfig, ModelConfig
 from fulmine.distributed.tensor_parallel import TensorParallel, shard_config
 
 # A rank that stops answering (killed, out of memory) fails the step's collective after this long
-# instead of hanging the engine forever.
-TIMEOUT = timedelta(seconds=120)
+# instead of hanging the engine forever; the nodes of a group have as long to join it.
+JOIN_TIMEOUT = timedelta(seconds=300)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _node_ranks(config: EngineConfig) -> range:
+    """The global ranks this node hosts: consecutive, world / nnodes of them."""
+    per = config.tensor_parallel_size // config.nnodes
+    return range(config.node_rank * per, (config.node_rank + 1) * per)
+
+
+def _address(config: EngineConfig) -> str:
+    if config.nnodes == 1 and not config.master_port:
+        return f"tcp://127.0.0.1:{_free_port()}"
+    return f"tcp://{config.master_addr}:{config.master_port}"
+
+
+def _spawn(ranks: range, world: int, address: str, threads: int) -> list[Any]:
+    context = mp.get_context("spawn")
+    processes = [
+        context.Process(target=_rank_main, args=(r, world, address, threads), name=f"fulmine-rank-{r}", daemon=True)
+        for r in ranks
+    ]
+    for process in processes:
+        process.start()
+    return processes
 
 
 def start_ranks(
@@ -39,40 +68,41 @@ def start_ranks(
     load_args: dict[str, Any],
     runner_args: dict[str, Any],
 ) -> Ranks:
-    """Start ranks 1..N-1 loading `model`, join them as rank 0 (this process); the cores are shared
-    among the ranks, and every rank runs the PyTorch executor (the fused C decoder runs whole layers)."""
+    """On the head node: start this node's other ranks, join the group as rank 0 (this process) with
+    every node's ranks, and send them what to load. The cores are shared among a node's ranks; every
+    rank runs the PyTorch executor (the fused C decoder runs whole layers)."""
     world = config.tensor_parallel_size
     if dist.is_initialized():
         raise ConfigError("a tensor-parallel engine already runs in this process: close it first (ranks.close())")
     if load_args["device"].type != "cpu":
         raise ConfigError("tensor parallel runs on the CPU (gloo) in this version; on GPUs it is not built yet")
     shard_config(model_config, TensorParallel(0, world))  # a size that does not divide the model: refused now
-    threads = max(1, torch.get_num_threads() // world)
+    threads = max(1, torch.get_num_threads() // len(_node_ranks(config)))
     torch.set_num_threads(threads)
     kernels.set_threads(threads)
     runner_args["executor"] = "torch"
-    return Ranks(world, threads, {**load_args, "model": model}, runner_args)
+    address = _address(config)
+    processes = _spawn(_node_ranks(config)[1:], world, address, threads)
+    dist.init_process_group("gloo", init_method=address, rank=0, world_size=world, timeout=JOIN_TIMEOUT)
+    # every rank loads what the head computed (the KV cache's blocks, dtypes): the same on every node
+    dist.broadcast_object_list([({**load_args, "model": model}, runner_args)], src=0)
+    return Ranks(world, processes)
+
+
+def run_node(config: EngineConfig) -> int:
+    """A worker node (node_rank > 0): its ranks join the head's group and run until it stops them."""
+    threads = max(1, torch.get_num_threads() // len(_node_ranks(config)))
+    processes = _spawn(_node_ranks(config), config.tensor_parallel_size, _address(config), threads)
+    for process in processes:
+        process.join()
+    return max((process.exitcode or 0 for process in processes), default=0)
 
 
 class Ranks:
-    """Rank 0's side: starts ranks 1..world-1 as processes, joins their group, tells them each step."""
+    """Rank 0's side: the group it leads, and this node's rank processes; tells every rank each step."""
 
-    def __init__(self, world: int, threads: int, load_args: dict[str, Any], runner_args: dict[str, Any]) -> None:
-        self.world = world
-        address = f"tcp://127.0.0.1:{_free_port()}"
-        context = mp.get_context("spawn")
-        self.processes = [
-            context.Process(
-                target=_rank_main,
-                args=(rank, world, address, threads, load_args, runner_args),
-                name=f"fulmine-rank-{rank}",
-                daemon=True,
-            )
-            for rank in range(1, world)
-        ]
-        for process in self.processes:
-            process.start()
-        dist.init_process_group("gloo", init_method=address, rank=0, world_size=world, timeout=TIMEOUT)
+    def __init__(self, world: int, processes: list[Any]) -> None:
+        self.world, self.processes = world, processes
         self.tp = TensorParallel(0, world)
         atexit.register(self.close)
 
@@ -96,22 +126,23 @@ class Ranks:
         dist.destroy_process_group()
 
 
-def _rank_main(
-    rank: int, world: int, address: str, threads: int, load_args: dict[str, Any], runner_args: dict[str, Any]
-) -> None:
-    """A rank other than 0: load its part, then run what rank 0 runs until told to stop."""
+def _rank_main(rank: int, world: int, address: str, threads: int) -> None:
+    """A rank other than 0: join the group, load the part the head names, run what it runs until told to stop."""
     from fulmine.engine.model_runner import ModelRunner
     from fulmine.models.loader import load_model
     from fulmine.models.source import resolve
 
     torch.set_num_threads(threads)
     kernels.set_threads(threads)
-    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world, timeout=TIMEOUT)
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world, timeout=JOIN_TIMEOUT)
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=0)
+    load_args, runner_args = box[0]
     tp = TensorParallel(rank, world)
     model = load_model(resolve(load_args.pop("model")), progress=False, tp=tp, **load_args)
     runner = ModelRunner(model, **runner_args)
     while True:
-        box: list[Any] = [None]
+        box = [None]
         dist.broadcast_object_list(box, src=0)
         command = box[0]
         if command is None:
