@@ -25,9 +25,9 @@ from fulmine import __version__
 from fulmine.config import ConfigError, ServerConfig
 from fulmine.engine.admission import Refused
 from fulmine.request import StructuredOutput
+from fulmine.server import bodies, tools
 from fulmine.server import logprobs as lp
 from fulmine.server import protocol as p
-from fulmine.server import tools
 from fulmine.server.async_engine import AsyncEngine
 from fulmine.server.events import Answer, Generation
 from fulmine.server.metrics import Metrics
@@ -245,7 +245,7 @@ class Completions:
 
     def _run(self, model: str, id_prefix: str, choices: list[Choice], arrival: float, request: Request) -> Run:
         timeout_s = self.config.request_timeout_s
-        run = Run(self.engine, self.metrics, timeout_s, model, p.new_id(id_prefix), choices, arrival, request)
+        run = Run(self.engine, self.metrics, timeout_s, model, bodies.new_id(id_prefix), choices, arrival, request)
         self._admit(run)
         return run
 
@@ -333,7 +333,7 @@ class Completions:
             if event.finish is not None:
                 yield chunk(
                     [{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": event.finish}],
-                    timing=p.timing(output),
+                    timing=bodies.timing(output),
                 )
         if include_usage:
             yield chunk([], usage=run.usage(), timing=run.timing())
@@ -364,7 +364,7 @@ class Completions:
             if event.content or entry or reason:
                 yield chunk(
                     [{"index": c.index, "text": event.content, "logprobs": entry, "finish_reason": reason}],
-                    **({"timing": p.timing(output)} if reason else {}),
+                    **({"timing": bodies.timing(output)} if reason else {}),
                 )
         if include_usage:
             yield chunk([], usage=run.usage(), timing=run.timing())

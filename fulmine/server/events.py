@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fulmine.engine.outputs import RequestOutput
-from fulmine.server import protocol as p
+from fulmine.server import bodies
 from fulmine.server.run import Choice, Run
 from fulmine.server.tool_calls import CallDelta, StreamParser, ToolCall
 
@@ -45,7 +45,7 @@ class Answer:
 
 def finish_reason(output: RequestOutput | None, called: bool) -> str:
     """stop / length, and tool_calls for an answer that ended by calling tools."""
-    reason = (p.finish_reason(output) if output is not None else None) or "stop"
+    reason = (bodies.finish_reason(output) if output is not None else None) or "stop"
     return "tool_calls" if called and reason == "stop" else reason
 
 
@@ -63,7 +63,7 @@ class Generation:
         """Each choice's events as its outputs arrive; the last one of a choice has its finish."""
         parsers = {c.index: self._parser() for c in self.run.choices} if self.tool_names else {}
         async for c, output in self.run.outputs():
-            ended = p.finish_reason(output) is not None
+            ended = bodies.finish_reason(output) is not None
             parser = parsers.get(c.index)
             content, calls = parser.feed(output.new_text, final=ended) if parser else (output.new_text, [])
             finish = finish_reason(output, bool(parser and parser.calls)) if ended else None

@@ -31,6 +31,7 @@ import uvicorn
 from fulmine.config import ServerConfig
 from fulmine.energy import EnergyMeter
 from fulmine.engine.llm_engine import LLMEngine
+from fulmine.server import bodies
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import AsyncEngine
 from fulmine.server.completions import Completions
@@ -57,7 +58,7 @@ class ServerState:
     completions: Completions | None = None
     model_names: list[str] = field(default_factory=list)
     load_error: BaseException | None = None
-    created: int = field(default_factory=p.now)
+    created: int = field(default_factory=bodies.now)
     in_flight: int = 0  # API requests admitted and not yet fully answered (streams included)
     deaths: deque[float] = field(default_factory=deque)  # when the engine died, within the restart window
 

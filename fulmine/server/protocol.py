@@ -1,4 +1,5 @@
-"""OpenAI's request shapes as pydantic models (pydantic's only home), and the response builders.
+"""OpenAI's request shapes as pydantic models (pydantic's only home); the fields every response
+body shares are in bodies.py.
 
 Requests are validated strictly: a field OpenAI does not define is rejected (as OpenAI does), a
 field that would change the output and that fulmine does not implement yet is rejected with a
@@ -10,13 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fulmine.engine.outputs import RequestOutput
 from fulmine.request import INT64_MAX, INT64_MIN, SLO, SamplingParams, StructuredOutput
 from fulmine.sampling.grammar import closed_objects
 
@@ -356,50 +354,3 @@ def check_unicode(value: Any, path: str = "") -> None:
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
             check_unicode(item, f"{path}[{index}]")
-
-
-# -- responses -------------------------------------------------------------------------------
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def timing(output: RequestOutput) -> dict[str, float | None]:
-    """Seconds: queue (arrival -> first scheduled), prefill (-> first token), decode (-> finish)."""
-    m = output.metrics
-
-    def span(start: float | None, end: float | None) -> float | None:
-        return None if start is None or end is None else round(end - start, 6)
-
-    return {
-        "queue_s": span(m.arrival_time, m.first_scheduled_time),
-        "prefill_s": span(m.first_scheduled_time, m.first_token_time),
-        "decode_s": span(m.first_token_time, m.finished_time),
-        "ttft_s": span(m.arrival_time, m.first_token_time),
-        "total_s": span(m.arrival_time, m.finished_time),
-    }
-
-
-def server_timing_header(timings: dict[str, float | None]) -> str:
-    parts = [
-        f"{name.removesuffix('_s')};dur={1000 * value:.3f}" for name, value in timings.items() if value is not None
-    ]
-    return ", ".join(parts)
-
-
-def finish_reason(output: RequestOutput) -> str | None:
-    if not output.finished or output.finish_reason is None:
-        return None
-    return output.finish_reason.value if output.finish_reason.value in ("stop", "length") else "stop"

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from fulmine.engine.outputs import RequestOutput
 from fulmine.request import FinishReason, SamplingParams
+from fulmine.server import bodies
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import AsyncEngine
 from fulmine.server.metrics import Metrics
@@ -58,7 +59,7 @@ class Run:
     ) -> None:
         self.engine, self.metrics, self.timeout_s = engine, metrics, timeout_s
         self.model, self.id, self.choices = model, run_id, choices
-        self.arrival, self.request, self.created = arrival, request, p.now()
+        self.arrival, self.request, self.created = arrival, request, bodies.now()
         for c in choices:
             c.request_id = f"{run_id}-{c.index}"
 
@@ -132,7 +133,7 @@ class Run:
         m.output_tokens += output.num_output_tokens
         m.cached_tokens.inc(output.num_cached_tokens)
         failed = output.finish_reason is FinishReason.ERROR
-        m.requests.labels("error" if failed else p.finish_reason(output) or "abort").inc()
+        m.requests.labels("error" if failed else bodies.finish_reason(output) or "abort").inc()
 
     def _record_slo(self, c: Choice, output: RequestOutput) -> None:
         """Whether a finished choice met its latency targets: time to first token, and the 90th
@@ -167,12 +168,12 @@ class Run:
         prompt_tokens = sum(len(c.prompt_ids) for c in firsts)
         completion = sum(len(c.last.token_ids) for c in self.choices if c.last)
         cached = sum(c.last.num_cached_tokens for c in firsts if c.last)
-        return p.usage(prompt_tokens, completion, cached)
+        return bodies.usage(prompt_tokens, completion, cached)
 
     def timing(self) -> dict[str, float | None]:
         finished = [c.last for c in self.choices if c.last is not None]
         return (
-            p.timing(finished[0])
+            bodies.timing(finished[0])
             if len(finished) == 1
             else {
                 "ttft_s": round(min((c.last_time or 0) for c in self.choices) - self.arrival, 6),
@@ -181,7 +182,7 @@ class Run:
         )
 
     def json_response(self, body: dict[str, Any]) -> JSONResponse:
-        return JSONResponse(body, headers={"Server-Timing": p.server_timing_header(body["timing"])})
+        return JSONResponse(body, headers={"Server-Timing": bodies.server_timing_header(body["timing"])})
 
     def stream_response(self, chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
         return StreamingResponse(
