@@ -108,12 +108,6 @@ class StepCostModel:
     def fixed_seconds(self) -> float:
         return self.coef[0]
 
-    def token_seconds(self, tokens: int, context: int) -> float:
-        """What one more token at `context` positions adds to a step of `tokens` tokens."""
-        return self.seconds(StepShape(tokens + 1, (tokens + 1) * context)) - self.seconds(
-            StepShape(tokens, tokens * context)
-        )
-
     def prompt_tokens_within(self, budget_s: float, base: StepShape, start: int, limit: int) -> int:
         """The most prompt tokens (from position `start`) a step of `base` can add and stay within
         `budget_s` seconds (0 if even `base` alone does not), at most `limit`."""
