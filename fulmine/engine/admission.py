@@ -109,15 +109,18 @@ class Admission:
 
     def time_to_first_token(self, ahead: list[int], prompt_tokens: int, streams: Streams) -> float:
         """Seconds until a prompt of `prompt_tokens` gets its first token behind `ahead` prompts'
-        remaining tokens, beside `streams`: the step now running, then chunks until its last."""
+        remaining tokens, beside `streams`: the step now running, then chunks until its last. Each
+        prompt in O(1) (admission runs on the server's thread, and queues can be long): its chunks
+        sized at its middle depth, as many equal steps as they take; a step at the chunks' mean
+        start attends to exactly the prompt's total."""
         decode = StepShape.decode(streams.rows, streams.context)
         seconds = self.cost.seconds(decode) if streams.rows else 0.0
         for tokens in [*ahead, prompt_tokens]:
-            done = 0
-            while done < tokens:
-                chunk = min(tokens - done, self.chunk_limit(streams, done))
-                seconds += self.cost.seconds(decode.plus_prompt(chunk, done))
-                done += chunk
+            if tokens <= 0:
+                continue
+            chunk = min(tokens, self.chunk_limit(streams, tokens // 2))
+            steps = -(-tokens // chunk)
+            seconds += steps * self.cost.seconds(decode.plus_prompt(chunk, (steps - 1) * chunk // 2))
         return seconds
 
     def chunk_limit(self, streams: Streams, start: int, itl_ms: float | None = None) -> int:

@@ -98,3 +98,26 @@ def test_bad_targets_are_refused(bad) -> None:
 
     with pytest.raises(ConfigError):
         SLO(ttft_ms=bad)
+
+
+def test_a_long_queue_is_predicted_at_once() -> None:
+    """Admission runs on the server's thread: a thousand queued 32k-token prompts beside busy streams
+    (chunks at their floor) must not stall it."""
+    import time
+
+    gate = admission(max_itl_ms=10)
+    started = time.perf_counter()
+    seconds = gate.time_to_first_token([32_000] * 1000, 32_000, Streams(rows=64, context=8000))
+    assert time.perf_counter() - started < 0.1 and seconds > 0
+
+
+def test_the_prediction_sums_the_steps_the_engine_will_run() -> None:
+    """Equal chunks at increasing depth, summed in one product: the step-by-step sum, within 5 %."""
+    gate = admission(budget=256)
+    streams = Streams(rows=2, context=300)
+    decode, total, done = StepShape.decode(2, 300), true_seconds(StepShape.decode(2, 300)), 0
+    while done < 1000:  # no inter-token target: chunks of the whole budget
+        chunk = min(256, 1000 - done)
+        total += true_seconds(decode.plus_prompt(chunk, done))
+        done += chunk
+    assert gate.time_to_first_token([], 1000, streams) == pytest.approx(total, rel=0.05)
