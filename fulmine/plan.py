@@ -101,18 +101,23 @@ def simulate(
     )
 
 
+def steady(
+    cost: StepCostModel, args: argparse.Namespace, budget: int, users: int, limit: Limit | None = None
+) -> Outcome:
+    """`users` in steady state: their first requests spread over one request's duration (not all at
+    once), three requests each, the first not counted."""
+    one = simulate(cost, Load(1, args.prompt_tokens, args.output_tokens), budget, 1, limit)
+    period = one.ttft_p50_s + (args.output_tokens - 1) / one.tok_s_per_user
+    return simulate(cost, Load(users, args.prompt_tokens, args.output_tokens), budget, 3, limit, stagger_s=period)
+
+
 def users_per_replica(
     cost: StepCostModel, args: argparse.Namespace, budget: int, max_users: int, limit: Limit | None = None
 ) -> int:
     """The most users one replica serves at --speed tok/s each with a TTFT p90 within --ttft-ms."""
 
-    # users in steady state: their requests spread over one request's duration, not all at once
-    one = simulate(cost, Load(1, args.prompt_tokens, args.output_tokens), budget, 1, limit)
-    period = one.ttft_p50_s + (args.output_tokens - 1) / one.tok_s_per_user
-
     def fits(users: int) -> bool:
-        load = Load(users, args.prompt_tokens, args.output_tokens)
-        outcome = simulate(cost, load, budget, 3, limit, stagger_s=period)
+        outcome = steady(cost, args, budget, users, limit)
         return outcome.tok_s_per_user >= args.speed and outcome.ttft_p90_s * 1e3 <= args.ttft_ms
 
     if not fits(1):
@@ -258,8 +263,7 @@ def _plot(cost: StepCostModel, args: argparse.Namespace, budget: int, max_users:
         print("--plot needs matplotlib (pip install matplotlib); no plot written")
         return
     users = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256} & set(range(1, max_users + 1)))
-    load = [Load(n, args.prompt_tokens, args.output_tokens) for n in users]
-    speeds = [simulate(cost, one, budget, 1, limit).tok_s_per_user for one in load]
+    speeds = [steady(cost, args, budget, n, limit).tok_s_per_user for n in users]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(users, speeds, marker="o")
     ax.axhline(args.speed, linestyle="--", color="grey")
