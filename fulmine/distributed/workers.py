@@ -119,6 +119,10 @@ class Ranks:
             return
         with contextlib.suppress(RuntimeError):  # a rank already gone: the others are stopped below
             self.tell(None)
+            # gloo's thread drops the broadcast's Python-made tensors after it completes; a barrier
+            # after it makes sure that happens now, not while the interpreter is exiting (which
+            # aborted the process: a thread taking the GIL during finalization)
+            dist.barrier()
         for process in self.processes:
             process.join(timeout=30)
             if process.is_alive():
@@ -146,6 +150,7 @@ def _rank_main(rank: int, world: int, address: str, threads: int) -> None:
         dist.broadcast_object_list(box, src=0)
         command = box[0]
         if command is None:
+            dist.barrier()  # as rank 0 does (Ranks.close)
             break
         kind, argument = command
         try:
