@@ -174,6 +174,9 @@ def _serve(args: argparse.Namespace) -> int:
         return run_node(engine_config)
     import uvicorn
 
+    from fulmine.distributed.front import ReplicaSet
+    from fulmine.distributed.front import connect as connect_ray
+    from fulmine.distributed.front import start as start_replicas
     from fulmine.engine.llm_engine import LLMEngine
     from fulmine.server.api import create_app
     from fulmine.server.lifecycle import Server
@@ -187,7 +190,19 @@ def _serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(server_config, lambda: LLMEngine(args.model, engine_config, progress=True), on_fatal)
+    if server_config.replicas or engine_config.distributed_backend == "ray":
+        try:
+            connect_ray(server_config)  # here, on the main thread (see connect)
+        except ConfigError as error:
+            print(f"fulmine: error: {error}", file=sys.stderr)
+            return 2
+
+    def load() -> LLMEngine | ReplicaSet:
+        if server_config.replicas:  # engines as Ray Serve replicas, this process their front
+            return start_replicas(args.model, engine_config, server_config)
+        return LLMEngine(args.model, engine_config, progress=True)
+
+    app = create_app(server_config, load, on_fatal)
     server = Server(
         uvicorn.Config(
             app, host=server_config.host, port=server_config.port, log_level="info", timeout_graceful_shutdown=5

@@ -158,6 +158,11 @@ class EngineConfig:
     node_rank: int = _opt(0, "this machine's index among them: 0 serves the API, the others run headless")
     master_addr: str = _opt("127.0.0.1", "the head node's address, where the ranks meet")
     master_port: int = _opt(0, "the head node's port for the ranks (0: a free one, single machine only)")
+    distributed_backend: str = _opt(
+        "mp",
+        "how the tensor-parallel ranks start: mp (processes on this machine, or by hand on each with --node-rank) "
+        "or ray (Ray tasks placed over the Ray cluster at RAY_ADDRESS, a local one if none)",
+    )
     seed: int = _opt(0, "seed for requests that do not bring their own")
 
     def __post_init__(self) -> None:
@@ -183,6 +188,8 @@ class EngineConfig:
                 "nnodes must divide tensor_parallel_size (each node hosts as many ranks)",
             ),
             (0 <= self.node_rank < self.nnodes, "node_rank must be in [0, nnodes)"),
+            (self.distributed_backend in ("mp", "ray"), "distributed_backend: mp or ray"),
+            (self.distributed_backend == "mp" or self.nnodes == 1, "the ray backend places the ranks: no --nnodes"),
             (self.nnodes == 1 or self.master_port > 0, "several nodes need --master-port (the head's, agreed)"),
             (self.speculative in ("ngram", "draft", "off"), "speculative must be ngram, draft or off"),
             (
@@ -216,10 +223,19 @@ class ServerConfig:
         "power of one busy CPU core, for the energy estimate where no counter is readable (RAPL, NVML); "
         "the estimate is labelled as one in /metrics and fulmine bench",
     )
+    replicas: int = _opt(
+        0, "engines as Ray Serve replicas behind this API, routed by prefix-cache hits (0: one engine in-process)"
+    )
+    max_replicas: int = _opt(0, "autoscale replicas from --replicas up to this many on queue depth (0: fixed)")
+    ray_address: str = _opt("", "an existing Ray cluster to place replicas on (default: a local one is started)")
+    routing: str = _opt("prefix", "prefix: a replica by its cached prefix of the prompt, unless loaded; or round_robin")
 
     def __post_init__(self) -> None:
         checks = [
             (0 <= self.port <= 65535, "port must be in [0, 65535]"),
+            (self.replicas >= 0, "replicas must be >= 0"),
+            (self.max_replicas == 0 or self.max_replicas >= max(self.replicas, 1), "max_replicas must be >= replicas"),
+            (self.routing in ("prefix", "round_robin"), "routing: prefix or round_robin"),
             (self.max_queue >= 0, "max_queue must be >= 0"),
             (self.request_timeout_s > 0, "request_timeout_s must be > 0"),
             (self.max_body_mb > 0, "max_body_mb must be > 0"),

@@ -5,7 +5,8 @@ Megatron's split, on torch.distributed (gloo on the CPU): q/k/v and gate/up are 
 columns) with one all-reduce each; the embedding and the LM head are vocab-parallel (each rank
 holds a slice of the vocabulary: a token's embedding is the sum over ranks of the one rank that
 holds it, and the logits are the ranks' slices gathered). KV heads are split with the heads, so
-each rank's KV cache holds num_kv_heads / world of them. Checkpoint tensors are dequantized and
+each rank's KV cache holds num_kv_heads / world of them; with more ranks than KV heads, each rank
+holds a copy of the one KV head its query heads share (as vLLM does). Checkpoint tensors are dequantized and
 sliced at load: on the CPU this is a correctness path (gloo moves every activation through
 sockets; see docs/BENCHMARKS.md); its speed matters with NCCL on GPUs.
 """
@@ -60,18 +61,18 @@ class TensorParallel:
 
 def shard_config(config: ModelConfig, tp: TensorParallel) -> ModelConfig:
     """The shape of one rank's part of the model."""
-    w = tp.world
-    for name, value in (
-        ("attention heads", config.num_heads),
-        ("KV heads", config.num_kv_heads),
-        ("intermediate size", config.intermediate_size),
+    w, kv = tp.world, config.num_kv_heads
+    for name, value, ok in (
+        ("attention heads", config.num_heads, config.num_heads % w == 0),
+        ("KV heads", kv, kv % w == 0 or w % kv == 0),  # more ranks than KV heads: each holds a copy of one
+        ("intermediate size", config.intermediate_size, config.intermediate_size % w == 0),
     ):
-        if value % w:
+        if not ok:
             raise ConfigError(f"--tensor-parallel-size {w} does not divide the model's {value} {name}")
     return dataclasses.replace(
         config,
         num_heads=config.num_heads // w,
-        num_kv_heads=config.num_kv_heads // w,
+        num_kv_heads=max(1, kv // w),
         intermediate_size=config.intermediate_size // w,
         vocab_size=tp.vocab_shard(config.vocab_size),
     )
@@ -84,6 +85,11 @@ def shard_tensor(name: str, tensor: WeightTensor, config: ModelConfig, tp: Tenso
     module = parts[-2] if len(parts) >= 2 else ""
     is_bias = parts[-1] == "bias"
     r, w = tp.rank, tp.world
+    kv = config.num_kv_heads
+    if module in ("k_proj", "v_proj") and w > kv:  # the one KV head this rank's query heads share
+        height = value.shape[0] // kv
+        head = r * kv // w
+        return value[head * height : (head + 1) * height]
     if module in _COLUMN:
         height = value.shape[0] // w
         return value[r * height : (r + 1) * height]

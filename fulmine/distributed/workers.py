@@ -6,6 +6,8 @@ alone). Every rank computes the whole step, collectives included; only rank 0's 
 Across machines (`--nnodes`, `--node-rank`, `--master-addr`, `--master-port`, as SGLang and vLLM
 name them): each node hosts tensor_parallel_size / nnodes consecutive ranks; the head (node 0)
 serves the API, the others run headless (`fulmine serve --node-rank K ...`) until the head stops.
+Or on an existing Ray cluster (`--distributed-backend ray`): ranks 1..N-1 are Ray tasks that Ray
+places on its nodes; the group and the steps are the same.
 Every node needs the model at the same path. gloo picks the network interface from the host name;
 set GLOO_SOCKET_IFNAME where that is not the one the nodes share.
 """
@@ -81,12 +83,51 @@ def start_ranks(
     torch.set_num_threads(threads)
     kernels.set_threads(threads)
     runner_args["executor"] = "torch"
-    address = _address(config)
-    processes = _spawn(_node_ranks(config)[1:], world, address, threads)
+    if config.distributed_backend == "ray":
+        address, processes = _ray_ranks(world, threads)
+    else:
+        address = _address(config)
+        processes = _spawn(_node_ranks(config)[1:], world, address, threads)
     dist.init_process_group("gloo", init_method=address, rank=0, world_size=world, timeout=JOIN_TIMEOUT)
     # every rank loads what the head computed (the KV cache's blocks, dtypes): the same on every node
     dist.broadcast_object_list([({**load_args, "model": model}, runner_args)], src=0)
     return Ranks(world, processes)
+
+
+def _ray_ranks(world: int, threads: int) -> tuple[str, list[Any]]:
+    """Ranks 1..world-1 as Ray tasks (`--distributed-backend ray`), spread over the cluster's nodes,
+    meeting rank 0 at this node's address. Ray starts a local cluster when none is reachable."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--distributed-backend ray needs Ray: pip install 'fulmine[distributed]'") from None
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    address = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+    rank = ray.remote(num_cpus=threads, scheduling_strategy="SPREAD", max_retries=0)(_rank_main)
+    return address, [_RayRank(rank.remote(r, world, address, threads)) for r in range(1, world)]
+
+
+class _RayRank:
+    """A rank running as a Ray task, with a process's join / is_alive / kill."""
+
+    def __init__(self, ref: Any) -> None:
+        self.ref = ref
+
+    def join(self, timeout: float) -> None:
+        import ray
+
+        ray.wait([self.ref], timeout=timeout)
+
+    def is_alive(self) -> bool:
+        import ray
+
+        return not ray.wait([self.ref], timeout=0)[0]
+
+    def kill(self) -> None:
+        import ray
+
+        ray.cancel(self.ref, force=True)
 
 
 def run_node(config: EngineConfig) -> int:

@@ -19,6 +19,7 @@ from fulmine.distributed.workers import start_ranks
 from fulmine.engine.admission import Admission, Streams
 from fulmine.engine.cost_model import StepCostModel, StepShape, calibrate
 from fulmine.engine.detokenizer import IncrementalDetokenizer
+from fulmine.engine.limits import RequestLimits
 from fulmine.engine.model_runner import ModelRunner
 from fulmine.engine.outputs import RequestMetrics, RequestOutput, SchedulerOutput
 from fulmine.engine.scheduler import Scheduler, draft_room
@@ -38,7 +39,7 @@ logger = logging.getLogger("fulmine.engine")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class LLMEngine:
+class LLMEngine(RequestLimits):
     def __init__(self, model: str | None = None, config: EngineConfig | None = None, progress: bool = True) -> None:
         config = config or EngineConfig()
         self.config = config
@@ -121,25 +122,37 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        generated: list[int] | None = None,
     ) -> str:
-        params = params or SamplingParams()
+        """`generated`: tokens this request already produced elsewhere (a replica that died mid-stream,
+        distributed/front.py); it goes on after them as if it had drawn them here: a seeded draw
+        depends on the index of the token drawn, so the continuation is the same."""
+        params, generated = params or SamplingParams(), generated or []
         prompt_ids = self.encode_prompt(prompt)
-        self.check_request(prompt_ids, params)
+        self.check_request(prompt_ids + generated, params)
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
+        request.output_token_ids = list(generated)
         request.arrival_time = request.arrival_time if arrival_time is None else arrival_time
         if not self.admission.is_admitted(request_id):  # (the server admits before it submits)
-            self.admit(request_id, prompt_ids, params, request.arrival_time)
+            self.admit(request_id, prompt_ids + generated, params, request.arrival_time)
         request.deadline = self.admission.added(request_id)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         try:
             if params.structured is not None:
-                self.matchers[request_id] = self.grammars.matcher(params.structured)
+                self.matchers[request_id] = matcher = self.grammars.matcher(params.structured)
                 self.num_constrained += 1
+                if generated and not matcher.consume_tokens(generated):
+                    raise ConfigError("the generated tokens leave the request's grammar", "generated")
+            for token_id in generated:  # the text they made counts as released already
+                detokenizer.add_token(token_id)
+            detokenizer.release(False)
             self.scheduler.add_request(request)
         except Exception:
             self.admission.forget(request_id)
+            self.matchers.pop(request_id, None)
             raise
-        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
+        self.detokenizers[request_id] = detokenizer
         return request_id
 
     def admit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival_time: float) -> None:
@@ -149,20 +162,6 @@ class LLMEngine:
         slo = self.admission.targets(params.slo)
         streams = Streams.of(list(self.scheduler.running))
         self.admission.admit(request_id, len(prompt_ids) - cached, slo, arrival_time, streams)
-
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise ConfigError if the request cannot run as asked (thread-safe: reads only)."""
-        if not prompt_ids:
-            raise ConfigError("the prompt is empty")
-        if len(prompt_ids) >= self.max_model_len:  # the prompt plus at least one generated token
-            raise ConfigError(f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len}")
-        vocab = self.model_config.vocab_size
-        for name, token_ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
-            bad = [t for t in token_ids if not 0 <= t < vocab]
-            if bad:
-                raise ConfigError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})", name)
-        if params.structured is not None:
-            self.grammars.check(params.structured)  # compiled once per distinct constraint (cached)
 
     def embed(self, prompt_ids: list[int], pooling: str = "mean", normalize: bool = True) -> list[float]:
         """One embedding of a prompt: its final hidden states pooled (the mean over its tokens, or the

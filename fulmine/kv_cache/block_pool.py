@@ -64,6 +64,10 @@ class BlockPool:
                     self._free.append(block_id)
 
     # -- the prefix cache -------------------------------------------------------------------
+    def cached_keys(self) -> list[BlockKey]:
+        """Every cached block's key (one C-level copy: safe to call from another thread)."""
+        return list(self._block_of)
+
     def lookup(self, key: BlockKey) -> int | None:
         return self._block_of.get(key)
 

@@ -6,6 +6,7 @@ The engine's life (loading after the server starts listening, restarts, draining
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fulmine.config import ServerConfig
+from fulmine.distributed.front import ReplicaSet
 from fulmine.engine.llm_engine import LLMEngine
 from fulmine.server import embeddings, messages, responses
 from fulmine.server import protocol as p
@@ -146,7 +148,7 @@ class _InFlight:
 
 def create_app(
     config: ServerConfig,
-    load_engine: Callable[[], LLMEngine],
+    load_engine: Callable[[], LLMEngine | ReplicaSet],
     on_fatal: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """`on_fatal(error)`: the model cannot be loaded, or the engine died too often; the caller
@@ -174,10 +176,17 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
-        """200 {"status": "ok"} when serving; otherwise 503 with the state (see server/lifecycle.py)."""
-        if state.status == "ready":
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": state.status}, status_code=503, headers={"Retry-After": "1"})
+        """200 {"status": "ok"} when serving; otherwise 503 with the state (see server/lifecycle.py).
+        Behind replicas, also {"replicas": {"up", "total"}}; none up is a 503."""
+        body: dict[str, Any] = {"status": "ok" if state.status == "ready" else state.status}
+        if isinstance(state.engine, ReplicaSet):
+            up, total = await asyncio.get_running_loop().run_in_executor(None, state.engine.replicas)
+            body["replicas"] = {"up": up, "total": total}
+            if not up and state.status == "ready":
+                body["status"] = "no_replica_up"
+        if body["status"] == "ok":
+            return JSONResponse(body)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

@@ -53,6 +53,25 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self._num_pending
 
+    def gauges(self) -> dict[str, float]:
+        """What /metrics shows of the engine, read at scrape time (a replica reports the same)."""
+        engine, governor = self.engine, self.engine.governor
+        pool = engine.kv_cache.pool
+        return {
+            "running": self.num_running,
+            "waiting": self.num_waiting,
+            "kv_blocks": pool.num_blocks,
+            "kv_usage": engine.kv_cache.usage,
+            "kv_used": pool.num_blocks - pool.num_free_blocks,
+            "hit_rate": engine.kv_cache.hit_rate,
+            "weight_bytes": engine.weight_bytes,
+            "drafted": governor.num_drafted if governor else 0,
+            "accepted": governor.num_accepted if governor else 0,
+            "constrained": engine.num_constrained,
+            "mask_seconds": engine.mask_seconds,
+            "grammar_compiles": engine.grammars.compiles,
+        }
+
     def stop(self) -> None:
         self._stopped = True
         self._wakeup.set()
@@ -67,9 +86,15 @@ class AsyncEngine:
 
     # -- the HTTP side ---------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival_time: float
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        generated: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request, one per step that produced a token. Leaving early aborts it."""
+        """Outputs of one request, one per step that produced a token. Leaving early aborts it.
+        `generated`: tokens it already produced elsewhere (see LLMEngine.add_request)."""
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         with self._pending_lock:
             if self.error is not None:
@@ -78,7 +103,7 @@ class AsyncEngine:
                 raise self._closed
             self._streams[request_id] = (asyncio.get_running_loop(), outputs)
             self._num_pending += 1
-        self._submit(lambda: self._add(request_id, prompt_ids, params, arrival_time))
+        self._submit(lambda: self._add(request_id, prompt_ids, params, arrival_time, generated))
         finished = False
         try:
             while not finished:
@@ -126,14 +151,21 @@ class AsyncEngine:
         self._wakeup.set()
 
     # -- the engine thread -----------------------------------------------------------------
-    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival_time: float) -> None:
+    def _add(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        generated: list[int] | None,
+    ) -> None:
         with self._pending_lock:
             self._num_pending -= 1
         if request_id not in self._streams:
             self.engine.admission.forget(request_id)
             return  # the client left before the request reached the engine
         try:
-            self.engine.add_request(prompt_ids, params, request_id, arrival_time)
+            self.engine.add_request(prompt_ids, params, request_id, arrival_time, generated)
         except Exception as error:  # validated before submission; anything left is reported, not fatal
             self._deliver(request_id, error)
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
@@ -29,6 +29,9 @@ from fulmine.server import bodies, tools
 from fulmine.server import logprobs as lp
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import AsyncEngine
+
+if TYPE_CHECKING:
+    from fulmine.distributed.front import ReplicaSet
 from fulmine.server.events import Answer, Generation
 from fulmine.server.metrics import Metrics
 from fulmine.server.run import Choice, Run
@@ -47,7 +50,9 @@ def _call_chunk(delta: CallDelta) -> dict[str, Any]:
 
 
 class Completions:
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, config: ServerConfig, model_names: list[str]) -> None:
+    def __init__(
+        self, engine: AsyncEngine | ReplicaSet, metrics: Metrics, config: ServerConfig, model_names: list[str]
+    ) -> None:
         self.engine, self.metrics, self.config, self.model_names = engine, metrics, config, model_names
         # The HTTP side encodes with its own copy of the tokenizer, on one thread of its own (off
         # the event loop; one long prompt at a time). Decoding a few tokens stays on the loop:

@@ -26,9 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
+import torch
 import uvicorn
 
 from fulmine.config import ServerConfig
+from fulmine.distributed.front import FrontEngine, ReplicaSet
 from fulmine.energy import EnergyMeter
 from fulmine.engine.llm_engine import LLMEngine
 from fulmine.server import bodies
@@ -50,11 +52,11 @@ _UNAVAILABLE = {
 @dataclass
 class ServerState:
     config: ServerConfig
-    load_engine: Callable[[], LLMEngine]
+    load_engine: Callable[[], LLMEngine | ReplicaSet]
     on_fatal: Callable[[BaseException], None] | None = None  # the server cannot serve: the process should exit
     metrics: Metrics = field(default_factory=Metrics)
     status: str = "loading"
-    engine: AsyncEngine | None = None
+    engine: AsyncEngine | ReplicaSet | None = None
     completions: Completions | None = None
     model_names: list[str] = field(default_factory=list)
     load_error: BaseException | None = None
@@ -82,23 +84,29 @@ class ServerState:
             logger.error("loading the model failed: %s", error)
             self._give_up(error)
             return
-        async_engine = AsyncEngine(engine, on_death=self._on_engine_death)
+        if isinstance(engine, LLMEngine):
+            async_engine: AsyncEngine | ReplicaSet = AsyncEngine(engine, on_death=self._on_engine_death)
+            device = engine.runner.device
+        else:  # replicas on Ray Serve (distributed/front.py): Ray restarts them, not this
+            async_engine, device = engine, torch.device("cpu")
+            self.metrics.watch_replicas(engine)
         self.metrics.watch(async_engine)
         if self.metrics.energy is None:  # one meter for the server's life, restarts included
-            device = engine.runner.device
             cuda = (device.index or 0) if device.type == "cuda" else None
             self.metrics.meter(EnergyMeter(self.config.cpu_watts_per_core, cuda))
-        self.model_names = list(self.config.served_model_name) or [_default_name(engine)]
+        self.model_names = list(self.config.served_model_name) or [_default_name(async_engine.engine)]
         self.engine = async_engine
         self.completions = Completions(async_engine, self.metrics, self.config, self.model_names)
         if self.status != "draining":  # a restart that ends during a drain does not reopen the doors
             self.status = "ready"
         logger.info("serving %s (%.1f s to load)", ", ".join(self.model_names), time.perf_counter() - started)
         # the grammar tokenizer (0.4-1.5 s), built now so the first structured request does not wait for it
-        threading.Thread(target=self._warm_grammars, args=(engine,), name="fulmine-grammars", daemon=True).start()
+        threading.Thread(
+            target=self._warm_grammars, args=(async_engine.engine,), name="fulmine-grammars", daemon=True
+        ).start()
 
     @staticmethod
-    def _warm_grammars(engine: LLMEngine) -> None:
+    def _warm_grammars(engine: LLMEngine | FrontEngine) -> None:
         try:
             _ = engine.grammars.tokenizer
         except Exception as error:  # noqa: BLE001 (structured requests will get the reason as a 400)
@@ -120,7 +128,7 @@ class ServerState:
         self.status = "restarting"
         # drop the dead engine (weights, KV cache, its tensor-parallel ranks) before loading its
         # replacement: never two at once
-        if self.engine is not None and self.engine.engine.ranks is not None:
+        if isinstance(self.engine, AsyncEngine) and self.engine.engine.ranks is not None:
             self.engine.engine.ranks.close()
         self.completions, self.engine = None, None
         self.metrics.unwatch()
@@ -183,6 +191,6 @@ class Server(uvicorn.Server):
         self._drain_task = asyncio.ensure_future(drain_then_exit())
 
 
-def _default_name(engine: LLMEngine) -> str:
+def _default_name(engine: LLMEngine | FrontEngine) -> str:
     name = engine.source.name
     return name.split(".Q")[0] if engine.source.gguf is not None else name  # "SmolLM2-135M-Instruct"

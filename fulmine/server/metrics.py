@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from fulmine.energy import EnergyMeter
 from fulmine.server.async_engine import AsyncEngine
+
+if TYPE_CHECKING:
+    from fulmine.distributed.front import ReplicaSet
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -63,6 +69,12 @@ class Metrics:
             "Finished requests that met every latency target they had (rate(): goodput per second).",
             registry=r,
         )
+        self.resumed = Counter(
+            "fulmine_replica_resumed_streams",
+            "Streams that went on on another replica after theirs failed (fulmine serve --replicas).",
+            registry=r,
+        )
+        self.replicas = Gauge("fulmine_replicas", "Engine replicas by state: up, total.", ["state"], registry=r)
         self.engine_deaths = Counter(
             "fulmine_engine_deaths", "Engine failures no request could be blamed for (each restarts it).", registry=r
         )
@@ -105,21 +117,23 @@ class Metrics:
             lambda: energy.joules() / self.output_tokens if self.output_tokens else 0.0
         )
 
-    def watch(self, engine: AsyncEngine) -> None:
-        """Gauges read the engine at scrape time."""
-        self.running.set_function(lambda: engine.num_running)
-        self.waiting.set_function(lambda: engine.num_waiting)
-        self.kv_usage.set_function(lambda: engine.engine.kv_cache.usage)
-        pool = engine.engine.kv_cache.pool
-        self.kv_used.set_function(lambda: pool.num_blocks - pool.num_free_blocks)
-        self.hit_rate.set_function(lambda: engine.engine.kv_cache.hit_rate)
-        self.weight_bytes.set_function(lambda: engine.engine.weight_bytes)
-        governor = engine.engine.governor
-        self.drafted.set_function(lambda: governor.num_drafted if governor else 0)
-        self.accepted.set_function(lambda: governor.num_accepted if governor else 0)
-        self.constrained.set_function(lambda: engine.engine.num_constrained)
-        self.mask_seconds.set_function(lambda: engine.engine.mask_seconds)
-        self.grammar_compiles.set_function(lambda: engine.engine.grammars.compiles)
+    def watch(self, engine: AsyncEngine | Any) -> None:
+        """Gauges read the engine at scrape time: its `gauges()` (one engine, or replicas summed)."""
+        names = {
+            self.running: "running", self.waiting: "waiting", self.kv_usage: "kv_usage", self.kv_used: "kv_used",
+            self.hit_rate: "hit_rate",
+            self.weight_bytes: "weight_bytes", self.drafted: "drafted", self.accepted: "accepted",
+            self.constrained: "constrained", self.mask_seconds: "mask_seconds",
+            self.grammar_compiles: "grammar_compiles",
+        }  # fmt: skip
+        for gauge, name in names.items():
+            gauge.set_function(partial(_read, engine, name))
+
+    def watch_replicas(self, replicas: ReplicaSet) -> None:
+        """Replicas up and in all, from Serve's controller; each stream resumed elsewhere counted."""
+        self.replicas.labels("up").set_function(lambda: replicas.replicas()[0])
+        self.replicas.labels("total").set_function(lambda: replicas.replicas()[1])
+        replicas.on_resume = self.resumed.inc
 
     def unwatch(self) -> None:
         """Let go of a dead engine: the gauges read zero until the next one is watched."""
@@ -127,3 +141,7 @@ class Metrics:
             gauge.set_function(lambda: 0)
         for gauge in (self.drafted, self.accepted, self.constrained, self.mask_seconds, self.grammar_compiles):
             gauge.set_function(lambda: 0)
+
+
+def _read(engine: Any, name: str) -> float:
+    return float(engine.gauges()[name])

@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -22,6 +22,9 @@ from fulmine.request import FinishReason, SamplingParams
 from fulmine.server import bodies
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import AsyncEngine
+
+if TYPE_CHECKING:
+    from fulmine.distributed.front import ReplicaSet
 from fulmine.server.metrics import Metrics
 
 _DISCONNECT_POLL_S = 0.1
@@ -48,7 +51,7 @@ class Run:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: AsyncEngine | ReplicaSet,
         metrics: Metrics,
         timeout_s: float,
         model: str,

@@ -46,10 +46,25 @@ def assert_close(one, many, tolerance: float) -> None:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_two_ranks_compute_what_one_does(tiny_model_factory, family: str) -> None:
+def test_two_and_four_ranks_compute_what_one_does(tiny_model_factory, family: str) -> None:
+    """Four ranks over the tiny models' two KV heads: each rank holds a copy of the one it uses."""
     path = str(tiny_model_factory(family))
     dense = dict(dtype="float32", weight_dtype="float32")
-    assert_close(run(path, 1, **dense), run(path, 2, **dense), 1e-4)
+    one = run(path, 1, **dense)
+    assert_close(one, run(path, 2, **dense), 1e-4)
+    assert_close(one, run(path, 4, **dense), 1e-4)
+
+
+def test_ranks_as_ray_tasks_compute_what_one_does(tiny_model_factory) -> None:
+    """--distributed-backend ray: ranks 1.. as tasks on a local Ray cluster, the same group."""
+    ray = pytest.importorskip("ray")
+    path = str(tiny_model_factory("llama"))
+    dense = dict(dtype="float32", weight_dtype="float32")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert_close(run(path, 1, **dense), run(path, 2, distributed_backend="ray", **dense), 1e-4)
+    finally:
+        ray.shutdown()
 
 
 def test_the_embedded_model_on_three_ranks() -> None:

@@ -1,0 +1,173 @@
+"""Replicas on Ray Serve (`fulmine serve --replicas N`) against one process, on this machine.
+
+    python -m bench.replicas                          # every scenario, the embedded model
+    python -m bench.replicas --scenarios overhead recovery --reps 3
+
+- load: N concurrent chat streams on one process with 2 threads, 1 replica with 1 thread, and
+  2 replicas with 1 thread each: aggregate tok/s, per-user TTFT / inter-token latency / tok/s;
+- multi_turn: concurrent conversations (each its own long system prompt) on 2 replicas, routed by
+  cached prefix vs round robin: TTFT of the follow-up turns and their cached tokens;
+- overhead: one stream on a direct server vs through the front to 1 replica (both 1 thread): the
+  per-token cost of the routing path (Ray's handle stream, a hop a step);
+- recovery: 4 streams on 2 replicas, one replica SIGKILLed mid-stream: the longest gap the killed
+  replica's streams saw (the time to go on elsewhere) and the time until Ray has it back.
+Prints a table, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from bench.serve_load import QUESTIONS, concurrent_load, pct, server, stream_chat
+
+SYSTEMS = [
+    f"You are assistant number {i}. " + "Answer with care, in plain words, and stay on topic. " * 40 for i in range(8)
+]
+
+
+def _ray_stop() -> None:
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+
+
+async def _multi_turn(base: str, model: str, conversations: int, turns: int) -> dict[str, Any]:
+    async with httpx.AsyncClient() as client:
+
+        async def conversation(i: int) -> list[tuple[float, int]]:
+            messages = [{"role": "system", "content": SYSTEMS[i % len(SYSTEMS)]}]
+            out = []
+            for turn in range(turns):
+                messages.append({"role": "user", "content": QUESTIONS[(i + turn) % len(QUESTIONS)]})
+                result = await stream_chat(client, base, model, messages, 24, stream_options={"include_usage": True})
+                out.append((result["ttft"], 0))
+                messages.append({"role": "assistant", "content": result["text"]})
+            return out
+
+        results = await asyncio.gather(*(conversation(i) for i in range(conversations)))
+    follow_ups = [ttft for turns_ in results for ttft, _ in turns_[1:]]
+    firsts = [turns_[0][0] for turns_ in results]
+    return {"first_turn_ttft_p50": pct(firsts, 0.5), "follow_up_ttft_p50": pct(follow_ups, 0.5),
+            "follow_up_ttft_p90": pct(follow_ups, 0.9)}  # fmt: skip
+
+
+def _cached_tokens(base: str) -> float:
+    metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    line = next((x for x in metrics.splitlines() if x.startswith("fulmine_prefix_cache_hit_tokens_total")), "x 0")
+    return float(line.split()[-1])
+
+
+async def _one_stream(base: str, model: str, max_tokens: int) -> dict[str, Any]:
+    async with httpx.AsyncClient() as client:
+        messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+        return await stream_chat(client, base, model, messages, max_tokens, ignore_eos=True)
+
+
+async def _recovery(base: str, model: str) -> dict[str, Any]:
+    async with httpx.AsyncClient() as client:
+        tasks = [
+            asyncio.create_task(
+                stream_chat(client, base, model, [{"role": "user", "content": q}], 200, ignore_eos=True)
+            )
+            for q in QUESTIONS[:4]
+        ]
+        await asyncio.sleep(2.0)  # every stream is running
+        pids = subprocess.run(["pgrep", "-f", "ServeReplica:fulmine:engine"], capture_output=True, text=True)
+        victim = int(pids.stdout.split()[0])
+        killed = time.perf_counter()
+        os.kill(victim, signal.SIGKILL)
+        results = await asyncio.gather(*tasks)
+    back = None
+    while time.perf_counter() - killed < 180:
+        health = httpx.get(f"{base}/health", timeout=10).json()
+        if health.get("replicas", {}).get("up") == 2:
+            back = time.perf_counter() - killed
+            break
+        await asyncio.sleep(0.25)
+    gaps_after = [max((b - a for a, b in zip(r["times"], r["times"][1:]) if b > killed), default=0) for r in results]
+    return {
+        "all_completed": all(r["tokens"] >= 150 for r in results),
+        "longest_gap_after_kill_s": max(gaps_after),
+        "median_gap_after_kill_s": statistics.median(gaps_after),
+        "replica_back_s": back,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--scenarios", nargs="+", default=["load", "multi_turn", "overhead", "recovery"])
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--conversations", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    if args.model is None:
+        from fulmine.models.source import default_model_path
+
+        args.model = str(default_model_path())
+    report: dict[str, Any] = {"model": args.model}
+    setups = {
+        "one process, 2 threads": (2, []),
+        "1 replica, 1 thread": (1, ["--replicas", "1"]),
+        "2 replicas, 1 thread each": (1, ["--replicas", "2"]),
+    }
+    if "load" in args.scenarios:
+        report["load"] = {}
+        for name, (threads, extra) in setups.items():
+            with server("fulmine", args.model, threads, extra) as (base, model):
+                runs = [asyncio.run(concurrent_load(base, model, args.concurrency, args.requests, args.max_tokens))
+                        for _ in range(args.reps)]  # fmt: skip
+            _ray_stop()
+            report["load"][name] = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "failed"}
+            report["load"][name]["failed"] = sum(r["failed"] for r in runs)
+            print(f"done: load, {name}", file=sys.stderr)
+    if "multi_turn" in args.scenarios:
+        report["multi_turn"] = {}
+        for routing in ("prefix", "round_robin"):
+            with server("fulmine", args.model, 1, ["--replicas", "2", "--routing", routing]) as (base, model):
+                runs = [asyncio.run(_multi_turn(base, model, args.conversations, args.turns)) for _ in range(args.reps)]
+                cached = _cached_tokens(base)
+            _ray_stop()
+            report["multi_turn"][routing] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            report["multi_turn"][routing]["cached_tokens"] = cached
+            print(f"done: multi_turn, {routing}", file=sys.stderr)
+    if "overhead" in args.scenarios:
+        report["overhead"] = {}
+        for name, extra in (("direct", []), ("front + 1 replica", ["--replicas", "1"])):
+            with server("fulmine", args.model, 1, extra) as (base, model):
+                asyncio.run(_one_stream(base, model, 8))
+                runs = [asyncio.run(_one_stream(base, model, 128)) for _ in range(args.reps)]
+            _ray_stop()
+            report["overhead"][name] = {
+                "ttft_ms": statistics.median(r["ttft"] for r in runs) * 1e3,
+                "itl_ms": statistics.median(statistics.median(r["itl"]) for r in runs) * 1e3,
+                "chunks": statistics.median(r["tokens"] for r in runs),
+            }
+            print(f"done: overhead, {name}", file=sys.stderr)
+    if "recovery" in args.scenarios:
+        with server("fulmine", args.model, 1, ["--replicas", "2"]) as (base, model):
+            report["recovery"] = asyncio.run(_recovery(base, model))
+        _ray_stop()
+    for scenario in ("load", "multi_turn", "overhead"):
+        for name, row in report.get(scenario, {}).items():
+            cells = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            print(f"{scenario:10s} {name:28s} {cells}")
+    if "recovery" in report:
+        print("recovery  ", report["recovery"])
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""`fulmine serve --replicas N`: fulmine's own API in front of engine replicas on Ray Serve.
+
+The front is this process: the same FastAPI app as one engine (every API, tools, structured outputs,
+SSE), with a `ReplicaSet` where the in-process engine would be. It templates and tokenizes, checks
+requests against the model's facts (`FrontEngine`, no weights), and sends each engine request as a
+Job through a Serve handle, whose router (distributed/router.py) picks the replica by prefix cache.
+Outputs come back as Deltas over the handle's stream: one Ray hop a step, with no HTTP proxy in
+between (Serve's proxy is disabled: it would add a second hop a token).
+
+Nothing is lost when a replica dies: a request it had not started is sent again, to another replica;
+a stream it was running goes on on another replica from its prompt plus the tokens already sent
+(LLMEngine.add_request's `generated`): the client's stream does not break, and greedy and seeded
+requests continue with the tokens the dead replica would have drawn (on the CPU, whose sampler's
+draws depend only on seed and position; PyTorch's generators on CUDA would draw others). Ray
+restarts the replica; Serve autoscales between --replicas and --max-replicas on queue depth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fulmine.config import ConfigError, EngineConfig, ServerConfig
+from fulmine.distributed.replica import Delta, EngineReplica, Job, ReplicaRefused
+from fulmine.engine.admission import Admission
+from fulmine.engine.cost_model import StepCostModel
+from fulmine.engine.limits import RequestLimits
+from fulmine.engine.outputs import RequestOutput
+from fulmine.models.source import resolve
+from fulmine.request import SLO, SamplingParams
+from fulmine.sampling.grammar import Grammars
+from fulmine.server import protocol as p
+from fulmine.server.async_engine import EngineDead
+from fulmine.tokenizer import load_tokenizer
+
+logger = logging.getLogger("fulmine.server")
+APP, DEPLOYMENT = "fulmine", "engine"
+_TRIES = 4  # replicas a request may outlive
+_STATUS_TTL_S = 0.5
+ROUTERS: weakref.WeakSet[Any] = weakref.WeakSet()  # this process's replica routers, for the gauges
+
+
+class FrontEngine(RequestLimits):
+    """The model's facts without its weights: what the API templates, checks and reports with."""
+
+    def __init__(self, model: str | None, config: EngineConfig, facts: dict[str, Any], capacity: int) -> None:
+        self.source = resolve(model)
+        self.model_config = self.source.config
+        self.config = dataclasses.replace(config, max_num_seqs=config.max_num_seqs * capacity)
+        self.max_model_len = int(facts["max_model_len"])
+        self.eos_token_ids = tuple(facts["eos_token_ids"])
+        self.tokenizer = load_tokenizer(self.source)
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        default_slo = SLO(config.slo_ttft_ms or None, config.slo_itl_ms or None)  # its targets, for /metrics
+        self.admission = Admission(StepCostModel(), config.max_num_batched_tokens, config.max_itl_ms, default_slo)
+        self.ranks = None
+
+    def admit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival_time: float) -> None:
+        """Replicas admit, each by its own load (a refusal comes back as ReplicaRefused)."""
+
+
+class ReplicaSet:
+    """What server/async_engine.AsyncEngine is to one engine, for replicas (see the module docstring)."""
+
+    def __init__(self, handle: Any, engine: FrontEngine, owns_cluster: bool) -> None:
+        self.handle, self.engine, self._owns_cluster = handle, engine, owns_cluster
+        self.error: BaseException | None = None
+        self._closed: BaseException | None = None
+        self._in_flight: dict[str, asyncio.Task[Any] | None] = {}
+        self._status: tuple[float, tuple[int, int]] = (0.0, (0, 0))
+        self.on_resume: Callable[[], None] = lambda: None  # a stream went on on another replica
+
+    # -- read by the HTTP side ------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return min(len(self._in_flight), self.engine.config.max_num_seqs)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._in_flight) - self.num_running
+
+    def replicas(self) -> tuple[int, int]:
+        """(running, target) replicas, from Serve's controller (cached for half a second)."""
+        at, counts = self._status
+        if time.monotonic() - at > _STATUS_TTL_S:
+            from ray import serve
+
+            try:
+                deployment = serve.status().applications[APP].deployments[DEPLOYMENT]
+                states = {str(k): v for k, v in deployment.replica_states.items()}
+                up = states.get("RUNNING", 0) + states.get("ReplicaState.RUNNING", 0)
+                counts = (up, sum(states.values()))
+            except Exception as error:  # noqa: BLE001 (the controller unreachable: nothing is known up)
+                logger.warning("replica status unavailable: %s", error)
+                counts = (0, counts[1])
+            self._status = (time.monotonic(), counts)
+        return counts
+
+    def gauges(self) -> dict[str, float]:
+        """The replicas' engine gauges summed (KV usage: over all their blocks), from routing stats."""
+        reports: list[dict[str, float]] = [
+            gauges
+            for router in ROUTERS
+            for r in router.curr_replicas.values()
+            if (gauges := r.routing_stats.get("gauges"))
+        ]
+        total: dict[str, float] = {name: sum(g[name] for g in reports) for name in reports[0]} if reports else {}
+        blocks = total.get("kv_blocks", 0)
+        total["kv_usage"] = sum(g["kv_usage"] * g["kv_blocks"] for g in reports) / blocks if blocks else 0.0
+        total["hit_rate"] = sum(g["hit_rate"] for g in reports) / len(reports) if reports else 0.0
+        total["running"], total["waiting"] = self.num_running, self.num_waiting
+        for name in ("kv_blocks", "kv_used", "weight_bytes", "drafted", "accepted", "constrained"):
+            total.setdefault(name, 0)
+        for name in ("mask_seconds", "grammar_compiles"):
+            total.setdefault(name, 0)
+        return total
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown() if self._owns_cluster else serve.delete(APP)
+        finally:
+            ray.shutdown()
+
+    def abort_all(self, error: BaseException) -> None:
+        self._closed = error
+        for task in list(self._in_flight.values()):
+            if task is not None:
+                task.cancel()
+
+    # -- requests -------------------------------------------------------------------------------
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        generated: list[int] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """One request's outputs, as AsyncEngine.generate gives them, from whichever replica runs it."""
+        if self._closed is not None:
+            raise self._closed
+        self._in_flight[request_id] = asyncio.current_task()
+        out = _Output(request_id, prompt_ids, list(generated or []))
+        try:
+            for attempt in range(_TRIES):
+                job = Job(request_id, prompt_ids, params, time.monotonic() - arrival_time, list(out.token_ids))
+                stream = self.handle.options(stream=True).generate.remote(job)
+                try:
+                    async for delta in stream:
+                        output = out.add(delta)
+                        yield output
+                        if output.finished:
+                            return
+                    return
+                except ReplicaRefused as refused:
+                    raise p.RequestError(
+                        refused.message, "slo", "slo_unattainable", 429, "rate_limit_error", refused.retry_after_s
+                    ) from None
+                except ConfigError:
+                    raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    stream.cancel()
+                    raise
+                except Exception as error:  # the replica died (or its engine did): go on elsewhere
+                    if not _replica_lost(error) or attempt == _TRIES - 1:
+                        raise EngineDead(f"replica failure: {error}") from error
+                    if out.token_ids:
+                        self.on_resume()
+                    logger.warning(
+                        "%s: its replica failed (%s); going on on another after %d tokens",
+                        request_id, type(error).__name__, len(out.token_ids),
+                    )  # fmt: skip
+                    await asyncio.sleep(0.05 * (attempt + 1))
+        finally:
+            self._in_flight.pop(request_id, None)
+
+    async def embed(self, prompt_ids: list[int], pooling: str, normalize: bool) -> list[float]:
+        for attempt in range(_TRIES):
+            try:
+                return list(await self.handle.embed.remote(prompt_ids, pooling, normalize))
+            except Exception as error:
+                if not _replica_lost(error) or attempt == _TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+
+class _Output:
+    """A request's outputs rebuilt from the deltas of the replicas that ran it."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], generated: list[int]) -> None:
+        self.request_id, self.prompt_ids = request_id, prompt_ids
+        self.token_ids, self.text = generated, ""
+        self.logprobs: list[Any] = []
+        self.prompt_logprobs: list[Any] | None = None
+        self.num_cached_tokens: int | None = None
+
+    def add(self, delta: Delta) -> RequestOutput:
+        self.token_ids = self.token_ids + delta.new_token_ids
+        self.text += delta.new_text
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs + delta.logprobs)[: len(self.token_ids)]
+        if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = delta.prompt_logprobs
+        if self.num_cached_tokens is None:  # where it started (a resumed stream recomputes elsewhere)
+            self.num_cached_tokens = delta.num_cached_tokens
+        return RequestOutput(
+            self.request_id, self.prompt_ids, self.text, self.token_ids, delta.new_text, delta.new_token_ids,
+            delta.finished, delta.finish_reason, self.logprobs if delta.logprobs is not None else None,
+            delta.metrics, self.num_cached_tokens, self.prompt_logprobs, delta.error,
+        )  # fmt: skip
+
+
+def _replica_lost(error: BaseException) -> bool:
+    """A failure of the replica, not of the request: a dead or unreachable actor, a dead engine."""
+    from ray import exceptions
+
+    lost = (exceptions.RayActorError, exceptions.ActorUnavailableError, exceptions.ActorDiedError, EngineDead)
+    return isinstance(error, lost) or "EngineDead" in type(error).__name__
+
+
+def connect(server: ServerConfig) -> None:
+    """Join the Ray cluster at --ray-address, or start a local one. Call it on the main thread: Ray's
+    processes (GCS, raylet) end with the thread that started them (their parent-death signal)."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("replicas and the ray backend need Ray: pip install 'fulmine[distributed]'") from None
+    ray.init(
+        address=server.ray_address or None, include_dashboard=False, logging_level=logging.WARNING,
+        log_to_driver=False, configure_logging=False,
+    )  # fmt: skip
+
+
+def start(model: str | None, config: EngineConfig, server: ServerConfig) -> ReplicaSet:
+    """Deploy the replicas (on a local Ray cluster unless --ray-address names one) and connect."""
+    import ray
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from fulmine.distributed.router import PrefixRouter
+
+    most = max(server.max_replicas, server.replicas)
+    threads = config.num_threads or max(1, (os.cpu_count() or 1) // most)
+    config = dataclasses.replace(config, num_threads=threads)
+    if not ray.is_initialized():
+        connect(server)
+    serve.start(proxy_location="Disabled")
+    scale: dict[str, Any] = {"num_replicas": server.replicas}
+    if server.max_replicas > server.replicas:
+        target = max(1, config.max_num_seqs // 2)  # a replica past half a batch of requests: one more
+        scale = {"autoscaling_config": {
+            "min_replicas": server.replicas, "max_replicas": server.max_replicas, "target_ongoing_requests": target,
+        }}  # fmt: skip
+    deployment = serve.deployment(
+        EngineReplica, name=DEPLOYMENT, ray_actor_options={"num_cpus": threads},
+        max_ongoing_requests=2 * config.max_num_seqs, health_check_period_s=2.0, health_check_timeout_s=60.0,
+        request_router_config=RequestRouterConfig(
+            request_router_class=PrefixRouter, request_routing_stats_period_s=0.5,  # type: ignore[arg-type]
+            request_router_kwargs={"policy": server.routing},
+        ),
+        **scale,
+    )  # fmt: skip
+    handle = serve.run(deployment.bind(model, config), name=APP, route_prefix=None)  # type: ignore[attr-defined]
+    facts = handle.facts.remote().result()
+    return ReplicaSet(handle, FrontEngine(model, config, facts, most), owns_cluster=not server.ray_address)

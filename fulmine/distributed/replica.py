@@ -1,0 +1,132 @@
+"""One fulmine engine as a Ray Serve replica, and the plain data that crosses to and from it.
+
+The replica is the engine of `fulmine serve` (LLMEngine on its own thread, server/async_engine.py)
+without the HTTP side: the front (distributed/front.py) templates, tokenizes and checks requests,
+sends each one as a `Job`, and gets its outputs back as `Delta`s: the new tokens and text of a step,
+never the whole sequence again, so a long answer costs the same per token as a short one.
+
+It tells the router (distributed/router.py) what it holds every routing-stats period: the prefix
+cache's block keys (their first 8 bytes: a hint for routing, the engine checks whole keys), its
+load, and the gauges /metrics sums over replicas. Serve calls `check_health`; a replica whose engine
+died fails it and is replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fulmine.config import EngineConfig
+from fulmine.engine.admission import Refused
+from fulmine.engine.outputs import RequestMetrics, RequestOutput
+from fulmine.request import FinishReason, SamplingParams, TokenLogprobs
+
+KEY_BYTES = 8  # of a block key, in routing stats
+
+
+@dataclass
+class Job:
+    """A request for a replica. `generated`: tokens it already produced on a replica that died."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    age_s: float  # since it reached the front (replicas' clocks are their own)
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+
+@dataclass
+class Delta:
+    """What one step added to a request (RequestOutput, less what the front already has)."""
+
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    logprobs: list[TokenLogprobs] | None  # of the new tokens, if asked for
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs] | None = None  # in the first delta, if asked for
+    error: str | None = None
+
+    @classmethod
+    def of(cls, output: RequestOutput, first: bool) -> Delta:
+        new = output.new_token_ids
+        logprobs = None
+        if output.logprobs is not None:
+            logprobs = output.logprobs[len(output.logprobs) - len(new) :] if new else []
+        return cls(
+            list(new), output.new_text, output.finished, output.finish_reason, logprobs, output.metrics,
+            output.num_cached_tokens, output.prompt_logprobs if first else None, output.error,
+        )  # fmt: skip
+
+
+class ReplicaRefused(Exception):
+    """admission.Refused as it crosses processes (its arguments pickle with it)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, retry_after_s)
+        self.message, self.retry_after_s = message, retry_after_s
+
+
+class EngineReplica:
+    """The Serve deployment's class: one engine per replica (see the module docstring)."""
+
+    def __init__(self, model: str | None, config: EngineConfig) -> None:
+        from fulmine.engine.llm_engine import LLMEngine
+        from fulmine.server.async_engine import AsyncEngine
+
+        self.pid = os.getpid()
+        self.died: BaseException | None = None
+        self.engine = AsyncEngine(LLMEngine(model, config, progress=False), on_death=self._on_death)
+
+    def _on_death(self, error: BaseException) -> None:
+        self.died = error  # check_health fails from now on: Serve replaces this replica
+
+    async def generate(self, job: Job) -> AsyncIterator[Delta]:
+        engine = self.engine.engine
+        arrival = time.monotonic() - job.age_s
+        if not job.generated:  # a resumed stream was admitted where it started
+            try:
+                engine.admit(job.request_id, job.token_ids, job.params, arrival)
+            except Refused as refused:
+                raise ReplicaRefused(str(refused), refused.retry_after_s) from None
+        first = True
+        async for output in self.engine.generate(job.request_id, job.prompt_ids, job.params, arrival, job.generated):
+            yield Delta.of(output, first)
+            first = False
+
+    async def embed(self, prompt_ids: list[int], pooling: str, normalize: bool) -> list[float]:
+        return await self.engine.embed(prompt_ids, pooling, normalize)
+
+    def facts(self) -> dict[str, Any]:
+        """What the front needs of the model beyond its config file."""
+        engine = self.engine.engine
+        return {
+            "max_model_len": engine.max_model_len,
+            "eos_token_ids": list(engine.eos_token_ids),
+            "block_size": engine.config.block_size,
+            "pid": self.pid,
+        }
+
+    def check_health(self) -> None:
+        error = self.died or self.engine.error
+        if error is not None:
+            raise RuntimeError(f"the engine died: {error}")
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        engine = self.engine.engine
+        return {
+            "pid": self.pid,
+            "block_size": engine.config.block_size,
+            "keys": [key[:KEY_BYTES] for key in engine.kv_cache.pool.cached_keys()],
+            "load": self.engine.num_running + self.engine.num_waiting,
+            "gauges": self.engine.gauges(),
+        }

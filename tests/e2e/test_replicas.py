@@ -1,0 +1,154 @@
+"""`fulmine serve --replicas 2` on a Ray cluster of two nodes (ray.cluster_utils.Cluster: a head and
+a second node, one CPU each, on this machine), driven by the official openai client:
+
+- concurrent streamed chats (greedy and seeded) keep streaming while the replica running some of them
+  is killed (SIGKILL): every stream ends normally and its text equals what one replica answers alone;
+- Ray restarts the replica (/health counts replicas up again);
+- a multi-turn chat's next turn lands where its prefix is cached (cached tokens in usage).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.server import free_port
+
+pytestmark = pytest.mark.slow
+ray = pytest.importorskip("ray")
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def replicas() -> Iterator[str]:
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    port = free_port()
+    command = [sys.executable, "-m", "fulmine", "serve", "--port", str(port), "--replicas", "2"]
+    command += ["--ray-address", cluster.address, "--num-threads", "1", "--max-num-batched-tokens", "64"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_replicas(base_url, 2, server, timeout=240)
+        yield base_url
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        cluster.shutdown()
+
+
+def _health(base_url: str) -> dict[str, Any]:
+    try:
+        return dict(httpx.get(f"{base_url}/health", timeout=5).json())
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def _wait_for_replicas(base_url: str, up: int, server: subprocess.Popen[str] | None, timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if server is not None and server.poll() is not None:
+            raise AssertionError(f"the server exited: {server.stderr.read() if server.stderr else ''}")
+        health = _health(base_url)
+        if health.get("status") == "ok" and health.get("replicas", {}).get("up") == up:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise AssertionError(f"replicas not up in {timeout} s: {_health(base_url)}")
+
+
+def _replica_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "ServeReplica:fulmine:engine"], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+ASKS = [
+    ("Write a long story about a lighthouse keeper.", {"temperature": 0.0}),
+    ("Describe every planet of the solar system.", {"temperature": 0.8, "seed": 11}),
+    ("Explain how bread is baked, step by step.", {"temperature": 0.9, "top_p": 0.9, "seed": 5}),
+    ("List facts about octopuses.", {"temperature": 0.0}),
+]
+EXTRA = {"ignore_eos": True}  # every stream runs its full length: long enough to outlive a replica
+
+
+def test_streams_survive_a_killed_replica(replicas: str) -> None:
+    client = openai.OpenAI(base_url=f"{replicas}/v1", api_key="none", max_retries=0)
+    texts: dict[int, str] = {}
+    errors: list[BaseException] = []
+    chunks = [0] * len(ASKS)
+
+    def stream(i: int) -> None:
+        prompt, sampling = ASKS[i]
+        try:
+            pieces = []
+            events = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=160, stream=True,
+                extra_body=EXTRA, **sampling,
+            )  # fmt: skip
+            for chunk in events:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces.append(chunk.choices[0].delta.content)
+                    chunks[i] += 1
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    assert chunk.choices[0].finish_reason == "length"
+            texts[i] = "".join(pieces)
+        except BaseException as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(ASKS))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    while min(chunks) < 10 and time.monotonic() < deadline and not errors:
+        time.sleep(0.05)
+    pids = _replica_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[0], signal.SIGKILL)  # mid-stream: both replicas are running two streams each
+    killed_at = time.monotonic()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert all(len(text) > 200 for text in texts.values()), texts
+    # what each request answers alone, on whichever replica: the same text
+    for i, (prompt, sampling) in enumerate(ASKS):
+        alone = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=160, extra_body=EXTRA, **sampling
+        )
+        assert alone.choices[0].message.content == texts[i], (i, sampling)
+    recovered = _wait_for_replicas(replicas, 2, None, timeout=120) + (time.monotonic() - killed_at)
+    print(f"replica back after {recovered:.1f} s")
+    metrics = httpx.get(f"{replicas}/metrics").text
+    resumed = next(line for line in metrics.splitlines() if line.startswith("fulmine_replica_resumed_streams_total"))
+    assert float(resumed.split()[-1]) >= 1, resumed  # the killed replica's streams went on on the other
+
+
+def test_next_turn_hits_its_replicas_prefix_cache(replicas: str) -> None:
+    client = openai.OpenAI(base_url=f"{replicas}/v1", api_key="none", max_retries=0)
+    messages: list[dict[str, str]] = [{"role": "system", "content": "You are a concise assistant. " * 8}]
+    cached = []
+    for turn in ("Name a color.", "Name another.", "And a third?", "Which do you like best?"):
+        messages.append({"role": "user", "content": turn})
+        answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+        messages.append({"role": "assistant", "content": answer.choices[0].message.content or ""})
+        details = answer.usage.prompt_tokens_details if answer.usage else None
+        cached.append(details.cached_tokens if details else 0)
+    assert cached[0] == 0 or cached[0] is None or cached[0] >= 0
+    assert all(c and c >= 64 for c in cached[1:]), cached  # each later turn: the earlier turns from cache
+    health = _health(replicas)
+    assert health["replicas"] == {"up": 2, "total": 2}, health
+    assert json.loads(json.dumps(health))["status"] == "ok"
