@@ -31,31 +31,30 @@ import httpx
 
 from bench.serve_load import QUESTIONS, concurrent_load, pct, server, stream_chat
 
-SYSTEMS = [
-    f"You are assistant number {i}. " + "Answer with care, in plain words, and stay on topic. " * 40 for i in range(8)
-]
+RULES = "Answer with care, in plain words, and stay on topic. " * 100  # ~1200 tokens: a cold prefill ~0.5 s
 
 
 def _ray_stop() -> None:
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
 
 
-async def _multi_turn(base: str, model: str, conversations: int, turns: int) -> dict[str, Any]:
+async def _multi_turn(base: str, model: str, conversations: int, turns: int, rep: int) -> dict[str, Any]:
+    """Concurrent conversations, each with a system prompt of its own (new ones each rep)."""
     async with httpx.AsyncClient() as client:
 
-        async def conversation(i: int) -> list[tuple[float, int]]:
-            messages = [{"role": "system", "content": SYSTEMS[i % len(SYSTEMS)]}]
-            out = []
+        async def conversation(i: int) -> list[float]:
+            messages = [{"role": "system", "content": f"You are assistant {rep}-{i}. {RULES}"}]
+            ttfts = []
             for turn in range(turns):
                 messages.append({"role": "user", "content": QUESTIONS[(i + turn) % len(QUESTIONS)]})
-                result = await stream_chat(client, base, model, messages, 24, stream_options={"include_usage": True})
-                out.append((result["ttft"], 0))
+                result = await stream_chat(client, base, model, messages, 24)
+                ttfts.append(result["ttft"])
                 messages.append({"role": "assistant", "content": result["text"]})
-            return out
+            return ttfts
 
         results = await asyncio.gather(*(conversation(i) for i in range(conversations)))
-    follow_ups = [ttft for turns_ in results for ttft, _ in turns_[1:]]
-    firsts = [turns_[0][0] for turns_ in results]
+    follow_ups = [ttft for ttfts in results for ttft in ttfts[1:]]
+    firsts = [ttfts[0] for ttfts in results]
     return {"first_turn_ttft_p50": pct(firsts, 0.5), "follow_up_ttft_p50": pct(follow_ups, 0.5),
             "follow_up_ttft_p90": pct(follow_ups, 0.9)}  # fmt: skip
 
@@ -72,30 +71,57 @@ async def _one_stream(base: str, model: str, max_tokens: int) -> dict[str, Any]:
         return await stream_chat(client, base, model, messages, max_tokens, ignore_eos=True)
 
 
+LONG = 400  # tokens a recovery stream runs
+
+
+async def _stream_counted(
+    client: httpx.AsyncClient, base: str, model: str, question: str, times: list[float]
+) -> dict[str, Any]:
+    """One long stream: content arrival times (into `times`, as they come), tokens by the usage it
+    ends with, any error event."""
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": LONG, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    tokens, error = 0, None
+    async with client.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            error = chunk.get("error", error)
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
+    return {"times": times, "tokens": tokens, "error": error}
+
+
+def _replica_pids() -> set[int]:
+    found = subprocess.run(["pgrep", "-f", "ServeReplica:fulmine:engine"], capture_output=True, text=True)
+    return {int(pid) for pid in found.stdout.split()}
+
+
 async def _recovery(base: str, model: str) -> dict[str, Any]:
     async with httpx.AsyncClient() as client:
-        tasks = [
-            asyncio.create_task(
-                stream_chat(client, base, model, [{"role": "user", "content": q}], 200, ignore_eos=True)
-            )
-            for q in QUESTIONS[:4]
-        ]
-        await asyncio.sleep(2.0)  # every stream is running
-        pids = subprocess.run(["pgrep", "-f", "ServeReplica:fulmine:engine"], capture_output=True, text=True)
-        victim = int(pids.stdout.split()[0])
+        arrivals: list[list[float]] = [[] for _ in range(4)]
+        tasks = [asyncio.create_task(_stream_counted(client, base, model, q, t)) for q, t in zip(QUESTIONS, arrivals)]
+        while min(len(t) for t in arrivals) < 30:  # every stream is well under way
+            await asyncio.sleep(0.01)
+        before = _replica_pids()
+        victim = min(before)
         killed = time.perf_counter()
         os.kill(victim, signal.SIGKILL)
         results = await asyncio.gather(*tasks)
-    back = None
+    back = None  # a new replica process, and the controller counting two up again
     while time.perf_counter() - killed < 180:
+        pids = _replica_pids()
         health = httpx.get(f"{base}/health", timeout=10).json()
-        if health.get("replicas", {}).get("up") == 2:
+        if len(pids) == 2 and victim not in pids and health.get("replicas", {}).get("up") == 2:
             back = time.perf_counter() - killed
             break
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.1)
     gaps_after = [max((b - a for a, b in zip(r["times"], r["times"][1:]) if b > killed), default=0) for r in results]
     return {
-        "all_completed": all(r["tokens"] >= 150 for r in results),
+        "all_completed": all(r["tokens"] == LONG and r["error"] is None for r in results),
         "longest_gap_after_kill_s": max(gaps_after),
         "median_gap_after_kill_s": statistics.median(gaps_after),
         "replica_back_s": back,
@@ -109,7 +135,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--conversations", type=int, default=4)
+    parser.add_argument("--conversations", type=int, default=6)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
@@ -137,7 +163,9 @@ def main() -> None:
         report["multi_turn"] = {}
         for routing in ("prefix", "round_robin"):
             with server("fulmine", args.model, 1, ["--replicas", "2", "--routing", routing]) as (base, model):
-                runs = [asyncio.run(_multi_turn(base, model, args.conversations, args.turns)) for _ in range(args.reps)]
+                runs = [
+                    asyncio.run(_multi_turn(base, model, args.conversations, args.turns, r)) for r in range(args.reps)
+                ]
                 cached = _cached_tokens(base)
             _ray_stop()
             report["multi_turn"][routing] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}

@@ -18,9 +18,11 @@ restarts the replica; Serve autoscales between --replicas and --max-replicas on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +45,7 @@ logger = logging.getLogger("fulmine.server")
 APP, DEPLOYMENT = "fulmine", "engine"
 _TRIES = 4  # replicas a request may outlive
 _STATUS_TTL_S = 0.5
+_STOP_S = 10.0
 ROUTERS: weakref.WeakSet[Any] = weakref.WeakSet()  # this process's replica routers, for the gauges
 
 
@@ -70,9 +73,10 @@ class ReplicaSet:
 
     def __init__(self, handle: Any, engine: FrontEngine, owns_cluster: bool) -> None:
         self.handle, self.engine, self._owns_cluster = handle, engine, owns_cluster
+        self._streaming = handle.options(stream=True)
         self.error: BaseException | None = None
         self._closed: BaseException | None = None
-        self._in_flight: dict[str, asyncio.Task[Any] | None] = {}
+        self._in_flight: dict[str, Any] = {}  # request id -> its stream from a replica (None between two)
         self._status: tuple[float, tuple[int, int]] = (0.0, (0, 0))
         self.on_resume: Callable[[], None] = lambda: None  # a stream went on on another replica
 
@@ -122,19 +126,27 @@ class ReplicaSet:
         return total
 
     def stop(self) -> None:
+        """Take the replicas down (the whole local cluster when this process started it), within
+        `_STOP_S`: a cluster already gone (a SIGTERM to the process group reaches Ray's own
+        processes too) must not hang the exit."""
         import ray
         from ray import serve
 
-        try:
-            serve.shutdown() if self._owns_cluster else serve.delete(APP)
-        finally:
-            ray.shutdown()
+        def take_down() -> None:
+            with contextlib.suppress(Exception):
+                serve.shutdown() if self._owns_cluster else serve.delete(APP)
+
+        worker = threading.Thread(target=take_down, name="fulmine-replicas-stop", daemon=True)
+        worker.start()
+        worker.join(_STOP_S)
+        ray.shutdown()
 
     def abort_all(self, error: BaseException) -> None:
+        """End every request in flight with `error` (a drain that ran out), as AsyncEngine does."""
         self._closed = error
-        for task in list(self._in_flight.values()):
-            if task is not None:
-                task.cancel()
+        for stream in list(self._in_flight.values()):
+            if stream is not None:
+                stream.cancel()
 
     # -- requests -------------------------------------------------------------------------------
     async def generate(
@@ -148,12 +160,12 @@ class ReplicaSet:
         """One request's outputs, as AsyncEngine.generate gives them, from whichever replica runs it."""
         if self._closed is not None:
             raise self._closed
-        self._in_flight[request_id] = asyncio.current_task()
+        self._in_flight[request_id] = None
         out = _Output(request_id, prompt_ids, list(generated or []))
         try:
             for attempt in range(_TRIES):
                 job = Job(request_id, prompt_ids, params, time.monotonic() - arrival_time, list(out.token_ids))
-                stream = self.handle.options(stream=True).generate.remote(job)
+                stream = self._in_flight[request_id] = self._streaming.generate.remote(job)
                 try:
                     async for delta in stream:
                         output = out.add(delta)
@@ -171,6 +183,8 @@ class ReplicaSet:
                     stream.cancel()
                     raise
                 except Exception as error:  # the replica died (or its engine did): go on elsewhere
+                    if self._closed is not None:
+                        raise self._closed from None
                     if not _replica_lost(error) or attempt == _TRIES - 1:
                         raise EngineDead(f"replica failure: {error}") from error
                     if out.token_ids:
