@@ -9,6 +9,8 @@
   cached prefix vs round robin: TTFT of the follow-up turns and their cached tokens;
 - overhead: one stream on a direct server vs through the front to 1 replica (both 1 thread): the
   per-token cost of the routing path (Ray's handle stream, a hop a step);
+- proxy: a stream's per-item delivery latency through Serve's HTTP proxy vs a handle (a toy
+  deployment streaming timestamps): the hop an ingress deployment would add to every token;
 - recovery: 4 streams on 2 replicas, one replica SIGKILLed mid-stream: the longest gap the killed
   replica's streams saw (the time to go on elsewhere) and the time until Ray has it back.
 Prints a table, then one JSON line last.
@@ -128,10 +130,69 @@ async def _recovery(base: str, model: str) -> dict[str, Any]:
     }
 
 
+class _Ticker:
+    """A Serve deployment that streams `n` timestamps `interval` apart: over HTTP through Serve's
+    proxy (__call__, server-sent events), or to a handle (ticks)."""
+
+    async def ticks(self, n: int, interval: float) -> Any:
+        for _ in range(n):
+            await asyncio.sleep(interval)
+            yield time.time()
+
+    async def __call__(self, request: Any) -> Any:
+        from starlette.responses import StreamingResponse
+
+        async def events() -> Any:
+            async for stamp in self.ticks(int(request.query_params["n"]), float(request.query_params["interval"])):
+                yield f"data: {stamp}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _proxy_vs_handle(n: int = 200, interval: float = 0.005, reps: int = 3) -> dict[str, Any]:
+    """Delivery latency of a streamed item (its stamp to its arrival here), through a handle's stream
+    (what the front uses) and through Serve's HTTP proxy (what an ingress deployment would add)."""
+    import ray
+    from ray import serve
+
+    from bench.serve_load import free_port
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    handle = serve.run(serve.deployment(_Ticker).bind(), name="ticker", route_prefix="/tick").options(stream=True)
+
+    async def by_handle() -> list[float]:
+        return [time.time() - stamp async for stamp in handle.ticks.remote(n, interval)]
+
+    def by_proxy() -> list[float]:
+        late = []
+        with httpx.stream("GET", f"http://127.0.0.1:{port}/tick", params={"n": n, "interval": interval}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    late.append(time.time() - float(line[6:]))
+        return late
+
+    try:
+        out = {}
+        for name, run in (("handle", lambda: asyncio.run(by_handle())), ("serve proxy", by_proxy)):
+            run()  # warm
+            late = [x for _ in range(reps) for x in run()]
+            out[name] = {
+                "p50_ms": pct(late, 0.5) * 1e3,
+                "p90_ms": pct(late, 0.9) * 1e3,
+                "p99_ms": pct(late, 0.99) * 1e3,
+            }
+        return out
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None)
-    parser.add_argument("--scenarios", nargs="+", default=["load", "multi_turn", "overhead", "recovery"])
+    parser.add_argument("--scenarios", nargs="+", default=["load", "multi_turn", "overhead", "proxy", "recovery"])
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -184,11 +245,14 @@ def main() -> None:
                 "chunks": statistics.median(r["tokens"] for r in runs),
             }
             print(f"done: overhead, {name}", file=sys.stderr)
+    if "proxy" in args.scenarios:
+        report["proxy"] = _proxy_vs_handle(reps=args.reps)
+        _ray_stop()
     if "recovery" in args.scenarios:
         with server("fulmine", args.model, 1, ["--replicas", "2"]) as (base, model):
             report["recovery"] = asyncio.run(_recovery(base, model))
         _ray_stop()
-    for scenario in ("load", "multi_turn", "overhead"):
+    for scenario in ("load", "multi_turn", "overhead", "proxy"):
         for name, row in report.get(scenario, {}).items():
             cells = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             print(f"{scenario:10s} {name:28s} {cells}")

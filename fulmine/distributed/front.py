@@ -273,6 +273,7 @@ def start(model: str | None, config: EngineConfig, server: ServerConfig) -> Repl
         target = max(1, config.max_num_seqs // 2)  # a replica past half a batch of requests: one more
         scale = {"autoscaling_config": {
             "min_replicas": server.replicas, "max_replicas": server.max_replicas, "target_ongoing_requests": target,
+            "upscale_delay_s": 5.0, "downscale_delay_s": 120.0,  # a replica loads in seconds; keep it a while
         }}  # fmt: skip
     deployment = serve.deployment(
         EngineReplica, name=DEPLOYMENT, ray_actor_options={"num_cpus": threads},

@@ -4,7 +4,8 @@ a second node, one CPU each, on this machine), driven by the official openai cli
 - concurrent streamed chats (greedy and seeded) keep streaming while the replica running some of them
   is killed (SIGKILL): every stream ends normally and its text equals what one replica answers alone;
 - Ray restarts the replica (/health counts replicas up again);
-- a multi-turn chat's next turn lands where its prefix is cached (cached tokens in usage).
+- a multi-turn chat's next turn lands where its prefix is cached (cached tokens in usage);
+- started without a cluster, the server makes a local one, and Serve adds a replica under load.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.e2e.server import free_port
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 MODEL = "SmolLM2-135M-Instruct"
+EXTRA = {"ignore_eos": True}  # every stream runs its full length: long enough to outlive a replica
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,48 @@ def replicas() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
         cluster.shutdown()
+
+
+def test_replicas_scale_up_on_queue_depth_on_a_local_cluster() -> None:
+    """No --ray-address: the server starts a Ray cluster of its own. --max-replicas 2 with a batch of
+    2: six long streams make Serve's autoscaler add the second replica (/health counts it)."""
+    port = free_port()
+    command = [sys.executable, "-m", "fulmine", "serve", "--port", str(port), "--replicas", "1"]
+    command += ["--max-replicas", "2", "--max-num-seqs", "2", "--num-threads", "1"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base_url = f"http://127.0.0.1:{port}"
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=120)
+    try:
+        _wait_for_replicas(base_url, 1, server, timeout=180)
+
+        def stream() -> None:
+            messages = [{"role": "user", "content": "Tell me everything about the sea."}]
+            events = client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=3000, stream=True, extra_body=EXTRA
+            )
+            for _ in events:
+                if total_seen:
+                    events.close()  # scaled: stop here
+                    return
+
+        total_seen: list[int] = []
+        threads = [threading.Thread(target=stream, daemon=True) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not total_seen:
+            if _health(base_url).get("replicas", {}).get("total") == 2:
+                total_seen.append(2)
+            time.sleep(0.5)
+        assert total_seen, _health(base_url)
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def _health(base_url: str) -> dict[str, Any]:
@@ -83,7 +127,6 @@ ASKS = [
     ("Explain how bread is baked, step by step.", {"temperature": 0.9, "top_p": 0.9, "seed": 5}),
     ("List facts about octopuses.", {"temperature": 0.0}),
 ]
-EXTRA = {"ignore_eos": True}  # every stream runs its full length: long enough to outlive a replica
 
 
 def test_streams_survive_a_killed_replica(replicas: str) -> None:
