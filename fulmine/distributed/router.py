@@ -30,6 +30,7 @@ class PrefixRouter(RequestRouter):
         self.policy, self.balance = policy, balance
         self._sent: dict[ReplicaID, OrderedDict[bytes, None]] = {}
         self._reported: dict[ReplicaID, tuple[int, frozenset[bytes]]] = {}  # (id of the stats, their keys)
+        self._ongoing: dict[ReplicaID, int] = {}  # requests this router sent that have not finished
         self._turn = itertools.count()
         front.ROUTERS.add(self)  # (Serve copies this module into the handle by value: the set lives there)
 
@@ -57,8 +58,10 @@ class PrefixRouter(RequestRouter):
         return count
 
     def _load(self, replica: RunningReplica) -> int:
-        queued = self.replica_queue_len_cache.get(replica.replica_id)
-        return queued if queued is not None else int((replica.routing_stats or {}).get("load", 0))
+        """Requests on the replica: what this router sent it and has not seen finish (exact, at once:
+        a burst arriving together spreads), or what it last reported (other fronts' too), the larger."""
+        reported = int((replica.routing_stats or {}).get("load", 0))
+        return max(self._ongoing.get(replica.replica_id, 0), reported)
 
     # -- Ray Serve's hooks ----------------------------------------------------------------------
     async def choose_replicas(
@@ -84,6 +87,7 @@ class PrefixRouter(RequestRouter):
         return [[r] for r in by_load]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
+        self._ongoing[replica_id] = self._ongoing.get(replica_id, 0) + 1
         job = _job(pending_request)
         if job is None or self.policy != "prefix":
             return
@@ -95,10 +99,13 @@ class PrefixRouter(RequestRouter):
         while len(sent) > _REMEMBERED:
             sent.popitem(last=False)
 
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._ongoing[replica_id] = max(0, self._ongoing.get(replica_id, 0) - 1)
+
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self._sent.pop(replica_id, None)
-        self._reported.pop(replica_id, None)
+        for known in (self._sent, self._reported, self._ongoing):
+            known.pop(replica_id, None)
 
 
 def _job(pending_request: PendingRequest | None) -> Job | None:

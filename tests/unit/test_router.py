@@ -92,6 +92,21 @@ def test_what_was_sent_counts_before_the_replica_reports_it() -> None:
     assert _choose(router, [a, b], _job(CHAT + list(range(40))))[0] == "a"  # the next turn follows the first
 
 
+def test_a_burst_spreads_before_any_report() -> None:
+    """Requests routed together: each counts on its replica at once, not at the next report."""
+    a, b = _Replica("a"), _Replica("b")
+    router = _router(replicas=[a, b])
+    chosen = []
+    for i in range(4):
+        first = _choose(router, [a, b], _job([i] * 40))[0]
+        router.on_request_routed(_Pending([_job([i] * 40)]), _Id(first), None)  # type: ignore[arg-type]
+        chosen.append(first)
+    assert sorted(chosen) == ["a", "a", "b", "b"]
+    router.on_request_completed(_Id("a"), "x")
+    router.on_request_completed(_Id("a"), "y")
+    assert _choose(router, [a, b], _job([9] * 40))[0] == "a"
+
+
 def test_round_robin_rotates() -> None:
     replicas = [_Replica("a", CHAT), _Replica("b"), _Replica("c")]
     router = _router("round_robin")
