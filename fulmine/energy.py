@@ -6,7 +6,8 @@ Sources, the first readable one wins:
   included: run nothing else beside a measurement.
 - `nvml`: an NVIDIA GPU's total energy counter (millijoules; pynvml, when installed and the model is
   on CUDA), plus the CPU estimate below for the host's share.
-- `estimate`: this process's CPU seconds (every thread: the kernels' pool included) times a power
+- `estimate`: this process's CPU seconds (every thread: the kernels' pool included; and its engine
+  replicas', `fulmine serve --replicas`) times a power
   figure per busy core, `--cpu-watts-per-core` (default 10 W: a server core at full load is ~4-8 W of
   its package's rated power, a desktop core ~10-20 W). A VM like this one has no readable counter;
   the number is then an estimate and its label says so, with the figure used.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import glob
 import os
 import time
+from collections.abc import Callable
 
 DEFAULT_WATTS_PER_CORE = 10.0
 RAPL = "/sys/class/powercap"
@@ -68,8 +70,16 @@ class _Nvml:
 class EnergyMeter:
     """Joules used since the meter was made, and `source`: how they were obtained."""
 
-    def __init__(self, watts_per_core: float = DEFAULT_WATTS_PER_CORE, cuda_device: int | None = None) -> None:
+    def __init__(
+        self,
+        watts_per_core: float = DEFAULT_WATTS_PER_CORE,
+        cuda_device: int | None = None,
+        other_cpu_seconds: Callable[[], float] | None = None,
+    ) -> None:
+        """`other_cpu_seconds`: CPU seconds of the other processes that serve beside this one (engine
+        replicas), counted into the estimate."""
         self.watts_per_core = watts_per_core
+        self.other_cpu_seconds = other_cpu_seconds
         self.start_cpu = time.process_time()
         self.start_wall = time.monotonic()
         self._rapl: _Rapl | None = None
@@ -89,7 +99,8 @@ class EnergyMeter:
         self.source = "rapl" if self._rapl else f"nvml + {estimate}" if self._nvml else estimate
 
     def cpu_joules(self) -> float:
-        return (time.process_time() - self.start_cpu) * self.watts_per_core
+        other = self.other_cpu_seconds() if self.other_cpu_seconds is not None else 0.0
+        return (time.process_time() - self.start_cpu + other) * self.watts_per_core
 
     def joules(self) -> float:
         if self._rapl is not None:

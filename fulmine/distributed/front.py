@@ -79,6 +79,7 @@ class ReplicaSet:
         self._in_flight: dict[str, Any] = {}  # request id -> its stream from a replica (None between two)
         self._status: tuple[float, tuple[int, int]] = (0.0, (0, 0))
         self.on_resume: Callable[[], None] = lambda: None  # a stream went on on another replica
+        self._cpu_seconds: dict[str, float] = {}  # per replica ever seen: its last reported CPU seconds
 
     # -- read by the HTTP side ------------------------------------------------------------------
     @property
@@ -124,6 +125,15 @@ class ReplicaSet:
         for name in ("mask_seconds", "grammar_compiles"):
             total.setdefault(name, 0)
         return total
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the replicas used, dead ones' included (as last reported)."""
+        for router in ROUTERS:
+            for replica in router.curr_replicas.values():
+                seconds = replica.routing_stats.get("cpu_seconds")
+                if seconds is not None:
+                    self._cpu_seconds[replica.replica_id.unique_id] = float(seconds)
+        return sum(self._cpu_seconds.values())
 
     def stop(self) -> None:
         """Take the replicas down (the whole local cluster when this process started it), within

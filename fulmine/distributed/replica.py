@@ -135,4 +135,5 @@ class EngineReplica:
             "keys": [key[:KEY_BYTES] for key in engine.kv_cache.pool.cached_keys()],
             "load": self.engine.num_running + self.engine.num_waiting,
             "gauges": self.engine.gauges(),
+            "cpu_seconds": time.process_time(),  # this replica's, for the front's energy estimate
         }

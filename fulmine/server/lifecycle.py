@@ -84,16 +84,17 @@ class ServerState:
             logger.error("loading the model failed: %s", error)
             self._give_up(error)
             return
+        replicas_cpu = None
         if isinstance(engine, LLMEngine):
             async_engine: AsyncEngine | ReplicaSet = AsyncEngine(engine, on_death=self._on_engine_death)
             device = engine.runner.device
         else:  # replicas on Ray Serve (distributed/front.py): Ray restarts them, not this
-            async_engine, device = engine, torch.device("cpu")
+            async_engine, device, replicas_cpu = engine, torch.device("cpu"), engine.cpu_seconds
             self.metrics.watch_replicas(engine)
         self.metrics.watch(async_engine)
         if self.metrics.energy is None:  # one meter for the server's life, restarts included
             cuda = (device.index or 0) if device.type == "cuda" else None
-            self.metrics.meter(EnergyMeter(self.config.cpu_watts_per_core, cuda))
+            self.metrics.meter(EnergyMeter(self.config.cpu_watts_per_core, cuda, replicas_cpu))
         self.model_names = list(self.config.served_model_name) or [_default_name(async_engine.engine)]
         self.engine = async_engine
         self.completions = Completions(async_engine, self.metrics, self.config, self.model_names)
