@@ -46,6 +46,16 @@ APP, DEPLOYMENT = "fulmine", "engine"
 _TRIES = 4  # replicas a request may outlive
 _STATUS_TTL_S = 0.5
 _STOP_S = 10.0
+_SUMMED = (
+    "kv_blocks",
+    "kv_used",
+    "weight_bytes",
+    "drafted",
+    "accepted",
+    "constrained",
+    "mask_seconds",
+    "grammar_compiles",
+)
 ROUTERS: weakref.WeakSet[Any] = weakref.WeakSet()  # this process's replica routers, for the gauges
 
 
@@ -109,30 +119,19 @@ class ReplicaSet:
 
     def gauges(self) -> dict[str, float]:
         """The replicas' engine gauges summed (KV usage: over all their blocks), from routing stats."""
-        reports: list[dict[str, float]] = [
-            gauges
-            for router in ROUTERS
-            for r in router.curr_replicas.values()
-            if (gauges := r.routing_stats.get("gauges"))
-        ]
-        total: dict[str, float] = {name: sum(g[name] for g in reports) for name in reports[0]} if reports else {}
-        blocks = total.get("kv_blocks", 0)
+        reports = [gauges for stats in _routing_stats() if (gauges := stats.get("gauges"))]
+        total = {name: float(sum(g.get(name, 0) for g in reports)) for name in _SUMMED}
+        blocks = total["kv_blocks"]
         total["kv_usage"] = sum(g["kv_usage"] * g["kv_blocks"] for g in reports) / blocks if blocks else 0.0
         total["hit_rate"] = sum(g["hit_rate"] for g in reports) / len(reports) if reports else 0.0
         total["running"], total["waiting"] = self.num_running, self.num_waiting
-        for name in ("kv_blocks", "kv_used", "weight_bytes", "drafted", "accepted", "constrained"):
-            total.setdefault(name, 0)
-        for name in ("mask_seconds", "grammar_compiles"):
-            total.setdefault(name, 0)
         return total
 
     def cpu_seconds(self) -> float:
         """CPU seconds the replicas used, dead ones' included (as last reported)."""
-        for router in ROUTERS:
-            for replica in router.curr_replicas.values():
-                seconds = replica.routing_stats.get("cpu_seconds")
-                if seconds is not None:
-                    self._cpu_seconds[replica.replica_id.unique_id] = float(seconds)
+        for stats in _routing_stats():
+            if stats.get("cpu_seconds") is not None:
+                self._cpu_seconds[stats["replica"]] = float(stats["cpu_seconds"])
         return sum(self._cpu_seconds.values())
 
     def stop(self) -> None:
@@ -241,6 +240,15 @@ class _Output:
             delta.finished, delta.finish_reason, self.logprobs if delta.logprobs is not None else None,
             delta.metrics, self.num_cached_tokens, self.prompt_logprobs, delta.error,
         )  # fmt: skip
+
+
+def _routing_stats() -> list[dict[str, Any]]:
+    """What each live replica last reported to this process's routers (replica.py), with its id."""
+    return [
+        {**replica.routing_stats, "replica": replica.replica_id.unique_id}
+        for router in ROUTERS
+        for replica in router.curr_replicas.values()
+    ]
 
 
 def _replica_lost(error: BaseException) -> bool:

@@ -48,12 +48,17 @@ def replicas() -> Iterator[str]:
         _wait_for_replicas(base_url, 2, server, timeout=240)
         yield base_url
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server)
         cluster.shutdown()
+
+
+def _stop(server: subprocess.Popen[str]) -> None:
+    """SIGTERM (a drain, then the replicas taken down), a kill if that takes over a minute."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def test_replicas_scale_up_on_queue_depth_on_a_local_cluster() -> None:
@@ -91,11 +96,7 @@ def test_replicas_scale_up_on_queue_depth_on_a_local_cluster() -> None:
         for thread in threads:
             thread.join(timeout=30)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server)
 
 
 def _health(base_url: str) -> dict[str, Any]:
