@@ -44,7 +44,7 @@ from fulmine.tokenizer import load_tokenizer
 logger = logging.getLogger("fulmine.server")
 APP, DEPLOYMENT = "fulmine", "engine"
 _TRIES = 4  # replicas a request may outlive
-_STATUS_TTL_S = 0.5
+_STATUS_PERIOD_S = 0.5
 _STOP_S = 10.0
 _SUMMED = (
     "kv_blocks",
@@ -87,7 +87,10 @@ class ReplicaSet:
         self.error: BaseException | None = None
         self._closed: BaseException | None = None
         self._in_flight: dict[str, Any] = {}  # request id -> its stream from a replica (None between two)
-        self._status: tuple[float, tuple[int, int]] = (0.0, (0, 0))
+        self._status = (0, 0)  # replicas (running, target)
+        self._read_status()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch_status, name="fulmine-replica-status", daemon=True).start()
         self.on_resume: Callable[[], None] = lambda: None  # a stream went on on another replica
         self._cpu_seconds: dict[str, float] = {}  # per replica ever seen: its last reported CPU seconds
 
@@ -101,21 +104,24 @@ class ReplicaSet:
         return len(self._in_flight) - self.num_running
 
     def replicas(self) -> tuple[int, int]:
-        """(running, target) replicas, from Serve's controller (cached for half a second)."""
-        at, counts = self._status
-        if time.monotonic() - at > _STATUS_TTL_S:
-            from ray import serve
+        """(running, target) replicas, as Serve's controller last said (read on a thread of its own
+        every half second: /health and /metrics never wait for the controller)."""
+        return self._status
 
-            try:
-                deployment = serve.status().applications[APP].deployments[DEPLOYMENT]
-                states = {str(k): v for k, v in deployment.replica_states.items()}
-                up = states.get("RUNNING", 0) + states.get("ReplicaState.RUNNING", 0)
-                counts = (up, sum(states.values()))
-            except Exception as error:  # noqa: BLE001 (the controller unreachable: nothing is known up)
-                logger.warning("replica status unavailable: %s", error)
-                counts = (0, counts[1])
-            self._status = (time.monotonic(), counts)
-        return counts
+    def _watch_status(self) -> None:
+        while not self._stopped.wait(_STATUS_PERIOD_S):
+            self._read_status()
+
+    def _read_status(self) -> None:
+        from ray import serve
+
+        try:
+            deployment = serve.status().applications[APP].deployments[DEPLOYMENT]
+            states = {str(k).rsplit(".", 1)[-1]: v for k, v in deployment.replica_states.items()}
+            self._status = (states.get("RUNNING", 0), sum(states.values()))
+        except Exception as error:  # noqa: BLE001 (the controller unreachable: nothing is known up)
+            logger.warning("replica status unavailable: %s", error)
+            self._status = (0, self._status[1])
 
     def gauges(self) -> dict[str, float]:
         """The replicas' engine gauges summed (KV usage: over all their blocks), from routing stats."""
@@ -140,6 +146,8 @@ class ReplicaSet:
         processes too) must not hang the exit."""
         import ray
         from ray import serve
+
+        self._stopped.set()
 
         def take_down() -> None:
             with contextlib.suppress(Exception):

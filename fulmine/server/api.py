@@ -6,7 +6,6 @@ The engine's life (loading after the server starts listening, restarts, draining
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import re
@@ -180,7 +179,7 @@ def create_app(
         Behind replicas, also {"replicas": {"up", "total"}}; none up is a 503."""
         body: dict[str, Any] = {"status": "ok" if state.status == "ready" else state.status}
         if isinstance(state.engine, ReplicaSet):
-            up, total = await asyncio.get_running_loop().run_in_executor(None, state.engine.replicas)
+            up, total = state.engine.replicas()
             body["replicas"] = {"up": up, "total": total}
             if not up and state.status == "ready":
                 body["status"] = "no_replica_up"
