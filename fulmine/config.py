@@ -161,7 +161,7 @@ class EngineConfig:
     distributed_backend: str = _opt(
         "mp",
         "how the tensor-parallel ranks start: mp (processes on this machine, or by hand on each with --node-rank) "
-        "or ray (Ray tasks placed over the Ray cluster at RAY_ADDRESS, a local one if none)",
+        "or ray (Ray actors placed over the Ray cluster at RAY_ADDRESS, a local one if none)",
     )
     seed: int = _opt(0, "seed for requests that do not bring their own")
 

@@ -6,7 +6,7 @@ alone). Every rank computes the whole step, collectives included; only rank 0's 
 Across machines (`--nnodes`, `--node-rank`, `--master-addr`, `--master-port`, as SGLang and vLLM
 name them): each node hosts tensor_parallel_size / nnodes consecutive ranks; the head (node 0)
 serves the API, the others run headless (`fulmine serve --node-rank K ...`) until the head stops.
-Or on an existing Ray cluster (`--distributed-backend ray`): ranks 1..N-1 are Ray tasks that Ray
+Or on an existing Ray cluster (`--distributed-backend ray`): ranks 1..N-1 are Ray actors that Ray
 places on its nodes; the group and the steps are the same.
 Every node needs the model at the same path. gloo picks the network interface from the host name;
 set GLOO_SOCKET_IFNAME where that is not the one the nodes share.
@@ -95,7 +95,7 @@ def start_ranks(
 
 
 def _ray_ranks(world: int, threads: int) -> tuple[str, list[Any]]:
-    """Ranks 1..world-1 as Ray tasks (`--distributed-backend ray`), spread over the cluster's nodes,
+    """Ranks 1..world-1 as Ray actors (`--distributed-backend ray`), spread over the cluster's nodes,
     meeting rank 0 at this node's address. Ray starts a local cluster when none is reachable."""
     try:
         import ray
@@ -104,15 +104,26 @@ def _ray_ranks(world: int, threads: int) -> tuple[str, list[Any]]:
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     address = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
-    rank = ray.remote(num_cpus=threads, scheduling_strategy="SPREAD", max_retries=0)(_rank_main)
-    return address, [_RayRank(rank.remote(r, world, address, threads)) for r in range(1, world)]
+    actor = ray.remote(num_cpus=threads, scheduling_strategy="SPREAD", max_restarts=0)(_RankActor)
+    ranks = []
+    for r in range(1, world):
+        handle = actor.options(name=f"fulmine-rank-{r}-{address}").remote()
+        ranks.append(_RayRank(handle, handle.run.remote(r, world, address, threads)))  # type: ignore[attr-defined]
+    return address, ranks
+
+
+class _RankActor:
+    """A rank other than 0 in a Ray actor: its `run` is the rank's whole life (_rank_main)."""
+
+    def run(self, rank: int, world: int, address: str, threads: int) -> None:
+        _rank_main(rank, world, address, threads)
 
 
 class _RayRank:
-    """A rank running as a Ray task, with a process's join / is_alive / kill."""
+    """A rank running in a Ray actor, with a process's join / is_alive / kill."""
 
-    def __init__(self, ref: Any) -> None:
-        self.ref = ref
+    def __init__(self, actor: Any, ref: Any) -> None:
+        self.actor, self.ref = actor, ref
 
     def join(self, timeout: float) -> None:
         import ray
@@ -127,7 +138,7 @@ class _RayRank:
     def kill(self) -> None:
         import ray
 
-        ray.cancel(self.ref, force=True)
+        ray.kill(self.actor)
 
 
 def run_node(config: EngineConfig) -> int:

@@ -55,8 +55,8 @@ def test_two_and_four_ranks_compute_what_one_does(tiny_model_factory, family: st
     assert_close(one, run(path, 4, **dense), 1e-4)
 
 
-def test_ranks_as_ray_tasks_compute_what_one_does(tiny_model_factory) -> None:
-    """--distributed-backend ray: ranks 1.. as tasks on a local Ray cluster, the same group."""
+def test_ranks_as_ray_actors_compute_what_one_does(tiny_model_factory) -> None:
+    """--distributed-backend ray: ranks 1.. as actors on a local Ray cluster, the same group."""
     ray = pytest.importorskip("ray")
     path = str(tiny_model_factory("llama"))
     dense = dict(dtype="float32", weight_dtype="float32")
