@@ -126,9 +126,11 @@ class _RayRank:
         self.actor, self.ref = actor, ref
 
     def join(self, timeout: float) -> None:
+        """Wait for the rank to end; then let its actor go (it would hold its CPUs in the cluster)."""
         import ray
 
-        ray.wait([self.ref], timeout=timeout)
+        if ray.wait([self.ref], timeout=timeout)[0]:
+            ray.kill(self.actor)
 
     def is_alive(self) -> bool:
         import ray
