@@ -87,6 +87,7 @@ class ReplicaSet:
         self.error: BaseException | None = None
         self._closed: BaseException | None = None
         self._in_flight: dict[str, Any] = {}  # request id -> its stream from a replica (None between two)
+        self._admissions: dict[str, asyncio.Future[None]] = {}  # request id -> admitted by its replica
         self._status = (0, 0)  # replicas (running, target)
         self._read_status()
         self._stopped = threading.Event()
@@ -166,6 +167,17 @@ class ReplicaSet:
                 stream.cancel()
 
     # -- requests -------------------------------------------------------------------------------
+    async def admitted(self, request_id: str) -> None:
+        """Until the replica that got the request admitted it (by its latency targets; a refusal
+        raises the 429 here) or the request failed before that (its error)."""
+        try:
+            await self._admission(request_id)
+        finally:
+            self._admissions.pop(request_id, None)
+
+    def _admission(self, request_id: str) -> asyncio.Future[None]:
+        return self._admissions.setdefault(request_id, asyncio.get_running_loop().create_future())
+
     async def generate(
         self,
         request_id: str,
@@ -175,44 +187,67 @@ class ReplicaSet:
         generated: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """One request's outputs, as AsyncEngine.generate gives them, from whichever replica runs it."""
-        if self._closed is not None:
-            raise self._closed
-        self._in_flight[request_id] = None
-        out = _Output(request_id, prompt_ids, list(generated or []))
+        admission = self._admission(request_id)
         try:
-            for attempt in range(_TRIES):
-                job = Job(request_id, prompt_ids, params, time.monotonic() - arrival_time, list(out.token_ids))
-                stream = self._in_flight[request_id] = self._streaming.generate.remote(job)
-                try:
-                    async for delta in stream:
-                        output = out.add(delta)
-                        yield output
-                        if output.finished:
-                            return
-                    return
-                except ReplicaRefused as refused:
-                    raise p.RequestError(
-                        refused.message, "slo", "slo_unattainable", 429, "rate_limit_error", refused.retry_after_s
-                    ) from None
-                except ConfigError:
-                    raise
-                except (asyncio.CancelledError, GeneratorExit):
-                    stream.cancel()
-                    raise
-                except Exception as error:  # the replica died (or its engine did): go on elsewhere
-                    if self._closed is not None:
-                        raise self._closed from None
-                    if not _replica_lost(error) or attempt == _TRIES - 1:
-                        raise EngineDead(f"replica failure: {error}") from error
-                    if out.token_ids:
-                        self.on_resume()
-                    logger.warning(
-                        "%s: its replica failed (%s); going on on another after %d tokens",
-                        request_id, type(error).__name__, len(out.token_ids),
-                    )  # fmt: skip
-                    await asyncio.sleep(0.05 * (attempt + 1))
+            if self._closed is not None:
+                raise self._closed
+            self._in_flight[request_id] = None
+            async for output in self._outputs(request_id, prompt_ids, params, arrival_time, generated, admission):
+                yield output
+        except BaseException as error:
+            if not admission.done():
+                admission.set_exception(error if isinstance(error, Exception) else EngineDead("cancelled"))
+            raise
         finally:
             self._in_flight.pop(request_id, None)
+            if not admission.done():
+                admission.set_result(None)
+
+    async def _outputs(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        generated: list[int] | None,
+        admission: asyncio.Future[None],
+    ) -> AsyncIterator[RequestOutput]:
+        out = _Output(request_id, prompt_ids, list(generated or []))
+        for attempt in range(_TRIES):
+            job = Job(request_id, prompt_ids, params, time.monotonic() - arrival_time, list(out.token_ids))
+            stream = self._in_flight[request_id] = self._streaming.generate.remote(job)
+            try:
+                async for delta in stream:
+                    if delta is None:  # the replica admitted it
+                        if not admission.done():
+                            admission.set_result(None)
+                        continue
+                    output = out.add(delta)
+                    yield output
+                    if output.finished:
+                        return
+                return
+            except ReplicaRefused as refused:
+                raise p.RequestError(
+                    refused.message, "slo", "slo_unattainable", 429, "rate_limit_error", refused.retry_after_s
+                ) from None
+            except ConfigError:
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                stream.cancel()
+                raise
+            except Exception as error:  # the replica died (or its engine did): go on elsewhere
+                if self._closed is not None:
+                    raise self._closed from None
+                if not _replica_lost(error) or attempt == _TRIES - 1:
+                    raise EngineDead(f"replica failure: {error}") from error
+                if out.token_ids:
+                    self.on_resume()
+                logger.warning(
+                    "%s: its replica failed (%s); going on on another after %d tokens",
+                    request_id, type(error).__name__, len(out.token_ids),
+                )  # fmt: skip
+                await asyncio.sleep(0.05 * (attempt + 1))
 
     async def embed(self, prompt_ids: list[int], pooling: str, normalize: bool) -> list[float]:
         for attempt in range(_TRIES):

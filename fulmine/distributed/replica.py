@@ -96,7 +96,8 @@ class EngineReplica:
     def _on_death(self, error: BaseException) -> None:
         self.died = error  # check_health fails from now on: Serve replaces this replica
 
-    async def generate(self, job: Job) -> AsyncIterator[Delta]:
+    async def generate(self, job: Job) -> AsyncIterator[Delta | None]:
+        """The request's deltas, after None: admitted (by its latency targets; or ReplicaRefused)."""
         engine = self.engine.engine
         arrival = time.monotonic() - job.age_s
         if not job.generated:  # a resumed stream was admitted where it started
@@ -104,6 +105,7 @@ class EngineReplica:
                 engine.admit(job.request_id, job.token_ids, job.params, arrival)
             except Refused as refused:
                 raise ReplicaRefused(str(refused), refused.retry_after_s) from None
+        yield None
         first = True
         async for output in self.engine.generate(job.request_id, job.prompt_ids, job.params, arrival, job.generated):
             yield Delta.of(output, first)

@@ -187,7 +187,7 @@ class Completions:
             raise p.RequestError("a required tool call and a response_format cannot both constrain", "tool_choice")
         await self._check_structured(body, forced)
         choices = self._make_choices(body, [prompt_ids], max_tokens, body.num_logprobs, forced)
-        run = self._run(body.model, id_prefix, choices, arrival, request)
+        run = await self._run(body.model, id_prefix, choices, arrival, request)
         self._log_prompt(run.id, messages)
         names = {tools.function_name(t) for t in tool_list}
         return Generation(run, fmt, names, parallel)
@@ -226,7 +226,7 @@ class Completions:
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default here
         await self._check_structured(body)
         choices = self._make_choices(body, prompts, max_tokens, body.logprobs)
-        run = self._run(body.model, "cmpl", choices, arrival, request)
+        run = await self._run(body.model, "cmpl", choices, arrival, request)
         self._log_prompt(run.id, body.prompt)
         generation = Generation(run)  # no tools: all text is content
         echo = {c.index: self.tokenizer.decode(c.prompt_ids) for c in choices} if body.echo else {}
@@ -248,10 +248,16 @@ class Completions:
             self._envelope(run, "text_completion", text_choices, usage=run.usage(), timing=run.timing())
         )
 
-    def _run(self, model: str, id_prefix: str, choices: list[Choice], arrival: float, request: Request) -> Run:
+    async def _run(self, model: str, id_prefix: str, choices: list[Choice], arrival: float, request: Request) -> Run:
         timeout_s = self.config.request_timeout_s
         run = Run(self.engine, self.metrics, timeout_s, model, bodies.new_id(id_prefix), choices, arrival, request)
         self._admit(run)
+        try:
+            await run.admitted()
+        except p.RequestError as error:
+            if error.code == "slo_unattainable":
+                self.metrics.rejected.labels("slo").inc()
+            raise
         return run
 
     def _admit(self, run: Run) -> None:

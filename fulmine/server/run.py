@@ -46,6 +46,9 @@ class Choice:
     text_parts: list[str] = field(default_factory=list)
 
 
+_Merged = asyncio.Queue[tuple[Choice, RequestOutput | BaseException | None]]  # every choice's outputs
+
+
 class Run:
     """The engine requests behind one HTTP request, and their shared bookkeeping."""
 
@@ -63,24 +66,46 @@ class Run:
         self.engine, self.metrics, self.timeout_s = engine, metrics, timeout_s
         self.model, self.id, self.choices = model, run_id, choices
         self.arrival, self.request, self.created = arrival, request, bodies.now()
+        self._started: tuple[_Merged, list[Any]] | None = None
         for c in choices:
             c.request_id = f"{run_id}-{c.index}"
 
+    def _start(self) -> tuple[_Merged, list[Any]]:
+        """Every choice submitted (once), their outputs merged into one queue as they come."""
+        if self._started is None:
+            merged: _Merged = asyncio.Queue()
+
+            async def pump(c: Choice) -> None:
+                try:
+                    async for output in self.engine.generate(c.request_id, c.prompt_ids, c.params, self.arrival):
+                        await merged.put((c, output))
+                except Exception as error:
+                    await merged.put((c, error))
+                finally:
+                    await merged.put((c, None))
+
+            self._started = (merged, [asyncio.create_task(pump(c)) for c in self.choices])
+        return self._started
+
+    async def admitted(self) -> None:
+        """Behind replicas, a request is admitted by the replica that gets it (its latency targets):
+        submit now and wait for that, so a refusal is a 429 before any response starts. One engine in
+        this process admits before the run is made (Completions._admit): nothing to wait for."""
+        wait = getattr(self.engine, "admitted", None)
+        if wait is None:
+            return
+        _, tasks = self._start()
+        try:
+            await asyncio.gather(*(wait(c.request_id) for c in self.choices))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+
     async def outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
         """Every choice's outputs as they come, until all finish or the deadline passes."""
-        engine, metrics = self.engine, self.metrics
-        merged: asyncio.Queue[tuple[Choice, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-        async def pump(c: Choice) -> None:
-            try:
-                async for output in engine.generate(c.request_id, c.prompt_ids, c.params, self.arrival):
-                    await merged.put((c, output))
-            except Exception as error:
-                await merged.put((c, error))
-            finally:
-                await merged.put((c, None))
-
-        tasks = [asyncio.create_task(pump(c)) for c in self.choices]
+        metrics = self.metrics
+        merged, tasks = self._start()
         deadline = self.arrival + self.timeout_s
         try:
             remaining = len(tasks)

@@ -209,3 +209,19 @@ def test_next_turn_hits_its_replicas_prefix_cache(replicas: str) -> None:
     health = _health(replicas)
     assert health["replicas"] == {"up": 2, "total": 2}, health
     assert json.loads(json.dumps(health))["status"] == "ok"
+
+
+def test_a_stream_its_replica_refuses_is_a_429_before_it_starts(replicas: str) -> None:
+    """Latency targets behind replicas: the replica that gets the request admits it; a refusal
+    reaches the client as the 429 one engine gives, not as an error inside a started stream."""
+    client = openai.OpenAI(base_url=f"{replicas}/v1", api_key="none", max_retries=0)
+    long_prompt = "Summarize this. " + "The tide rises and falls with the moon. " * 150
+    with pytest.raises(openai.RateLimitError, match="slo_unattainable|predicted time"):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": long_prompt}], max_tokens=4, stream=True,
+            extra_body={"slo": {"ttft_ms": 1}},
+        )  # fmt: skip
+    ok = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, extra_body={"slo": {"ttft_ms": 60000}}
+    )
+    assert ok.choices[0].message.content is not None
