@@ -298,8 +298,8 @@ def _replica_lost(error: BaseException) -> bool:
     """A failure of the replica, not of the request: a dead or unreachable actor, a dead engine."""
     from ray import exceptions
 
-    lost = (exceptions.RayActorError, exceptions.ActorUnavailableError, exceptions.ActorDiedError, EngineDead)
-    return isinstance(error, lost) or "EngineDead" in type(error).__name__
+    # (ActorDiedError is a RayActorError; a replica's EngineDead arrives as RayTaskError(EngineDead), an EngineDead)
+    return isinstance(error, (exceptions.RayActorError, exceptions.ActorUnavailableError, EngineDead))
 
 
 def connect(server: ServerConfig) -> None:

@@ -120,8 +120,6 @@ class EngineReplica:
         return {
             "max_model_len": engine.max_model_len,
             "eos_token_ids": list(engine.eos_token_ids),
-            "block_size": engine.config.block_size,
-            "pid": self.pid,
         }
 
     def check_health(self) -> None:

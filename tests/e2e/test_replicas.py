@@ -10,7 +10,6 @@ a second node, one CPU each, on this machine), driven by the official openai cli
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -204,11 +203,10 @@ def test_next_turn_hits_its_replicas_prefix_cache(replicas: str) -> None:
         messages.append({"role": "assistant", "content": answer.choices[0].message.content or ""})
         details = answer.usage.prompt_tokens_details if answer.usage else None
         cached.append(details.cached_tokens if details else 0)
-    assert cached[0] == 0 or cached[0] is None or cached[0] >= 0
     assert all(c and c >= 64 for c in cached[1:]), cached  # each later turn: the earlier turns from cache
     health = _health(replicas)
     assert health["replicas"] == {"up": 2, "total": 2}, health
-    assert json.loads(json.dumps(health))["status"] == "ok"
+    assert health["status"] == "ok"
 
 
 def test_a_stream_its_replica_refuses_is_a_429_before_it_starts(replicas: str) -> None:
