@@ -212,11 +212,21 @@ class Request:
             self.first_token_time = time.monotonic()
         self.output_token_ids.append(token_id)
 
-    def check_stop_token(self) -> FinishReason | None:
-        """Stop on the last sampled token: EOS, a stop token id, max_tokens or the context window."""
+    def drop_last(self, num_tokens: int) -> None:
+        """Forget the last `num_tokens` output tokens (a finish inside a verified draft run: a stop
+        token, a stop string, a grammar's end, max_tokens), with their logprobs; the positions counted
+        as computed never exceed the tokens kept. The scheduler calls it before it registers blocks."""
+        if num_tokens > 0:
+            del self.output_token_ids[-num_tokens:]
+            del self.output_logprobs[len(self.output_token_ids) :]
+            self.draft_token_ids = []
+        self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens)
+
+    def stop_reason(self, num_output: int) -> FinishReason | None:
+        """Whether the output ends at its `num_output`-th token: EOS, a stop token id, max_tokens or the
+        context window."""
         params = self.sampling_params
-        last = self.output_token_ids[-1]
-        num_output = len(self.output_token_ids)
+        last = self.output_token_ids[num_output - 1]
         if num_output >= params.min_tokens:
             if not params.ignore_eos and last in self.eos_token_ids:
                 return FinishReason.STOP
@@ -224,6 +234,6 @@ class Request:
                 return FinishReason.STOP
         if params.max_tokens is not None and num_output >= params.max_tokens:
             return FinishReason.LENGTH
-        if self.num_tokens >= self.max_total_tokens:
+        if self.num_prompt_tokens + num_output >= self.max_total_tokens:
             return FinishReason.LENGTH
         return None

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# every engine in the suite (servers started by it too) checks its bookkeeping after every step
+os.environ.setdefault("FULMINE_CHECK_INVARIANTS", "1")
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "

@@ -19,9 +19,11 @@ from fulmine.distributed.workers import start_ranks
 from fulmine.engine.admission import Admission, Streams
 from fulmine.engine.cost_model import StepCostModel, StepShape, calibrate
 from fulmine.engine.detokenizer import IncrementalDetokenizer
+from fulmine.engine.invariants import check_invariants
+from fulmine.engine.invariants import enabled as invariants_enabled
 from fulmine.engine.limits import RequestLimits
 from fulmine.engine.model_runner import ModelRunner
-from fulmine.engine.outputs import RequestMetrics, RequestOutput, SchedulerOutput
+from fulmine.engine.outputs import RequestMetrics, RequestOutput
 from fulmine.engine.scheduler import Scheduler, draft_room
 from fulmine.engine.step import SequenceStep, StepBatch
 from fulmine.kv_cache import KVCacheManager
@@ -110,6 +112,7 @@ class LLMEngine(RequestLimits):
         self.mask_seconds = 0.0  # time spent computing token masks, for /metrics
         self.num_constrained = 0  # constrained requests admitted, for /metrics
         self._ids = itertools.count()
+        self.check_invariants = invariants_enabled()  # after every step (the test suite turns it on)
         calibrate(self)
 
     # -- requests ----------------------------------------------------------------------------
@@ -225,52 +228,67 @@ class LLMEngine(RequestLimits):
             batch.token_masks.wait()
             self.mask_seconds += batch.token_masks.seconds
         failed_requests = [(self.scheduler.requests[request_id], error) for request_id, error in failed]
-        if failed:
-            failed_ids = {request_id for request_id, _ in failed}
-            scheduled = SchedulerOutput([s for s in scheduled.scheduled if s.request.request_id not in failed_ids])
-        updated = self.scheduler.update_from_output(scheduled, result)
+        outputs = [self._fail(request, error) for request, error in failed_requests]
+        updated: list[tuple[Request, list[int]]] = []
+        for scheduled_request in scheduled.scheduled:
+            request = scheduled_request.request
+            if request.is_finished:  # (failed above)
+                continue
+            try:  # everything after the forward is per request: a failure here ends this request alone
+                tokens = self.scheduler.advance(scheduled_request, result)
+                keep, reason = self._accept(request, tokens) if tokens else (0, None)
+                self.scheduler.settle(request, len(tokens) - keep, reason)
+                if tokens:
+                    updated.append((request, tokens[:keep]))
+            except Exception as error:
+                outputs.append(self._fail(request, error))
         if not failed:  # the proposer's time is the governor's to count, apart
             self.cost.observe(StepShape.of(batch), time.perf_counter() - started)
         self.admission.progress(self.scheduler.requests)
         if self.governor is not None:
             for request, tokens in updated:
                 self.governor.observe(request.request_id, tokens)
-            self._propose_drafts()
-        outputs = [self._fail(request, error) for request, error in failed_requests]
         for request, tokens in updated:
+            if request.finish_reason is FinishReason.ERROR:
+                continue  # (its output is out already)
             try:
                 if request.request_id in self.matchers:
-                    tokens = self._advance_grammar(request, tokens)
                     self._fast_forward(request)
+                elif self.governor is not None:
+                    self._propose_drafts(request)
                 outputs.append(self._output(request, tokens))
-            except Exception as error:  # detokenizing this request's tokens failed: it alone ends
+            except Exception as error:
                 outputs.append(self._fail(request, error))
+        if self.check_invariants:
+            check_invariants(self)
         return outputs
 
-    def _advance_grammar(self, request: Request, tokens: list[int]) -> list[int]:
-        """The request's matcher consumes its new tokens (returned, less any it refused); a completed
-        grammar ends the request (its only continuation would be end of sequence), finish reason stop,
-        there: tokens after it (a verified draft's next token) and a token drawn outside the grammar
-        once it was complete (min_tokens holding back the end of sequence) are dropped."""
-        matcher = self.matchers[request.request_id]
-        for i, token in enumerate(tokens):
-            complete = matcher.is_accepting()
-            if token in self.eos_token_ids and complete:
-                return tokens
-            consumed = matcher.consume_token(token)
-            if not consumed and not complete:
-                raise RuntimeError(f"the output left its grammar: {matcher.get_error().splitlines()[0]}")
-            keep = i if not consumed else i + 1 if matcher.is_stopped() else len(tokens)
-            if keep < len(tokens):  # without drafts the request would have ended at token `keep`
-                del request.output_token_ids[len(request.output_token_ids) - len(tokens) + keep :]
-                del request.output_logprobs[len(request.output_token_ids) :]
-                if not request.is_finished:
-                    self.scheduler.finish_request(request.request_id, FinishReason.STOP)
-                request.finish_reason = FinishReason.STOP
-                return tokens[:keep]
-        if matcher.is_stopped() and not request.is_finished:
-            self.scheduler.finish_request(request.request_id, FinishReason.STOP)
-        return tokens
+    def _accept(self, request: Request, tokens: list[int]) -> tuple[int, FinishReason | None]:
+        """Read a request's new tokens (appended already) one by one until its output ends: the grammar
+        consumes each (a token it refuses once complete is not kept; its end ends the output), the
+        detokenizer decodes each (a stop string ends the output there), then the stop tokens,
+        max_tokens and the context window. Returns how many tokens it keeps and why it ended, if it
+        did: the scheduler drops the rest (tokens verified past the end) where it registers and frees
+        the request's blocks."""
+        matcher = self.matchers.get(request.request_id)
+        detokenizer = self.detokenizers[request.request_id]
+        before = len(request.output_token_ids) - len(tokens)
+        for index, token in enumerate(tokens):
+            if matcher is not None and not (token in self.eos_token_ids and matcher.is_accepting()):
+                complete = matcher.is_accepting()
+                if not matcher.consume_token(token):
+                    if not complete:
+                        raise RuntimeError(f"the output left its grammar: {matcher.get_error().splitlines()[0]}")
+                    return index, FinishReason.STOP  # drawn past a complete grammar (min_tokens held EOS back)
+                if matcher.is_stopped():  # its only continuation would be the end of sequence
+                    detokenizer.add_token(token)
+                    return index + 1, FinishReason.STOP
+            if detokenizer.add_token(token):
+                return index + 1, FinishReason.STOP  # a stop string: the text is cut there
+            reason = request.stop_reason(before + index + 1)
+            if reason is not None:
+                return index + 1, reason
+        return len(tokens), None
 
     def _fast_forward(self, request: Request) -> None:
         """Drafts for a constrained request. The tokens its grammar forces next (the rest of a key, a
@@ -297,17 +315,15 @@ class LLMEngine(RequestLimits):
             self.governor.verified(request.request_id, valid)
         request.draft_token_ids = proposal[:valid]
 
-    def _propose_drafts(self) -> None:
-        """Drafts for every running request whose next step samples, for the scheduler to verify."""
+    def _propose_drafts(self, request: Request) -> None:
+        """Drafts for a running request whose next step samples, for the scheduler to verify."""
         assert self.governor is not None
-        running = self.scheduler.running
-        for request in running:
-            request.draft_token_ids = []
-            if request.num_computed_tokens != request.num_tokens - 1 or request.request_id in self.matchers:
-                continue  # still prefilling (or recomputing after a preemption), or constrained (_fast_forward)
-            room = draft_room(request)
-            if room > 0:
-                request.draft_token_ids = self.governor.drafts(request, room, len(running))
+        request.draft_token_ids = []
+        if request.is_finished or request.num_computed_tokens != request.num_tokens - 1:
+            return  # still prefilling (or recomputing after a preemption)
+        room = draft_room(request)
+        if room > 0:
+            request.draft_token_ids = self.governor.drafts(request, room, len(self.scheduler.running))
 
     def _fail(self, request: Request, error: BaseException) -> RequestOutput:
         """End one request with FinishReason.ERROR; the engine and every other request go on."""
@@ -322,16 +338,6 @@ class LLMEngine(RequestLimits):
 
     def _output(self, request: Request, new_token_ids: list[int]) -> RequestOutput:
         detokenizer = self.detokenizers[request.request_id]
-        for index, token_id in enumerate(new_token_ids):
-            if detokenizer.add_token(token_id) and not request.is_finished:
-                self.scheduler.finish_request(request.request_id, FinishReason.STOP)
-                # a stop string ended the text here: tokens accepted after it are not output
-                extra = len(new_token_ids) - index - 1
-                if extra:
-                    del request.output_token_ids[-extra:]
-                    del request.output_logprobs[len(request.output_token_ids) :]
-                    new_token_ids = new_token_ids[: index + 1]
-                break
         if request.is_finished:
             detokenizer.flush()
             self._forget(request.request_id)

@@ -122,38 +122,52 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Request, list[int]]]:
-        """Advance computed tokens, append sampled tokens, finish requests that hit a stop.
-
-        Returns each request that got tokens this step (finished ones included) with those tokens:
-        one, or with speculation the accepted drafts and the token after them, cut at a stop.
-        """
+        """advance, then settle at the first stop token, for every scheduled request: the step's
+        bookkeeping when nothing else reads the tokens (the engine puts its output processing between
+        the two). Returns each request that got tokens this step with the tokens it kept."""
         updated = []
         for scheduled in out.scheduled:
             request = scheduled.request
-            tokens = result.sampled.get(request.request_id, [])
-            # accepted drafts were computed with the right context; the last token is new
-            request.num_computed_tokens += scheduled.num_new_tokens + max(len(tokens) - 1, 0)
-            chunk_logprobs = result.prompt_logprobs.get(request.request_id)
-            if chunk_logprobs:
-                request.prompt_logprobs.extend(chunk_logprobs)
-            if not tokens:
-                self.kv_cache.cache_full_blocks(request)
-                continue  # a prefill chunk that did not reach the end of the prompt
-            appended, reason = [], None
-            for token_id in tokens:
-                request.append_token(token_id)
-                appended.append(token_id)
-                logprobs = result.logprobs.get(request.request_id)
-                if logprobs is not None:
-                    request.output_logprobs.append(logprobs)
-                reason = request.check_stop_token()
+            tokens = self.advance(scheduled, result)
+            before = len(request.output_token_ids) - len(tokens)
+            keep, reason = len(tokens), None
+            for index in range(len(tokens)):
+                reason = request.stop_reason(before + index + 1)
                 if reason is not None:
+                    keep = index + 1
                     break
-            self.kv_cache.cache_full_blocks(request)  # before a finish frees them: follow-ups reuse them
-            if reason is not None:
-                self.finish_request(request.request_id, reason)
-            updated.append((request, appended))
+            self.settle(request, len(tokens) - keep, reason)
+            if tokens:
+                updated.append((request, tokens[:keep]))
         return updated
+
+    def advance(self, scheduled: ScheduledRequest, result: ModelRunnerOutput) -> list[int]:
+        """The first half of a request's update: the positions this step computed are counted and its
+        sampled tokens (accepted drafts, then the next token) appended, all of them; returns them.
+        Nothing is registered or finished until `settle`, once the caller knows where the output ends."""
+        request = scheduled.request
+        tokens = result.sampled.get(request.request_id, [])
+        # accepted drafts were computed with the right context; the last token is new
+        request.num_computed_tokens += scheduled.num_new_tokens + max(len(tokens) - 1, 0)
+        chunk_logprobs = result.prompt_logprobs.get(request.request_id)
+        if chunk_logprobs:
+            request.prompt_logprobs.extend(chunk_logprobs)
+        logprobs = result.logprobs.get(request.request_id)
+        for token_id in tokens:
+            request.append_token(token_id)
+            if logprobs is not None:
+                request.output_logprobs.append(logprobs)
+        return list(tokens)
+
+    def settle(self, request: Request, num_dropped: int, reason: FinishReason | None) -> None:
+        """The second half, the one place a request's holdings change together: its last `num_dropped`
+        tokens dropped (an end inside the step's tokens) and its computed positions with them, its
+        full computed blocks registered in the prefix cache, then, with a reason, finished (its blocks
+        freed: registered ones stay cached for follow-ups)."""
+        request.drop_last(num_dropped)
+        self.kv_cache.cache_full_blocks(request)
+        if reason is not None:
+            self.finish_request(request.request_id, reason)
 
     def finish_request(self, request_id: str, reason: FinishReason) -> Request | None:
         """Finish (or abort) a request wherever it is; frees its KV blocks. Unknown ids are ignored."""
