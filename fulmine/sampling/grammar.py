@@ -26,10 +26,14 @@ import torch
 
 from fulmine.config import ConfigError
 from fulmine.request import StructuredOutput
+from fulmine.sampling.grammar_limits import bound
 
 # the JSON compiler's options (llguidance JsonCompileOptions): fixed separators, no free whitespace
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-CACHE_SIZE = 256
+CACHE_SIZE = 256  # compiled grammars kept, at most...
+CACHE_BYTES = 256 * 2**20  # ...and about this much memory (estimated from each grammar's text)
+CACHE_BYTES_PER_CHAR, CACHE_BYTES_FIXED = 16, 64 * 1024
+COMPILER_STACK_BYTES = 64 * 2**20
 
 
 _NAMED_SUBSCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
@@ -66,6 +70,8 @@ def grammar_text(structured: StructuredOutput) -> str:
     if kind in ("json_object", "json_schema"):
         try:
             schema = json.loads(spec) if kind == "json_schema" else {"type": "object"}
+        except RecursionError:
+            raise ConfigError("the JSON schema is nested too deeply") from None
         except json.JSONDecodeError as error:
             raise ConfigError(f"the JSON schema is not valid JSON: {error}") from None
         if not isinstance(schema, (dict, bool)):
@@ -75,7 +81,10 @@ def grammar_text(structured: StructuredOutput) -> str:
         except ValueError as error:
             raise ConfigError(f"the JSON schema cannot be used: {error}") from None
     if kind == "regex":
-        return llguidance.LLMatcher.grammar_from_regex(spec)
+        try:
+            return llguidance.LLMatcher.grammar_from_regex(spec)
+        except ValueError as error:
+            raise ConfigError(f"the regex cannot be used: {_first_line(str(error))}") from None
     if kind == "choice":
         try:
             choices = json.loads(spec)
@@ -91,15 +100,21 @@ def grammar_text(structured: StructuredOutput) -> str:
 
 
 class Grammars:
-    """The model's llguidance tokenizer (built on first use, about a second) and a cache of checked
-    grammars; makes a matcher per constrained request. Thread-safe."""
+    """The model's llguidance tokenizer (built on first use, about a second) and a cache of checked,
+    compiled grammars; makes a matcher per constrained request (a copy of the compiled one, so the
+    engine thread never compiles). Thread-safe.
+
+    A constraint is bounded before llguidance sees it (grammar_limits.py), then compiled and its
+    first step's mask computed where it is checked (the server's tokenizer thread, off the engine
+    thread): a constraint that fails there, or that nothing can satisfy, is a 400 at admission."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
         self._hf_tokenizer = hf_tokenizer
         self._vocab_size = vocab_size
         self._eos = list(eos_token_ids)
         self._tokenizer: Any = None
-        self._cache: OrderedDict[StructuredOutput, str] = OrderedDict()
+        self._cache: OrderedDict[StructuredOutput, tuple[Any, int]] = OrderedDict()  # -> (matcher, bytes)
+        self._cache_bytes = 0
         self._lock = threading.Lock()
         self.compiles = 0  # grammars compiled (cache misses), for /metrics
 
@@ -117,32 +132,79 @@ class Grammars:
                     raise ConfigError(f"structured outputs are not available for this tokenizer: {error}") from None
             return self._tokenizer
 
-    def check(self, structured: StructuredOutput) -> str:
-        """The constraint's grammar, compiled and checked; ConfigError (a 400) naming the problem."""
-        import llguidance
-
+    def check(self, structured: StructuredOutput) -> Any:
+        """The constraint bounded, compiled and its first step checked; ConfigError (a 400) naming the
+        problem. Returns the compiled matcher (the cache's: copy it before use)."""
         with self._lock:
             if structured in self._cache:
                 self._cache.move_to_end(structured)
-                return self._cache[structured]
-        grammar = grammar_text(structured)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
-        if is_error:
-            raise ConfigError(f"{structured.kind}: {messages[0] if messages else 'invalid'}", "response_format")
+                return self._cache[structured][0]
+        bound(structured)
+        tokenizer = self.tokenizer
+        matcher, grammar = _compiler().submit(self._compile, structured, tokenizer).result()
+        size = CACHE_BYTES_PER_CHAR * len(grammar) + CACHE_BYTES_FIXED
         with self._lock:
             self.compiles += 1
-            self._cache[structured] = grammar
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
-        return grammar
+            if structured not in self._cache:
+                self._cache[structured] = (matcher, size)
+                self._cache_bytes += size
+            while len(self._cache) > 1 and (len(self._cache) > CACHE_SIZE or self._cache_bytes > CACHE_BYTES):
+                _, (_, evicted) = self._cache.popitem(last=False)
+                self._cache_bytes -= evicted
+        return matcher
 
-    def matcher(self, structured: StructuredOutput) -> Any:
+    def _compile(self, structured: StructuredOutput, tokenizer: Any) -> tuple[Any, str]:
+        """On the compiler thread: the grammar, validated, compiled, and its first step's mask computed
+        (on a copy): a grammar failing there is a 400 now, not an error at its first token."""
         import llguidance
 
-        matcher = llguidance.LLMatcher(self.tokenizer, self.check(structured), log_level=0)
-        if matcher.is_error():
-            raise ConfigError(f"{structured.kind}: {matcher.get_error()}", "response_format")
-        return matcher
+        grammar = grammar_text(structured)
+        limits = llguidance.LLParserLimits(verbose_errors=False)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer, limits=limits)
+        if is_error:
+            raise ConfigError(
+                f"{structured.kind}: {_first_line(messages[0]) if messages else 'invalid'}", "response_format"
+            )
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=limits)
+        first = matcher.deep_copy()
+        bits = np.zeros((self._vocab_size + 31) // 32, dtype=np.int32)
+        first.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        if first.is_error() or matcher.is_error():
+            error = _first_line(first.get_error() or matcher.get_error())
+            if not bits.any() or "NoExtension" in error:  # llguidance found no first token
+                error = f"nothing can satisfy this constraint ({error})"
+            raise ConfigError(f"{structured.kind}: {error}", "response_format")
+        if not bits.any() and not first.is_accepting():
+            raise ConfigError(f"{structured.kind}: nothing can satisfy this constraint", "response_format")
+        return matcher, grammar
+
+    def matcher(self, structured: StructuredOutput) -> Any:
+        """A fresh matcher for one request (a copy of the compiled grammar: no compiling here)."""
+        return self.check(structured).deep_copy()
+
+
+_compiler_pool: ThreadPoolExecutor | None = None
+_compiler_lock = threading.Lock()
+
+
+def _compiler() -> ThreadPoolExecutor:
+    """The thread every grammar is compiled on, with a 64 MB stack: llguidance's compiler recurses
+    along chains of rules (a default 8 MB thread stack overflowed at ~2750 rules, a 2 MB one under
+    1000; grammar_limits allows 1000). Computing masks and consuming tokens do not recurse so."""
+    global _compiler_pool
+    with _compiler_lock:
+        if _compiler_pool is None:
+            previous = threading.stack_size(COMPILER_STACK_BYTES)
+            try:
+                _compiler_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulmine-grammar")
+                _compiler_pool.submit(lambda: None).result()  # its thread starts now, with that stack
+            finally:
+                threading.stack_size(previous)
+        return _compiler_pool
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "invalid"
 
 
 class TokenMasks:
