@@ -66,7 +66,7 @@ def check_invariants(engine: LLMEngine) -> None:
         if engine.detokenizers.get(request_id) is None:
             fail(f"{request_id}: running without a detokenizer")
     _check_pool(engine)
-    if not scheduler.requests:
+    if not engine.has_unfinished():
         _check_idle(engine)
 
 

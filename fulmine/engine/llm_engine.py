@@ -19,13 +19,14 @@ from fulmine.distributed.workers import start_ranks
 from fulmine.engine.admission import Admission, Streams
 from fulmine.engine.cost_model import StepCostModel, StepShape, calibrate
 from fulmine.engine.detokenizer import IncrementalDetokenizer
+from fulmine.engine.embeddings import Done, EmbeddingJob, Embeddings
 from fulmine.engine.invariants import check_invariants
 from fulmine.engine.invariants import enabled as invariants_enabled
 from fulmine.engine.limits import RequestLimits
 from fulmine.engine.model_runner import ModelRunner
 from fulmine.engine.outputs import RequestMetrics, RequestOutput
 from fulmine.engine.scheduler import Scheduler, draft_room
-from fulmine.engine.step import SequenceStep, StepBatch
+from fulmine.engine.step import StepBatch
 from fulmine.kv_cache import KVCacheManager
 from fulmine.kv_cache.sizing import fit_max_model_len, kv_cache_blocks, kv_cache_bytes_per_token, kv_cache_dtype
 from fulmine.layers.linear import Embedding, Linear
@@ -104,6 +105,7 @@ class LLMEngine(RequestLimits):
         default_slo = SLO(config.slo_ttft_ms or None, config.slo_itl_ms or None)
         self.admission = Admission(self.cost, config.max_num_batched_tokens, config.max_itl_ms, default_slo)
         self.runner = ModelRunner(model_module, **runner_args)  # type: ignore[arg-type]
+        self.embeddings = Embeddings(self.runner, self.kv_cache)
         if self.ranks is not None:
             self.runner.tell = self.ranks.tell
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -166,46 +168,56 @@ class LLMEngine(RequestLimits):
         streams = Streams.of(list(self.scheduler.running))
         self.admission.admit(request_id, len(prompt_ids) - cached, slo, arrival_time, streams)
 
-    def embed(self, prompt_ids: list[int], pooling: str = "mean", normalize: bool = True) -> list[float]:
-        """One embedding of a prompt: its final hidden states pooled (the mean over its tokens, or the
-        last token's), L2-normalized. Runs now, in chunks, on KV blocks borrowed for the call (not
-        shared with the prefix cache); call it between steps."""
-        if pooling not in ("mean", "last"):
-            raise ConfigError(f"pooling {pooling!r}: mean or last", "pooling")
+    def add_embedding(
+        self, prompt_ids: list[int], pooling: str, normalize: bool, on_done: Done, job_id: str | None = None
+    ) -> str:
+        """Queue an embedding of a prompt: its final hidden states pooled (the mean over its tokens, or
+        the last token's), L2-normalized if asked. Computed a chunk per step (engine/embeddings.py);
+        `on_done(vector, None)` or `on_done(None, error)` is called on the thread that steps."""
         self.check_request(prompt_ids, SamplingParams(max_tokens=1))
-        request_id = f"embed-{next(self._ids)}"
-        if not self.kv_cache.can_allocate(request_id, len(prompt_ids)):
-            raise ConfigError("the KV cache is full: retry shortly")
-        table = self.kv_cache.allocate(request_id, len(prompt_ids))
-        chunk = max(self.scheduler.max_num_batched_tokens, self.config.block_size)
-        total: torch.Tensor | None = None
-        try:
-            for start in range(0, len(prompt_ids), chunk):
-                ids = prompt_ids[start : start + chunk]
-                step = SequenceStep(request_id, ids, start, table, 0, False, SamplingParams(), prompt_ids, [])
-                hidden = self.runner.hidden_states(StepBatch([step]))
-                total = hidden[-1] if pooling == "last" else hidden.sum(0) + (0 if total is None else total)
-        finally:
-            self.kv_cache.free(request_id)
-        assert total is not None
-        vector = total if pooling == "last" else total / len(prompt_ids)
-        if normalize:
-            vector = vector / vector.norm().clamp(min=1e-12)
-        return vector.tolist()
+        job_id = job_id or f"embed-{next(self._ids)}"
+        self.embeddings.add(EmbeddingJob(job_id, list(prompt_ids), pooling, normalize, on_done))
+        return job_id
+
+    def abort_embedding(self, job_id: str) -> None:
+        self.embeddings.abort(job_id)
+
+    def embed(self, prompt_ids: list[int], pooling: str = "mean", normalize: bool = True) -> list[float]:
+        """One embedding, now: steps the engine (requests in flight go on) until it is done."""
+        result: list[tuple[list[float] | None, BaseException | None]] = []
+        self.add_embedding(prompt_ids, pooling, normalize, lambda vector, error: result.append((vector, error)))
+        while not result:
+            self.step()
+        vector, error = result[0]
+        if error is not None:
+            raise error
+        assert vector is not None
+        return vector
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.finish_request(request_id, FinishReason.ABORT)
         return self._output(request, []) if request is not None else None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or len(self.embeddings) > 0
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one forward over the scheduled batch; outputs for requests that got a token or failed.
+        Then one chunk of a queued embedding, if any, sized to keep the streams' inter-token target.
 
         schedule -> execute -> update, then (with speculation) drafts for the next step are proposed
         for every decoding request at once."""
+        outputs = self._generate()
+        if self.embeddings:
+            job = self.embeddings.jobs[0]
+            limit = self.admission.chunk_limit(Streams.of(self.scheduler.running), job.num_computed)
+            self.embeddings.step(min(limit, self.scheduler.max_num_batched_tokens))
+        if self.check_invariants:
+            check_invariants(self)
+        return outputs
+
+    def _generate(self) -> list[RequestOutput]:
         started = time.perf_counter()
         scheduled = self.scheduler.schedule(self.admission.step_limit(self.scheduler.running, self.scheduler.waiting))
         if scheduled.is_empty:
@@ -259,8 +271,6 @@ class LLMEngine(RequestLimits):
                 outputs.append(self._output(request, tokens))
             except Exception as error:
                 outputs.append(self._fail(request, error))
-        if self.check_invariants:
-            check_invariants(self)
         return outputs
 
     def _accept(self, request: Request, tokens: list[int]) -> tuple[int, FinishReason | None]:

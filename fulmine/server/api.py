@@ -29,6 +29,7 @@ from fulmine.server import embeddings, messages, responses
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import EngineDead
 from fulmine.server.lifecycle import ServerState
+from fulmine.server.run import until_disconnected
 
 logger = logging.getLogger("fulmine.server")
 _OPEN_PATHS = ("/health", "/")  # and the chat page's assets under /static/
@@ -206,8 +207,8 @@ def create_app(
         return await state.ready().completions(body, request)
 
     @app.post("/v1/embeddings")
-    async def create_embeddings(body: embeddings.EmbeddingRequest) -> Any:
-        return await embeddings.create(state.ready(), body)
+    async def create_embeddings(body: embeddings.EmbeddingRequest, request: Request) -> Any:
+        return await until_disconnected(request, embeddings.create(state.ready(), body))
 
     responses_api = responses.Responses()
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 from fulmine.engine.llm_engine import LLMEngine
@@ -118,9 +119,11 @@ class AsyncEngine:
                 self._submit(lambda: self._abort(request_id))
 
     async def embed(self, prompt_ids: list[int], pooling: str, normalize: bool) -> list[float]:
-        """An embedding computed on the engine thread between two steps (see LLMEngine.embed)."""
+        """An embedding computed on the engine thread a chunk per step beside the streams (see
+        LLMEngine.add_embedding). A caller that stops waiting (a client that left) drops it."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[float]] = loop.create_future()
+        job_id = f"embed-{uuid.uuid4().hex}"
 
         def settle(result: list[float] | None, error: BaseException | None) -> None:
             if done.cancelled():
@@ -130,13 +133,14 @@ class AsyncEngine:
             else:
                 done.set_result(result or [])
 
+        def on_done(result: list[float] | None, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(settle, result, error)
+
         def command() -> None:
             try:
-                vector = self.engine.embed(prompt_ids, pooling, normalize)
-            except Exception as error:  # a bad input or a full cache: this call's error, not the engine's
-                loop.call_soon_threadsafe(settle, None, error)
-                return
-            loop.call_soon_threadsafe(settle, vector, None)
+                self.engine.add_embedding(prompt_ids, pooling, normalize, on_done, job_id)
+            except Exception as error:  # a bad input: this call's error, not the engine's
+                on_done(None, error)
 
         with self._pending_lock:
             if self.error is not None:
@@ -144,7 +148,11 @@ class AsyncEngine:
             if self._closed is not None:
                 raise self._closed
         self._submit(command)
-        return await done
+        try:
+            return await done
+        finally:
+            if not done.done() or done.cancelled():
+                self._submit(lambda: self.engine.abort_embedding(job_id))
 
     def _submit(self, command: Callable[[], None]) -> None:
         self._commands.put(command)
@@ -176,6 +184,12 @@ class AsyncEngine:
         for request_id in list(self._streams):
             self.engine.abort(request_id)
             self._deliver(request_id, error)
+        self._end_embeddings(error)
+
+    def _end_embeddings(self, error: BaseException) -> None:
+        for job in list(self.engine.embeddings.jobs):
+            self.engine.abort_embedding(job.job_id)
+            job.on_done(None, error)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)
@@ -209,5 +223,6 @@ class AsyncEngine:
             self.error = error
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDead(f"engine failure: {error}"))
+        self._end_embeddings(EngineDead(f"engine failure: {error}"))
         if self._on_death is not None:
             self._on_death(error)

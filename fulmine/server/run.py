@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 from fulmine.server.metrics import Metrics
 
 _DISCONNECT_POLL_S = 0.1
+T = TypeVar("T")
 
 
 @dataclass
@@ -183,12 +184,7 @@ class Run:
     async def collect(self, consume: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run `consume` (which reads this run's outputs) to the end; a client that disconnects
         meanwhile aborts everything."""
-        task = asyncio.create_task(consume())
-        while not task.done():
-            await asyncio.wait([task], timeout=_DISCONNECT_POLL_S)
-            if not task.done() and await self.request.is_disconnected():
-                task.cancel()
-        await task
+        await until_disconnected(self.request, consume())
 
     def usage(self) -> dict[str, Any]:
         """Prompt tokens count once per prompt, however many choices share it."""
@@ -230,3 +226,14 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     except Exception as error:  # the engine failed mid-stream: say so, do not hang the client
         yield f"data: {json.dumps(p.error_body(f'internal error: {error}', 'server_error'))}\n\n"
     yield "data: [DONE]\n\n"
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (its own cleanup aborts what it
+    started in the engine)."""
+    task = asyncio.create_task(work)
+    while not task.done():
+        await asyncio.wait([task], timeout=_DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+    return await task

@@ -13,6 +13,8 @@ import openai
 import pytest
 import torch
 
+from fulmine import EngineConfig, SamplingParams
+from fulmine.engine.llm_engine import LLMEngine
 from tests.e2e.openai_schemas import validate
 from tests.e2e.server import RunningServer, engine_loader, serve
 
@@ -68,20 +70,50 @@ def test_alone_batched_base64_and_during_generation_agree(server: RunningServer,
     assert during == alone[2]
 
 
-def test_chunked_equals_whole_and_pooling(server: RunningServer) -> None:
-    """The server chunks prompts by 8 tokens; the engine's own whole-prompt pass gives the same mean."""
-    engine = server.engine
+@pytest.fixture(scope="module")
+def engine(tiny_llama) -> LLMEngine:
+    return LLMEngine(str(tiny_llama), EngineConfig(weight_dtype="float32", max_num_batched_tokens=8), progress=False)
+
+
+def test_chunked_equals_whole_and_pooling(engine: LLMEngine) -> None:
+    """Chunks of 8 tokens give the mean one whole-prompt pass gives."""
     ids = list(engine.tokenizer.encode(TEXTS[0] * 3))
-    scheduler = engine.scheduler
     chunked = engine.embed(ids)
-    budget, scheduler.max_num_batched_tokens = scheduler.max_num_batched_tokens, 4096
+    budget = engine.scheduler.max_num_batched_tokens
+    engine.admission.max_batched_tokens = engine.scheduler.max_num_batched_tokens = 4096
     try:
         whole = engine.embed(ids)
     finally:
-        scheduler.max_num_batched_tokens = budget
+        engine.admission.max_batched_tokens = engine.scheduler.max_num_batched_tokens = budget
     assert torch.allclose(torch.tensor(chunked), torch.tensor(whole), atol=1e-5)
     last = engine.embed(ids, pooling="last", normalize=False)
     assert abs(torch.tensor(last).norm().item() - 1.0) > 1e-3  # not normalized
+
+
+def test_an_embedding_is_cut_into_steps_beside_streams(engine: LLMEngine) -> None:
+    """A long input takes a chunk per step while a stream gets a token every step; dropped midway, it
+    frees its blocks; the same input alone gives the same vector."""
+    ids = list(engine.tokenizer.encode(TEXTS[1] * 12))
+    alone = engine.embed(ids)
+    stream = engine.add_request("Tell me a story", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    engine.step()
+    results: list = []
+    engine.add_embedding(ids, "mean", True, lambda vector, error: results.append((vector, error)))
+    steps = 0
+    while not results:
+        outputs = engine.step()
+        steps += 1
+        assert [o.request_id for o in outputs] == [stream]  # the stream got its token this step too
+    assert steps >= len(ids) // 8 and results[0][1] is None  # chunks of the step budget at most
+    assert torch.allclose(torch.tensor(results[0][0]), torch.tensor(alone), atol=1e-5)
+    job = engine.add_embedding(ids, "mean", True, lambda vector, error: results.append((vector, error)))
+    engine.step()
+    engine.step()
+    assert job in engine.kv_cache.block_tables
+    engine.abort_embedding(job)
+    assert job not in engine.kv_cache.block_tables and len(results) == 1
+    engine.abort(stream)
+    assert engine.kv_cache.pool.usage == 0.0 and not engine.has_unfinished()
 
 
 @pytest.mark.parametrize(
