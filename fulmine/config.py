@@ -214,6 +214,7 @@ class ServerConfig:
     max_queue: int = _opt(256, "requests that may wait beyond the running batch; past it, 429")
     request_timeout_s: float = _opt(600.0, "a request running longer is aborted (408)")
     max_body_mb: float = _opt(8.0, "larger request bodies get 413")
+    body_timeout_s: float = _opt(30.0, "a request body must arrive whole within this (408 otherwise)")
     max_n: int = _opt(16, "largest n (choices per request)")
     log_prompts: bool = _opt(False, "log prompts (they are not logged otherwise)")
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, requests in flight may finish for this long; then they end")

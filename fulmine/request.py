@@ -79,6 +79,10 @@ class SamplingParams:
     slo: SLO | None = None  # latency targets (not sampling, but per request like the rest)
 
     def __post_init__(self) -> None:
+        if self.stop is None:  # as in OpenAI's API: no stops
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)

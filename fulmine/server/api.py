@@ -6,6 +6,7 @@ The engine's life (loading after the server starts listening, restarts, draining
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -29,11 +30,12 @@ from fulmine.server import embeddings, messages, responses
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import EngineDead
 from fulmine.server.lifecycle import ServerState
-from fulmine.server.run import until_disconnected
+from fulmine.server.run import ClientDisconnected, until_disconnected
 
 logger = logging.getLogger("fulmine.server")
 _OPEN_PATHS = ("/health", "/")  # and the chat page's assets under /static/
 _STATIC = Path(__file__).parent / "static"
+MAX_HEADER_BYTES = 32 * 1024  # all request headers together (431 past it)
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|\w+\[.*\]|function-\w+.*|tagged-union.*|[A-Z]\w*)$")
 
 
@@ -54,11 +56,15 @@ def _error(
 
 class _Guard:
     """Pure ASGI middleware (it leaves streaming and disconnect detection alone): bearer-token auth
-    on every route but /health, and a cap on request body size."""
+    on every route but /health, a cap on header and body size, and a deadline for the body to
+    arrive (a client that starts a body and never finishes it holds nothing for long). A refusal
+    found while the app reads the body replaces whatever the app would answer: 413 or 408, in
+    each API's error shape."""
 
     def __init__(self, app: ASGIApp, config: ServerConfig) -> None:
         self.app, self.keys = app, set(config.api_key)
         self.max_body = int(config.max_body_mb * 2**20)
+        self.body_timeout_s = config.body_timeout_s
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         """A key in `Authorization: Bearer` (OpenAI's clients) or `x-api-key` (Anthropic's), compared
@@ -77,8 +83,12 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            await _error(431, f"request headers exceed {MAX_HEADER_BYTES // 1024} KB", "invalid_request_error",
+                         code="headers_too_large", path=path)(scope, receive, send)  # fmt: skip
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         guarded = path not in _OPEN_PATHS and not path.startswith("/static/")
         if self.keys and guarded and not self._authorized(headers):
             response = _error(
@@ -92,40 +102,51 @@ class _Guard:
             return
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
-            await self._too_large(scope, receive, send)
+            await self._too_large(path)(scope, receive, send)
             return
-        received = 0
+        received, body_done = 0, False
         started = False
+        refusal: Response | None = None
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
-        async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, body_done, refusal
+            if body_done or refusal is not None:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0.001))
+            except asyncio.TimeoutError:
+                seconds = f"{self.body_timeout_s:g}"
+                refusal = _error(408, f"the request body did not arrive within {seconds} s", "invalid_request_error",
+                                 code="request_timeout", path=path)  # fmt: skip
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_body:
-                    raise _BodyTooLarge
+                    refusal = self._too_large(path)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracked_send(message: Message) -> None:
             nonlocal started
+            if refusal is not None and not started:
+                return  # the app's answer to a body it never got whole: the refusal goes instead
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._too_large(scope, receive, send)
+            await self.app(scope, guarded_receive, tracked_send)
+        except Exception:
+            if refusal is None:
+                raise
+        if refusal is not None and not started:
+            await refusal(scope, receive, send)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _too_large(self, path: str) -> Response:
         limit_mb = self.max_body / 2**20
-        await _error(413, f"request body exceeds {limit_mb:g} MB", "invalid_request_error", code="request_too_large")(
-            scope, receive, send
-        )
-
-
-class _BodyTooLarge(Exception):
-    pass
+        return _error(413, f"request body exceeds {limit_mb:g} MB", "invalid_request_error",
+                      code="request_too_large", path=path)  # fmt: skip
 
 
 class _InFlight:
@@ -259,6 +280,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             404: f"unknown route {request.method} {request.url.path}",
             405: f"method {request.method} is not allowed on {request.url.path}",
         }.get(error.status_code, str(error.detail))
+        if isinstance(error.__cause__, RecursionError):  # the JSON parser's own depth limit (~1000)
+            message = "the JSON body is nested too deeply"
         return _error(error.status_code, message, "invalid_request_error", path=request.url.path)
 
     async def engine_dead(request: Request, error: Exception) -> Response:
@@ -271,6 +294,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             path=request.url.path,
         )
 
+    async def client_left(request: Request, error: Exception) -> Response:
+        logger.info("%s: the client left before its answer was ready; its work was aborted", request.url.path)
+        return Response(status_code=499)
+
     async def unexpected(request: Request, error: Exception) -> Response:
         logger.exception("unexpected error on %s", request.url.path)
         return _error(500, "internal server error", "server_error", path=request.url.path)
@@ -280,6 +307,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         RequestValidationError: validation_error,
         StarletteHTTPException: http_error,
         EngineDead: engine_dead,
+        ClientDisconnected: client_left,
         Exception: unexpected,
     }
     for kind, handler in handlers.items():

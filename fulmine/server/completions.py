@@ -107,7 +107,9 @@ class Completions:
         except ConfigError as error:
             raise p.RequestError(str(error), param) from None
 
-    async def _check_structured(self, body: p._Sampling, forced: StructuredOutput | None = None) -> None:
+    async def _check_structured(
+        self, body: p._Sampling, forced: StructuredOutput | None = None, param: str = "tool_choice"
+    ) -> None:
         """Compile the request's output constraint off the event loop (the first one builds the
         grammar tokenizer, about a second; a complex schema takes milliseconds): 400 if unusable."""
         structured = forced or body.structured()
@@ -118,7 +120,7 @@ class Completions:
             await loop.run_in_executor(self._tokenizer_thread, self.engine.engine.grammars.check, structured)
         except ConfigError as error:
             self.metrics.rejected.labels("bad_constraint").inc()
-            raise p.RequestError(str(error), "tool_choice" if forced else error.param or "response_format") from None
+            raise p.RequestError(str(error), param if forced else error.param or "response_format") from None
 
     def _make_choices(
         self,
@@ -177,7 +179,15 @@ class Completions:
         self.check_model(body.model)
         body.check_supported()
         tool_list, fmt = tools.checked_tools(body), self.tool_format
-        messages = tools.render_messages([m.as_dict(i) for i, m in enumerate(body.messages)], tool_list, fmt)
+        turns = [m.as_dict(i) for i, m in enumerate(body.messages)]
+        tools.check_call_ids(turns)
+        for i, tool in enumerate(tool_list):  # a schema the grammar compiler refuses is a 400, whatever tool_choice
+            parameters = tool["function"].get("parameters")
+            if parameters:
+                await self._check_structured(
+                    body, StructuredOutput("json_schema", json.dumps(parameters)), f"tools[{i}].function.parameters"
+                )
+        messages = tools.render_messages(turns, tool_list, fmt)
         prompt_ids = await self.encode(messages, "messages", tool_list if fmt != "generic" else None)
         max_tokens = body.max_completion_tokens or body.max_tokens
         parallel = body.parallel_tool_calls is not False

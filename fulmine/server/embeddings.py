@@ -22,7 +22,7 @@ class EmbeddingRequest(BaseModel):
     model: str
     input: str | list[str] | list[p.Int] | list[list[p.Int]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: p.Int | None = Field(None, ge=1)
     user: str | None = None
     # extensions
     pooling: Literal["mean", "last"] = "mean"

@@ -38,13 +38,13 @@ ERROR_TYPES = {
 class MessagesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str
-    max_tokens: int = Field(ge=1)
+    max_tokens: p.Int = Field(ge=1)
     messages: list[dict[str, Any]] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
     stop_sequences: list[str] | None = None
-    temperature: float | None = Field(None, ge=0.0, le=1.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
+    temperature: p.Number | None = Field(None, ge=0.0, le=1.0)
+    top_p: p.Number | None = Field(None, gt=0.0, le=1.0)
+    top_k: p.Int | None = Field(None, ge=0)
     stream: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None

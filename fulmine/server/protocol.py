@@ -21,7 +21,9 @@ from fulmine.sampling.grammar import closed_objects
 MAX_STOP_SEQUENCES = 4
 # Every integer a request carries fits the engine's 64-bit integers; larger ones are a 400 here.
 # (Only in a union or a list: a field of its own with Field(ge=...) would lose that bound to this one.)
-Int = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+# JSON's types as OpenAI's API reads them: no booleans or numeric strings for numbers (`true` is not 1 ms)
+Int = Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)]
+Number = Annotated[float, Field(strict=True)]
 _TOKEN_ID = re.compile(r"^-?[0-9]{1,19}$")
 
 
@@ -122,8 +124,8 @@ class StreamOptions(_Strict):
 class LatencyTargets(_Strict):
     """fulmine's `slo` extension: the request's first token within ttft_ms, each next within itl_ms."""
 
-    ttft_ms: float | None = Field(None, gt=0, le=3.6e6)
-    itl_ms: float | None = Field(None, gt=0, le=3.6e6)
+    ttft_ms: Number | None = Field(None, gt=0, le=3.6e6)
+    itl_ms: Number | None = Field(None, gt=0, le=3.6e6)
 
 
 class _Sampling(_Strict):
@@ -131,22 +133,22 @@ class _Sampling(_Strict):
 
     model: str
     max_tokens: Int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=INT64_MAX)
+    temperature: Number | None = Field(None, ge=0.0, le=2.0)
+    top_p: Number | None = Field(None, gt=0.0, le=1.0)
+    n: Int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: Number | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Number | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     seed: Int | None = None
     user: str | None = None
     # extensions (vLLM's names), reachable from the openai client through extra_body
     top_k: Int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    min_tokens: int = Field(0, ge=0, le=INT64_MAX)
+    min_p: Number | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Number | None = Field(None, gt=0.0, le=10.0)
+    min_tokens: Int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[Int] | None = None
     # structured outputs: OpenAI's response_format; vLLM's guided_* and structured_outputs extensions

@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from fulmine.server import logprobs as lp
 from fulmine.server import protocol as p
 from fulmine.server.completions import Completions
 from fulmine.server.events import Generation
@@ -33,9 +34,9 @@ class ResponsesRequest(BaseModel):
     model: str
     input: str | list[dict[str, Any]]
     instructions: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_output_tokens: p.Int | None = Field(None, ge=1)
+    temperature: p.Number | None = Field(None, ge=0.0, le=2.0)
+    top_p: p.Number | None = Field(None, gt=0.0, le=1.0)
     stream: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -52,7 +53,7 @@ class ResponsesRequest(BaseModel):
     safety_identifier: str | None = None
     service_tier: str | None = None
     stream_options: dict[str, Any] | None = None
-    top_logprobs: int | None = None
+    top_logprobs: p.Int | None = None
     slo: dict[str, Any] | None = None  # fulmine's latency targets, as on chat completions
 
 
@@ -151,6 +152,8 @@ def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> p.ChatComp
     fmt = (body.text or {}).get("format")
     response_format = None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise p.RequestError("text.format json_schema needs its schema (an object)", "text.format.schema")
         response_format = {
             "type": "json_schema",
             "json_schema": {
@@ -175,6 +178,8 @@ def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> p.ChatComp
         "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": response_format,
         "slo": body.slo,
+        "logprobs": True if body.top_logprobs is not None else None,
+        "top_logprobs": body.top_logprobs,
     }
     try:
         return p.ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -182,8 +187,10 @@ def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> p.ChatComp
         raise p.RequestError(f"invalid request: {error}".splitlines()[0], None) from None
 
 
-def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
-    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _message_item(
+    item_id: str, text: str, status: str = "completed", logprobs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": [part]}
 
 
@@ -211,15 +218,15 @@ class Responses:
         conversation = [m.as_dict(i) for i, m in enumerate(chat_body.messages) if not (i == 0 and body.instructions)]
         if body.stream:
             return StreamingResponse(
-                _sse(self._events(chat, body, conversation)),
+                _sse(self._events(chat, body, conversation, completions.token_text)),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         [answer] = await chat.answers()
         content, calls = answer.content, answer.calls
-        output = ([_message_item("msg_" + secrets.token_hex(12), content)] if content or not calls else []) + [
-            _call_item(call) for call in calls
-        ]
+        entries = lp.chat_logprobs(completions.token_text, answer.choice, 0) if body.top_logprobs is not None else []
+        message = _message_item("msg_" + secrets.token_hex(12), content, logprobs=entries)
+        output = ([message] if content or not calls else []) + [_call_item(call) for call in calls]
         response = self._response(chat, body, answer.choice, output, answer.finish)
         self._remember(response, conversation, content, calls, body)
         return JSONResponse(response)
@@ -287,7 +294,7 @@ class Responses:
         self.store.put(response["id"], [*conversation, answer])
 
     async def _events(
-        self, chat: Generation, body: ResponsesRequest, conversation: list[dict[str, Any]]
+        self, chat: Generation, body: ResponsesRequest, conversation: list[dict[str, Any]], token_text: lp.TokenText
     ) -> AsyncIterator[dict[str, Any]]:
         """The Responses stream: created, in_progress, per output item added / deltas / done, completed."""
         run = chat.run
@@ -299,6 +306,17 @@ class Responses:
         all_calls: list[ToolCall] = []
         items: dict[int, tuple[int, dict[str, Any]]] = {}  # a streaming call's (output index, item)
         reason = None
+        scored, entries = 0, []  # tokens whose logprobs went out with a delta; those of the open message
+
+        def new_logprobs() -> list[dict[str, Any]]:
+            nonlocal scored
+            if body.top_logprobs is None or c.last is None:
+                return []
+            fresh = lp.chat_logprobs(token_text, c, scored)
+            scored = len(c.last.token_ids)
+            entries.extend(fresh)
+            return fresh
+
         async for event in chat.events():
             final, content, calls = event.finish is not None, event.content, event.calls
             reason = event.finish or reason
@@ -311,11 +329,14 @@ class Responses:
                     yield _event("content_part.added", **_at(open_id, len(output) - 1), part=part)
                 open_text += content
                 full_text += content
-                yield _event("output_text.delta", **_at(open_id, len(output) - 1), delta=content, logprobs=[])
+                delta_logprobs = new_logprobs()
+                yield _event(
+                    "output_text.delta", **_at(open_id, len(output) - 1), delta=content, logprobs=delta_logprobs
+                )
             if (calls or final) and open_id is not None:
-                for closing in _close_message(output, open_id, open_text):
+                for closing in _close_message(output, open_id, open_text, entries):
                     yield closing
-                open_id = None
+                open_id, entries = None, []
             for call in calls:
                 if call.started:
                     output.append(_call_item(call.call, "in_progress"))
@@ -347,11 +368,13 @@ def _at(item_id: str, output_index: int) -> dict[str, Any]:
     return {"item_id": item_id, "output_index": output_index, "content_index": 0}
 
 
-def _close_message(output: list[dict[str, Any]], message_id: str, text: str) -> list[dict[str, Any]]:
+def _close_message(
+    output: list[dict[str, Any]], message_id: str, text: str, logprobs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     index = len(output) - 1
-    output[index] = _message_item(message_id, text)
+    output[index] = _message_item(message_id, text, logprobs=list(logprobs))
     return [
-        _event("output_text.done", **_at(message_id, index), text=text, logprobs=[]),
+        _event("output_text.done", **_at(message_id, index), text=text, logprobs=list(logprobs)),
         _event("content_part.done", **_at(message_id, index), part=output[index]["content"][0]),
         _event("output_item.done", output_index=index, item=output[index]),
     ]

@@ -232,8 +232,18 @@ async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> 
     """Await `work`, cancelling it if the client disconnects first (its own cleanup aborts what it
     started in the engine)."""
     task = asyncio.create_task(work)
+    left = False
     while not task.done():
         await asyncio.wait([task], timeout=_DISCONNECT_POLL_S)
         if not task.done() and await request.is_disconnected():
-            task.cancel()
-    return await task
+            left = task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if left:  # nobody is listening: the app answers quietly (not a 70-line traceback as an error)
+            raise ClientDisconnected from None
+        raise
+
+
+class ClientDisconnected(Exception):
+    """The client left before its answer was ready; what it started was aborted."""

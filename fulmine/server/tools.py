@@ -16,12 +16,19 @@ renders them (the generic format: as `<tool_response>` blocks in a user turn).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
+from fulmine.config import ConfigError
 from fulmine.request import StructuredOutput
 from fulmine.sampling.grammar import closed_objects
+from fulmine.sampling.grammar_limits import bound_schema
 from fulmine.server.protocol import ChatCompletionRequest, RequestError
 from fulmine.server.tool_calls import HERMES_CLOSE, HERMES_OPEN, MISTRAL_OPEN, loads
+
+# OpenAI's function names ([a-zA-Z0-9_-]{1,64}) plus the . and : of namespaced tools (MCP): nothing
+# that could close the call format's tags or the prompt's quotes
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def checked_tools(body: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -37,8 +44,22 @@ def checked_tools(body: ChatCompletionRequest) -> list[dict[str, Any]]:
         )
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise RequestError("each tool is {type: function, function: {name, parameters}}", f"tools[{i}]")
+        name = function["name"]
+        if not _NAME.fullmatch(name):
+            raise RequestError(
+                f"a function name is 1 to 64 letters, digits, _ - . or : (got {name[:80]!r})",
+                f"tools[{i}].function.name",
+            )
+        if name in names:
+            raise RequestError(f"two tools are named {name!r}", f"tools[{i}].function.name")
         if not isinstance(function.get("parameters", {}), dict):
             raise RequestError("a function's parameters are a JSON schema object", f"tools[{i}].function.parameters")
+        try:  # before anything serializes it (json.dumps recursed past Python's limit ~960 levels deep)
+            bound_schema(function.get("parameters", {}))
+        except ConfigError as error:
+            raise RequestError(
+                str(error).replace("json_schema", "parameters"), f"tools[{i}].function.parameters"
+            ) from None
         if function.get("strict") is True and "parameters" in function:  # exactly the parameters named
             tools[i] = {**tool, "function": {**function, "parameters": closed_objects(function["parameters"])}}
         names.append(function["name"])
@@ -52,6 +73,19 @@ def checked_tools(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     if choice == "required" and not tools:
         raise RequestError("tool_choice required needs tools", "tool_choice")
     return [] if choice == "none" else tools
+
+
+def check_call_ids(messages: list[dict[str, Any]], where: str = "messages") -> None:
+    """Each tool result answers a call an earlier assistant turn made (by its id), as OpenAI requires."""
+    called: set[str] = set()
+    for index, message in enumerate(messages):
+        for call in message.get("tool_calls") or ():
+            called.add(call.get("id"))
+        if message["role"] == "tool" and message["tool_call_id"] not in called:
+            raise RequestError(
+                f"the tool result's id {message['tool_call_id'][:80]!r} answers no earlier tool call",
+                f"{where}[{index}].tool_call_id",
+            )
 
 
 def detect_format(chat_template: str | None) -> str:
