@@ -62,15 +62,30 @@ INVALID: list[dict[str, Any] | bytes] = [
     {**_chat("hi"), "model": "no-such-model"},
     {"model": MODEL, "messages": []},
     {"model": MODEL, "prompt": [2**64], "max_tokens": 4},
+    _chat("hi", guided_grammar="start: r0\n" + "\n".join(f'r{i}: "x" r{i + 1}' for i in range(5000))),
+    _chat("hi", guided_choice=[f"c{i}" for i in range(2000)]),
+    _chat("hi", guided_json={"type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"]}),
+    _chat("hi", guided_regex=r"[^\s\S]"),
+    _chat("hi", tools=[{"type": "function", "function": {"name": 'x"</tool_call>', "parameters": {}}}]),
+    _chat("hi", slo={"ttft_ms": True}),
     b"{not json",
     b"[" * 50_000 + b"]" * 50_000,
     _chat("word " * 20_000),  # longer than the context window
 ]
 
 
+REWRITE = "Rewrite this code with better names: def f(a,b): return [x for x in a if x in b]"
+
+
 def _valid(rng: random.Random) -> tuple[str, dict[str, Any]]:
     question = f"{rng.choice(QUESTIONS)} (#{rng.randrange(10**6)})"
-    kind = rng.randrange(4)
+    kind = rng.randrange(6)
+    if kind == 4:  # the same greedy chat again and again: prefix hits, answers ending inside accepted drafts
+        return "/v1/chat/completions", _chat(REWRITE, temperature=0, max_tokens=32)
+    if kind == 5:  # overlapping conversations: a follow-up turn on a shared first turn, streamed
+        turns = [{"role": "user", "content": REWRITE}, {"role": "assistant", "content": "def common(a, b):"}]
+        turns.append({"role": "user", "content": f"Now explain it (#{rng.randrange(10**6)})"})
+        return "/v1/chat/completions", {**_chat(""), "messages": turns, "temperature": 0, "stream": True}
     if kind == 0:
         return "/v1/chat/completions", _chat(question, temperature=0)
     if kind == 1:
@@ -194,6 +209,12 @@ def _idle_kv_blocks(server: Server, timeout: float = 30.0) -> float:
         time.sleep(0.2)
 
 
+def _metric(server: Server, name: str) -> float:
+    text = httpx.get(server.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    match = re.search(rf"^{name} ([-+.\deE]+)$", text, flags=re.MULTILINE)
+    return float(match.group(1)) if match else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
@@ -221,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         mixed, rss, mixed_s = asyncio.run(_mixed(server, args))
         burst, burst_s = asyncio.run(_burst(server, args))
         leaked = _idle_kv_blocks(server)
+        deaths = _metric(server, "fulmine_engine_deaths_total")
         alive = server.process.poll() is None and httpx.get(server.base_url.removesuffix("/v1") + "/health").is_success
     finally:
         server.stop()
@@ -236,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f" + {tally.disconnects} disconnected" if tally.disconnects else "")
     print(f"5xx answers + stream errors: {num_5xx} + {mixed.stream_errors + burst.stream_errors} (goal 0)")
     print(f"KV blocks held when idle: {leaked:g} (goal 0)")
+    print(f"engine deaths: {deaths:g} (goal 0)")
     print(
         f"RSS: {rss_loaded:.0f} MB loaded, {rss[0][1]:.0f} MB at start, {third[0] if third else 0:.0f} MB at "
         f"two thirds, {rss[-1][1]:.0f} MB at the end: {100 * growth:+.1f} % over the last third (goal < 5 %)"
@@ -253,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_5xx": num_5xx,
         "stream_errors": mixed.stream_errors + burst.stream_errors,
         "leaked_kv_blocks": leaked,
+        "engine_deaths": deaths,
         "rss_mb": {
             "loaded": rss_loaded,
             "start": rss[0][1],
@@ -266,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report))
     passed = num_5xx == 0 and not report["stream_errors"] and leaked == 0 and growth < 0.05 and burst_ok and alive
+    passed = passed and deaths == 0
     return 0 if passed else 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -51,7 +52,9 @@ def start_fulmine(model: str | None, threads: int, engine_args: list[str]) -> Se
     port = free_port()
     command = [sys.executable, "-m", "fulmine", "serve", "--port", str(port), "--num-threads", str(threads)]
     command += (["--model", model] if model else []) + engine_args
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = os.environ.get("FULMINE_BENCH_SERVER_LOG")  # the server's log, when debugging a benchmark
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
+    process = subprocess.Popen(command, stdout=log, stderr=log)
     return _wait_ready(Server("fulmine", process, f"http://127.0.0.1:{port}/v1"), 300)
 
 

@@ -38,7 +38,7 @@ ERROR_TYPES = {
 class MessagesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str
-    max_tokens: p.Int = Field(ge=1)
+    max_tokens: p.Positive
     messages: list[dict[str, Any]] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
     stop_sequences: list[str] | None = None

@@ -24,6 +24,8 @@ MAX_STOP_SEQUENCES = 4
 # JSON's types as OpenAI's API reads them: no booleans or numeric strings for numbers (`true` is not 1 ms)
 Int = Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)]
 Number = Annotated[float, Field(strict=True)]
+Count = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]  # (a field's own Field(ge=...) narrows it)
+Positive = Annotated[int, Field(strict=True, ge=1, le=INT64_MAX)]
 _TOKEN_ID = re.compile(r"^-?[0-9]{1,19}$")
 
 
@@ -135,7 +137,7 @@ class _Sampling(_Strict):
     max_tokens: Int | None = Field(None, ge=1)
     temperature: Number | None = Field(None, ge=0.0, le=2.0)
     top_p: Number | None = Field(None, gt=0.0, le=1.0)
-    n: Int = Field(1, ge=1)
+    n: Positive = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -148,7 +150,7 @@ class _Sampling(_Strict):
     top_k: Int | None = Field(None, ge=-1)
     min_p: Number | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: Number | None = Field(None, gt=0.0, le=10.0)
-    min_tokens: Int = Field(0, ge=0)
+    min_tokens: Count = 0
     ignore_eos: bool = False
     stop_token_ids: list[Int] | None = None
     # structured outputs: OpenAI's response_format; vLLM's guided_* and structured_outputs extensions
