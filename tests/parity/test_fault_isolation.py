@@ -117,3 +117,60 @@ def test_streaming_a_failing_request_raises_and_frees_it(llm: LLM) -> None:
     with failing_step(llm, after_tokens=3), pytest.raises(RuntimeError, match="injected fault"):
         list(llm.stream_text(POISONED, GREEDY))
     assert llm.engine.kv_cache.pool.usage == 0.0 and not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("where", ["cache_full_blocks", "propose", "stop_reason"])
+def test_a_failure_after_the_forward_ends_its_request_alone(llm: LLM, alone: list[list[int]], where: str) -> None:
+    """Registering blocks, proposing drafts, reading stop conditions: whatever fails for one request
+    after the forward ends that request alone, frees its blocks and registers nothing half-way (the
+    engine's invariants hold after every step: FULMINE_CHECK_INVARIANTS is on in the suite)."""
+    engine = llm.engine
+    ids = [engine.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
+    victim = ids[1]
+
+    def poisoned(request_id: str) -> None:
+        if request_id == victim and len(engine.scheduler.requests[victim].output_token_ids) >= 3:
+            raise RuntimeError(f"injected fault in {where}")
+
+    restore = []
+    if where == "cache_full_blocks":
+        original_cache = engine.kv_cache.cache_full_blocks
+
+        def cache_full_blocks(request):  # type: ignore[no-untyped-def]
+            poisoned(request.request_id)
+            original_cache(request)
+
+        engine.kv_cache.cache_full_blocks = cache_full_blocks  # type: ignore[method-assign]
+        restore.append(lambda: setattr(engine.kv_cache, "cache_full_blocks", original_cache))
+    elif where == "propose":
+        assert engine.governor is not None
+        governor, original_drafts = engine.governor, engine.governor.drafts
+
+        def drafts(request, *args):  # type: ignore[no-untyped-def]
+            poisoned(request.request_id)
+            return original_drafts(request, *args)
+
+        governor.drafts = drafts  # type: ignore[method-assign]
+        restore.append(lambda: setattr(governor, "drafts", original_drafts))
+    else:
+        request_type = type(engine.scheduler.requests[victim])
+        original_stop = request_type.stop_reason
+
+        def stop_reason(self, num_output):  # type: ignore[no-untyped-def]
+            poisoned(self.request_id)
+            return original_stop(self, num_output)
+
+        request_type.stop_reason = stop_reason  # type: ignore[method-assign]
+        restore.append(lambda: setattr(request_type, "stop_reason", original_stop))
+    finals = {}
+    try:
+        while engine.has_unfinished():
+            for output in engine.step():
+                if output.finished:
+                    finals[output.request_id] = output
+    finally:
+        for undo in restore:
+            undo()
+    assert finals[victim].finish_reason is FinishReason.ERROR and where in (finals[victim].error or "")
+    assert [finals[i].token_ids for i in ids if i != victim] == [alone[0], *alone[2:]]
+    assert engine.kv_cache.pool.usage == 0.0 and not engine.detokenizers and not engine.has_unfinished()
