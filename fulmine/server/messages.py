@@ -74,6 +74,8 @@ def to_chat(body: MessagesRequest) -> p.ChatCompletionRequest:
             continue
         if not isinstance(content, list):
             raise p.RequestError(f"{where} is a string or a list of content blocks", where)
+        if not content:  # Anthropic's API refuses it too: a turn says something
+            raise p.RequestError(f"{where} is empty: a message needs at least one content block", where)
         text, calls = [], []
         for j, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None

@@ -155,7 +155,7 @@ HOSTILE: dict[str, tuple[str, Any, int, str]] = {
         "/v1/messages",
         {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": []}]},
         400,
-        "",
+        "at least one content block",
     ),
     "an embedding of 4096 token ids": ("/v1/embeddings", {"model": MODEL, "input": [[17] * 4096]}, 200, ""),
 }
