@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from fulmine.config import ModelConfig
-from fulmine.engine.model_runner import ModelRunner
-from fulmine.engine.step import SequenceStep, StepBatch
+from fulmine.executors.model_runner import ModelRunner
+from fulmine.executors.step import SequenceStep, StepBatch
 from fulmine.layers.linear import Embedding, Linear
 from fulmine.models.loader import random_model
 from fulmine.request import SamplingParams

@@ -168,17 +168,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"fulmine: error: {error}", file=sys.stderr)
         return 2
     if engine_config.node_rank > 0:  # a worker node of a tensor-parallel engine: no API, its ranks only
-        from fulmine.distributed.workers import run_node
+        from fulmine.engine.ranks import run_node
 
         print(f"fulmine: node {engine_config.node_rank}: ranks joining {engine_config.master_addr}", file=sys.stderr)
         return run_node(engine_config)
     import uvicorn
 
-    from fulmine.distributed.front import ReplicaSet
-    from fulmine.distributed.front import connect as connect_ray
-    from fulmine.distributed.front import start as start_replicas
     from fulmine.engine.llm_engine import LLMEngine
+    from fulmine.replicas.front import connect as connect_ray
+    from fulmine.replicas.front import start as start_replicas
     from fulmine.server.api import create_app
+    from fulmine.server.engine_client import EngineClient
     from fulmine.server.lifecycle import Server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -197,7 +197,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"fulmine: error: {error}", file=sys.stderr)
             return 2
 
-    def load() -> LLMEngine | ReplicaSet:
+    def load() -> LLMEngine | EngineClient:
         if server_config.replicas:  # engines as Ray Serve replicas, this process their front
             return start_replicas(args.model, engine_config, server_config)
         return LLMEngine(args.model, engine_config, progress=True)

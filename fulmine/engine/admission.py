@@ -2,7 +2,7 @@
 step's prompt tokens so that running streams keep theirs.
 
 When a request arrives, its time to first token is predicted from the step cost model
-(engine/cost_model.py): the prompt tokens that will be computed before its own (those of admitted
+(executors/cost_model.py): the prompt tokens that will be computed before its own (those of admitted
 requests already prefilling, and of those with earlier deadlines, which the scheduler admits
 first), then its own, in chunks sized
 for the streams decoding meanwhile. A request whose target cannot be met is refused at once
@@ -21,7 +21,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fulmine.engine.cost_model import StepCostModel, StepShape
+from fulmine.executors.cost_model import StepCostModel, StepShape
 from fulmine.request import SLO, Request, RequestStatus
 
 # Steps are aimed at this fraction of an inter-token target: their times scatter around the model's

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fulmine.config import ConfigError
-from fulmine.engine.model_runner import ModelRunner
-from fulmine.engine.step import SequenceStep, StepBatch
+from fulmine.executors.model_runner import ModelRunner
+from fulmine.executors.step import SequenceStep, StepBatch
 from fulmine.kv_cache import KVCacheManager
 from fulmine.request import SamplingParams
 

@@ -1,6 +1,6 @@
 """What a request may ask of a model: a prompt that fits the context window, token ids inside the
 vocabulary, an output constraint that compiles. Checked by the engine, and by a front that serves
-replicas without holding weights (distributed/front.py), with the same words."""
+replicas without holding weights (replicas/front.py), with the same words."""
 
 from __future__ import annotations
 

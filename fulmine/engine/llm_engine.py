@@ -15,18 +15,18 @@ import torch
 
 from fulmine import kernels
 from fulmine.config import ConfigError, EngineConfig
-from fulmine.distributed.workers import start_ranks
 from fulmine.engine.admission import Admission, Streams
-from fulmine.engine.cost_model import StepCostModel, StepShape, calibrate
+from fulmine.engine.calibration import calibrate
 from fulmine.engine.detokenizer import IncrementalDetokenizer
 from fulmine.engine.embeddings import Done, EmbeddingJob, Embeddings
 from fulmine.engine.invariants import check_invariants
 from fulmine.engine.invariants import enabled as invariants_enabled
 from fulmine.engine.limits import RequestLimits
-from fulmine.engine.model_runner import ModelRunner
 from fulmine.engine.outputs import RequestMetrics, RequestOutput
+from fulmine.engine.ranks import start_ranks
 from fulmine.engine.scheduler import Scheduler, draft_room
-from fulmine.engine.step import StepBatch
+from fulmine.executors.cost_model import StepCostModel, StepShape
+from fulmine.executors.model_runner import ModelRunner
 from fulmine.kv_cache import KVCacheManager
 from fulmine.kv_cache.sizing import fit_max_model_len, kv_cache_blocks, kv_cache_bytes_per_token, kv_cache_dtype
 from fulmine.layers.linear import Embedding, Linear
@@ -76,7 +76,7 @@ class LLMEngine(RequestLimits):
             dtype=dtype, seed=config.seed, exact_kernels=config.exact_kernels, executor=config.executor,
             max_num_seqs=config.max_num_seqs, kv_dtype=kv_dtype,
         )  # fmt: skip
-        # tensor parallel: the other ranks start loading their parts now (distributed/workers.py)
+        # tensor parallel: the other ranks start loading their parts now (engine/ranks.py)
         tp_size = config.tensor_parallel_size
         self.ranks = start_ranks(config, model, model_config, load_args, runner_args) if tp_size > 1 else None
         # The tokenizer (mostly importing transformers) loads on a thread while weights load.
@@ -130,7 +130,7 @@ class LLMEngine(RequestLimits):
         generated: list[int] | None = None,
     ) -> str:
         """`generated`: tokens this request already produced elsewhere (a replica that died mid-stream,
-        distributed/front.py); it goes on after them as if it had drawn them here: a seeded draw
+        replicas/front.py); it goes on after them as if it had drawn them here: a seeded draw
         depends on the index of the token drawn, so the continuation is the same."""
         params, generated = params or SamplingParams(), generated or []
         prompt_ids = self.encode_prompt(prompt)
@@ -227,7 +227,7 @@ class LLMEngine(RequestLimits):
             s.request.first_scheduled_time = s.request.first_scheduled_time or now
             if self.governor is not None and s.request.draft_token_ids:  # (a no-op for a grammar's drafts)
                 self.governor.verified(s.request.request_id, len(s.draft_token_ids))
-        batch = StepBatch.from_scheduled(scheduled, self.kv_cache.block_tables)
+        batch = self.scheduler.batch(scheduled)
         masks = {
             s.request_id: (self.matchers[s.request_id], s.draft_token_ids)
             for s in batch.seqs

@@ -1,5 +1,5 @@
-"""The contracts between engine parts: what the scheduler hands the runner, what comes back,
-and what the engine hands its caller."""
+"""The contracts between engine parts: what the scheduler decides and what the engine hands its
+caller (what the runner gets and gives back: executors/step.py)."""
 
 from __future__ import annotations
 
@@ -32,21 +32,6 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
-
-
-@dataclass
-class ModelRunnerOutput:
-    """One entry per scheduled request that sampled this step."""
-
-    sampled: dict[str, list[int]]  # request id -> new tokens (several when drafts were accepted)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # this step's chunk
-
-    def merge(self, other: ModelRunnerOutput) -> None:
-        """Add the results of another part of the same step (disjoint requests)."""
-        self.sampled.update(other.sampled)
-        self.logprobs.update(other.logprobs)
-        self.prompt_logprobs.update(other.prompt_logprobs)
 
 
 @dataclass

@@ -17,7 +17,8 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from fulmine.engine.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from fulmine.engine.outputs import ScheduledRequest, SchedulerOutput
+from fulmine.executors.step import ModelRunnerOutput, SequenceStep, StepBatch
 from fulmine.kv_cache import KVCacheManager
 from fulmine.request import FinishReason, Request, RequestStatus
 
@@ -94,6 +95,28 @@ class Scheduler:
             budget -= num_new
             prefill -= num_new
         return out
+
+    def batch(self, out: SchedulerOutput) -> StepBatch:
+        """What the runner gets for this step: per scheduled request, its new tokens and drafts, where
+        they start, its block table and how it samples (plain data)."""
+        seqs = []
+        for s in out.scheduled:
+            request, start = s.request, s.request.num_computed_tokens
+            new = _token_slice(request.prompt_token_ids, request.output_token_ids, start, start + s.num_new_tokens)
+            seqs.append(
+                SequenceStep(
+                    request.request_id,
+                    new + s.draft_token_ids,
+                    start,
+                    self.kv_cache.block_tables[request.request_id],
+                    len(s.draft_token_ids),
+                    s.samples,
+                    request.sampling_params,
+                    request.prompt_token_ids,
+                    request.output_token_ids,
+                )
+            )
+        return StepBatch(seqs)
 
     def _drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
         if not request.draft_token_ids or request.num_computed_tokens + num_new != request.num_tokens:
@@ -197,3 +220,11 @@ def draft_room(request: Request) -> int:
 def _decoding(request: Request) -> bool:
     """The request streams tokens and its next one is one step away (not a prompt, not a recompute)."""
     return bool(request.output_token_ids) and request.num_computed_tokens == request.num_tokens - 1
+
+
+def _token_slice(prompt: list[int], output: list[int], start: int, end: int) -> list[int]:
+    if end <= len(prompt):
+        return prompt[start:end]
+    if start >= len(prompt):
+        return output[start - len(prompt) : end - len(prompt)]
+    return prompt[start:] + output[: end - len(prompt)]

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from fulmine.engine.step import StepBatch
+from fulmine.executors.step import StepBatch
 from fulmine.layers.rotary import RotaryEmbedding
 from fulmine.models.decoder import DecoderModel
 

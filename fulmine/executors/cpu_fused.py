@@ -21,8 +21,8 @@ import os
 import torch
 
 from fulmine import kernels
-from fulmine.engine.step import StepBatch
 from fulmine.executors.base import ModelState
+from fulmine.executors.step import StepBatch
 from fulmine.executors.torch_eager import use_torch_threads
 from fulmine.layers.linear import Linear
 from fulmine.layers.quantized import QuantizedShards, QuantizedWeight

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from fulmine.engine.step import StepBatch
 from fulmine.executors.base import ModelState
+from fulmine.executors.step import StepBatch
 from fulmine.layers.attention import AttentionMetadata
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)

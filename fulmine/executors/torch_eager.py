@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from fulmine.engine.step import StepBatch
 from fulmine.executors.base import ModelState
+from fulmine.executors.step import StepBatch
 from fulmine.layers.attention import AttentionMetadata
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from fulmine import kernels
 from fulmine.layers.quantized import QuantizedShards, QuantizedWeight, quantize
-from fulmine.models.weights import QuantizedTensor, WeightTensor, as_dense
+from fulmine.layers.weights import QuantizedTensor, WeightTensor, as_dense
 
 
 class Linear(nn.Module):

@@ -15,13 +15,13 @@ from torch import nn
 
 from fulmine import kernels
 from fulmine.config import ModelConfig
-from fulmine.distributed.tensor_parallel import TensorParallel
 from fulmine.layers.activation import gelu_tanh_and_mul, silu_and_mul
 from fulmine.layers.attention import AttentionMetadata, paged_attention
 from fulmine.layers.linear import Embedding, Linear, MergedLinear
 from fulmine.layers.norm import RMSNorm
 from fulmine.layers.rotary import apply_rotary
-from fulmine.models.weights import WeightTensor, as_dense
+from fulmine.layers.tensor_parallel import TensorParallel
+from fulmine.layers.weights import WeightTensor, as_dense
 
 # checkpoint projection name -> (merged module name, shard index)
 _MERGED = {
@@ -138,7 +138,7 @@ class DecoderModel(nn.Module):
         # layer's default, which the CPU executor's tuning leaves), so a row's logits never depend
         # on what else was sampled with it
         self.tie_weights()
-        self.tp: TensorParallel | None = None  # this model is one rank's part (distributed/tensor_parallel.py)
+        self.tp: TensorParallel | None = None  # this model is one rank's part (layers/tensor_parallel.py)
         self.full_vocab_size = config.vocab_size
 
     def set_tensor_parallel(self, tp: TensorParallel, vocab_size: int) -> None:

@@ -19,7 +19,7 @@ from typing import Any, cast
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from fulmine.models.weights import QuantizedTensor
+from fulmine.layers.weights import QuantizedTensor
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {

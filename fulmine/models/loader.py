@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from fulmine import kernels
 from fulmine.config import ConfigError, ModelConfig
-from fulmine.distributed.tensor_parallel import TensorParallel, shard_config, shard_tensor
 from fulmine.layers.linear import Linear
+from fulmine.layers.tensor_parallel import TensorParallel, shard_config, shard_tensor
+from fulmine.layers.weights import QuantizedTensor, WeightTensor
 from fulmine.models.decoder import DecoderModel
 from fulmine.models.source import ModelSource
-from fulmine.models.weights import QuantizedTensor, WeightTensor
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 _GGUF_LAYER_NAMES = {
@@ -69,7 +69,7 @@ def load_model(
     The model is laid out on the meta device and allocated uninitialized in its final dtypes,
     so loading never holds a second, wider copy; every parameter must then come from the
     checkpoint, which is checked. `quantization` is EngineConfig's (auto, none, int8, int4). With
-    `tp`, the model is that rank's part (distributed/tensor_parallel.py), its matrices dense.
+    `tp`, the model is that rank's part (layers/tensor_parallel.py), its matrices dense.
     """
     if quantization in ("int8", "int4") and (kernels.cpu() is None or device.type != "cpu"):
         raise ConfigError(f"--quantization {quantization} needs fulmine's C kernels on the CPU, which are not built")

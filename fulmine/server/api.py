@@ -24,11 +24,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fulmine.config import ServerConfig
-from fulmine.distributed.front import ReplicaSet
 from fulmine.engine.llm_engine import LLMEngine
 from fulmine.server import embeddings, messages, responses
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import EngineDead
+from fulmine.server.engine_client import EngineClient
 from fulmine.server.lifecycle import ServerState
 from fulmine.server.run import ClientDisconnected, until_disconnected
 
@@ -169,7 +169,7 @@ class _InFlight:
 
 def create_app(
     config: ServerConfig,
-    load_engine: Callable[[], LLMEngine | ReplicaSet],
+    load_engine: Callable[[], LLMEngine | EngineClient],
     on_fatal: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """`on_fatal(error)`: the model cannot be loaded, or the engine died too often; the caller
@@ -200,8 +200,9 @@ def create_app(
         """200 {"status": "ok"} when serving; otherwise 503 with the state (see server/lifecycle.py).
         Behind replicas, also {"replicas": {"up", "total"}}; none up is a 503."""
         body: dict[str, Any] = {"status": "ok" if state.status == "ready" else state.status}
-        if isinstance(state.engine, ReplicaSet):
-            up, total = state.engine.replicas()
+        replicas = state.engine.replicas() if state.engine is not None else None
+        if replicas is not None:
+            up, total = replicas
             body["replicas"] = {"up": up, "total": total}
             if not up and state.status == "ready":
                 body["status"] = "no_replica_up"

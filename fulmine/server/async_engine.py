@@ -34,6 +34,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_death: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
         self._on_death = on_death
+        self.on_resume: Callable[[], None] | None = None  # (streams are resumed only behind replicas)
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
@@ -72,6 +73,15 @@ class AsyncEngine:
             "mask_seconds": engine.mask_seconds,
             "grammar_compiles": engine.grammars.compiles,
         }
+
+    def replicas(self) -> tuple[int, int] | None:
+        return None  # one engine, in this process
+
+    def cpu_seconds(self) -> float | None:
+        return None  # this process's own CPU time is the meter's to read
+
+    async def admitted(self, request_id: str) -> None:
+        """Nothing to wait for: the server admits before it submits (LLMEngine.admit)."""
 
     def stop(self) -> None:
         self._stopped = True

@@ -28,10 +28,9 @@ from fulmine.request import StructuredOutput
 from fulmine.server import bodies, tools
 from fulmine.server import logprobs as lp
 from fulmine.server import protocol as p
-from fulmine.server.async_engine import AsyncEngine
 
 if TYPE_CHECKING:
-    from fulmine.distributed.front import ReplicaSet
+    from fulmine.server.engine_client import EngineClient
 from fulmine.server.events import Answer, Generation
 from fulmine.server.metrics import Metrics
 from fulmine.server.run import Choice, Run
@@ -50,9 +49,7 @@ def _call_chunk(delta: CallDelta) -> dict[str, Any]:
 
 
 class Completions:
-    def __init__(
-        self, engine: AsyncEngine | ReplicaSet, metrics: Metrics, config: ServerConfig, model_names: list[str]
-    ) -> None:
+    def __init__(self, engine: EngineClient, metrics: Metrics, config: ServerConfig, model_names: list[str]) -> None:
         self.engine, self.metrics, self.config, self.model_names = engine, metrics, config, model_names
         # The HTTP side encodes with its own copy of the tokenizer, on one thread of its own (off
         # the event loop; one long prompt at a time). Decoding a few tokens stays on the loop:

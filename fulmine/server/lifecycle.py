@@ -30,13 +30,13 @@ import torch
 import uvicorn
 
 from fulmine.config import ServerConfig
-from fulmine.distributed.front import FrontEngine, ReplicaSet
 from fulmine.energy import EnergyMeter
 from fulmine.engine.llm_engine import LLMEngine
 from fulmine.server import bodies
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import AsyncEngine
 from fulmine.server.completions import Completions
+from fulmine.server.engine_client import EngineClient, ModelFacts
 from fulmine.server.metrics import Metrics
 
 logger = logging.getLogger("fulmine.server")
@@ -52,11 +52,11 @@ _UNAVAILABLE = {
 @dataclass
 class ServerState:
     config: ServerConfig
-    load_engine: Callable[[], LLMEngine | ReplicaSet]
+    load_engine: Callable[[], LLMEngine | EngineClient]
     on_fatal: Callable[[BaseException], None] | None = None  # the server cannot serve: the process should exit
     metrics: Metrics = field(default_factory=Metrics)
     status: str = "loading"
-    engine: AsyncEngine | ReplicaSet | None = None
+    engine: EngineClient | None = None
     completions: Completions | None = None
     model_names: list[str] = field(default_factory=list)
     load_error: BaseException | None = None
@@ -84,12 +84,14 @@ class ServerState:
             logger.error("loading the model failed: %s", error)
             self._give_up(error)
             return
-        replicas_cpu = None
+        replicas_cpu: Callable[[], float] | None = None
         if isinstance(engine, LLMEngine):
-            async_engine: AsyncEngine | ReplicaSet = AsyncEngine(engine, on_death=self._on_engine_death)
+            async_engine: EngineClient = AsyncEngine(engine, on_death=self._on_engine_death)
             device = engine.runner.device
-        else:  # replicas on Ray Serve (distributed/front.py): Ray restarts them, not this
-            async_engine, device, replicas_cpu = engine, torch.device("cpu"), engine.cpu_seconds
+        else:  # engines behind a client of their own (replicas on Ray Serve): restarted there, not here
+            client = engine
+            async_engine, device = client, torch.device("cpu")
+            replicas_cpu = lambda: client.cpu_seconds() or 0.0  # noqa: E731
             self.metrics.watch_replicas(engine)
         self.metrics.watch(async_engine)
         if self.metrics.energy is None:  # one meter for the server's life, restarts included
@@ -107,7 +109,7 @@ class ServerState:
         ).start()
 
     @staticmethod
-    def _warm_grammars(engine: LLMEngine | FrontEngine) -> None:
+    def _warm_grammars(engine: ModelFacts) -> None:
         try:
             _ = engine.grammars.tokenizer
         except Exception as error:  # noqa: BLE001 (structured requests will get the reason as a 400)
@@ -192,6 +194,6 @@ class Server(uvicorn.Server):
         self._drain_task = asyncio.ensure_future(drain_then_exit())
 
 
-def _default_name(engine: LLMEngine | FrontEngine) -> str:
+def _default_name(engine: ModelFacts) -> str:
     name = engine.source.name
     return name.split(".Q")[0] if engine.source.gguf is not None else name  # "SmolLM2-135M-Instruct"

@@ -11,7 +11,7 @@ from fulmine.energy import EnergyMeter
 from fulmine.server.async_engine import AsyncEngine
 
 if TYPE_CHECKING:
-    from fulmine.distributed.front import ReplicaSet
+    from fulmine.server.engine_client import EngineClient
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -129,10 +129,10 @@ class Metrics:
         for gauge, name in names.items():
             gauge.set_function(partial(_read, engine, name))
 
-    def watch_replicas(self, replicas: ReplicaSet) -> None:
+    def watch_replicas(self, replicas: EngineClient) -> None:
         """Replicas up and in all, from Serve's controller; each stream resumed elsewhere counted."""
-        self.replicas.labels("up").set_function(lambda: replicas.replicas()[0])
-        self.replicas.labels("total").set_function(lambda: replicas.replicas()[1])
+        self.replicas.labels("up").set_function(lambda: (replicas.replicas() or (0, 0))[0])
+        self.replicas.labels("total").set_function(lambda: (replicas.replicas() or (0, 0))[1])
         replicas.on_resume = self.resumed.inc
 
     def unwatch(self) -> None:

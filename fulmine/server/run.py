@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -21,10 +21,7 @@ from fulmine.engine.outputs import RequestOutput
 from fulmine.request import FinishReason, SamplingParams
 from fulmine.server import bodies
 from fulmine.server import protocol as p
-from fulmine.server.async_engine import AsyncEngine
-
-if TYPE_CHECKING:
-    from fulmine.distributed.front import ReplicaSet
+from fulmine.server.engine_client import EngineClient
 from fulmine.server.metrics import Metrics
 
 _DISCONNECT_POLL_S = 0.1
@@ -55,7 +52,7 @@ class Run:
 
     def __init__(
         self,
-        engine: AsyncEngine | ReplicaSet,
+        engine: EngineClient,
         metrics: Metrics,
         timeout_s: float,
         model: str,
@@ -92,12 +89,11 @@ class Run:
         """Behind replicas, a request is admitted by the replica that gets it (its latency targets):
         submit now and wait for that, so a refusal is a 429 before any response starts. One engine in
         this process admits before the run is made (Completions._admit): nothing to wait for."""
-        wait = getattr(self.engine, "admitted", None)
-        if wait is None:
+        if self.engine.replicas() is None:
             return
         _, tasks = self._start()
         try:
-            await asyncio.gather(*(wait(c.request_id) for c in self.choices))
+            await asyncio.gather(*(self.engine.admitted(c.request_id) for c in self.choices))
         except BaseException:
             for task in tasks:
                 task.cancel()

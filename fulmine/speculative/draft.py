@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from fulmine.config import ConfigError, EngineConfig
-from fulmine.engine.model_runner import ModelRunner
-from fulmine.engine.step import SequenceStep, StepBatch
+from fulmine.executors.model_runner import ModelRunner
+from fulmine.executors.step import SequenceStep, StepBatch
 from fulmine.kv_cache import KVCacheManager
 from fulmine.kv_cache.sizing import kv_cache_blocks, kv_cache_bytes_per_token, kv_cache_dtype
 from fulmine.models.loader import load_model

@@ -5,7 +5,7 @@ Two measurements drive it:
   counts of accepted and rejected drafts). While drafting is off the proposer still makes a
   one-token "shadow" proposal each step, scored against the token the model then produces, so
   the estimate stays current without paying for verification.
-- cost: step time as the engine's step cost model predicts it (engine/cost_model.py: fitted on
+- cost: step time as the engine's step cost model predicts it (executors/cost_model.py: fitted on
   every measured step), for the batch's rows plus the drafts, at the request's context.
 - the proposer's cost: seconds per proposed token, timed around each proposal (a draft model runs a
   forward per token; n-gram lookup is ~free).
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from fulmine.engine.cost_model import StepCostModel, StepShape
+from fulmine.executors.cost_model import StepCostModel, StepShape
 from fulmine.request import Request
 from fulmine.speculative.ngram import NgramProposer
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fulmine.engine.model_runner import ModelRunner
+from fulmine.executors.model_runner import ModelRunner
 from fulmine.request import INT64_MAX, INT64_MIN, SamplingParams
 from fulmine.server import protocol as p
 from tests.e2e.openai_schemas import validate

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pytest
 
 from fulmine import LLM, SamplingParams
-from fulmine.engine.model_runner import ModelRunner
+from fulmine.executors.model_runner import ModelRunner
 from fulmine.request import FinishReason
 from tests.parity.test_invariance import GREEDY, PROMPTS
 

@@ -1,5 +1,5 @@
 """A request resumed from the tokens it already generated (LLMEngine.add_request's `generated`: a
-stream whose replica died goes on on another, distributed/front.py) continues exactly as it would
+stream whose replica died goes on on another, replicas/front.py) continues exactly as it would
 have: the same tokens for greedy and seeded sampling, the same text after what was already released,
 with stop strings and output constraints carried across the cut."""
 

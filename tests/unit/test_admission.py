@@ -1,4 +1,4 @@
-"""The step cost model (engine/cost_model.py) and admission by latency targets (engine/admission.py)."""
+"""The step cost model (executors/cost_model.py) and admission by latency targets (engine/admission.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fulmine.engine.admission import MIN_CHUNK, SETPOINT, Admission, Refused, Streams
-from fulmine.engine.cost_model import StepCostModel, StepShape
+from fulmine.executors.cost_model import StepCostModel, StepShape
 from fulmine.request import SLO
 
 

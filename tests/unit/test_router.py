@@ -1,4 +1,4 @@
-"""The replica router's policy (distributed/router.py), on stand-in replicas: the longest cached
+"""The replica router's policy (replicas/router.py), on stand-in replicas: the longest cached
 prefix wins unless its replica is loaded past the balance, keys the router sent count before the
 replica reports them, round robin rotates, and requests that are not Jobs go to the least loaded."""
 
@@ -14,9 +14,9 @@ pytest.importorskip("ray.serve.request_router")
 
 from ray.serve._private.request_router.common import ReplicaQueueLengthCache  # noqa: E402
 
-from fulmine.distributed.replica import KEY_BYTES, Job  # noqa: E402
-from fulmine.distributed.router import PrefixRouter  # noqa: E402
 from fulmine.kv_cache import block_keys  # noqa: E402
+from fulmine.replicas.replica import KEY_BYTES, Job  # noqa: E402
+from fulmine.replicas.router import PrefixRouter  # noqa: E402
 from fulmine.request import SamplingParams  # noqa: E402
 
 BLOCK = 16

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fulmine.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from fulmine.engine.outputs import SchedulerOutput
 from fulmine.engine.scheduler import Scheduler
+from fulmine.executors.step import ModelRunnerOutput
 from fulmine.kv_cache import KVCacheManager
 from fulmine.request import FinishReason, Request, RequestStatus, SamplingParams
 

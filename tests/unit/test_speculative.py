@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fulmine.engine.cost_model import StepShape
+from fulmine.executors.cost_model import StepShape
 from fulmine.request import Request, SamplingParams
 from fulmine.sampling.sampler import Sampler, SamplingBatch
 from fulmine.speculative.governor import Governor, expected_tokens

@@ -18,9 +18,9 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from fulmine.distributed import front
-from fulmine.distributed.replica import KEY_BYTES, Job
 from fulmine.kv_cache.keys import block_keys
+from fulmine.replicas import front
+from fulmine.replicas.replica import KEY_BYTES, Job
 
 _REMEMBERED = 1 << 16  # keys remembered per replica between its reports
 

@@ -12,21 +12,17 @@ prefill limit beside running streams (how many prompt tokens fit an inter-token 
 (a request's predicted time to its first token) and `fulmine plan` (capacity).
 
 Fitted by least squares over measured steps, older steps' weight decaying, from a few calibration
-steps at startup on; a small ridge keeps the coefficients defined while the steps seen so far do not
-vary enough to tell them apart.
+steps at startup on (engine/calibration.py); a small ridge keeps the coefficients defined while the
+steps seen so far do not vary enough to tell them apart.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fulmine.engine.llm_engine import LLMEngine
-    from fulmine.engine.step import StepBatch
+    from fulmine.executors.step import StepBatch
 
 DECAY = 0.98  # weight of older steps
 RIDGE = 1e-3  # pull toward the prior, relative to one step's weight
@@ -140,66 +136,3 @@ def _gauss(a: list[list[float]], b: list[float]) -> list[float] | None:
     for r in range(n - 1, -1, -1):
         x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
     return x
-
-
-# Calibration at startup: steps of chosen shapes on throwaway tokens, the most telling first (one
-# decode row, eight, a prompt chunk, rows deep in a context, a deep chunk, then more row counts),
-# each run a few times once warm, until CALIBRATION_SECONDS are spent (the embedded model: all of
-# them, ~0.3 s; Qwen2.5-Coder-1.5B: the first five); later steps refine the fit as they come.
-CALIBRATION_SECONDS = 0.5
-CALIBRATION_DEPTH = 1024
-REPEATS = 4  # runs of each decode shape (the median of the later half is kept)
-
-
-def calibrate(engine: LLMEngine) -> None:
-    """Fit the engine's cost model on a few steps of throwaway tokens, on KV blocks borrowed for the call."""
-    from fulmine.engine.step import SequenceStep, StepBatch
-    from fulmine.request import SamplingParams
-
-    kv, request_id = engine.kv_cache, "calibration"
-    room = min(engine.max_model_len, kv.pool.num_blocks * kv.block_size // 2)
-    if room < 4 or not kv.can_allocate(request_id, room):
-        return
-    table = kv.allocate(request_id, room)
-    # positions within the borrowed table: a deep chunk of 32 ends before `room`
-    shallow, deep = min(64, room // 2), max(min(CALIBRATION_DEPTH, room - 33), room // 2)
-    token = engine.model_config.vocab_size // 2
-    greedy = SamplingParams(temperature=0.0)
-
-    def seqs(rows: int, start: int, tokens: int) -> list[SequenceStep]:
-        ids = [token] * min(tokens, room - 1, room - start)
-        return [SequenceStep(f"{request_id}-{r}", ids, start, table, 0, True, greedy, ids, []) for r in range(rows)]
-
-    shapes = [seqs(1, shallow, 1), seqs(8, shallow, 1), seqs(1, 0, 64), seqs(4, deep, 1)]
-    shapes += [seqs(1, max(deep - 32, 0), 32), seqs(2, shallow, 1), seqs(4, shallow, 1), seqs(1, 0, 16)]
-    started = time.perf_counter()
-    try:
-        _warm_up(engine, StepBatch(shapes[0]))
-        for steps in shapes:
-            batch, times = StepBatch(steps), []
-            # a shape repeated until warm: the first decode steps after a long one run up to twice as
-            # long (caches refilled, threads woken), which a stream of decode steps does not see
-            for _ in range(REPEATS if steps[0].num_tokens == 1 else 2):
-                step_started = time.perf_counter()
-                engine.runner.execute(batch)
-                times.append(time.perf_counter() - step_started)
-            engine.cost.observe(StepShape.of(batch), statistics.median(times[len(times) // 2 :]))
-            if time.perf_counter() - started > CALIBRATION_SECONDS:
-                break
-    finally:
-        kv.free(request_id)
-        for r in range(8):
-            engine.runner.release(f"{request_id}-{r}")
-
-
-def _warm_up(engine: LLMEngine, batch: StepBatch) -> None:
-    """Decode steps right after loading run up to twice as long as later ones (weights not yet in the
-    caches, threads not yet spinning): run one until two in a row agree within 5 % (8 at most)."""
-    last = math.inf
-    for _ in range(8):
-        started = time.perf_counter()
-        engine.runner.execute(batch)
-        seconds = time.perf_counter() - started
-        if abs(seconds - last) < 0.05 * last:
-            return
-        last = seconds

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from fulmine.engine.outputs import SchedulerOutput
-from fulmine.request import SamplingParams
+from fulmine.request import SamplingParams, TokenLogprobs
 
 if TYPE_CHECKING:
     from fulmine.sampling.grammar import TokenMasks
@@ -59,27 +58,6 @@ class StepBatch:
     # being computed while the forward runs; None when no sequence of the step is constrained
     token_masks: TokenMasks | None = None
 
-    @classmethod
-    def from_scheduled(cls, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepBatch:
-        seqs = []
-        for s in out.scheduled:
-            request, start = s.request, s.request.num_computed_tokens
-            new = _token_slice(request.prompt_token_ids, request.output_token_ids, start, start + s.num_new_tokens)
-            seqs.append(
-                SequenceStep(
-                    request.request_id,
-                    new + s.draft_token_ids,
-                    start,
-                    block_tables[request.request_id],
-                    len(s.draft_token_ids),
-                    s.samples,
-                    request.sampling_params,
-                    request.prompt_token_ids,
-                    request.output_token_ids,
-                )
-            )
-        return cls(seqs)
-
     def subset(self, request_ids: set[str]) -> StepBatch:
         return StepBatch([s for s in self.seqs if s.request_id in request_ids], self.token_masks)
 
@@ -115,9 +93,16 @@ class StepBatch:
         return offsets
 
 
-def _token_slice(prompt: list[int], output: list[int], start: int, end: int) -> list[int]:
-    if end <= len(prompt):
-        return prompt[start:end]
-    if start >= len(prompt):
-        return output[start - len(prompt) : end - len(prompt)]
-    return prompt[start:] + output[: end - len(prompt)]
+@dataclass
+class ModelRunnerOutput:
+    """One entry per scheduled request that sampled this step."""
+
+    sampled: dict[str, list[int]]  # request id -> new tokens (several when drafts were accepted)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # this step's chunk
+
+    def merge(self, other: ModelRunnerOutput) -> None:
+        """Add the results of another part of the same step (disjoint requests)."""
+        self.sampled.update(other.sampled)
+        self.logprobs.update(other.logprobs)
+        self.prompt_logprobs.update(other.prompt_logprobs)

@@ -1,11 +1,11 @@
 """One fulmine engine as a Ray Serve replica, and the plain data that crosses to and from it.
 
 The replica is the engine of `fulmine serve` (LLMEngine on its own thread, server/async_engine.py)
-without the HTTP side: the front (distributed/front.py) templates, tokenizes and checks requests,
+without the HTTP side: the front (replicas/front.py) templates, tokenizes and checks requests,
 sends each one as a `Job`, and gets its outputs back as `Delta`s: the new tokens and text of a step,
 never the whole sequence again, so a long answer costs the same per token as a short one.
 
-It tells the router (distributed/router.py) what it holds every routing-stats period: the prefix
+It tells the router (replicas/router.py) what it holds every routing-stats period: the prefix
 cache's block keys (their first 8 bytes: a hint for routing, the engine checks whole keys), its
 load, and the gauges /metrics sums over replicas. Serve calls `check_health`; a replica whose engine
 died fails it and is replaced.

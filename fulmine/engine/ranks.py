@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 
 from fulmine import kernels
 from fulmine.config import ConfigError, EngineConfig, ModelConfig
-from fulmine.distributed.tensor_parallel import TensorParallel, shard_config
+from fulmine.layers.tensor_parallel import TensorParallel, shard_config
 
 # A rank that stops answering (killed, out of memory) fails the step's collective after this long
 # instead of hanging the engine forever; the nodes of a group have as long to join it.
@@ -186,7 +186,7 @@ class Ranks:
 
 def _rank_main(rank: int, world: int, address: str, threads: int) -> None:
     """A rank other than 0: join the group, load the part the head names, run what it runs until told to stop."""
-    from fulmine.engine.model_runner import ModelRunner
+    from fulmine.executors.model_runner import ModelRunner
     from fulmine.models.loader import load_model
     from fulmine.models.source import resolve
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from fulmine.config import ConfigError, ModelConfig
-from fulmine.models.weights import WeightTensor, as_dense
+from fulmine.layers.weights import WeightTensor, as_dense
 
 _COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # rows split
 _ROW = ("o_proj", "down_proj")  # columns split; the bias added once (rank 0)

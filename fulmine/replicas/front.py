@@ -3,7 +3,7 @@
 The front is this process: the same FastAPI app as one engine (every API, tools, structured outputs,
 SSE), with a `ReplicaSet` where the in-process engine would be. It templates and tokenizes, checks
 requests against the model's facts (`FrontEngine`, no weights), and sends each engine request as a
-Job through a Serve handle, whose router (distributed/router.py) picks the replica by prefix cache.
+Job through a Serve handle, whose router (replicas/router.py) picks the replica by prefix cache.
 Outputs come back as Deltas over the handle's stream: one Ray hop a step, with no HTTP proxy in
 between (Serve's proxy is disabled: it would add a second hop a token).
 
@@ -29,12 +29,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fulmine.config import ConfigError, EngineConfig, ServerConfig
-from fulmine.distributed.replica import Delta, EngineReplica, Job, ReplicaRefused
 from fulmine.engine.admission import Admission
-from fulmine.engine.cost_model import StepCostModel
 from fulmine.engine.limits import RequestLimits
 from fulmine.engine.outputs import RequestOutput
+from fulmine.executors.cost_model import StepCostModel
 from fulmine.models.source import resolve
+from fulmine.replicas.replica import Delta, EngineReplica, Job, ReplicaRefused
 from fulmine.request import SLO, SamplingParams
 from fulmine.sampling.grammar import Grammars
 from fulmine.server import protocol as p
@@ -92,7 +92,7 @@ class ReplicaSet:
         self._read_status()
         self._stopped = threading.Event()
         threading.Thread(target=self._watch_status, name="fulmine-replica-status", daemon=True).start()
-        self.on_resume: Callable[[], None] = lambda: None  # a stream went on on another replica
+        self.on_resume: Callable[[], None] | None = None  # a stream went on on another replica
         self._cpu_seconds: dict[str, float] = {}  # per replica ever seen: its last reported CPU seconds
 
     # -- read by the HTTP side ------------------------------------------------------------------
@@ -241,7 +241,7 @@ class ReplicaSet:
                     raise self._closed from None
                 if not _replica_lost(error) or attempt == _TRIES - 1:
                     raise EngineDead(f"replica failure: {error}") from error
-                if out.token_ids:
+                if out.token_ids and self.on_resume is not None:
                     self.on_resume()
                 logger.warning(
                     "%s: its replica failed (%s); going on on another after %d tokens",
@@ -321,7 +321,7 @@ def start(model: str | None, config: EngineConfig, server: ServerConfig) -> Repl
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    from fulmine.distributed.router import PrefixRouter
+    from fulmine.replicas.router import PrefixRouter
 
     most = max(server.max_replicas, server.replicas)
     threads = config.num_threads or max(1, (os.cpu_count() or 1) // most)

@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-from fulmine.engine.outputs import ModelRunnerOutput
-from fulmine.engine.step import SequenceStep, StepBatch
 from fulmine.executors import make_executors
 from fulmine.executors.base import Executor, allocate_model_state
+from fulmine.executors.step import ModelRunnerOutput, SequenceStep, StepBatch
 from fulmine.models.decoder import DecoderModel
 from fulmine.request import TokenLogprobs
 from fulmine.sampling.sampler import Sampler, SamplerOutput, SamplingBatch, logprobs_of
@@ -47,7 +46,7 @@ class ModelRunner:
         self.sampler = Sampler(device, seed)
         self.generators: dict[str, torch.Generator] = {}
         self.last_executor = ""  # which executor ran the latest step (tests, metrics)
-        # tensor parallel: tells the other ranks to do what this one does (distributed/workers.py)
+        # tensor parallel: tells the other ranks to do what this one does (engine/ranks.py)
         self.tell: Callable[[tuple[str, Any]], None] | None = None
 
     @torch.inference_mode()

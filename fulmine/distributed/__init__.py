@@ -1,1 +1,0 @@
-"""Many processes as one engine: tensor parallelism on torch.distributed."""
