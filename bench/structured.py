@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 
 from fulmine import LLM, SamplingParams, StructuredOutput
+from fulmine.engine.outputs import fold_all
 
 SCHEMA = {
     "type": "object",
@@ -67,9 +68,9 @@ def decode_rate(llm: LLM, params: SamplingParams, reps: int, prompt: list = PROM
     for _ in range(reps):
         engine = llm.engine
         engine.add_request(prompt, params)
-        first, count = None, 0
+        first, count, answers = None, 0, {}  # type: ignore[var-annotated]
         while engine.has_unfinished():
-            for out in engine.step():
+            for out in fold_all(answers, engine.step()):
                 count = len(out.token_ids)
                 if first is None and count:
                     first = time.perf_counter()

@@ -8,7 +8,7 @@ from typing import Any
 
 from fulmine.config import EngineConfig
 from fulmine.engine.llm_engine import LLMEngine
-from fulmine.engine.outputs import RequestOutput
+from fulmine.engine.outputs import RequestOutput, fold
 from fulmine.request import FinishReason, SamplingParams
 from fulmine.tokenizer import Message
 
@@ -47,8 +47,10 @@ class LLM:
             for prompt, p in zip(prompt_list, param_list):
                 ids.append(self.engine.add_request(prompt, p))
             finals: dict[str, RequestOutput] = {}
+            answers: dict[str, RequestOutput] = {}
             while len(finals) < len(ids):
-                for output in self.engine.step():
+                for delta in self.engine.step():
+                    output = fold(answers, delta)
                     if output.finished:
                         finals[output.request_id] = output
         except BaseException:
@@ -64,15 +66,18 @@ class LLM:
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """One request, yielding an output per step that released text or finished it.
 
-        `output.new_text` is the text delta. Closing the iterator early aborts the request. If the
+        `output.new_text` is the text delta, `output.text` the whole so far (one output object, updated
+        in place each step: copy what you keep). Closing the iterator early aborts the request. If the
         engine ends the request with an error (FinishReason.ERROR), RuntimeError says why.
         """
         request_id = self.engine.add_request(prompt, params)
+        answers: dict[str, RequestOutput] = {}
         finished = False
         try:
             while not finished:
-                for output in self.engine.step():
-                    if output.request_id == request_id:
+                for delta in self.engine.step():
+                    if delta.request_id == request_id:
+                        output = fold(answers, delta)
                         finished = output.finished
                         if output.finish_reason is FinishReason.ERROR:
                             raise RuntimeError(f"the engine could not run this request: {output.error}")

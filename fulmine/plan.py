@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fulmine.engine.admission import Streams
+from fulmine.engine.outputs import fold_all
 from fulmine.executors.cost_model import StepCostModel, StepShape
 
 Limit = Callable[[Streams, int], int]
@@ -219,8 +220,9 @@ def _run_burst(engine: Any, users: int, prompt_tokens: int, output_tokens: int) 
     for u in range(users):  # distinct prompts: nothing from the prefix cache
         tokens = [(1000 + 31 * u + 7 * i + int(start * 1e3)) % (vocab // 2) + vocab // 4 for i in range(prompt_tokens)]
         engine.add_request(tokens, params, request_id=f"plan-{start}-{u}", arrival_time=start)
+    answers: dict[str, Any] = {}
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in fold_all(answers, engine.step()):
             now = time.monotonic()
             if out.request_id not in first and out.token_ids:
                 first[out.request_id] = now

@@ -342,17 +342,15 @@ class LLMEngine(RequestLimits):
             self.scheduler.finish_request(request.request_id, FinishReason.ERROR)
         request.finish_reason = FinishReason.ERROR
         request.error = f"{type(error).__name__}: {error}"
-        detokenizer = self._forget(request.request_id)
-        text = detokenizer.text[: detokenizer.num_released] if detokenizer is not None else ""
-        return self._request_output(request, text, "", [])
+        self._forget(request.request_id)
+        return self._request_output(request, "", [])
 
     def _output(self, request: Request, new_token_ids: list[int]) -> RequestOutput:
         detokenizer = self.detokenizers[request.request_id]
         if request.is_finished:
             detokenizer.flush()
             self._forget(request.request_id)
-        new_text = detokenizer.release(request.is_finished)
-        return self._request_output(request, detokenizer.text[: detokenizer.num_released], new_text, new_token_ids)
+        return self._request_output(request, detokenizer.release(request.is_finished), new_token_ids)
 
     def _forget(self, request_id: str) -> IncrementalDetokenizer | None:
         """Drop a finished request's per-request state (detokenizer, generator, draft state)."""
@@ -364,22 +362,30 @@ class LLMEngine(RequestLimits):
         return self.detokenizers.pop(request_id, None)
 
     @staticmethod
-    def _request_output(request: Request, text: str, new_text: str, new_token_ids: list[int]) -> RequestOutput:
+    def _request_output(request: Request, new_text: str, new_token_ids: list[int]) -> RequestOutput:
+        """A delta: what this step added (its tokens, their text and logprobs), nothing sent before; the
+        prompt's logprobs once, with the first tokens (or the finish)."""
+        params = request.sampling_params
+        new_logprobs = None
+        if params.logprobs is not None:
+            new_logprobs = (
+                request.output_logprobs[len(request.output_logprobs) - len(new_token_ids) :] if new_token_ids else []
+            )
+        first = len(new_token_ids) == len(request.output_token_ids) and bool(new_token_ids)
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None and (first or request.is_finished):
+            prompt_logprobs = list(request.prompt_logprobs)
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
-            text=text,
-            token_ids=list(request.output_token_ids),
             new_text=new_text,
-            new_token_ids=new_token_ids,
+            new_token_ids=list(new_token_ids),
             finished=request.is_finished,
             finish_reason=request.finish_reason,
             error=request.error,
-            logprobs=list(request.output_logprobs) if request.sampling_params.logprobs is not None else None,
+            new_logprobs=new_logprobs,
             num_cached_tokens=request.num_cached_tokens,
-            prompt_logprobs=list(request.prompt_logprobs)
-            if request.sampling_params.prompt_logprobs is not None
-            else None,
+            prompt_logprobs=prompt_logprobs,
             metrics=RequestMetrics(
                 request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finished_time
             ),

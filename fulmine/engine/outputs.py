@@ -48,21 +48,44 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """What a caller sees of a request after a step: the new piece and the whole so far."""
+    """What a step added to a request (a delta: the engine copies nothing it sent before), and, in a
+    caller's accumulator (`folded`), the whole answer so far. The same type crosses from a replica to
+    its front."""
 
     request_id: str
     prompt_token_ids: list[int]
-    text: str  # all text released so far
-    token_ids: list[int]  # all generated token ids
     new_text: str  # released by this step
     new_token_ids: list[int]
     finished: bool
     finish_reason: FinishReason | None
-    logprobs: list[TokenLogprobs] | None
+    new_logprobs: list[TokenLogprobs] | None  # of the new tokens; None when not asked for
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    prompt_logprobs: list[TokenLogprobs] | None = None  # for prompt tokens 1.., if asked for
+    prompt_logprobs: list[TokenLogprobs] | None = None  # for prompt tokens 1.., once the prompt is done
     error: str | None = None  # with FinishReason.ERROR: why the engine ended this request
+    # the whole answer so far: an accumulator's (folded), empty in the engine's deltas
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+
+    def folded(self, delta: RequestOutput | None = None) -> RequestOutput:
+        """This accumulator with `delta` added, in place (amortized O(new tokens)); called on a delta
+        with no argument, a new accumulator holding it."""
+        if delta is None:
+            new = RequestOutput(**{**self.__dict__, "token_ids": [], "logprobs": None, "text": ""})
+            return new.folded(self)
+        self.text += delta.new_text
+        self.token_ids.extend(delta.new_token_ids)
+        if delta.new_logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.new_logprobs)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
+        self.new_text, self.new_token_ids, self.new_logprobs = delta.new_text, delta.new_token_ids, delta.new_logprobs
+        self.finished, self.finish_reason, self.error = delta.finished, delta.finish_reason, delta.error
+        self.metrics = delta.metrics
+        return self
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -81,3 +104,15 @@ class RequestOutput:
             "total_tokens": self.num_prompt_tokens + self.num_output_tokens,
             "cached_tokens": self.num_cached_tokens,
         }
+
+
+def fold(answers: dict[str, RequestOutput], delta: RequestOutput) -> RequestOutput:
+    """Add an engine delta to its request's answer so far (kept in `answers` by request id)."""
+    answer = answers.get(delta.request_id)
+    answers[delta.request_id] = answer = delta.folded() if answer is None else answer.folded(delta)
+    return answer
+
+
+def fold_all(answers: dict[str, RequestOutput], deltas: list[RequestOutput]) -> list[RequestOutput]:
+    """A step's deltas, each folded into its request's answer so far (`answers`, by request id)."""
+    return [fold(answers, delta) for delta in deltas]

@@ -27,7 +27,7 @@
 
 /* ---------------------------------------------------------------------------------------------
  * Python bindings. Pointers arrive as integers (tensor.data_ptr()); shapes are checked by the
- * Python wrapper (fulmine/kernels/cpu.py), which is the only caller.
+ * Python callers (fulmine/kernels/__init__.py, layers/quantized.py, layers/linear.py, the executors).
  */
 #define PTR(v) ((void *)(uintptr_t)(v))
 

@@ -2,8 +2,8 @@
 
 The cache of one layer is two tensors shaped [num_slots, num_kv_heads, head_dim] (float16 on the CPU
 by default: written rounded, read back widened), where a slot is
-`block_id * block_size + offset`. `AttentionMetadata` is built once per step by the model runner
-and shared by every layer; it picks one of three layouts:
+`block_id * block_size + offset`. `AttentionMetadata` is built once per step by the PyTorch
+executor (executors/torch_eager.py) and shared by every layer; it picks one of three layouts:
 - fresh: one sequence with no cached context, so keys/values are the step's own (causal SDPA);
 - one sequence whose context occupies a contiguous run of slots: a view of the cache, no copy;
 - otherwise: gather each sequence's context by slot, pad queries to [num_seqs, max_query_len].

@@ -34,7 +34,7 @@ from fulmine.engine.limits import RequestLimits
 from fulmine.engine.outputs import RequestOutput
 from fulmine.executors.cost_model import StepCostModel
 from fulmine.models.source import resolve
-from fulmine.replicas.replica import Delta, EngineReplica, Job, ReplicaRefused
+from fulmine.replicas.replica import EngineReplica, Job, ReplicaRefused
 from fulmine.request import SLO, SamplingParams
 from fulmine.sampling.grammar import Grammars
 from fulmine.server import protocol as p
@@ -212,9 +212,9 @@ class ReplicaSet:
         generated: list[int] | None,
         admission: asyncio.Future[None],
     ) -> AsyncIterator[RequestOutput]:
-        out = _Output(request_id, prompt_ids, list(generated or []))
+        tokens = list(generated or [])  # what the request has produced so far, wherever it ran
         for attempt in range(_TRIES):
-            job = Job(request_id, prompt_ids, params, time.monotonic() - arrival_time, list(out.token_ids))
+            job = Job(request_id, prompt_ids, params, time.monotonic() - arrival_time, list(tokens))
             stream = self._in_flight[request_id] = self._streaming.generate.remote(job)
             try:
                 async for delta in stream:
@@ -222,9 +222,10 @@ class ReplicaSet:
                         if not admission.done():
                             admission.set_result(None)
                         continue
-                    output = out.add(delta)
-                    yield output
-                    if output.finished:
+                    delta.prompt_token_ids = prompt_ids
+                    tokens.extend(delta.new_token_ids)
+                    yield delta
+                    if delta.finished:
                         return
                 return
             except ReplicaRefused as refused:
@@ -241,11 +242,11 @@ class ReplicaSet:
                     raise self._closed from None
                 if not _replica_lost(error) or attempt == _TRIES - 1:
                     raise EngineDead(f"replica failure: {error}") from error
-                if out.token_ids and self.on_resume is not None:
+                if tokens and self.on_resume is not None:
                     self.on_resume()
                 logger.warning(
                     "%s: its replica failed (%s); going on on another after %d tokens",
-                    request_id, type(error).__name__, len(out.token_ids),
+                    request_id, type(error).__name__, len(tokens),
                 )  # fmt: skip
                 await asyncio.sleep(0.05 * (attempt + 1))
 
@@ -257,32 +258,6 @@ class ReplicaSet:
                 if not _replica_lost(error) or attempt == _TRIES - 1:
                     raise
         raise AssertionError("unreachable")
-
-
-class _Output:
-    """A request's outputs rebuilt from the deltas of the replicas that ran it."""
-
-    def __init__(self, request_id: str, prompt_ids: list[int], generated: list[int]) -> None:
-        self.request_id, self.prompt_ids = request_id, prompt_ids
-        self.token_ids, self.text = generated, ""
-        self.logprobs: list[Any] = []
-        self.prompt_logprobs: list[Any] | None = None
-        self.num_cached_tokens: int | None = None
-
-    def add(self, delta: Delta) -> RequestOutput:
-        self.token_ids = self.token_ids + delta.new_token_ids
-        self.text += delta.new_text
-        if delta.logprobs is not None:
-            self.logprobs = (self.logprobs + delta.logprobs)[: len(self.token_ids)]
-        if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
-            self.prompt_logprobs = delta.prompt_logprobs
-        if self.num_cached_tokens is None:  # where it started (a resumed stream recomputes elsewhere)
-            self.num_cached_tokens = delta.num_cached_tokens
-        return RequestOutput(
-            self.request_id, self.prompt_ids, self.text, self.token_ids, delta.new_text, delta.new_token_ids,
-            delta.finished, delta.finish_reason, self.logprobs if delta.logprobs is not None else None,
-            delta.metrics, self.num_cached_tokens, self.prompt_logprobs, delta.error,
-        )  # fmt: skip
 
 
 def _routing_stats() -> list[dict[str, Any]]:

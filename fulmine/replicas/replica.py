@@ -2,8 +2,9 @@
 
 The replica is the engine of `fulmine serve` (LLMEngine on its own thread, server/async_engine.py)
 without the HTTP side: the front (replicas/front.py) templates, tokenizes and checks requests,
-sends each one as a `Job`, and gets its outputs back as `Delta`s: the new tokens and text of a step,
-never the whole sequence again, so a long answer costs the same per token as a short one.
+sends each one as a `Job`, and gets the engine's outputs back as they are, deltas (engine/outputs.py:
+the new tokens, text and logprobs of a step, never the whole sequence again, nor the prompt), so a
+long answer costs the same per token as a short one.
 
 It tells the router (replicas/router.py) what it holds every routing-stats period: the prefix
 cache's block keys (their first 8 bytes: a hint for routing, the engine checks whole keys), its
@@ -22,8 +23,8 @@ from typing import Any
 
 from fulmine.config import EngineConfig
 from fulmine.engine.admission import Refused
-from fulmine.engine.outputs import RequestMetrics, RequestOutput
-from fulmine.request import FinishReason, SamplingParams, TokenLogprobs
+from fulmine.engine.outputs import RequestOutput
+from fulmine.request import SamplingParams
 
 KEY_BYTES = 8  # of a block key, in routing stats
 
@@ -41,32 +42,6 @@ class Job:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.generated
-
-
-@dataclass
-class Delta:
-    """What one step added to a request (RequestOutput, less what the front already has)."""
-
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: FinishReason | None
-    logprobs: list[TokenLogprobs] | None  # of the new tokens, if asked for
-    metrics: RequestMetrics
-    num_cached_tokens: int = 0
-    prompt_logprobs: list[TokenLogprobs] | None = None  # in the first delta, if asked for
-    error: str | None = None
-
-    @classmethod
-    def of(cls, output: RequestOutput, first: bool) -> Delta:
-        new = output.new_token_ids
-        logprobs = None
-        if output.logprobs is not None:
-            logprobs = output.logprobs[len(output.logprobs) - len(new) :] if new else []
-        return cls(
-            list(new), output.new_text, output.finished, output.finish_reason, logprobs, output.metrics,
-            output.num_cached_tokens, output.prompt_logprobs if first else None, output.error,
-        )  # fmt: skip
 
 
 class ReplicaRefused(Exception):
@@ -96,7 +71,7 @@ class EngineReplica:
     def _on_death(self, error: BaseException) -> None:
         self.died = error  # check_health fails from now on: Serve replaces this replica
 
-    async def generate(self, job: Job) -> AsyncIterator[Delta | None]:
+    async def generate(self, job: Job) -> AsyncIterator[RequestOutput | None]:
         """The request's deltas, after None: admitted (by its latency targets; or ReplicaRefused)."""
         engine = self.engine.engine
         arrival = time.monotonic() - job.age_s
@@ -106,10 +81,9 @@ class EngineReplica:
             except Refused as refused:
                 raise ReplicaRefused(str(refused), refused.retry_after_s) from None
         yield None
-        first = True
         async for output in self.engine.generate(job.request_id, job.prompt_ids, job.params, arrival, job.generated):
-            yield Delta.of(output, first)
-            first = False
+            output.prompt_token_ids = []  # the front has them: a delta carries only what the step added
+            yield output
 
     async def embed(self, prompt_ids: list[int], pooling: str, normalize: bool) -> list[float]:
         return await self.engine.embed(prompt_ids, pooling, normalize)

@@ -129,7 +129,9 @@ class Run:
                 else:
                     c.gaps.append(now - c.last_time)
                     metrics.itl.observe(c.gaps[-1])
-                c.last, c.last_time = item, now
+                # the choice's answer so far: the engine's deltas folded in place
+                item = c.last = item.folded() if c.last is None else c.last.folded(item)
+                c.last_time = now
                 c.text_parts.append(item.new_text)
                 if item.finished:
                     self._record(item)

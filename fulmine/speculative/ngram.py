@@ -2,7 +2,8 @@
 current ending appeared (code edits, quotes, lists, structured output repeat a lot). No weights.
 
 An index per request maps each n-gram (min_n <= n <= max_n) to where it last ended; it grows by
-the request's new tokens only, so a proposal costs O(new tokens + max_n), not O(context).
+the request's new tokens only, so indexing and lookup cost O(new tokens + max_n) a proposal (the
+caller's token list, Request.all_token_ids, is a copy of the context it builds).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import pytest
 from fulmine import SamplingParams
 from fulmine.config import ConfigError, EngineConfig
 from fulmine.engine.llm_engine import LLMEngine
+from fulmine.engine.outputs import fold_all
 from fulmine.request import FinishReason, StructuredOutput
 from tests.e2e.conftest import EMBEDDED_NAME
 from tests.e2e.openai_schemas import validate
@@ -87,8 +88,9 @@ def engine() -> LLMEngine:
 
 def run(engine: LLMEngine, prompt, params: SamplingParams):
     request_id = engine.add_request(prompt, params)
+    answers: dict = {}
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in fold_all(answers, engine.step()):
             if out.request_id == request_id and out.finished:
                 return out
     raise AssertionError("no output")
@@ -156,9 +158,9 @@ def test_constrained_and_free_requests_share_a_batch(engine: LLMEngine) -> None:
     alone = run(engine, "Once upon a time", free).token_ids
     constrained = SamplingParams(max_tokens=40, structured=StructuredOutput("json_object"))
     ids = [engine.add_request(ASK, constrained), engine.add_request("Once upon a time", free)]
-    outs = {}
+    outs, answers = {}, {}  # type: ignore[var-annotated]
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in fold_all(answers, engine.step()):
             if out.finished:
                 outs[out.request_id] = out
     assert outs[ids[1]].token_ids == alone
@@ -304,7 +306,7 @@ def test_fast_forward_changes_speed_not_tokens() -> None:
     results = {}
     for fast_forward in (True, False):
         engine = LLMEngine(None, EngineConfig(grammar_fast_forward=fast_forward, speculative="off"), progress=False)
-        outs, steps = [], 0
+        outs, steps, answers = [], 0, {}  # type: ignore[var-annotated]
         for params in (
             SamplingParams(max_tokens=120, temperature=0.0, structured=StructuredOutput("json_schema", schema)),
             SamplingParams(
@@ -314,7 +316,7 @@ def test_fast_forward_changes_speed_not_tokens() -> None:
             engine.add_request(ASK, params)
             while engine.has_unfinished():
                 steps += 1
-                outs += [(o.token_ids, o.finish_reason) for o in engine.step() if o.finished]
+                outs += [(o.token_ids, o.finish_reason) for o in fold_all(answers, engine.step()) if o.finished]
         results[fast_forward] = (outs, steps)
     assert results[True][0] == results[False][0]
     assert results[True][1] < 0.8 * results[False][1], (results[True][1], results[False][1])
@@ -330,9 +332,10 @@ def test_fast_forward_keeps_seeded_tokens_for_every_seed() -> None:
         engine = LLMEngine(None, EngineConfig(grammar_fast_forward=fast_forward, speculative="off"), progress=False)
         for seed in range(1, 13):
             engine.add_request(ASK, SamplingParams(max_tokens=60, temperature=0.9, seed=seed, structured=schema))
-        answers[fast_forward] = {}
+        answers[fast_forward], so_far = {}, {}
         while engine.has_unfinished():
-            answers[fast_forward].update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+            folded = fold_all(so_far, engine.step())
+            answers[fast_forward].update({o.request_id: o.token_ids for o in folded if o.finished})
     assert answers[True] == answers[False]  # request ids: the same order in both engines
 
 

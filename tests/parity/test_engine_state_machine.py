@@ -24,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from fulmine import EngineConfig, SamplingParams
 from fulmine.engine.llm_engine import LLMEngine
+from fulmine.engine.outputs import fold, fold_all
 from fulmine.models.source import default_model_path
 from fulmine.request import FinishReason, StructuredOutput
 
@@ -72,8 +73,9 @@ def engines() -> dict[str, Any]:
     answers = {}
     for index, messages in enumerate(PROMPTS):
         request_id = plain.add_request(messages, SamplingParams(temperature=0, max_tokens=MAX_TOKENS + 8))
+        folded: dict[str, Any] = {}
         while plain.has_unfinished():
-            for output in plain.step():
+            for output in fold_all(folded, plain.step()):
                 if output.finished and output.request_id == request_id:
                     answers[index] = (plain.encode_prompt(messages), output.token_ids)
     oracle = LLMEngine(None, EngineConfig(speculative="ngram", num_speculative_tokens=5), progress=False)
@@ -102,6 +104,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.live: dict[str, tuple[int, SamplingParams]] = {}
         self.finished: list[tuple[int, SamplingParams, Any]] = []
         self.added: list[str] = []
+        self.answers_so_far: dict[str, Any] = {}
 
     @rule(
         prompt=st.integers(0, len(PROMPTS) - 1),
@@ -138,12 +141,13 @@ class EngineMachine(RuleBasedStateMachine):
             return
         prompt, params = self.live.pop(request_id)
         assert output is not None and output.finished
+        output = fold(self.answers_so_far, output)
         self.finished.append((prompt, params, output))
 
     @rule(steps=st.integers(1, 8))
     def step(self, steps: int) -> None:
         for _ in range(steps):
-            for output in self.engine.step():
+            for output in fold_all(self.answers_so_far, self.engine.step()):
                 assert output.finish_reason is not FinishReason.ERROR, output.error
                 if output.finished:
                     prompt, params = self.live.pop(output.request_id)

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import pytest
 
 from fulmine import LLM, SamplingParams
+from fulmine.engine.outputs import fold_all
 from fulmine.executors.model_runner import ModelRunner
 from fulmine.request import FinishReason
 from tests.parity.test_invariance import GREEDY, PROMPTS
@@ -86,9 +87,9 @@ def test_a_failing_detokenizer_ends_its_request_alone(llm: LLM, alone: list[list
         raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
 
     broken.add_token = add_token  # type: ignore[method-assign]
-    finals = {}
+    finals, answers = {}, {}  # type: ignore[var-annotated]
     while engine.has_unfinished():
-        for output in engine.step():
+        for output in fold_all(answers, engine.step()):
             if output.finished:
                 finals[output.request_id] = output
     assert finals[ids[1]].finish_reason is FinishReason.ERROR and "injected" in (finals[ids[1]].error or "")
@@ -162,10 +163,10 @@ def test_a_failure_after_the_forward_ends_its_request_alone(llm: LLM, alone: lis
 
         request_type.stop_reason = stop_reason  # type: ignore[method-assign]
         restore.append(lambda: setattr(request_type, "stop_reason", original_stop))
-    finals = {}
+    finals, answers = {}, {}  # type: ignore[var-annotated]
     try:
         while engine.has_unfinished():
-            for output in engine.step():
+            for output in fold_all(answers, engine.step()):
                 if output.finished:
                     finals[output.request_id] = output
     finally:

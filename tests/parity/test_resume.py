@@ -10,6 +10,7 @@ import json
 import pytest
 
 from fulmine import LLM, SamplingParams
+from fulmine.engine.outputs import fold_all
 from fulmine.request import StructuredOutput
 
 PROMPT = [{"role": "user", "content": "Write a short poem about the sea, then list three facts about whales."}]
@@ -43,12 +44,13 @@ def _run(llm: LLM, prompt_ids: list[int], params: SamplingParams, generated: lis
     engine = llm.engine
     request_id = engine.add_request(prompt_ids, params, generated=generated)
     text, token_ids = "", []
+    answers: dict = {}
     while engine.has_unfinished():
-        for output in engine.step():
+        for output in fold_all(answers, engine.step()):
             if output.request_id == request_id:
                 text += output.new_text
                 token_ids = output.token_ids
-    return token_ids, text
+    return generated + token_ids, text  # the engine's deltas carry only what it produced
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -13,6 +13,7 @@ import pytest
 from fulmine import SamplingParams
 from fulmine.config import ConfigError, EngineConfig
 from fulmine.engine.llm_engine import LLMEngine
+from fulmine.engine.outputs import fold_all
 from tests.conftest import FAMILIES
 
 pytestmark = pytest.mark.slow
@@ -26,9 +27,9 @@ def run(model: str | None, tp: int, **engine_args) -> list[tuple[list[int], list
     try:
         params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
         ids = [engine.add_request(prompt, params) for prompt in PROMPTS]
-        done = {}
+        done, answers = {}, {}  # type: ignore[var-annotated]
         while engine.has_unfinished():
-            for out in engine.step():
+            for out in fold_all(answers, engine.step()):
                 if out.finished:
                     done[out.request_id] = (out.token_ids, [lp.top for lp in out.logprobs or []])
         return [done[i] for i in ids]
