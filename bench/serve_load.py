@@ -135,7 +135,8 @@ def server(kind: str, model: str, threads: int, extra: list[str]) -> Iterator[tu
         print(f"--- {kind} server log (tail) ---\n{log.read()[-3000:]}", file=sys.stderr)
         raise
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        if process.poll() is None:  # (one that never started has exited already)
+            os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
 
 
