@@ -31,7 +31,8 @@ from typing import Any
 
 import httpx
 
-from bench.serve_load import QUESTIONS, concurrent_load, pct, server, stream_chat
+from bench.serve_load import QUESTIONS, concurrent_load, server, stream_chat
+from fulmine.benchmark.report import percentile
 
 RULES = "Answer with care, in plain words, and stay on topic. " * 100  # ~1200 tokens: a cold prefill ~0.5 s
 
@@ -57,8 +58,8 @@ async def _multi_turn(base: str, model: str, conversations: int, turns: int, rep
         results = await asyncio.gather(*(conversation(i) for i in range(conversations)))
     follow_ups = [ttft for ttfts in results for ttft in ttfts[1:]]
     firsts = [ttfts[0] for ttfts in results]
-    return {"first_turn_ttft_p50": pct(firsts, 0.5), "follow_up_ttft_p50": pct(follow_ups, 0.5),
-            "follow_up_ttft_p90": pct(follow_ups, 0.9)}  # fmt: skip
+    return {"first_turn_ttft_p50": percentile(firsts, 0.5), "follow_up_ttft_p50": percentile(follow_ups, 0.5),
+            "follow_up_ttft_p90": percentile(follow_ups, 0.9)}  # fmt: skip
 
 
 def _cached_tokens(base: str) -> float:
@@ -155,7 +156,7 @@ def _proxy_vs_handle(n: int = 200, interval: float = 0.005, reps: int = 3) -> di
     import ray
     from ray import serve
 
-    from bench.serve_load import free_port
+    from fulmine.benchmark.servers import free_port
 
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -179,9 +180,9 @@ def _proxy_vs_handle(n: int = 200, interval: float = 0.005, reps: int = 3) -> di
             run()  # warm
             late = [x for _ in range(reps) for x in run()]
             out[name] = {
-                "p50_ms": pct(late, 0.5) * 1e3,
-                "p90_ms": pct(late, 0.9) * 1e3,
-                "p99_ms": pct(late, 0.99) * 1e3,
+                "p50_ms": percentile(late, 0.5) * 1e3,
+                "p90_ms": percentile(late, 0.9) * 1e3,
+                "p99_ms": percentile(late, 0.99) * 1e3,
             }
         return out
     finally:

@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+
+from fulmine.benchmark.report import percentile
+from fulmine.benchmark.servers import free_port
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -47,12 +49,6 @@ QUESTIONS = [
 ]
 FOLLOW_UPS = ["Tell me more.", "Can you give an example?", "Summarize that in one sentence.", "Why is that?"]
 LONG_TEXT = "The history of computing is a story of ever smaller, faster and cheaper machines. " * 200
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -174,13 +170,6 @@ async def stream_chat(
     }
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def concurrent_load(base: str, model: str, concurrency: int, num_requests: int, max_tokens: int) -> dict:
     semaphore = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient() as client:
@@ -206,11 +195,11 @@ async def concurrent_load(base: str, model: str, concurrency: int, num_requests:
     return {
         "concurrency": concurrency,
         "failed": num_requests - len(results),
-        "ttft_p50": pct(ttft, 0.5),
-        "ttft_p99": pct(ttft, 0.99),
-        "itl_p50": pct(itl, 0.5),
-        "itl_p99": pct(itl, 0.99),
-        "e2e_p50": pct([r["e2e"] for r in results], 0.5),
+        "ttft_p50": percentile(ttft, 0.5),
+        "ttft_p99": percentile(ttft, 0.99),
+        "itl_p50": percentile(itl, 0.5),
+        "itl_p99": percentile(itl, 0.99),
+        "e2e_p50": percentile([r["e2e"] for r in results], 0.5),
         "throughput_tok_s": tokens / wall,
         "per_user_tok_s": statistics.median(
             (r["tokens"] - 1) / (r["e2e"] - r["ttft"]) for r in results if r["tokens"] > 1
@@ -269,8 +258,8 @@ async def itl_under_long_prompt(base: str, model: str, num_long: int = 4) -> dic
     window = [b - a for a, b in zip(times, times[1:]) if b > arrived and a < prefilled]
     return {
         "num_long": num_long,
-        "running_itl_p50": pct(window, 0.5),
-        "running_itl_p90": pct(window, 0.9),
+        "running_itl_p50": percentile(window, 0.5),
+        "running_itl_p90": percentile(window, 0.9),
         "running_itl_max": max(window or [0.0]),
         "running_tokens_during_prefill": len(window),
         "running_tokens": result["tokens"],

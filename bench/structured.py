@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 
 from fulmine import LLM, SamplingParams, StructuredOutput
+from fulmine.benchmark.report import percentile
 from fulmine.engine.outputs import fold_all
 
 SCHEMA = {
@@ -55,11 +56,6 @@ EXTRACT_SCHEMA = {
     "required": ["name", "email", "phone", "address", "company", "title"],
     "additionalProperties": False,
 }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def decode_rate(llm: LLM, params: SamplingParams, reps: int, prompt: list = PROMPT) -> tuple[float, int]:

@@ -11,15 +11,18 @@ from typing import Any
 from fulmine.benchmark.client import RequestResult
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-th quantile by nearest rank (NaN for no values): the one definition every benchmark uses."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p90": None, "p99": None}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:  # nearest rank
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99)}
+    return {"p50": percentile(values, 0.50), "p90": percentile(values, 0.90), "p99": percentile(values, 0.99)}
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 import httpx
 import uvicorn
 
+from fulmine.benchmark.servers import free_port
 from fulmine.config import EngineConfig, ServerConfig
 from fulmine.engine.llm_engine import LLMEngine
 from fulmine.server.api import create_app
@@ -55,12 +55,6 @@ def wait_for_first_token(stream: httpx.Response) -> Iterator[str]:
             if choice.get("delta", {}).get("content") or (choice.get("logprobs") or {}).get("content"):
                 return lines
     raise AssertionError("the stream ended without content")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

@@ -143,7 +143,7 @@ def test_serve_command_end_to_end(tiny_llama: Path) -> None:
     """`fulmine serve` as the README runs it: flags, FULMINE_API_KEY, /health, a request, Ctrl-C."""
     import httpx
 
-    from tests.e2e.server import free_port
+    from fulmine.benchmark.servers import free_port
 
     port = free_port()
     env = {**ENV, "FULMINE_API_KEY": "from-env"}
@@ -189,7 +189,7 @@ def test_serve_drains_on_sigterm(tiny_llama: Path) -> None:
     """A real SIGTERM to `fulmine serve` with a stream in flight: the stream ends whole, the process exits 0."""
     import httpx
 
-    from tests.e2e.server import free_port
+    from fulmine.benchmark.servers import free_port
 
     port = free_port()
     command = [*FULMINE, "serve", "--model", str(tiny_llama), "--port", str(port), "--served-model-name", "tiny"]

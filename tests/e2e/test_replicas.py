@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.server import free_port
+from fulmine.benchmark.servers import free_port
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
