@@ -82,7 +82,12 @@ def _bound_regex(pattern: str, what: str) -> None:
     depth = nesting(pattern, "(", ")")
     if depth > MAX_NESTING:
         _refuse(f"{what}: groups nested {depth} deep; at most {MAX_NESTING}")
-    for match in _REPEAT.finditer(pattern):
+    _bound_repeats(pattern, what)
+
+
+def _bound_repeats(text: str, what: str) -> None:
+    """Every {n} / {n,m} repetition bound in `text` at most MAX_REPEAT."""
+    for match in _REPEAT.finditer(text):
         for number in match.groups():
             if number and int(number) > MAX_REPEAT:
                 _refuse(f"{what}: the repetition {match.group(0)} is past the bound of {MAX_REPEAT}")
@@ -106,10 +111,7 @@ def _bound_grammar(spec: str) -> None:
         _refuse(f"grammar: brackets nested {depth} deep; at most {MAX_GRAMMAR_NESTING}")
     for literal in re.findall(r"/((?:[^/\\\n]|\\.)+)/", spec):
         _bound_regex(literal, "grammar")
-    for match in _REPEAT.finditer(bare):
-        for number in match.groups():
-            if number and int(number) > MAX_REPEAT:
-                _refuse(f"grammar: the repetition {match.group(0)} is past the bound of {MAX_REPEAT}")
+    _bound_repeats(bare, "grammar")
 
 
 def _bound_choice(spec: str) -> None:
