@@ -13,6 +13,15 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # every engine in the suite (servers started by it too) checks its bookkeeping after every step
 os.environ.setdefault("FULMINE_CHECK_INVARIANTS", "1")
 
+
+def draft_always(governor: Any) -> Any:
+    """Make a speculation governor draft whatever its proposer offers, every step (the measured policy
+    turns drafting off on tiny random models): verification runs in every test that uses it."""
+    assert governor is not None
+    governor.choose = lambda acceptance, available, batch_size, context=0: available
+    return governor
+
+
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
     "Numbers: 0 1 2 3 4 5 6 7 8 9. Café, naïve, 東京, 🎉 emoji. def main(): return 42\n"

@@ -63,7 +63,7 @@ def check_invariants(engine: LLMEngine) -> None:
         for index, key in enumerate(keys):
             if kv.pool._key_of.get(table[index], key) != key:
                 fail(f"{request_id}: its block {index} is registered under another prefix's key")
-        if engine.detokenizers.get(request_id) is None:
+        if engine.outputs.detokenizers.get(request_id) is None:
             fail(f"{request_id}: running without a detokenizer")
     _check_pool(engine)
     if not engine.has_unfinished():
@@ -96,8 +96,8 @@ def _check_idle(engine: LLMEngine) -> None:
     held: dict[str, dict[str, Any]] = {
         "block tables": engine.kv_cache.block_tables,
         "registered keys": engine.kv_cache._keys,
-        "detokenizers": engine.detokenizers,
-        "grammar matchers": engine.matchers,
+        "detokenizers": engine.outputs.detokenizers,
+        "grammar matchers": engine.outputs.matchers,
         "generators": engine.runner.generators,
         "governor entries": engine.governor.requests if engine.governor is not None else {},
     }

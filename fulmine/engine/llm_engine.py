@@ -17,12 +17,12 @@ from fulmine import kernels
 from fulmine.config import ConfigError, EngineConfig
 from fulmine.engine.admission import Admission, Streams
 from fulmine.engine.calibration import calibrate
-from fulmine.engine.detokenizer import IncrementalDetokenizer
 from fulmine.engine.embeddings import Done, EmbeddingJob, Embeddings
 from fulmine.engine.invariants import check_invariants
 from fulmine.engine.invariants import enabled as invariants_enabled
 from fulmine.engine.limits import RequestLimits
-from fulmine.engine.outputs import RequestMetrics, RequestOutput
+from fulmine.engine.output_processor import OutputProcessor
+from fulmine.engine.outputs import RequestOutput
 from fulmine.engine.ranks import start_ranks
 from fulmine.engine.scheduler import Scheduler, draft_room
 from fulmine.executors.cost_model import StepCostModel, StepShape
@@ -108,11 +108,9 @@ class LLMEngine(RequestLimits):
         self.embeddings = Embeddings(self.runner, self.kv_cache)
         if self.ranks is not None:
             self.runner.tell = self.ranks.tell
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.grammars = Grammars(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
-        self.matchers: dict[str, Any] = {}  # request id -> its grammar matcher (constrained requests)
+        self.outputs = OutputProcessor(self.tokenizer, self.grammars, self.eos_token_ids)
         self.mask_seconds = 0.0  # time spent computing token masks, for /metrics
-        self.num_constrained = 0  # constrained requests admitted, for /metrics
         self._ids = itertools.count()
         self.check_invariants = invariants_enabled()  # after every step (the test suite turns it on)
         calibrate(self)
@@ -142,22 +140,13 @@ class LLMEngine(RequestLimits):
         if not self.admission.is_admitted(request_id):  # (the server admits before it submits)
             self.admit(request_id, prompt_ids + generated, params, request.arrival_time)
         request.deadline = self.admission.added(request_id)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         try:
-            if params.structured is not None:
-                self.matchers[request_id] = matcher = self.grammars.matcher(params.structured)
-                self.num_constrained += 1
-                if generated and not matcher.consume_tokens(generated):
-                    raise ConfigError("the generated tokens leave the request's grammar", "generated")
-            for token_id in generated:  # the text they made counts as released already
-                detokenizer.add_token(token_id)
-            detokenizer.release(False)
+            self.outputs.add(request, generated)
             self.scheduler.add_request(request)
         except Exception:
             self.admission.forget(request_id)
-            self.matchers.pop(request_id, None)
+            self.outputs.forget(request_id)
             raise
-        self.detokenizers[request_id] = detokenizer
         return request_id
 
     def admit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival_time: float) -> None:
@@ -196,7 +185,10 @@ class LLMEngine(RequestLimits):
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.finish_request(request_id, FinishReason.ABORT)
-        return self._output(request, []) if request is not None else None
+        if request is None:
+            return None
+        self._forget(request_id)
+        return self.outputs.output(request, [])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or len(self.embeddings) > 0
@@ -228,10 +220,11 @@ class LLMEngine(RequestLimits):
             if self.governor is not None and s.request.draft_token_ids:  # (a no-op for a grammar's drafts)
                 self.governor.verified(s.request.request_id, len(s.draft_token_ids))
         batch = self.scheduler.batch(scheduled)
+        matchers = self.outputs.matchers
         masks = {
-            s.request_id: (self.matchers[s.request_id], s.draft_token_ids)
+            s.request_id: (matchers[s.request_id], s.draft_token_ids)
             for s in batch.seqs
-            if s.samples and s.request_id in self.matchers
+            if s.samples and s.request_id in matchers
         }
         if masks:  # their masks fill on a worker thread while the forward runs
             batch.token_masks = TokenMasks(masks, self.model_config.vocab_size)
@@ -248,7 +241,7 @@ class LLMEngine(RequestLimits):
                 continue
             try:  # everything after the forward is per request: a failure here ends this request alone
                 tokens = self.scheduler.advance(scheduled_request, result)
-                keep, reason = self._accept(request, tokens) if tokens else (0, None)
+                keep, reason = self.outputs.accept(request, tokens) if tokens else (0, None)
                 self.scheduler.settle(request, len(tokens) - keep, reason)
                 if tokens:
                     updated.append((request, tokens[:keep]))
@@ -264,76 +257,39 @@ class LLMEngine(RequestLimits):
             if request.finish_reason is FinishReason.ERROR:
                 continue  # (its output is out already)
             try:
-                if request.request_id in self.matchers:
-                    self._fast_forward(request)
-                elif self.governor is not None:
+                if request.is_finished:
+                    self._forget(request.request_id)
+                elif self.governor is not None or self.outputs.is_constrained(request.request_id):
                     self._propose_drafts(request)
-                outputs.append(self._output(request, tokens))
+                outputs.append(self.outputs.output(request, tokens))
             except Exception as error:
                 outputs.append(self._fail(request, error))
         return outputs
 
-    def _accept(self, request: Request, tokens: list[int]) -> tuple[int, FinishReason | None]:
-        """Read a request's new tokens (appended already) one by one until its output ends: the grammar
-        consumes each (a token it refuses once complete is not kept; its end ends the output), the
-        detokenizer decodes each (a stop string ends the output there), then the stop tokens,
-        max_tokens and the context window. Returns how many tokens it keeps and why it ended, if it
-        did: the scheduler drops the rest (tokens verified past the end) where it registers and frees
-        the request's blocks."""
-        matcher = self.matchers.get(request.request_id)
-        detokenizer = self.detokenizers[request.request_id]
-        before = len(request.output_token_ids) - len(tokens)
-        for index, token in enumerate(tokens):
-            if matcher is not None and not (token in self.eos_token_ids and matcher.is_accepting()):
-                complete = matcher.is_accepting()
-                if not matcher.consume_token(token):
-                    if not complete:
-                        raise RuntimeError(f"the output left its grammar: {matcher.get_error().splitlines()[0]}")
-                    return index, FinishReason.STOP  # drawn past a complete grammar (min_tokens held EOS back)
-                if matcher.is_stopped():  # its only continuation would be the end of sequence
-                    detokenizer.add_token(token)
-                    return index + 1, FinishReason.STOP
-            if detokenizer.add_token(token):
-                return index + 1, FinishReason.STOP  # a stop string: the text is cut there
-            reason = request.stop_reason(before + index + 1)
-            if reason is not None:
-                return index + 1, reason
-        return len(tokens), None
-
-    def _fast_forward(self, request: Request) -> None:
-        """Drafts for a constrained request. The tokens its grammar forces next (the rest of a key, a
-        closing quote...) first: verified in the next forward, accepted whenever the sampled token
-        agrees, so a run of forced tokens costs one step instead of one step each. Where the grammar
-        leaves a choice, the speculative proposer's drafts (n-gram: JSON that copies the prompt), cut
-        at the first token the grammar would refuse."""
+    def _propose_drafts(self, request: Request) -> None:
+        """Drafts for a running request whose next step samples, for the scheduler to verify. For a
+        constrained request the tokens its grammar forces next first (the rest of a key, a closing
+        quote...): accepted whenever the sampled token agrees, so a run of forced tokens costs one
+        step instead of one each. Otherwise the speculative proposer's drafts (n-gram: JSON that
+        copies the prompt), cut at the first token the grammar would refuse."""
         request.draft_token_ids = []
-        if request.is_finished:
-            return
-        if request.sampling_params.seed is not None and self.runner.sampler.kernel is None:
-            return  # PyTorch's per-request generators would advance differently: the seed's text would change
         room = draft_room(request)
         if room <= 0 or request.num_computed_tokens != request.num_tokens - 1:
-            return
-        matcher = self.matchers[request.request_id]
-        forced = list(matcher.compute_ff_tokens()[:room]) if self.config.grammar_fast_forward else []
-        if forced or self.governor is None:
-            request.draft_token_ids = forced
+            return  # still prefilling (or recomputing after a preemption)
+        request_id, constrained = request.request_id, self.outputs.is_constrained(request.request_id)
+        if constrained:
+            if request.sampling_params.seed is not None and self.runner.sampler.kernel is None:
+                return  # PyTorch's per-request generators would advance differently: the seed's text would change
+            if self.config.grammar_fast_forward and (forced := self.outputs.forced(request_id, room)):
+                request.draft_token_ids = forced
+                return
+        if self.governor is None:
             return
         proposal = self.governor.drafts(request, room, len(self.scheduler.running))
-        valid = matcher.validate_tokens(proposal) if proposal else 0
+        valid = self.outputs.valid_drafts(request_id, proposal) if constrained else len(proposal)
         if valid < len(proposal):
-            self.governor.verified(request.request_id, valid)
+            self.governor.verified(request_id, valid)
         request.draft_token_ids = proposal[:valid]
-
-    def _propose_drafts(self, request: Request) -> None:
-        """Drafts for a running request whose next step samples, for the scheduler to verify."""
-        assert self.governor is not None
-        request.draft_token_ids = []
-        if request.is_finished or request.num_computed_tokens != request.num_tokens - 1:
-            return  # still prefilling (or recomputing after a preemption)
-        room = draft_room(request)
-        if room > 0:
-            request.draft_token_ids = self.governor.drafts(request, room, len(self.scheduler.running))
 
     def _fail(self, request: Request, error: BaseException) -> RequestOutput:
         """End one request with FinishReason.ERROR; the engine and every other request go on."""
@@ -343,53 +299,14 @@ class LLMEngine(RequestLimits):
         request.finish_reason = FinishReason.ERROR
         request.error = f"{type(error).__name__}: {error}"
         self._forget(request.request_id)
-        return self._request_output(request, "", [])
+        return self.outputs.failed(request)
 
-    def _output(self, request: Request, new_token_ids: list[int]) -> RequestOutput:
-        detokenizer = self.detokenizers[request.request_id]
-        if request.is_finished:
-            detokenizer.flush()
-            self._forget(request.request_id)
-        return self._request_output(request, detokenizer.release(request.is_finished), new_token_ids)
-
-    def _forget(self, request_id: str) -> IncrementalDetokenizer | None:
-        """Drop a finished request's per-request state (detokenizer, generator, draft state)."""
+    def _forget(self, request_id: str) -> None:
+        """Drop a finished request's per-request state (generator, admission, draft state)."""
         self.runner.release(request_id)
         self.admission.forget(request_id)
-        self.matchers.pop(request_id, None)
         if self.governor is not None:
             self.governor.release(request_id)
-        return self.detokenizers.pop(request_id, None)
-
-    @staticmethod
-    def _request_output(request: Request, new_text: str, new_token_ids: list[int]) -> RequestOutput:
-        """A delta: what this step added (its tokens, their text and logprobs), nothing sent before; the
-        prompt's logprobs once, with the first tokens (or the finish)."""
-        params = request.sampling_params
-        new_logprobs = None
-        if params.logprobs is not None:
-            new_logprobs = (
-                request.output_logprobs[len(request.output_logprobs) - len(new_token_ids) :] if new_token_ids else []
-            )
-        first = len(new_token_ids) == len(request.output_token_ids) and bool(new_token_ids)
-        prompt_logprobs = None
-        if params.prompt_logprobs is not None and (first or request.is_finished):
-            prompt_logprobs = list(request.prompt_logprobs)
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            new_text=new_text,
-            new_token_ids=list(new_token_ids),
-            finished=request.is_finished,
-            finish_reason=request.finish_reason,
-            error=request.error,
-            new_logprobs=new_logprobs,
-            num_cached_tokens=request.num_cached_tokens,
-            prompt_logprobs=prompt_logprobs,
-            metrics=RequestMetrics(
-                request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finished_time
-            ),
-        )
 
     @property
     def weight_bytes(self) -> int:

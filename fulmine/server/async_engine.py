@@ -69,7 +69,7 @@ class AsyncEngine:
             "weight_bytes": engine.weight_bytes,
             "drafted": governor.num_drafted if governor else 0,
             "accepted": governor.num_accepted if governor else 0,
-            "constrained": engine.num_constrained,
+            "constrained": engine.outputs.num_constrained,
             "mask_seconds": engine.mask_seconds,
             "grammar_compiles": engine.grammars.compiles,
         }

@@ -79,7 +79,6 @@ class Governor:
         self.proposer_seconds: float | None = None  # per proposed token (exponentially weighted)
         self.num_drafted = 0  # totals, for metrics
         self.num_accepted = 0
-        self.always_draft = False  # tests: draft whatever the proposer offers, to exercise verification
 
     def drafts(self, request: Request, limit: int, batch_size: int) -> list[int]:
         """Tokens to verify after the request's last token this step ([] to decode plainly)."""
@@ -132,8 +131,6 @@ class Governor:
         return self._proposer_ratio() > COSTLY
 
     def choose(self, acceptance: float, available: int, batch_size: int, context: int = 0) -> int:
-        if self.always_draft:
-            return available
         # seconds a proposed token costs (counted once the step cost is known, as the steps' seconds are)
         proposing = (self.proposer_seconds or 0.0) if self.cost.fitted else 0.0
         shadow = proposing / SHADOW_EVERY if self._costly() else proposing  # what staying off costs

@@ -18,6 +18,7 @@ from fulmine.config import ConfigError, EngineConfig
 from fulmine.engine.llm_engine import LLMEngine
 from fulmine.engine.outputs import fold_all
 from fulmine.request import FinishReason, StructuredOutput
+from tests.conftest import draft_always
 from tests.e2e.conftest import EMBEDDED_NAME
 from tests.e2e.openai_schemas import validate
 from tests.e2e.server import RunningServer
@@ -369,7 +370,7 @@ def test_ngram_speculation_under_a_grammar_changes_speed_not_tokens() -> None:
     for speculative in ("ngram", "off"):
         engine = LLMEngine(None, EngineConfig(speculative=speculative), progress=False)
         if engine.governor is not None:
-            engine.governor.always_draft = True
+            draft_always(engine.governor)
         outs = []
         for params in (
             SamplingParams(max_tokens=80, temperature=0.0, structured=StructuredOutput("json_schema", schema)),

@@ -27,6 +27,7 @@ from fulmine.engine.llm_engine import LLMEngine
 from fulmine.engine.outputs import fold, fold_all
 from fulmine.models.source import default_model_path
 from fulmine.request import FinishReason, StructuredOutput
+from tests.conftest import draft_always
 
 EXAMPLES = int(os.environ.get("FULMINE_STATEFUL_EXAMPLES", "12"))
 MAX_TOKENS = 40
@@ -83,15 +84,15 @@ def engines() -> dict[str, Any]:
     proposer = OracleProposer()
     proposer.answers = {tuple(prompt): tokens for prompt, tokens in answers.values()}
     oracle.governor.proposer = proposer
-    oracle.governor.always_draft = True
+    draft_always(oracle.governor)
     ngram = LLMEngine(None, EngineConfig(speculative="ngram", num_speculative_tokens=4), progress=False)
     assert ngram.governor is not None
-    ngram.governor.always_draft = True
+    draft_always(ngram.governor)
     ngram.governor.proposer.min_n = 1  # type: ignore[attr-defined]
     draft_config = EngineConfig(speculative="draft", draft_model=str(default_model_path()), num_speculative_tokens=3)
     draft = LLMEngine(None, draft_config, progress=False)  # the model drafting for itself: long accepted runs
     assert draft.governor is not None
-    draft.governor.always_draft = True
+    draft_always(draft.governor)
     return {"answers": answers, "oracle": oracle, "ngram": ngram, "draft": draft}
 
 
@@ -173,7 +174,8 @@ class EngineMachine(RuleBasedStateMachine):
         for request_id in list(self.live):
             self.engine.abort(request_id)
         assert not self.engine.has_unfinished()
-        assert self.engine.kv_cache.pool.usage == 0.0 and not self.engine.detokenizers and not self.engine.matchers
+        outputs = self.engine.outputs
+        assert self.engine.kv_cache.pool.usage == 0.0 and not outputs.detokenizers and not outputs.matchers
 
 
 @pytest.mark.parametrize("proposer", ["oracle", "ngram", "draft"])

@@ -75,13 +75,13 @@ def test_failing_request_ends_alone(llm: LLM, alone: list[list[int]], after_toke
     assert all(o.finish_reason is FinishReason.LENGTH for o in outputs)
     assert max(calls) == 5 and 1 in calls  # the whole batch was tried, then halves down to the culprit
     assert llm.engine.kv_cache.pool.usage == 0.0 and not llm.engine.has_unfinished()
-    assert not llm.engine.detokenizers and not llm.engine.runner.generators
+    assert not llm.engine.outputs.detokenizers and not llm.engine.runner.generators
 
 
 def test_a_failing_detokenizer_ends_its_request_alone(llm: LLM, alone: list[list[int]]) -> None:
     engine = llm.engine
     ids = [engine.add_request(p, params) for p, params in zip(PROMPTS, PARAMS)]
-    broken = engine.detokenizers[ids[1]]
+    broken = engine.outputs.detokenizers[ids[1]]
 
     def add_token(token_id: int) -> bool:
         raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
@@ -94,7 +94,7 @@ def test_a_failing_detokenizer_ends_its_request_alone(llm: LLM, alone: list[list
                 finals[output.request_id] = output
     assert finals[ids[1]].finish_reason is FinishReason.ERROR and "injected" in (finals[ids[1]].error or "")
     assert [finals[i].token_ids for i in ids if i != ids[1]] == [alone[0], *alone[2:]]
-    assert engine.kv_cache.pool.usage == 0.0 and not engine.detokenizers
+    assert engine.kv_cache.pool.usage == 0.0 and not engine.outputs.detokenizers
 
 
 def test_every_request_failing_ends_each_with_its_error(llm: LLM) -> None:
@@ -174,4 +174,4 @@ def test_a_failure_after_the_forward_ends_its_request_alone(llm: LLM, alone: lis
             undo()
     assert finals[victim].finish_reason is FinishReason.ERROR and where in (finals[victim].error or "")
     assert [finals[i].token_ids for i in ids if i != victim] == [alone[0], *alone[2:]]
-    assert engine.kv_cache.pool.usage == 0.0 and not engine.detokenizers and not engine.has_unfinished()
+    assert engine.kv_cache.pool.usage == 0.0 and not engine.outputs.detokenizers and not engine.has_unfinished()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import pytest
 
 from fulmine import LLM, SamplingParams
+from tests.conftest import draft_always
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick",
@@ -16,7 +20,7 @@ PROMPTS = [
 def forced(llm: LLM) -> LLM:
     governor = llm.engine.governor
     assert governor is not None
-    governor.always_draft = True
+    draft_always(governor)
     governor.proposer.min_n = 1  # random tiny models rarely repeat 2-grams: draft from single tokens too
     return llm
 
@@ -88,10 +92,53 @@ def test_seeded_sampling_is_unchanged_by_speculation(tiny_llama) -> None:
     assert spec.generate(PROMPTS, params)[0].token_ids == plain.generate(PROMPTS, params)[0].token_ids
 
 
-def test_unseeded_sampling_with_speculation_runs(tiny_llama) -> None:
-    spec = forced(LLM(str(tiny_llama), dtype="float32", progress=False))
-    outs = spec.generate(PROMPTS, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=30, ignore_eos=True))
-    assert all(len(o.token_ids) == 30 for o in outs)
+def chi_square(a: list, b: list) -> tuple[float, int]:
+    """Two-sample chi-square statistic of two equal-sized samples of categories, with its degrees of
+    freedom (categories expected fewer than 5 times in both pooled into one)."""
+    counts_a, counts_b = Counter(a), Counter(b)
+    common = [c for c in set(a) | set(b) if counts_a[c] + counts_b[c] >= 10]
+    rest_a, rest_b = len(a) - sum(counts_a[c] for c in common), len(b) - sum(counts_b[c] for c in common)
+    cells = [(counts_a[c], counts_b[c]) for c in common] + ([(rest_a, rest_b)] if rest_a + rest_b else [])
+    statistic = sum((x - y) ** 2 / (x + y) for x, y in cells)
+    return statistic, len(cells) - 1
+
+
+def chi_square_critical(df: int, z: float = 3.29) -> float:
+    """The chi-square value exceeded with probability ~0.0005 (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_sampled_tokens_keep_their_distribution_with_speculation(tiny_llama) -> None:
+    """Unseeded sampling with drafts verified: the tokens are drawn from the same distribution as
+    without drafts. The oracle drafts the greedy continuation after each likely first token, so
+    nearly every answer verifies two drafts: a verifier that favoured them would skew positions 1
+    and 2 toward them, one that rejected too often, away."""
+    prompt, n = PROMPTS[1], 2000
+    params = SamplingParams(temperature=1.0, top_k=4, max_tokens=4, ignore_eos=True)  # room for 2 drafts
+    plain = LLM(str(tiny_llama), dtype="float32", speculative="off", progress=False)
+    spec = LLM(str(tiny_llama), dtype="float32", num_speculative_tokens=2, progress=False)
+    without = [o.token_ids for o in plain.generate([prompt] * n, params)]
+    prompt_ids = tuple(plain.engine.encode_prompt(prompt))
+    greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    continuations = {}
+    for first in sorted({t[0] for t in without}):
+        after = plain.generate([list(prompt_ids) + [first]], greedy)[0].token_ids
+        continuations[prompt_ids + (first,)] = after
+    governor = draft_always(spec.engine.governor)
+    governor.proposer = OracleProposer(continuations)
+    with_drafts = [o.token_ids for o in spec.generate([prompt] * n, params)]
+    assert all(len(t) == 4 for t in without + with_drafts)
+    assert governor.num_drafted > n and 0 < governor.num_accepted < governor.num_drafted
+    for name, key in (
+        ("first", lambda t: t[0]),
+        ("second", lambda t: t[1]),
+        ("third", lambda t: t[2]),
+        ("first two", lambda t: (t[0], t[1])),
+        ("last two", lambda t: (t[1], t[2])),
+    ):
+        statistic, df = chi_square([key(t) for t in without], [key(t) for t in with_drafts])
+        assert df >= 2, "top_k=4 leaves several likely tokens at every position"
+        assert statistic < chi_square_critical(df), (name, statistic, df)
 
 
 @pytest.mark.parametrize("draft_family", ["llama", "qwen2"])
@@ -105,7 +152,7 @@ def test_draft_model_speculation_is_identical(tiny_model_factory, draft_family: 
     )
     governor = spec.engine.governor
     assert governor is not None
-    governor.always_draft = True
+    draft_always(governor)
     expected = [o.token_ids for o in plain.generate(PROMPTS, params)]
     assert [o.token_ids for o in spec.generate(PROMPTS, params)] == expected
     assert governor.num_drafted > 0

@@ -10,6 +10,7 @@ from fulmine.request import Request, SamplingParams
 from fulmine.sampling.sampler import Sampler, SamplingBatch
 from fulmine.speculative.governor import Governor, expected_tokens
 from fulmine.speculative.ngram import NgramIndex
+from tests.conftest import draft_always
 
 
 def test_ngram_continues_the_latest_longest_match() -> None:
@@ -67,7 +68,7 @@ def test_governor_does_not_draft_when_verification_is_expensive() -> None:
 
 def test_governor_skips_requests_it_would_change() -> None:
     governor = Governor(4)
-    governor.always_draft = True
+    draft_always(governor)
     tokens = [1, 2, 3, 1, 2]
     assert governor.drafts(request(tokens), 4, 1) == [3, 1, 2]
     assert governor.drafts(request(tokens, repetition_penalty=1.2), 4, 1) == []
