@@ -53,7 +53,6 @@ class ModelConfig:
     # Gemma-style variations of the Llama block (defaults are Llama's)
     norm_offset: float = 0.0  # RMSNorm scales by (offset + weight); folded into the weight at load
     embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden_size))
-    sandwich_norms: bool = False  # extra norms after attention and around the MLP (Gemma 2/3)
     hidden_act: str = "silu"  # gated MLP activation: silu or gelu_tanh
     attn_scale: float | None = None  # softmax scale (default 1/sqrt(head_dim))
     bos_token_id: int | None = None

@@ -17,12 +17,12 @@ import torch
 
 from fulmine.executors.step import StepBatch
 from fulmine.layers.rotary import RotaryEmbedding
-from fulmine.models.decoder import DecoderModel
+from fulmine.models.decoder import CausalLM
 
 
 @dataclass
 class ModelState:
-    model: DecoderModel
+    model: CausalLM
     # per layer (keys, values), each [num_slots + 2, num_kv_heads, head_dim]; slot = block * block_size + offset
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     block_size: int
@@ -48,7 +48,7 @@ class Executor(Protocol):
 
 
 def allocate_model_state(
-    model: DecoderModel,
+    model: CausalLM,
     num_blocks: int,
     block_size: int,
     max_model_len: int,

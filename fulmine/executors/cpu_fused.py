@@ -27,7 +27,7 @@ from fulmine.executors.torch_eager import use_torch_threads
 from fulmine.layers.linear import Linear
 from fulmine.layers.quantized import QuantizedShards, QuantizedWeight
 from fulmine.layers.rotary import RotaryEmbedding
-from fulmine.models.decoder import DecoderLayer, DecoderModel, SandwichDecoderLayer
+from fulmine.models.decoder import CausalLM, DecoderLayer
 
 # In the exact mode (float32 activations) steps of at most this many tokens run fused; above, the
 # float32 GEMMs of the PyTorch path win. Embedded model, one prompt, fused vs PyTorch path, 2-core
@@ -76,7 +76,7 @@ EXACT_KERNEL_MAX_ROWS = 32
 NARROW_GEMV_MAX_ROWS = 16
 
 
-def tune_layers(model: DecoderModel) -> None:
+def tune_layers(model: CausalLM) -> None:
     """Give every linear layer (but the lm_head, always the kernel) this CPU's thresholds."""
     for module in model.modules():
         if isinstance(module, Linear) and module is not model.lm_head:
@@ -105,6 +105,15 @@ def _matrix(linear: Linear) -> list[tuple[int, int]] | None:
     return [(base + offset * row_bytes, qtype) for offset in offsets]
 
 
+def _shards(names: tuple[str, ...], parts: list[tuple[int, int]]) -> dict[str, int]:
+    """A merged matrix's shards (q, k, v) as the row's fields: each one's pointer and its type."""
+    assert len(parts) == len(names)
+    fields = {}
+    for name, (pointer, qtype) in zip(names, parts):
+        fields[name], fields[f"{name}_type"] = pointer, qtype
+    return fields
+
+
 def _pointer(tensor: torch.Tensor | None, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> int:
     if tensor is None:
         return 0
@@ -125,7 +134,7 @@ def unsupported_reason(state: ModelState) -> str | None:
     if config.head_dim % 2 or config.hidden_size % 32 or config.intermediate_size % 32:
         return "dimensions the kernel does not tile"
     for layer in model.layers:
-        assert isinstance(layer, (DecoderLayer, SandwichDecoderLayer))
+        assert isinstance(layer, DecoderLayer)
         attn, mlp = layer.self_attn, layer.mlp
         if any(_matrix(m) is None for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
             return "a matrix is stored in a type the kernel does not read"
@@ -135,7 +144,7 @@ def unsupported_reason(state: ModelState) -> str | None:
 class FusedDecoder:
     def __init__(
         self,
-        model: DecoderModel,
+        model: CausalLM,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         rotary: RotaryEmbedding,
         rotary_sliding: RotaryEmbedding,
@@ -149,42 +158,39 @@ class FusedDecoder:
         module = kernels.cpu()
         assert module is not None
         self._kernel = module.decoder_forward
+        names = [name.lower() for name in module.info()["layer_fields"]]  # the C row's order
         rows = []
         for layer, (k_cache, v_cache), sliding in zip(model.layers, kv_caches, layer_is_sliding):
-            assert isinstance(layer, (DecoderLayer, SandwichDecoderLayer))
+            assert isinstance(layer, DecoderLayer)
             attn, mlp = layer.self_attn, layer.mlp
-            # the norm before the MLP, and (Gemma 3) the norms of the attention's and the MLP's outputs
-            if isinstance(layer, SandwichDecoderLayer):
-                pre_mlp = layer.pre_feedforward_layernorm.weight
-                attn_out, mlp_out = layer.post_attention_layernorm.weight, layer.post_feedforward_layernorm.weight
-            else:
-                pre_mlp, attn_out, mlp_out = layer.post_attention_layernorm.weight, None, None
             rope = rotary_sliding if sliding else rotary
             qkv, o, gate_up, down = (_matrix(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
             assert qkv and o and gate_up and down
-            rows.append(
-                [
-                    _pointer(layer.input_layernorm.weight),
-                    *[field for shard in qkv for field in shard],
-                    _pointer(attn.qkv_proj.bias),
-                    _pointer(attn.q_norm.weight if attn.q_norm is not None else None),
-                    _pointer(attn.k_norm.weight if attn.k_norm is not None else None),
-                    *o[0],
-                    _pointer(attn.o_proj.bias),
-                    _pointer(pre_mlp),
-                    *[field for shard in gate_up for field in shard],
-                    *down[0],
-                    _pointer(k_cache, (torch.float32, torch.float16)),
-                    _pointer(v_cache, (torch.float32, torch.float16)),
-                    config.sliding_window if sliding and config.sliding_window else 0,
-                    _pointer(rope.cos),
-                    _pointer(rope.sin),
-                    _pointer(attn_out),
-                    _pointer(mlp_out),
-                    int(k_cache.dtype == torch.float16),  # else float32
-                ]
+            cache_types = (torch.float32, torch.float16)
+            row = dict(
+                in_norm=_pointer(layer.input_layernorm.weight),
+                **_shards(("q", "k", "v"), qkv),
+                qkv_bias=_pointer(attn.qkv_proj.bias),
+                q_norm=_pointer(attn.q_norm.weight if attn.q_norm is not None else None),
+                k_norm=_pointer(attn.k_norm.weight if attn.k_norm is not None else None),
+                **_shards(("o",), o),
+                o_bias=_pointer(attn.o_proj.bias),
+                pre_mlp_norm=_pointer(layer.pre_mlp_norm.weight),
+                **_shards(("gate", "up"), gate_up),
+                **_shards(("down",), down),
+                k_cache=_pointer(k_cache, cache_types),
+                v_cache=_pointer(v_cache, cache_types),
+                window=config.sliding_window if sliding and config.sliding_window else 0,
+                cos=_pointer(rope.cos),
+                sin=_pointer(rope.sin),
+                # sandwich norms (Gemma 3): of the attention's and the MLP's outputs, before the residual
+                attn_out_norm=_pointer(layer.attn_out_norm.weight if layer.attn_out_norm is not None else None),
+                ffn_out_norm=_pointer(layer.mlp_out_norm.weight if layer.mlp_out_norm is not None else None),
+                kv_half=int(k_cache.dtype == torch.float16),  # else float32
             )
-        assert len(rows[0]) == module.info()["layer_fields"]
+            if sorted(row) != sorted(names):
+                raise RuntimeError(f"the fused decoder's layer fields {names} differ from the row's {sorted(row)}")
+            rows.append([row[name] for name in names])
         self.layer_table = torch.tensor(rows, dtype=torch.int64)  # the pointers stay valid: the model owns them
         self.final_norm = model.norm.weight
         self.dims = (

@@ -16,7 +16,7 @@ import torch
 from fulmine.executors import make_executors
 from fulmine.executors.base import Executor, allocate_model_state
 from fulmine.executors.step import ModelRunnerOutput, SequenceStep, StepBatch
-from fulmine.models.decoder import DecoderModel
+from fulmine.models.decoder import CausalLM
 from fulmine.request import TokenLogprobs
 from fulmine.sampling.sampler import Sampler, SamplerOutput, SamplingBatch, logprobs_of
 
@@ -24,7 +24,7 @@ from fulmine.sampling.sampler import Sampler, SamplerOutput, SamplingBatch, logp
 class ModelRunner:
     def __init__(
         self,
-        model: DecoderModel,
+        model: CausalLM,
         num_blocks: int,
         block_size: int,
         max_model_len: int,

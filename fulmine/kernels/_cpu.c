@@ -136,8 +136,24 @@ static PyObject *py_info(PyObject *self, PyObject *args) {
         Py_XDECREF(key);
     }
     if (!types) return NULL;
-    PyObject *out = Py_BuildValue("{s:s,s:i,s:i,s:i,s:N}", "isa", kernels_isa(), "threads", pool_threads(), "layer_fields",
-                                  (int)L_FIELDS, "interleave", interleave_group(), "types", types);
+#define LAYER_NAME(name) #name,
+    static const char *const layer_names[L_FIELDS] = {LAYER_FIELDS(LAYER_NAME)};
+#undef LAYER_NAME
+    PyObject *fields = PyTuple_New(L_FIELDS);
+    for (int i = 0; fields && i < L_FIELDS; i++) {
+        PyObject *name = PyUnicode_FromString(layer_names[i]);
+        if (!name) {
+            Py_CLEAR(fields);
+            break;
+        }
+        PyTuple_SET_ITEM(fields, i, name);
+    }
+    if (!fields) {
+        Py_DECREF(types);
+        return NULL;
+    }
+    PyObject *out = Py_BuildValue("{s:s,s:i,s:N,s:i,s:N}", "isa", kernels_isa(), "threads", pool_threads(), "layer_fields",
+                                  fields, "interleave", interleave_group(), "types", types);
     return out;
 }
 
@@ -150,7 +166,7 @@ static PyMethodDef methods[] = {
     {"embed", py_embed, METH_VARARGS, "embed(w, type, K, ids, T, out): rows ids of W as float32"},
     {"decoder_forward", py_decoder_forward, METH_VARARGS, "the whole decoder over T tokens, in place"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): the kernels' thread count"},
-    {"info", py_info, METH_NOARGS, "{'isa', 'threads', 'layer_fields'}"},
+    {"info", py_info, METH_NOARGS, "{'isa', 'threads', 'layer_fields' (the decoder's layer row, by name), 'interleave', 'types'}"},
     {"sample", py_sample, METH_VARARGS,
      "sample(logits, R, V, temperature, top_k, top_p, min_p, keys, drafts, out, accepted[, bias_off, bias_ids, "
      "bias_vals, hist_off, hist_ids, out_start, rep, pres, freq, mask_rows, masks, mask_words]): a token per row"},

@@ -84,12 +84,16 @@ void attention(const Attention *a, float *scratch);
 /* n values into a cache at element `offset`, rounded to nearest even into float16 (as PyTorch rounds) */
 void kv_store(void *cache, int half, int64_t offset, const float *src, int n);
 
-/* decoder.c */
-enum {
-    L_IN_NORM, L_Q, L_Q_TYPE, L_K, L_K_TYPE, L_V, L_V_TYPE, L_QKV_BIAS, L_Q_NORM, L_K_NORM, L_O, L_O_TYPE, L_O_BIAS,
-    L_POST_NORM, L_GATE, L_GATE_TYPE, L_UP, L_UP_TYPE, L_DOWN, L_DOWN_TYPE, L_K_CACHE, L_V_CACHE, L_WINDOW, L_COS,
-    L_SIN, L_ATTN_OUT_NORM, L_FFN_OUT_NORM, L_KV_HALF, L_FIELDS
-};
+/* decoder.c. One row of int64 per layer: pointers (0: absent), weight types, the window, the cache's
+ * element type. The list is the one source of the fields' order: the enum below and the names the
+ * bindings export (info()["layer_fields"]), by which the Python side fills a row. */
+#define LAYER_FIELDS(X)                                                                               \
+    X(IN_NORM) X(Q) X(Q_TYPE) X(K) X(K_TYPE) X(V) X(V_TYPE) X(QKV_BIAS) X(Q_NORM) X(K_NORM) X(O) X(O_TYPE) \
+    X(O_BIAS) X(PRE_MLP_NORM) X(GATE) X(GATE_TYPE) X(UP) X(UP_TYPE) X(DOWN) X(DOWN_TYPE) X(K_CACHE)         \
+    X(V_CACHE) X(WINDOW) X(COS) X(SIN) X(ATTN_OUT_NORM) X(FFN_OUT_NORM) X(KV_HALF)
+#define LAYER_ENUM(name) L_##name,
+enum { LAYER_FIELDS(LAYER_ENUM) L_FIELDS };
+#undef LAYER_ENUM
 int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *final_norm, const int32_t *pos,
                     const int32_t *seq, const int32_t *tables, int max_blocks, const int *dims, float eps, float scale,
                     int exact);

@@ -170,7 +170,7 @@ int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *
         norm_rows(xn, (const float *)(intptr_t)ly[L_ATTN_OUT_NORM], T, H, eps, tmp);
         for (size_t i = 0; i < n_x; i++) h[i] += xn[i];
         for (int t = 0; t < T; t++)
-            rms_norm(h + (size_t)t * H, (const float *)(intptr_t)ly[L_POST_NORM], xn + (size_t)t * H, H, eps);
+            rms_norm(h + (size_t)t * H, (const float *)(intptr_t)ly[L_PRE_MLP_NORM], xn + (size_t)t * H, H, eps);
         matmul(xn, T, layer_parts(ly, L_GATE, 2, gate_up_rows, H), gu, 2 * I, &sc, exact);
         GluJob gj = {act, gu, T, I, gelu};
         pool_run(glu_task, &gj, T < pool_threads() ? T : pool_threads());

@@ -1,11 +1,12 @@
-"""The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3 and Gemma 3.
+"""What every decoder-only family's model file builds on: the attention (GQA, RoPE, optional q/k
+norm and biases, paged KV cache), the gated MLP, the layer contract and the causal LM around the
+layers (embedding, final norm, LM head, loading, tensor parallelism).
 
-Pre-norm blocks: RMSNorm -> attention (GQA, RoPE, optional q/k norm and qkv bias) -> RMSNorm ->
-gated MLP. Gemma 3 adds "sandwich" norms (after attention, and before and after the MLP), a
-GeGLU MLP, scaled embeddings, (1 + w) norms (folded into w at load) and its own softmax scale.
-Parameter names follow HF's, except that q/k/v and gate/up are merged (`qkv_proj`,
-`gate_up_proj`); `load_weight` maps checkpoint names onto them.
-Inputs are flat: all tokens of all scheduled requests in one [num_tokens] vector.
+A family's file (models/llama.py, models/gemma3.py) defines its layer, how its norms and
+sub-blocks join the residual stream, and its GGUF tensor names. Parameter names follow HF's,
+except that q/k/v and gate/up are merged (`qkv_proj`, `gate_up_proj`); `load_weight` maps
+checkpoint names onto them. Inputs are flat: all tokens of all scheduled requests in one
+[num_tokens] vector.
 """
 
 from __future__ import annotations
@@ -75,12 +76,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+    """A layer: attention and MLP around the residual stream, each family's norms its own. The fused
+    CPU decoder reads the norms by role: before attention (`input_layernorm`), before the MLP, and
+    of the two sub-blocks' outputs (None where the family has none)."""
+
+    input_layernorm: RMSNorm
+    self_attn: Attention
+    mlp: MLP
+    pre_mlp_norm: RMSNorm
+    attn_out_norm: RMSNorm | None = None
+    mlp_out_norm: RMSNorm | None = None
 
     def forward(
         self,
@@ -89,49 +94,22 @@ class DecoderLayer(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm.add_and_norm(x, residual)
-        x = self.self_attn(x, kv_cache, meta)
-        x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
-        return self.mlp(x), residual
+        """(this layer's output, the residual stream before it is added); residual None: the first layer."""
+        raise NotImplementedError
 
 
-class SandwichDecoderLayer(nn.Module):
-    """Gemma 2/3: each sub-block's output is normalized before it joins the residual stream."""
+class CausalLM(nn.Module):
+    """Embedding -> layers -> final norm -> LM head. A family's model sets its layer class and the
+    names of its layers' tensors in GGUF files (after "blk.N.", HF names after "model.layers.N.")."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        dim, eps = config.hidden_size, config.rms_norm_eps
-        self.input_layernorm = RMSNorm(dim, eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(dim, eps)
-        self.pre_feedforward_layernorm = RMSNorm(dim, eps)
-        self.mlp = MLP(config)
-        self.post_feedforward_layernorm = RMSNorm(dim, eps)
+    layer_class: type[DecoderLayer]
+    gguf_layer_names: dict[str, str]
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        residual = x if residual is None else x + residual
-        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(residual), kv_cache, meta))
-        residual = residual + h
-        h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(residual)))
-        return h, residual
-
-
-class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        layer_class = SandwichDecoderLayer if config.sandwich_norms else DecoderLayer
-        self.layers = nn.ModuleList(layer_class(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(self.layer_class(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         # its rows are the step's sampled positions, as many as the batch has: always the kernel (the

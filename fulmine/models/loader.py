@@ -21,30 +21,10 @@ from fulmine.config import ConfigError, ModelConfig
 from fulmine.layers.linear import Linear
 from fulmine.layers.tensor_parallel import TensorParallel, shard_config, shard_tensor
 from fulmine.layers.weights import QuantizedTensor, WeightTensor
-from fulmine.models.decoder import DecoderModel
+from fulmine.models.decoder import CausalLM
+from fulmine.models.registry import model_for
 from fulmine.models.source import ModelSource
 
-# GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-# Sandwich-norm models (Gemma 3): llama.cpp's ffn_norm is the norm before the MLP, and there are two more
-_GGUF_SANDWICH_NAMES = {
-    **_GGUF_LAYER_NAMES,
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -63,7 +43,7 @@ def load_model(
     quantization: str = "none",
     exact_kernels: bool = False,
     tp: TensorParallel | None = None,
-) -> DecoderModel:
+) -> CausalLM:
     """`dtype` is the activations' (and norms'); `weight_dtype` the matrices', if narrower.
 
     The model is laid out on the meta device and allocated uninitialized in its final dtypes,
@@ -82,7 +62,7 @@ def load_model(
     )
     config = source.config if tp is None else shard_config(source.config, tp)
     with torch.device("meta"):
-        model = DecoderModel(config).to(dtype)
+        model = model_for(config).to(dtype)
     if weight_dtype is not None and weight_dtype != dtype:
         model.narrow_weights(weight_dtype)
     _allocate(model, device)
@@ -123,7 +103,7 @@ def load_model(
     return model.eval()
 
 
-def _allocate(model: DecoderModel, device: torch.device) -> None:
+def _allocate(model: CausalLM, device: torch.device) -> None:
     """Give every parameter of a model laid out on the meta device uninitialized memory on `device`
     (what Module.to_empty does, without the first-call import of torch's symbolic-shape machinery
     that costs 0.7 s of load time)."""
@@ -133,7 +113,7 @@ def _allocate(model: DecoderModel, device: torch.device) -> None:
             setattr(module, name, torch.nn.Parameter(empty, requires_grad=False))
 
 
-def _report_unread_types(model: DecoderModel, source: ModelSource) -> None:
+def _report_unread_types(model: CausalLM, source: ModelSource) -> None:
     """One log line naming the layers whose GGUF blocks the kernels do not read (they were dequantized)."""
     unread: dict[str, list[str]] = {}
     for name, module in model.named_modules():
@@ -180,7 +160,7 @@ def _gguf_tensors(source: ModelSource, names: list[str]) -> Iterator[tuple[str, 
     assert gguf is not None
     for gguf_name in names:
         tensor = gguf.load(gguf_name)
-        name = _hf_name(gguf_name, _GGUF_SANDWICH_NAMES if config.sandwich_norms else _GGUF_LAYER_NAMES)
+        name = _hf_name(gguf_name, source.family.model.gguf_layer_names)
         if source.family.gguf_permuted_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             num_heads = config.num_heads if "q_proj" in name else config.num_kv_heads
             tensor = _unpermute_rows(tensor, num_heads)
@@ -208,11 +188,11 @@ def _unpermute_rows(tensor: QuantizedTensor, num_heads: int) -> QuantizedTensor:
     return tensor.take_rows(gguf_row)
 
 
-def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> DecoderModel:
+def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> CausalLM:
     """A model of this shape with random weights (no checkpoint): for benchmarks of shapes nobody
     ships a file of here, e.g. Llama-3-8B's on a GPU. Matrices ~ N(0, 0.02), norms 1, biases 0."""
     with torch.device("meta"):
-        model = DecoderModel(config).to(dtype)
+        model = model_for(config).to(dtype)
     _allocate(model, device)
     model.tie_weights()
     generator = torch.Generator(device=device).manual_seed(seed)

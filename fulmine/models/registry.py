@@ -1,35 +1,62 @@
 """The supported model families: the only place an architecture name is looked up.
 
-A family says how its checkpoints differ from plain Llama. Adding one (Gemma 3, say) means adding
-an entry here, plus a model class if its layers differ beyond these switches.
+A family says which model file builds it (models/llama.py, models/gemma3.py) and how its
+checkpoints differ from plain Llama's. Adding one means an entry here and, if its layers differ
+beyond these switches, a model file of its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from fulmine.config import ConfigError
+from fulmine.config import ConfigError, ModelConfig
+from fulmine.models import gemma3
+from fulmine.models.decoder import CausalLM
+from fulmine.models.gemma3 import Gemma3ForCausalLM
+from fulmine.models.llama import LlamaForCausalLM
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Family:
     name: str
     hf_architecture: str  # config.json "architectures"
     gguf_architecture: str  # GGUF "general.architecture"
-    qkv_bias: bool | None  # None: read "attention_bias" from config.json
-    qk_norm: bool
-    sliding_window_key: str | None  # config.json switch that enables sliding_window, or None: always honoured
-    gguf_permuted_qk: bool  # llama.cpp's converter reorders q/k rows for its interleaved RoPE
+    model: type[CausalLM]  # the model file's class
+    qkv_bias: bool | None = None  # None: read "attention_bias" from config.json
+    qk_norm: bool = False
+    sliding_window_key: str | None = None  # config.json switch that enables sliding_window; None: always honoured
+    gguf_permuted_qk: bool = False  # llama.cpp's converter reorders q/k rows for its interleaved RoPE
+    # the family's config fields beyond Llama's: from config.json (given what was read for Llama),
+    # and from GGUF metadata (given the config read as Llama's)
+    hf_fields: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    gguf_fields: Callable[[ModelConfig], dict[str, Any]] | None = None
 
 
 FAMILIES = (
-    Family("llama", "LlamaForCausalLM", "llama", None, False, None, True),
-    Family("mistral", "MistralForCausalLM", "mistral", None, False, None, True),
-    Family("qwen2", "Qwen2ForCausalLM", "qwen2", True, False, "use_sliding_window", False),
-    Family("qwen3", "Qwen3ForCausalLM", "qwen3", None, True, "use_sliding_window", False),
+    Family(
+        name="llama", hf_architecture="LlamaForCausalLM", gguf_architecture="llama", model=LlamaForCausalLM,
+        gguf_permuted_qk=True,
+    ),
+    Family(
+        name="mistral", hf_architecture="MistralForCausalLM", gguf_architecture="mistral", model=LlamaForCausalLM,
+        gguf_permuted_qk=True,
+    ),
+    Family(
+        name="qwen2", hf_architecture="Qwen2ForCausalLM", gguf_architecture="qwen2", model=LlamaForCausalLM,
+        qkv_bias=True, sliding_window_key="use_sliding_window",
+    ),
+    Family(
+        name="qwen3", hf_architecture="Qwen3ForCausalLM", gguf_architecture="qwen3", model=LlamaForCausalLM,
+        qk_norm=True, sliding_window_key="use_sliding_window",
+    ),
     # text-only Gemma 3 (its GGUF files store the norms with Gemma's +1 already added)
-    Family("gemma3", "Gemma3ForCausalLM", "gemma3", None, True, None, False),
-)
+    Family(
+        name="gemma3", hf_architecture="Gemma3ForCausalLM", gguf_architecture="gemma3", model=Gemma3ForCausalLM,
+        qk_norm=True, hf_fields=gemma3.hf_fields, gguf_fields=gemma3.gguf_fields,
+    ),
+)  # fmt: skip
 
 
 def _unsupported(kind: str, name: str, known: list[str]) -> ConfigError:
@@ -50,3 +77,8 @@ def family_for_gguf(architecture: str) -> Family:
     raise _unsupported(
         "GGUF architecture", architecture, [f.gguf_architecture for f in FAMILIES if f.gguf_architecture]
     )
+
+
+def model_for(config: ModelConfig) -> CausalLM:
+    """The model of a config's family, its parameters allocated on the current device, unfilled."""
+    return family_for_hf(config.architecture).model(config)

@@ -123,40 +123,9 @@ def config_from_hf(raw: dict[str, Any]) -> tuple[ModelConfig, Family]:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw.get("eos_token_id")),
     )
-    if family.name == "gemma3":
-        fields.update(_gemma3_fields(raw, fields["hidden_size"], fields["head_dim"], fields["num_layers"]))
+    if family.hf_fields is not None:
+        fields.update(family.hf_fields(raw, fields))
     return ModelConfig(**fields), family
-
-
-def _gemma3_fields(raw: dict[str, Any], hidden_size: int, head_dim: int, num_layers: int) -> dict[str, Any]:
-    """Gemma 3's departures from Llama, from its config.json (transformers 4.5x and 5.x spellings)."""
-    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if raw.get(cap) is not None:
-            raise ConfigError(f"{cap} is not supported")
-    per_type = raw.get("rope_parameters") or {}
-    full = dict(
-        per_type.get("full_attention") or {"rope_theta": raw.get("rope_theta", 1e6), **(raw.get("rope_scaling") or {})}
-    )
-    local = per_type.get("sliding_attention") or {"rope_theta": raw.get("rope_local_base_freq", 10000.0)}
-    if local.get("rope_type", "default") != "default":
-        raise ConfigError("RoPE scaling on Gemma 3's sliding-window layers is not supported")
-    theta = float(full.pop("rope_theta", 1e6))
-    pattern = int(raw.get("sliding_window_pattern", 6))
-    types = raw.get("layer_types") or [
-        "full_attention" if (layer + 1) % pattern == 0 else "sliding_attention" for layer in range(num_layers)
-    ]
-    return dict(
-        rope_theta=theta,
-        rope_scaling=full if full.get("rope_type", full.get("type", "default")) != "default" else None,
-        rope_theta_sliding=float(local["rope_theta"]),
-        layer_types=tuple("sliding" if kind == "sliding_attention" else "full" for kind in types),
-        norm_offset=1.0,
-        embed_scale=hidden_size**0.5,
-        sandwich_norms=True,
-        hidden_act="gelu_tanh",
-        attn_scale=float(raw.get("query_pre_attn_scalar") or head_dim) ** -0.5,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-    )
 
 
 def config_from_gguf(gguf: GGUFFile) -> tuple[ModelConfig, Family]:
@@ -204,23 +173,6 @@ def config_from_gguf(gguf: GGUFFile) -> tuple[ModelConfig, Family]:
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(sorted({int(t) for t in (eos, eot) if t is not None})),
     )
-    if family.name == "gemma3":
-        config = replace(config, **_gemma3_gguf_fields(config))
+    if family.gguf_fields is not None:
+        config = replace(config, **family.gguf_fields(config))
     return config, family
-
-
-def _gemma3_gguf_fields(config: ModelConfig) -> dict[str, Any]:
-    """Gemma 3's departures from Llama that its GGUF metadata leaves out, as llama.cpp assumes them:
-    every 6th layer global (RoPE base from the file), the others sliding with base 10 000; norms
-    already hold 1 + w; the 27B (62 layers) scales queries by hidden/heads instead of head_dim."""
-    num_layers, hidden = config.num_layers, config.hidden_size
-    query_scale = hidden // config.num_heads if num_layers == 62 else config.head_dim
-    return dict(
-        rope_theta_sliding=10000.0,
-        layer_types=tuple("full" if (layer + 1) % 6 == 0 else "sliding" for layer in range(num_layers)),
-        norm_offset=0.0,
-        embed_scale=hidden**0.5,
-        sandwich_norms=True,
-        hidden_act="gelu_tanh",
-        attn_scale=float(query_scale) ** -0.5,
-    )
