@@ -127,12 +127,27 @@ class LLMEngine(RequestLimits):
         arrival_time: float | None = None,
         generated: list[int] | None = None,
     ) -> str:
-        """`generated`: tokens this request already produced elsewhere (a replica that died mid-stream,
+        """Check a request (ConfigError if it cannot run as asked) and add it: the in-process front door.
+        `generated`: tokens this request already produced elsewhere (a replica that died mid-stream,
         replicas/front.py); it goes on after them as if it had drawn them here: a seeded draw
         depends on the index of the token drawn, so the continuation is the same."""
         params, generated = params or SamplingParams(), generated or []
         prompt_ids = self.encode_prompt(prompt)
         self.check_request(prompt_ids + generated, params)
+        return self.add_checked(prompt_ids, params, request_id, arrival_time, generated)
+
+    def add_checked(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+        generated: list[int] | None = None,
+    ) -> str:
+        """Add a request its front door checked (check_request: the server before it submits, or
+        add_request): what the checks promise is asserted here, not checked again."""
+        generated = generated or []
+        assert prompt_ids and len(prompt_ids) + len(generated) < self.max_model_len, "an unchecked request"
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, prompt_ids, params, self.eos_token_ids, self.max_model_len)
         request.output_token_ids = list(generated)

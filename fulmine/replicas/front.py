@@ -39,6 +39,7 @@ from fulmine.request import SLO, SamplingParams
 from fulmine.sampling.grammar import Grammars
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import EngineDead
+from fulmine.server.engine_client import Sink
 from fulmine.tokenizer import load_tokenizer
 
 logger = logging.getLogger("fulmine.server")
@@ -87,6 +88,7 @@ class ReplicaSet:
         self.error: BaseException | None = None
         self._closed: BaseException | None = None
         self._in_flight: dict[str, Any] = {}  # request id -> its stream from a replica (None between two)
+        self._readers: dict[str, asyncio.Task[None]] = {}  # request id -> the task reading its outputs
         self._admissions: dict[str, asyncio.Future[None]] = {}  # request id -> admitted by its replica
         self._status = (0, 0)  # replicas (running, target)
         self._read_status()
@@ -177,6 +179,36 @@ class ReplicaSet:
 
     def _admission(self, request_id: str) -> asyncio.Future[None]:
         return self._admissions.setdefault(request_id, asyncio.get_running_loop().create_future())
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        on_output: Sink,
+        generated: list[int] | None = None,
+    ) -> None:
+        """The request's outputs from whichever replica runs it to `on_output` (EngineClient.submit):
+        a task per request reads the replica's stream (a network hop already)."""
+        if self._closed is not None:
+            raise self._closed
+
+        async def read() -> None:
+            try:
+                async for output in self.generate(request_id, prompt_ids, params, arrival_time, generated):
+                    on_output(output)
+            except Exception as error:
+                on_output(error)
+            finally:
+                self._readers.pop(request_id, None)
+
+        self._readers[request_id] = asyncio.get_running_loop().create_task(read())
+
+    def abort(self, request_id: str) -> None:
+        reader = self._readers.pop(request_id, None)
+        if reader is not None:
+            reader.cancel()  # generate's cleanup cancels the replica's stream
 
     async def generate(
         self,

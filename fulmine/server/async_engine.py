@@ -4,12 +4,15 @@ Why a thread, not a process: the step's heavy work runs inside torch kernels tha
 GIL, so the event loop keeps serving HTTP while the model runs, and outputs reach the handlers
 without serialization or IPC (a process would add a pickle + pipe hop per token). The engine is
 not thread-safe, so every call into it (add, abort) is queued as a command and run by the
-engine thread between steps; an abort therefore lands within one step.
+engine thread between steps; an abort therefore lands within one step. Outputs go the other way
+without a queue of their own: after each step the engine thread hands every output to its
+request's receiver (`submit`'s `on_output`) in one call onto each caller's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -19,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from fulmine.engine.llm_engine import LLMEngine
 from fulmine.engine.outputs import RequestOutput
 from fulmine.request import SamplingParams
+from fulmine.server.engine_client import Sink
 
 logger = logging.getLogger("fulmine.server")
 
@@ -37,7 +41,7 @@ class AsyncEngine:
         self.on_resume: Callable[[], None] | None = None  # (streams are resumed only behind replicas)
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Sink]] = {}  # request id -> its caller
         self._num_pending = 0  # submitted, not yet in the scheduler
         self._pending_lock = threading.Lock()  # also orders registering a stream against the engine's death
         self._stopped = False
@@ -96,6 +100,33 @@ class AsyncEngine:
         self._submit(lambda: self._abort_all(error))
 
     # -- the HTTP side ---------------------------------------------------------------------
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        on_output: Sink,
+        generated: list[int] | None = None,
+    ) -> None:
+        """Start a request its caller checked (LLMEngine.check_request) and admitted. `on_output` is
+        called on the caller's event loop with each of its outputs, or with the exception that ended
+        it; the last is a finished output or an exception. Every output of a step reaches a loop in
+        one call. `generated`: tokens it already produced elsewhere (see LLMEngine.add_request)."""
+        with self._pending_lock:
+            if self.error is not None:
+                raise EngineDead(str(self.error))
+            if self._closed is not None:
+                raise self._closed
+            self._streams[request_id] = (asyncio.get_running_loop(), on_output)
+            self._num_pending += 1
+        self._submit(lambda: self._add(request_id, prompt_ids, params, arrival_time, generated))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: nothing more reaches its `on_output`; the engine drops it within a step."""
+        if self._streams.pop(request_id, None) is not None:
+            self._submit(lambda: self._abort(request_id))
+
     async def generate(
         self,
         request_id: str,
@@ -104,29 +135,22 @@ class AsyncEngine:
         arrival_time: float,
         generated: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request, one per step that produced a token. Leaving early aborts it.
-        `generated`: tokens it already produced elsewhere (see LLMEngine.add_request)."""
+        """`submit` as an iterator: outputs of one request, one per step that produced a token.
+        Leaving early aborts it."""
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        with self._pending_lock:
-            if self.error is not None:
-                raise EngineDead(str(self.error))
-            if self._closed is not None:
-                raise self._closed
-            self._streams[request_id] = (asyncio.get_running_loop(), outputs)
-            self._num_pending += 1
-        self._submit(lambda: self._add(request_id, prompt_ids, params, arrival_time, generated))
+        self.submit(request_id, prompt_ids, params, arrival_time, outputs.put_nowait, generated)
         finished = False
         try:
             while not finished:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
                 finished = item.finished
                 yield item
         finally:
-            self._streams.pop(request_id, None)
             if not finished:
-                self._submit(lambda: self._abort(request_id))
+                self.abort(request_id)
 
     async def embed(self, prompt_ids: list[int], pooling: str, normalize: bool) -> list[float]:
         """An embedding computed on the engine thread a chunk per step beside the streams (see
@@ -183,9 +207,9 @@ class AsyncEngine:
             self.engine.admission.forget(request_id)
             return  # the client left before the request reached the engine
         try:
-            self.engine.add_request(prompt_ids, params, request_id, arrival_time, generated)
-        except Exception as error:  # validated before submission; anything left is reported, not fatal
-            self._deliver(request_id, error)
+            self.engine.add_checked(prompt_ids, params, request_id, arrival_time, generated)
+        except Exception as error:  # checked before submission; anything left is reported, not fatal
+            self._deliver([(request_id, error)])
 
     def _abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -193,7 +217,7 @@ class AsyncEngine:
     def _abort_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):
             self.engine.abort(request_id)
-            self._deliver(request_id, error)
+        self._deliver([(request_id, error) for request_id in list(self._streams)])
         self._end_embeddings(error)
 
     def _end_embeddings(self, error: BaseException) -> None:
@@ -201,11 +225,18 @@ class AsyncEngine:
             self.engine.abort_embedding(job.job_id)
             job.on_done(None, error)
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, outputs = stream
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
+    def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand each item to its request's caller: one call onto each caller's loop for all of them.
+        A request's last item (finished, or an exception) ends its stream here."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sink, RequestOutput | BaseException]]] = {}
+        for request_id, item in items:
+            last = not isinstance(item, RequestOutput) or item.finished
+            stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], item))
+        for loop, handed in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a loop that closed: nobody is listening there
+                loop.call_soon_threadsafe(_hand_out, handed)
 
     def _run(self) -> None:
         while not self._stopped:
@@ -224,15 +255,23 @@ class AsyncEngine:
             except Exception as error:  # not pinned on any request (see LLMEngine.step): the engine is dead
                 self._die(error)
                 return
-            for output in outputs:
-                self._deliver(output.request_id, output)
+            if outputs:
+                self._deliver([(output.request_id, output) for output in outputs])
 
     def _die(self, error: BaseException) -> None:
         logger.error("the engine failed; ending every request in flight", exc_info=error)
         with self._pending_lock:
             self.error = error
-        for request_id in list(self._streams):
-            self._deliver(request_id, EngineDead(f"engine failure: {error}"))
+        self._deliver([(request_id, EngineDead(f"engine failure: {error}")) for request_id in list(self._streams)])
         self._end_embeddings(EngineDead(f"engine failure: {error}"))
         if self._on_death is not None:
             self._on_death(error)
+
+
+def _hand_out(items: list[tuple[Sink, RequestOutput | BaseException]]) -> None:
+    """On a caller's loop: each item to its sink; one sink that fails disturbs no other."""
+    for sink, item in items:
+        try:
+            sink(item)
+        except Exception:
+            logger.exception("a stream's receiver failed")

@@ -114,7 +114,7 @@ class Completions:
             return
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._tokenizer_thread, self.engine.engine.grammars.check, structured)
+            await loop.run_in_executor(self._tokenizer_thread, self.engine.engine.check_constraint, structured)
         except ConfigError as error:
             self.metrics.rejected.labels("bad_constraint").inc()
             raise p.RequestError(str(error), param if forced else error.param or "response_format") from None
@@ -144,7 +144,7 @@ class Completions:
                     params = body.sampling_params(max_tokens, num_logprobs, seed_offset=i)
                     if forced is not None:  # a call the tool_choice requires, by grammar
                         params.structured = forced
-                    self.engine.engine.check_request(prompt_ids, params)
+                    self.engine.engine.check_prompt(prompt_ids, params)  # (its constraint: _check_structured)
                 except ConfigError as error:
                     raise p.RequestError(
                         str(error),

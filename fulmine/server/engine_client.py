@@ -4,11 +4,15 @@ against these two protocols only, and imports nothing from the replica tier abov
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from fulmine.engine.outputs import RequestOutput
 from fulmine.request import SamplingParams
+
+# receives a request's outputs on the event loop that submitted it; the last is a finished output
+# or the exception that ended the request
+Sink = Callable[[RequestOutput | BaseException], None]
 
 
 class ModelFacts(Protocol):
@@ -24,6 +28,10 @@ class ModelFacts(Protocol):
     admission: Any
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None: ...
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None: ...
+
+    def check_constraint(self, structured: Any) -> None: ...
 
     def admit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival_time: float) -> None: ...
 
@@ -53,13 +61,19 @@ class EngineClient(Protocol):
     async def admitted(self, request_id: str) -> None:
         """Waits until the request is admitted by its latency targets where it runs (raises Refused)."""
 
-    def generate(
+    def submit(
         self,
         request_id: str,
         prompt_ids: list[int],
         params: SamplingParams,
         arrival_time: float,
+        on_output: Sink,
         generated: list[int] | None = None,
-    ) -> AsyncIterator[RequestOutput]: ...
+    ) -> None:
+        """Start a request the server checked (ModelFacts.check_request) and admitted; its outputs
+        go to `on_output` on this event loop."""
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: nothing more reaches its `on_output`."""
 
     async def embed(self, prompt_ids: list[int], pooling: str, normalize: bool) -> list[float]: ...

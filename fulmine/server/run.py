@@ -44,7 +44,8 @@ class Choice:
     text_parts: list[str] = field(default_factory=list)
 
 
-_Merged = asyncio.Queue[tuple[Choice, RequestOutput | BaseException | None]]  # every choice's outputs
+# every choice's outputs, as the engine hands them over; (None, None): the deadline passed
+_Merged = asyncio.Queue[tuple[Choice | None, RequestOutput | BaseException | None]]
 
 
 class Run:
@@ -64,26 +65,33 @@ class Run:
         self.engine, self.metrics, self.timeout_s = engine, metrics, timeout_s
         self.model, self.id, self.choices = model, run_id, choices
         self.arrival, self.request, self.created = arrival, request, bodies.now()
-        self._started: tuple[_Merged, list[Any]] | None = None
+        self._merged: _Merged | None = None
+        self._open: set[str] = set()  # choices submitted and not yet ended
         for c in choices:
             c.request_id = f"{run_id}-{c.index}"
 
-    def _start(self) -> tuple[_Merged, list[Any]]:
-        """Every choice submitted (once), their outputs merged into one queue as they come."""
-        if self._started is None:
+    def _start(self) -> _Merged:
+        """Every choice submitted (once); the engine puts their outputs into one queue as they come."""
+        if self._merged is None:
             merged: _Merged = asyncio.Queue()
+            self._merged = merged
+            for c in self.choices:
 
-            async def pump(c: Choice) -> None:
+                def receive(item: RequestOutput | BaseException, c: Choice = c) -> None:
+                    merged.put_nowait((c, item))
+
                 try:
-                    async for output in self.engine.generate(c.request_id, c.prompt_ids, c.params, self.arrival):
-                        await merged.put((c, output))
+                    self.engine.submit(c.request_id, c.prompt_ids, c.params, self.arrival, receive)
+                    self._open.add(c.request_id)
                 except Exception as error:
-                    await merged.put((c, error))
-                finally:
-                    await merged.put((c, None))
+                    merged.put_nowait((c, error))
+        return self._merged
 
-            self._started = (merged, [asyncio.create_task(pump(c)) for c in self.choices])
-        return self._started
+    def _end(self) -> None:
+        """Every choice still open aborted (a client that left, an error, the deadline)."""
+        for request_id in self._open:
+            self.engine.abort(request_id)
+        self._open.clear()
 
     async def admitted(self) -> None:
         """Behind replicas, a request is admitted by the replica that gets it (its latency targets):
@@ -91,37 +99,34 @@ class Run:
         this process admits before the run is made (Completions._admit): nothing to wait for."""
         if self.engine.replicas() is None:
             return
-        _, tasks = self._start()
+        self._start()
         try:
             await asyncio.gather(*(self.engine.admitted(c.request_id) for c in self.choices))
         except BaseException:
-            for task in tasks:
-                task.cancel()
+            self._end()
             raise
 
     async def outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
         """Every choice's outputs as they come, until all finish or the deadline passes."""
         metrics = self.metrics
-        merged, tasks = self._start()
-        deadline = self.arrival + self.timeout_s
+        merged = self._start()
+        left_s = max(self.arrival + self.timeout_s - time.monotonic(), 0.0)
+        deadline = asyncio.get_running_loop().call_later(left_s, merged.put_nowait, (None, None))
+        remaining = len(self.choices)
         try:
-            remaining = len(tasks)
             while remaining:
-                timeout = deadline - time.monotonic()
-                try:
-                    c, item = await asyncio.wait_for(merged.get(), timeout=max(timeout, 0.0))
-                except TimeoutError:
+                c, item = await merged.get()
+                if c is None:
                     raise p.RequestError(
                         f"the request exceeded the server's timeout of {self.timeout_s:g} s",
                         code="timeout",
                         status=408,
                         error_type="timeout_error",
-                    ) from None
-                if item is None:
-                    remaining -= 1
-                    continue
+                    )
                 if isinstance(item, BaseException):
+                    self._open.discard(c.request_id)
                     raise item
+                assert item is not None
                 now = time.monotonic()
                 if c.last_time is None:
                     c.first_token_s = now - self.arrival
@@ -134,6 +139,8 @@ class Run:
                 c.last_time = now
                 c.text_parts.append(item.new_text)
                 if item.finished:
+                    remaining -= 1
+                    self._open.discard(c.request_id)
                     self._record(item)
                     self._record_slo(c, item)
                     if item.finish_reason is FinishReason.ERROR:
@@ -146,9 +153,8 @@ class Run:
                         )
                 yield c, item
         finally:
-            for task in tasks:
-                task.cancel()  # unfinished choices are aborted by engine.generate's cleanup
-            await asyncio.gather(*tasks, return_exceptions=True)
+            deadline.cancel()
+            self._end()
 
     def _record(self, output: RequestOutput) -> None:
         m = self.metrics

@@ -152,10 +152,11 @@ def answer_with(page, server: RunningServer, text: str):
     original = async_engine._deliver
     injected = {"done": False}
 
-    def inject(request_id: str, item: object) -> None:
-        if isinstance(item, RequestOutput) and item.new_text:
-            item.new_text, injected["done"] = ("" if injected["done"] else text), True
-        original(request_id, item)  # type: ignore[arg-type]
+    def inject(items: list[tuple[str, object]]) -> None:
+        for _, item in items:
+            if isinstance(item, RequestOutput) and item.new_text:
+                item.new_text, injected["done"] = ("" if injected["done"] else text), True
+        original(items)  # type: ignore[arg-type]
 
     async_engine._deliver = inject  # type: ignore[method-assign]
     set_setting(page, "max-tokens", "32")  # the default (the context window) can ramble for minutes
