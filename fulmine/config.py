@@ -75,6 +75,11 @@ class ModelConfig:
             )
 
 
+# reasoning effort -> thinking budget in tokens (None: the model's own length); `none` also turns the
+# model's own switch off where its template has one (Qwen3's enable_thinking)
+EFFORTS: dict[str, int | None] = {"none": 0, "minimal": 128, "low": 512, "medium": 2048, "high": None}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs a model. Every field is also a CLI flag (see cli.py), its help the metadata."""
@@ -147,6 +152,14 @@ class EngineConfig:
         "tokens a structured output's grammar forces are fed as drafts and verified in one forward "
         "(the same tokens, fewer steps); off samples them one step each",
     )
+    chat_template: str | None = _opt(
+        None, "a Jinja chat template file to use instead of the model's (its tools and thinking switch included)"
+    )
+    reasoning_parser: str = _opt(
+        "auto",
+        "how the model's thinking is told from its answer: think (<think> tags), none, or auto (think where the "
+        "chat template writes the tags)",
+    )
     num_threads: int | None = _opt(None, "torch intra-op threads on CPU (default: all cores)")
     tensor_parallel_size: int = _opt(
         1,
@@ -196,6 +209,7 @@ class EngineConfig:
                 "--draft-model goes with --speculative draft",
             ),
             (1 <= self.num_speculative_tokens <= 16, "num_speculative_tokens must be in [1, 16]"),
+            (self.reasoning_parser in ("auto", "none", "think"), "reasoning_parser: auto, none or think"),
         ]
         for ok, message in checks:
             if not ok:
@@ -229,6 +243,14 @@ class ServerConfig:
     max_replicas: int = _opt(0, "autoscale replicas from --replicas up to this many on queue depth (0: fixed)")
     ray_address: str = _opt("", "an existing Ray cluster to place replicas on (default: a local one is started)")
     routing: str = _opt("prefix", "prefix: a replica by its cached prefix of the prompt, unless loaded; or round_robin")
+    reasoning_effort: str = _opt(
+        "",
+        "a reasoning model's effort when a request names none: none, minimal, low, medium, high "
+        "(default: the model's own, no budget)",
+    )
+    reasoning_budget: int | None = _opt(
+        None, "most thinking tokens any request may spend (the smaller of this and its own budget applies)"
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -243,6 +265,8 @@ class ServerConfig:
             (self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0"),
             (self.max_engine_restarts >= 0, "max_engine_restarts must be >= 0"),
             (self.cpu_watts_per_core > 0, "cpu_watts_per_core must be > 0"),
+            (self.reasoning_effort in ("", *EFFORTS), f"reasoning_effort: one of {', '.join(EFFORTS)}"),
+            (self.reasoning_budget is None or self.reasoning_budget >= 0, "reasoning_budget must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

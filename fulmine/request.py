@@ -45,16 +45,19 @@ class SLO:
 
     ttft_ms: float | None = None
     itl_ms: float | None = None
+    # a reasoning model's first answer token (after its thinking) within this: its thinking budget is
+    # what the target leaves after the predicted first token (none left: refused)
+    ttfat_ms: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("ttft_ms", "itl_ms"):
+        for name in ("ttft_ms", "itl_ms", "ttfat_ms"):
             value = getattr(self, name)
             if value is not None and not (_is_real(value) and 0 < value <= 3.6e6):
                 raise ConfigError(f"slo.{name} must be a number of milliseconds in (0, 3600000] (got {value!r})", name)
 
     @property
     def is_empty(self) -> bool:
-        return self.ttft_ms is None and self.itl_ms is None
+        return self.ttft_ms is None and self.itl_ms is None and self.ttfat_ms is None
 
 
 @dataclass
@@ -75,7 +78,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same for each prompt token after the first (no prefix cache)
     min_tokens: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
-    structured: StructuredOutput | None = None  # the output must match this (sampling/grammar.py)
+    structured: StructuredOutput | None = None  # the output must match this (sampling/grammar.py), after any thinking
+    reasoning_budget: int | None = None  # at most this many thinking tokens, then the thinking is closed (None: no cap)
     slo: SLO | None = None  # latency targets (not sampling, but per request like the rest)
 
     def __post_init__(self) -> None:
@@ -106,6 +110,7 @@ class SamplingParams:
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (self.reasoning_budget is None or self.reasoning_budget >= 0, "reasoning_budget", "must be >= 0"),
             (
                 all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
                 "logit_bias",
@@ -118,7 +123,7 @@ class SamplingParams:
 
     def _check_types(self) -> None:
         """Every value the engine will see is of its type: ints are ints (not bools), floats finite."""
-        for name in ("max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "min_tokens"):
+        for name in ("max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "min_tokens", "reasoning_budget"):
             value = getattr(self, name)
             optional = name not in ("top_k", "min_tokens")
             if not (_is_int(value) or (optional and value is None)):
@@ -191,6 +196,7 @@ class Request:
         self.error: str | None = None  # with FinishReason.ERROR: what failed
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.first_answer_time: float | None = None  # its first token after any thinking
         self.finished_time: float | None = None
         self.num_preemptions = 0
         self.deadline = math.inf  # monotonic time its first token is due by (SLO.ttft_ms); inf: no target

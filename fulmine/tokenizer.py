@@ -81,10 +81,14 @@ _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_tok
 
 
 def apply_chat_template(
-    tokenizer: Any, messages: list[Message], tools: list[dict[str, Any]] | None = None
+    tokenizer: Any,
+    messages: list[Message],
+    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Token ids of the conversation, ending with the assistant's turn opened (the tools, if any,
-    rendered by the template's own tool section)."""
+    rendered by the template's own tool section; `template_kwargs`: the template's own variables,
+    such as Qwen3's enable_thinking)."""
     if not messages:
         raise ConfigError("messages must not be empty")
     for message in messages:
@@ -95,20 +99,26 @@ def apply_chat_template(
     if tokenizer.chat_template is None:
         raise ConfigError("this model has no chat template; use plain-text generation instead")
     try:
-        text = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools or None, add_generation_prompt=True, tokenize=False, **(template_kwargs or {})
+        )
     except Exception as error:  # noqa: BLE001 (jinja raising on a conversation the template refuses)
         raise ConfigError(f"the model's chat template cannot render these messages: {error}") from None
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def encode_prompt(
-    tokenizer: Any, prompt: str | list[int] | list[Message], vocab_size: int, tools: list[dict[str, Any]] | None = None
+    tokenizer: Any,
+    prompt: str | list[int] | list[Message],
+    vocab_size: int,
+    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Token ids of a prompt: a text, a list of token ids (checked), or chat messages (templated)."""
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt))
     if prompt and all(isinstance(m, dict) for m in prompt):
-        return apply_chat_template(tokenizer, prompt, tools)  # type: ignore[arg-type]
+        return apply_chat_template(tokenizer, prompt, tools, template_kwargs)  # type: ignore[arg-type]
     if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids: list[int] = list(prompt)  # type: ignore[arg-type]
         bad = [t for t in ids if not 0 <= t < vocab_size]
@@ -116,3 +126,25 @@ def encode_prompt(
             raise ConfigError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
         return ids
     raise ConfigError("a prompt is a string, a list of token ids, or a list of chat messages")
+
+
+MAX_TEMPLATE_BYTES = 256 * 1024
+
+
+def use_template(tokenizer: Any, path: str) -> None:
+    """Serve with the chat template in `path` instead of the model's (--chat-template): read, bounded,
+    its syntax checked now, so a broken file is a startup error and not every request's."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"--chat-template {path}: no such file", "chat_template")
+    if file.stat().st_size > MAX_TEMPLATE_BYTES:
+        raise ConfigError(f"--chat-template {path}: larger than {MAX_TEMPLATE_BYTES // 1024} KB", "chat_template")
+    text = file.read_text(encoding="utf-8")
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(text)
+    except TemplateSyntaxError as error:
+        raise ConfigError(f"--chat-template {path}: line {error.lineno}: {error.message}", "chat_template") from None
+    tokenizer.chat_template = text

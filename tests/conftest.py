@@ -57,8 +57,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_tokenizer(path: Path) -> Any:
-    """A small byte-level BPE tokenizer with a ChatML template, trained on CORPUS."""
+DATA = Path(__file__).parent / "data"
+THINK_TOKENS = ("<think>", "</think>")  # Qwen3's and the R1 distills' tags, added tokens (not special) there too
+
+
+def build_tokenizer(path: Path, added: tuple[str, ...] = (), template: str | None = None) -> Any:
+    """A small byte-level BPE tokenizer with a ChatML template (or `template`), trained on CORPUS;
+    `added`: tokens added whole, as reasoning models' tags are."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -74,20 +79,22 @@ def build_tokenizer(path: Path) -> Any:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>"
     )
-    tokenizer.chat_template = (
+    tokenizer.chat_template = template or (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
+    if added:
+        tokenizer.add_tokens(list(added))
     tokenizer.save_pretrained(path)
     return tokenizer
 
 
-def build_tiny_model(family: str, path: Path) -> Path:
+def build_tiny_model(family: str, path: Path, **tokenizer_args: Any) -> Path:
     import transformers
 
     spec = dict(FAMILIES[family])
     config_cls = getattr(transformers, spec.pop("cls"))
-    tokenizer = build_tokenizer(path)
+    tokenizer = build_tokenizer(path, **tokenizer_args)
     spec.setdefault("num_hidden_layers", 2)
     config = config_cls(
         vocab_size=len(tokenizer),
@@ -120,6 +127,35 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
         if family not in cache:
             cache[family] = build_tiny_model(family, tmp_path_factory.mktemp(family))
         return cache[family]
+
+    return make
+
+
+def thinking_template(kind: str) -> str:
+    """Real reasoning models' chat templates: Qwen3's (the model opens <think> itself; an empty block
+    when enable_thinking is false), the DeepSeek-R1 distill's from its GGUF, and that one as its later
+    revision has it, opening <think> in the generation prompt (the answer starts inside the thinking)."""
+    if kind == "qwen3":
+        return (DATA / "qwen3_chat_template.jinja").read_text()
+    r1 = (DATA / "deepseek_r1_distill_chat_template.jinja").read_text()
+    if kind == "r1":
+        return r1
+    opened = r1.replace("{{'<｜Assistant｜>'}}{% endif %}", "{{'<｜Assistant｜><think>\\n'}}{% endif %}")
+    assert opened != r1
+    return opened
+
+
+@pytest.fixture(scope="session")
+def tiny_thinker_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny random Qwen3 models with <think> tags as tokens and a real reasoning template (see
+    thinking_template: qwen3, r1, r1_opened)."""
+    cache: dict[str, Path] = {}
+
+    def make(kind: str) -> Path:
+        if kind not in cache:
+            path = tmp_path_factory.mktemp(f"thinker-{kind}")
+            cache[kind] = build_tiny_model("qwen3", path, added=THINK_TOKENS, template=thinking_template(kind))
+        return cache[kind]
 
     return make
 

@@ -1,7 +1,8 @@
 """One streamed chat completion, timed the way a user feels it.
 
-TTFT is from sending the request to the first content; inter-token latency is the gap between
-content chunks (an engine that sends several tokens in one chunk shows fewer, longer gaps);
+TTFT is from sending the request to the first token streamed (a reasoning model's thinking
+included), TTFAT to the first answer token (after the thinking; TTFT otherwise); inter-token latency
+is the gap between chunks (an engine that sends several tokens in one chunk shows fewer, longer gaps);
 TPOT is (end - first content) / (completion tokens - 1), from the usage the server reports, or
 the number of content chunks when it reports none.
 """
@@ -20,6 +21,7 @@ import httpx
 class RequestResult:
     ok: bool
     ttft: float = 0.0
+    ttfat: float = 0.0  # to the first answer token (after any thinking)
     e2e: float = 0.0
     itls: list[float] = field(default_factory=list)
     completion_tokens: int = 0
@@ -75,8 +77,11 @@ async def stream_chat(
                     result.completion_tokens = usage.get("completion_tokens", 0)
                     result.prompt_tokens = usage.get("prompt_tokens", 0)
                 choices = event.get("choices") or []
-                if choices and choices[0].get("delta", {}).get("content"):
+                delta = choices[0].get("delta", {}) if choices else {}
+                if delta.get("content") or delta.get("reasoning_content"):
                     now = time.perf_counter()
+                    if delta.get("content") and not result.ttfat:
+                        result.ttfat = now - started
                     if last is None:
                         result.ttft = now - started
                     else:

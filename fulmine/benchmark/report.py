@@ -63,6 +63,9 @@ def summarize(
     good = sum(1 for r in ok if within(r))
     refused = [r for r in results if r.refused]
     extra: dict[str, Any] = {}
+    thinkers = [r for r in ok if r.ttfat > r.ttft]
+    if thinkers:  # a reasoning model: the time to the first answer token, after the thinking
+        extra["ttfat_p50_ms"] = (percentiles([r.ttfat or r.e2e for r in ok])["p50"] or 0.0) * 1e3
     if refused:  # by latency targets: how many, and how long a refusal took at most
         extra["refused"] = len(refused)
         extra["refuse_max_ms"] = max(r.e2e for r in refused) * 1e3

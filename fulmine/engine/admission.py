@@ -77,10 +77,13 @@ class Admission:
             return slo
         if slo is None:
             return self.default
-        return SLO(slo.ttft_ms or self.default.ttft_ms, slo.itl_ms or self.default.itl_ms)
+        return SLO(slo.ttft_ms or self.default.ttft_ms, slo.itl_ms or self.default.itl_ms, slo.ttfat_ms)
 
-    def admit(self, request_id: str, prompt_tokens: int, slo: SLO | None, arrival: float, streams: Streams) -> None:
-        """Admit the request, or raise Refused. `prompt_tokens`: what must be computed (cached ones excluded)."""
+    def admit(
+        self, request_id: str, prompt_tokens: int, slo: SLO | None, arrival: float, streams: Streams
+    ) -> int | None:
+        """Admit the request, or raise Refused. `prompt_tokens`: what must be computed (cached ones
+        excluded). With a time-to-first-answer target, returns the thinking tokens that fit in it."""
         deadline = arrival + slo.ttft_ms / 1e3 if slo is not None and slo.ttft_ms is not None else math.inf
         with self._lock:
             if slo is not None and slo.itl_ms is not None:
@@ -105,7 +108,23 @@ class Admission:
                         predicted * 1e3,
                         max(1, math.ceil(predicted - ttft_ms / 1e3)),
                     )
+            budget = None
+            if slo is not None and slo.ttfat_ms is not None:
+                ahead = [q.remaining for q in self._queued.values() if q.started or q.deadline <= deadline]
+                first = self.time_to_first_token(ahead, prompt_tokens, streams)
+                step = self.cost.seconds(StepShape.decode(streams.rows + 1, streams.context))
+                left = slo.ttfat_ms / 1e3 - first - step  # the step that closes the thinking also answers
+                if left < 0:
+                    self.num_refused += 1
+                    raise Refused(
+                        f"predicted time to first token {first * 1e3:.0f} ms leaves no room for a first answer "
+                        f"token within the requested {slo.ttfat_ms:.0f} ms",
+                        (first + step) * 1e3,
+                        max(1, math.ceil(first + step - slo.ttfat_ms / 1e3)),
+                    )
+                budget = int(left / step) if step > 0 else None
             self._queued[request_id] = _Admitted(deadline, prompt_tokens)
+            return budget
 
     def time_to_first_token(self, ahead: list[int], prompt_tokens: int, streams: Streams) -> float:
         """Seconds until a prompt of `prompt_tokens` gets its first token behind `ahead` prompts'

@@ -32,11 +32,12 @@ from fulmine.kv_cache.sizing import fit_max_model_len, kv_cache_blocks, kv_cache
 from fulmine.layers.linear import Embedding, Linear
 from fulmine.models.loader import load_model
 from fulmine.models.source import resolve
+from fulmine.reasoning import detect as detect_reasoning
 from fulmine.request import SLO, FinishReason, Request, SamplingParams
 from fulmine.sampling.grammar import Grammars, TokenMasks
 from fulmine.speculative.draft import DraftModelProposer
 from fulmine.speculative.governor import Governor
-from fulmine.tokenizer import Message, encode_prompt, load_tokenizer
+from fulmine.tokenizer import Message, encode_prompt, load_tokenizer, use_template
 
 logger = logging.getLogger("fulmine.engine")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,6 +86,8 @@ class LLMEngine(RequestLimits):
             tp = self.ranks.tp if self.ranks is not None else None
             model_module = load_model(self.source, progress=progress, tp=tp, **load_args)  # type: ignore[arg-type]
             self.tokenizer = tokenizer.result()
+        if config.chat_template is not None:
+            use_template(self.tokenizer, config.chat_template)
         eos = set(model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))
@@ -109,7 +112,8 @@ class LLMEngine(RequestLimits):
         if self.ranks is not None:
             self.runner.tell = self.ranks.tell
         self.grammars = Grammars(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
-        self.outputs = OutputProcessor(self.tokenizer, self.grammars, self.eos_token_ids)
+        self.reasoning = detect_reasoning(self.tokenizer, config.reasoning_parser)
+        self.outputs = OutputProcessor(self.tokenizer, self.grammars, self.eos_token_ids, self.reasoning)
         self.mask_seconds = 0.0  # time spent computing token masks, for /metrics
         self._ids = itertools.count()
         self.check_invariants = invariants_enabled()  # after every step (the test suite turns it on)
@@ -170,7 +174,10 @@ class LLMEngine(RequestLimits):
         cached = len(self.kv_cache.peek_prefix(prompt_ids)) * self.kv_cache.block_size
         slo = self.admission.targets(params.slo)
         streams = Streams.of(list(self.scheduler.running))
-        self.admission.admit(request_id, len(prompt_ids) - cached, slo, arrival_time, streams)
+        budget = self.admission.admit(request_id, len(prompt_ids) - cached, slo, arrival_time, streams)
+        if budget is not None and self.reasoning.enabled:  # thinking fitted to the first-answer target
+            own = params.reasoning_budget
+            params.reasoning_budget = budget if own is None else min(own, budget)
 
     def add_embedding(
         self, prompt_ids: list[int], pooling: str, normalize: bool, on_done: Done, job_id: str | None = None
@@ -235,12 +242,13 @@ class LLMEngine(RequestLimits):
             if self.governor is not None and s.request.draft_token_ids:  # (a no-op for a grammar's drafts)
                 self.governor.verified(s.request.request_id, len(s.draft_token_ids))
         batch = self.scheduler.batch(scheduled)
-        matchers = self.outputs.matchers
-        masks = {
-            s.request_id: (matchers[s.request_id], s.draft_token_ids)
-            for s in batch.seqs
-            if s.samples and s.request_id in matchers
-        }
+        masks = {}
+        if self.outputs.matchers or self.outputs.thinking:
+            for seq in batch.seqs:
+                if seq.samples:
+                    entry = self.outputs.mask(self.scheduler.requests[seq.request_id], seq.draft_token_ids)
+                    if entry is not None:
+                        masks[seq.request_id] = entry
         if masks:  # their masks fill on a worker thread while the forward runs
             batch.token_masks = TokenMasks(masks, self.model_config.vocab_size)
         result, failed = self.runner.execute_isolated(batch)
@@ -274,7 +282,7 @@ class LLMEngine(RequestLimits):
             try:
                 if request.is_finished:
                     self._forget(request.request_id)
-                elif self.governor is not None or self.outputs.is_constrained(request.request_id):
+                elif self.governor is not None or self.outputs.matchers or self.outputs.thinking:
                     self._propose_drafts(request)
                 outputs.append(self.outputs.output(request, tokens))
             except Exception as error:
@@ -291,9 +299,15 @@ class LLMEngine(RequestLimits):
         room = draft_room(request)
         if room <= 0 or request.num_computed_tokens != request.num_tokens - 1:
             return  # still prefilling (or recomputing after a preemption)
+        torch_seeded = request.sampling_params.seed is not None and self.runner.sampler.kernel is None
+        closing = self.outputs.closing(request)
+        if closing:  # its thinking budget is spent: the end tag, forced (its mask allows nothing else)
+            if not torch_seeded:  # (else one forced token a step, by the mask alone)
+                request.draft_token_ids = closing[:room]
+            return
         request_id, constrained = request.request_id, self.outputs.is_constrained(request.request_id)
         if constrained:
-            if request.sampling_params.seed is not None and self.runner.sampler.kernel is None:
+            if torch_seeded:
                 return  # PyTorch's per-request generators would advance differently: the seed's text would change
             if self.config.grammar_fast_forward and (forced := self.outputs.forced(request_id, room)):
                 request.draft_token_ids = forced

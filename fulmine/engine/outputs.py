@@ -40,6 +40,7 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    first_answer_time: float | None = None  # the first token after any thinking (the first token, without)
 
     @property
     def ttft(self) -> float | None:
@@ -63,6 +64,7 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[TokenLogprobs] | None = None  # for prompt tokens 1.., once the prompt is done
     error: str | None = None  # with FinishReason.ERROR: why the engine ended this request
+    num_reasoning_tokens: int = 0  # output tokens that were thinking, so far (a count, not a delta)
     # the whole answer so far: an accumulator's (folded), empty in the engine's deltas
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -84,7 +86,7 @@ class RequestOutput:
             self.prompt_logprobs = delta.prompt_logprobs
         self.new_text, self.new_token_ids, self.new_logprobs = delta.new_text, delta.new_token_ids, delta.new_logprobs
         self.finished, self.finish_reason, self.error = delta.finished, delta.finish_reason, delta.error
-        self.metrics = delta.metrics
+        self.metrics, self.num_reasoning_tokens = delta.metrics, delta.num_reasoning_tokens
         return self
 
     @property

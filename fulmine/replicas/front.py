@@ -34,13 +34,14 @@ from fulmine.engine.limits import RequestLimits
 from fulmine.engine.outputs import RequestOutput
 from fulmine.executors.cost_model import StepCostModel
 from fulmine.models.source import resolve
+from fulmine.reasoning import detect as detect_reasoning
 from fulmine.replicas.replica import EngineReplica, Job, ReplicaRefused
 from fulmine.request import SLO, SamplingParams
 from fulmine.sampling.grammar import Grammars
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import EngineDead
 from fulmine.server.engine_client import Sink
-from fulmine.tokenizer import load_tokenizer
+from fulmine.tokenizer import load_tokenizer, use_template
 
 logger = logging.getLogger("fulmine.server")
 APP, DEPLOYMENT = "fulmine", "engine"
@@ -70,7 +71,10 @@ class FrontEngine(RequestLimits):
         self.max_model_len = int(facts["max_model_len"])
         self.eos_token_ids = tuple(facts["eos_token_ids"])
         self.tokenizer = load_tokenizer(self.source)
+        if config.chat_template is not None:
+            use_template(self.tokenizer, config.chat_template)
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.reasoning = detect_reasoning(self.tokenizer, self.config.reasoning_parser)
         default_slo = SLO(config.slo_ttft_ms or None, config.slo_itl_ms or None)  # its targets, for /metrics
         self.admission = Admission(StepCostModel(), config.max_num_batched_tokens, config.max_itl_ms, default_slo)
         self.ranks = None

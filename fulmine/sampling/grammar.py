@@ -19,6 +19,7 @@ import json
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -208,44 +209,71 @@ def _first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else "invalid"
 
 
+@dataclass
+class MaskEntry:
+    """One sampling sequence's allowed tokens this step, a row per draft and one after them."""
+
+    matcher: Any | None  # its grammar's matcher (None: the grammar does not apply, e.g. while it thinks)
+    drafts: list[int]
+    forced: list[int] = field(default_factory=list)  # row j < len(forced) allows forced[j] alone
+    also: int | None = None  # a token the first grammar row allows besides the grammar's (a thinking start)
+
+
 class TokenMasks:
     """The allowed tokens of a step's constrained rows, filled on a worker thread (started here) while
     the forward runs; the sampler waits for them. A sequence verifying drafts (tokens its grammar
     forces, fed ahead: fast-forward) has a row per draft and one after them: each row's mask is the
     grammar's state after the drafts before it (the matcher walks the drafts, then rolls back; what
-    is accepted is consumed after the step)."""
+    is accepted is consumed after the step). Rows the engine forces (a thinking budget's closing
+    tokens) allow one token each; the rows after them follow the grammar, if any, else allow all."""
 
     _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulmine-masks")
 
-    def __init__(self, matchers: dict[str, tuple[Any, list[int]]], vocab_size: int) -> None:
+    def __init__(self, entries: dict[str, MaskEntry], vocab_size: int) -> None:
         self.rows: dict[str, int] = {}  # request id -> its first row
         num_rows = 0
-        for request_id, (_, drafts) in matchers.items():
+        for request_id, entry in entries.items():
             self.rows[request_id] = num_rows
-            num_rows += len(drafts) + 1
+            num_rows += len(entry.drafts) + 1
         self.vocab_size = vocab_size
         self.bits = torch.zeros(num_rows, (vocab_size + 31) // 32, dtype=torch.int32)
         self.seconds = 0.0  # time spent computing the masks (on the worker thread)
-        self._future: Future[None] = self._pool.submit(self._fill, list(matchers.values()))
+        self._future: Future[None] = self._pool.submit(self._fill, list(entries.values()))
 
-    def _fill(self, matchers: list[tuple[Any, list[int]]]) -> None:
+    def _fill(self, entries: list[MaskEntry]) -> None:
         import time
 
         started = time.perf_counter()
         row_bytes, row = self.bits.shape[1] * 4, 0
-        for matcher, drafts in matchers:
-            consumed = 0
-            for j in range(len(drafts) + 1):
-                matcher.unsafe_compute_mask_ptr(self.bits[row + j].data_ptr(), row_bytes)
-                # a draft the grammar refuses is not consumed (a refused token would leave the matcher in
-                # an error state for good); verification discards the rows after it
-                if j < len(drafts) and consumed == j and matcher.validate_tokens([drafts[j]]) == 1:
-                    matcher.consume_token(drafts[j])
-                    consumed += 1
-            if consumed:
-                matcher.rollback(consumed)
-            row += len(drafts) + 1
+        for entry in entries:
+            matcher, drafts, forced = entry.matcher, entry.drafts, entry.forced
+            rows = len(drafts) + 1
+            for j in range(min(len(forced), rows)):
+                self._allow(row + j, forced[j])
+            first = min(len(forced), rows)
+            if matcher is None:
+                for j in range(first, rows):
+                    self.bits[row + j] = -1  # every bit: no constraint on this row
+            else:
+                consumed = 0
+                for j in range(first, rows):
+                    matcher.unsafe_compute_mask_ptr(self.bits[row + j].data_ptr(), row_bytes)
+                    if j == first and entry.also is not None:
+                        self._allow(row + j, entry.also)
+                    # a draft the grammar refuses is not consumed (a refused token would leave the matcher in
+                    # an error state for good); verification discards the rows after it
+                    if j < len(drafts) and consumed == j - first and matcher.validate_tokens([drafts[j]]) == 1:
+                        matcher.consume_token(drafts[j])
+                        consumed += 1
+                if consumed:
+                    matcher.rollback(consumed)
+            row += rows
         self.seconds = time.perf_counter() - started
+
+    def _allow(self, row: int, token: int) -> None:
+        word, bit = divmod(token, 32)
+        value = int(self.bits[row, word]) | (1 << bit)
+        self.bits[row, word] = value - (1 << 32) if value >= 1 << 31 else value  # (int32 storage)
 
     def row_indices(self, request_ids: list[str]) -> list[int]:
         """Each sampled row's mask row (-1: unconstrained); a sequence's rows are consecutive."""

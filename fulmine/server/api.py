@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fulmine.config import ServerConfig
 from fulmine.engine.llm_engine import LLMEngine
-from fulmine.server import embeddings, messages, responses
+from fulmine.server import embeddings, messages, responses, tokens
 from fulmine.server import protocol as p
 from fulmine.server.async_engine import EngineDead
 from fulmine.server.engine_client import EngineClient
@@ -252,6 +252,26 @@ def create_app(
     @app.post("/v1/messages")
     async def anthropic_messages(body: messages.MessagesRequest, request: Request) -> Any:
         return await messages.create(state.ready(), body, request)
+
+    @app.post("/tokenize")
+    async def tokenize(body: tokens.TokenizeRequest) -> Any:
+        return await tokens.tokenize(state.ready(), body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: tokens.DetokenizeRequest) -> Any:
+        return await tokens.detokenize(state.ready(), body)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(body: dict[str, Any]) -> Any:
+        return await tokens.count_message_tokens(state.ready(), body)
+
+    @app.post("/v1/responses/input_tokens")
+    async def count_response_tokens(body: dict[str, Any]) -> Any:
+        return await tokens.count_response_tokens(state.ready(), responses_api, body)
+
+    @app.get("/props")
+    async def get_props() -> Any:
+        return tokens.props(state.ready())
 
     @app.get("/metrics")
     async def metrics() -> Response:

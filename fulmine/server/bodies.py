@@ -18,17 +18,20 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 
 
 def timing(output: RequestOutput) -> dict[str, float | None]:
-    """Seconds: queue (arrival -> first scheduled), prefill (-> first token), decode (-> finish)."""
+    """Seconds: queue (arrival -> first scheduled), prefill (-> first token), decode (-> finish), and
+    from arrival to the first token, to the first answer token (after a reasoning model's thinking),
+    to the finish."""
     m = output.metrics
 
     def span(start: float | None, end: float | None) -> float | None:
@@ -39,6 +42,7 @@ def timing(output: RequestOutput) -> dict[str, float | None]:
         "prefill_s": span(m.first_scheduled_time, m.first_token_time),
         "decode_s": span(m.first_token_time, m.finished_time),
         "ttft_s": span(m.arrival_time, m.first_token_time),
+        "ttfat_s": span(m.arrival_time, m.first_answer_time),  # to the first answer token, after any thinking
         "total_s": span(m.arrival_time, m.finished_time),
     }
 

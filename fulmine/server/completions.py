@@ -16,13 +16,14 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
 from fulmine import __version__
-from fulmine.config import ConfigError, ServerConfig
+from fulmine.config import EFFORTS, ConfigError, ServerConfig
 from fulmine.engine.admission import Refused
 from fulmine.request import StructuredOutput
 from fulmine.server import bodies, tools
@@ -31,6 +32,7 @@ from fulmine.server import protocol as p
 
 if TYPE_CHECKING:
     from fulmine.server.engine_client import EngineClient
+from fulmine.reasoning import prompt_opens
 from fulmine.server.events import Answer, Generation
 from fulmine.server.metrics import Metrics
 from fulmine.server.run import Choice, Run
@@ -46,6 +48,18 @@ def _call_chunk(delta: CallDelta) -> dict[str, Any]:
         function = {"name": delta.call.name, "arguments": delta.arguments}
         return {"index": delta.index, "id": delta.call.id, "type": "function", "function": function}
     return {"index": delta.index, "function": {"arguments": delta.arguments}}
+
+
+@dataclass
+class ChatPrompt:
+    """A chat request templated: its token ids, the messages and tools as rendered, and its thinking
+    (whether the prompt opened it, its budget)."""
+
+    ids: list[int]
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+    opened: bool
+    budget: int | None
 
 
 class Completions:
@@ -67,6 +81,10 @@ class Completions:
         self.fingerprint = f"fulmine-{__version__}"
         self.tool_format = tools.detect_format(self.tokenizer.chat_template)
         self.tool_tokens = frozenset(tools.special_markers(self.tokenizer))
+        thinking = engine.engine.reasoning
+        # what closes a think block a template opened, for a request that asked not to think
+        closing = f"\n{thinking.end}\n\n" if thinking.enabled else ""
+        self._close_thinking = list(self.tokenizer.encode(closing, add_special_tokens=False)) if closing else []
 
     def _token_text(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))
@@ -81,7 +99,13 @@ class Completions:
                 status=404,
             )
 
-    async def encode(self, prompt: Any, param: str, tool_list: list[dict[str, Any]] | None = None) -> list[int]:
+    async def encode(
+        self,
+        prompt: Any,
+        param: str,
+        tool_list: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
         """A prompt's token ids, tokenized off the event loop; 400 if it cannot fit the context."""
         if isinstance(prompt, str):
             too_long = len(prompt) > self.max_prompt_chars
@@ -99,7 +123,13 @@ class Completions:
         loop = asyncio.get_running_loop()
         try:  # tokenizing long prompts takes milliseconds: keep it off the event loop
             return await loop.run_in_executor(
-                self._tokenizer_thread, encode_prompt, self.tokenizer, prompt, self.vocab_size, tool_list
+                self._tokenizer_thread,
+                encode_prompt,
+                self.tokenizer,
+                prompt,
+                self.vocab_size,
+                tool_list,
+                template_kwargs,
             )
         except ConfigError as error:
             raise p.RequestError(str(error), param) from None
@@ -126,6 +156,7 @@ class Completions:
         max_tokens: int | None,
         num_logprobs: int | None,
         forced: StructuredOutput | None = None,
+        reasoning_budget: int | None = None,
     ) -> list[Choice]:
         if body.n > self.config.max_n:
             raise p.RequestError(f"n must be <= {self.config.max_n}", "n")
@@ -144,6 +175,7 @@ class Completions:
                     params = body.sampling_params(max_tokens, num_logprobs, seed_offset=i)
                     if forced is not None:  # a call the tool_choice requires, by grammar
                         params.structured = forced
+                    params.reasoning_budget = reasoning_budget
                     self.engine.engine.check_prompt(prompt_ids, params)  # (its constraint: _check_structured)
                 except ConfigError as error:
                     raise p.RequestError(
@@ -166,12 +198,9 @@ class Completions:
         return choices
 
     # -- the two endpoints ----------------------------------------------------------------------
-    async def start_chat(
-        self, body: p.ChatCompletionRequest, request: Request, id_prefix: str = "chatcmpl"
-    ) -> Generation:
-        """A chat request checked, templated and started: what every chat-shaped API (OpenAI chat
-        completions, Anthropic messages) turns into its own responses."""
-        arrival = time.monotonic()
+    async def chat_prompt(self, body: p.ChatCompletionRequest) -> ChatPrompt:
+        """A chat request checked and templated: its prompt as the model reads it (what counting its
+        tokens counts, too)."""
         p.check_unicode(body.model_dump(exclude_none=True))
         self.check_model(body.model)
         body.check_supported()
@@ -185,7 +214,27 @@ class Completions:
                     body, StructuredOutput("json_schema", json.dumps(parameters)), f"tools[{i}].function.parameters"
                 )
         messages = tools.render_messages(turns, tool_list, fmt)
-        prompt_ids = await self.encode(messages, "messages", tool_list if fmt != "generic" else None)
+        thinking = self.engine.engine.reasoning
+        effort = body.reasoning_effort or self.config.reasoning_effort or None
+        template_kwargs = dict(body.chat_template_kwargs or {})
+        if effort == "none" and thinking.switch:  # the model's own switch, where its template has one
+            template_kwargs.setdefault(thinking.switch, False)
+        prompt_ids = await self.encode(messages, "messages", tool_list if fmt != "generic" else None, template_kwargs)
+        budget = self._reasoning_budget(effort, body.reasoning_budget) if thinking.enabled else None
+        opened = prompt_opens(thinking, self.tokenizer, prompt_ids)
+        if opened and budget == 0:  # no thinking wanted: the prompt closes the block its template opened
+            prompt_ids = prompt_ids + self._close_thinking
+            opened = False
+        return ChatPrompt(prompt_ids, messages, tool_list, opened, budget)
+
+    async def start_chat(
+        self, body: p.ChatCompletionRequest, request: Request, id_prefix: str = "chatcmpl"
+    ) -> Generation:
+        """A chat request checked, templated and started: what every chat-shaped API (OpenAI chat
+        completions, Anthropic messages) turns into its own responses."""
+        arrival = time.monotonic()
+        prompt = await self.chat_prompt(body)
+        tool_list, fmt = prompt.tools, self.tool_format
         max_tokens = body.max_completion_tokens or body.max_tokens
         parallel = body.parallel_tool_calls is not False
         choice = body.tool_choice_value()
@@ -193,11 +242,20 @@ class Completions:
         if forced is not None and body.structured() is not None:
             raise p.RequestError("a required tool call and a response_format cannot both constrain", "tool_choice")
         await self._check_structured(body, forced)
-        choices = self._make_choices(body, [prompt_ids], max_tokens, body.num_logprobs, forced)
+        choices = self._make_choices(body, [prompt.ids], max_tokens, body.num_logprobs, forced, prompt.budget)
         run = await self._run(body.model, id_prefix, choices, arrival, request)
-        self._log_prompt(run.id, messages)
+        self._log_prompt(run.id, prompt.messages)
         names = {tools.function_name(t) for t in tool_list}
-        return Generation(run, fmt, names, parallel)
+        return Generation(run, fmt, names, parallel, self.engine.engine.reasoning, prompt.opened)
+
+    def _reasoning_budget(self, effort: str | None, asked: int | None = None) -> int | None:
+        """Thinking tokens a request may spend: the smallest of its own budget, its effort's and the
+        server's cap."""
+        budget = EFFORTS[effort] if effort else None
+        if asked is not None:
+            budget = asked if budget is None else min(budget, asked)
+        cap = self.config.reasoning_budget
+        return cap if budget is None else budget if cap is None else min(budget, cap)
 
     async def chat(self, body: p.ChatCompletionRequest, request: Request) -> Any:
         generation = await self.start_chat(body, request)
@@ -213,6 +271,8 @@ class Completions:
     def _chat_choice(self, answer: Answer, logprobs: bool) -> dict[str, Any]:
         content, calls = answer.content, answer.calls
         message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+        if self.engine.engine.reasoning.enabled:  # (vLLM's two names for it: reasoning_content, then reasoning)
+            message["reasoning_content"] = message["reasoning"] = answer.reasoning or None
         if calls:
             message["tool_calls"] = [call.to_openai() for call in calls]
         message["refusal"] = None
@@ -332,6 +392,17 @@ class Completions:
             if c.params.logprobs is not None:
                 logprobs = {"content": lp.chat_logprobs(self.token_text, c, c.logprobs_sent), "refusal": None}
                 c.logprobs_sent = len(output.token_ids)
+            if event.reasoning:
+                yield chunk(
+                    [
+                        {
+                            "index": c.index,
+                            "delta": {"reasoning_content": event.reasoning, "reasoning": event.reasoning},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
             if event.content or logprobs:
                 yield chunk(
                     [

@@ -26,6 +26,7 @@ class ModelFacts(Protocol):
     tokenizer: Any
     grammars: Any
     admission: Any
+    reasoning: Any  # its ReasoningFormat (fulmine/reasoning.py)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None: ...
 

@@ -59,8 +59,7 @@ def error_body(status: int, message: str) -> dict[str, Any]:
 
 def to_chat(body: MessagesRequest) -> p.ChatCompletionRequest:
     """The request as a chat completion request (OpenAI's shape, fulmine's internal one)."""
-    if body.thinking and body.thinking.get("type") not in (None, "disabled"):
-        raise p.RequestError("extended thinking is not supported", "thinking")
+    budget = _thinking_budget(body)
     messages: list[dict[str, Any]] = []
     if body.system is not None:
         messages.append({"role": "system", "content": p.text_of(body.system, "system")})
@@ -76,11 +75,15 @@ def to_chat(body: MessagesRequest) -> p.ChatCompletionRequest:
             raise p.RequestError(f"{where} is a string or a list of content blocks", where)
         if not content:  # Anthropic's API refuses it too: a turn says something
             raise p.RequestError(f"{where} is empty: a message needs at least one content block", where)
-        text, calls = [], []
+        text, calls, thought = [], [], []
         for j, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text" and isinstance(block.get("text"), str):
                 text.append(block["text"])
+            elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
+                thought.append(block["thinking"])  # an earlier answer's thinking: the template keeps or drops it
+            elif kind == "redacted_thinking" and role == "assistant":
+                continue  # another server's encrypted thinking: nothing this model reads
             elif kind == "tool_use" and role == "assistant" and isinstance(block.get("name"), str):
                 arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
                 calls.append(
@@ -105,6 +108,8 @@ def to_chat(body: MessagesRequest) -> p.ChatCompletionRequest:
             entry: dict[str, Any] = {"role": role, "content": "".join(text)}
             if calls:
                 entry["tool_calls"] = calls
+            if thought:
+                entry["reasoning_content"] = "".join(thought)
             messages.append(entry)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
@@ -140,6 +145,9 @@ def to_chat(body: MessagesRequest) -> p.ChatCompletionRequest:
         "tools": tools,
         "tool_choice": tool_choice,
         "parallel_tool_calls": parallel,
+        # Anthropic's thinking is off unless enabled, and then bounded by its budget
+        "reasoning_effort": "none" if budget is None else None,
+        "reasoning_budget": budget,
     }
     try:
         return p.ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -147,8 +155,29 @@ def to_chat(body: MessagesRequest) -> p.ChatCompletionRequest:
         raise p.RequestError(f"invalid request: {error}".splitlines()[0], None) from None
 
 
-def _blocks(content: str, calls: list[ToolCall]) -> list[dict[str, Any]]:
-    blocks: list[dict[str, Any]] = [{"type": "text", "text": content}] if content else []
+def _thinking_budget(body: MessagesRequest) -> int | None:
+    """`thinking`: disabled (the default: None) or enabled with its budget_tokens, under max_tokens."""
+    thinking = body.thinking or {"type": "disabled"}
+    kind = thinking.get("type")
+    if kind == "disabled":
+        return None
+    budget = thinking.get("budget_tokens")
+    if kind != "enabled" or not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise p.RequestError("thinking is {type: enabled, budget_tokens: N >= 1} or {type: disabled}", "thinking")
+    if budget >= body.max_tokens:
+        raise p.RequestError("thinking.budget_tokens must be less than max_tokens", "thinking.budget_tokens")
+    return budget
+
+
+# Anthropic's clients keep a thinking block's signature and send it back; nothing here checks it
+SIGNATURE = "fulmine-unsigned"
+
+
+def _blocks(content: str, calls: list[ToolCall], thinking: str = "") -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = (
+        [{"type": "thinking", "thinking": thinking, "signature": SIGNATURE}] if thinking else []
+    )
+    blocks += [{"type": "text", "text": content}] if content else []
     for call in calls:
         blocks.append({"type": "tool_use", "id": _tool_id(call), "name": call.name, "input": call.parsed()})
     return blocks
@@ -186,7 +215,7 @@ async def create(completions: Completions, body: MessagesRequest, request: Reque
             "type": "message",
             "role": "assistant",
             "model": body.model,
-            "content": _blocks(answer.content, answer.calls),
+            "content": _blocks(answer.content, answer.calls, answer.reasoning),
             "stop_reason": STOP_REASONS[answer.finish],
             "stop_sequence": None,
             "usage": _usage(c),
@@ -215,9 +244,21 @@ async def _events(chat: Generation, model: str) -> AsyncIterator[tuple[str, dict
             "message": {**start, "usage": {"input_tokens": len(c.prompt_ids), "output_tokens": 0}},
         },
     )
-    index, text_open = 0, False
+    index, text_open, thinking_open = 0, False, False
     async for event in chat.events():
         content, calls = event.content, event.calls
+        if event.reasoning:
+            if not thinking_open:
+                opening: dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
+                yield "content_block_start", {"type": "content_block_start", "index": index, "content_block": opening}
+                thinking_open = True
+            delta = {"type": "thinking_delta", "thinking": event.reasoning}
+            yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+        if thinking_open and (content or calls or event.finish is not None):  # the thinking is over
+            delta = {"type": "signature_delta", "signature": SIGNATURE}
+            yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+            yield "content_block_stop", {"type": "content_block_stop", "index": index}
+            index, thinking_open = index + 1, False
         if content:
             if not text_open:
                 yield (

@@ -42,6 +42,12 @@ class Metrics:
         self.ttft = Histogram(
             "fulmine_time_to_first_token_seconds", "Arrival to first token.", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.ttfat = Histogram(
+            "fulmine_time_to_first_answer_token_seconds",
+            "Arrival to the first answer token (after a reasoning model's thinking; the first token otherwise).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.itl = Histogram(
             "fulmine_inter_token_latency_seconds", "Between tokens of one stream.", buckets=_LATENCY_BUCKETS, registry=r
         )

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fulmine.config import EFFORTS
 from fulmine.request import INT64_MAX, INT64_MIN, SLO, SamplingParams, StructuredOutput
 from fulmine.sampling.grammar import closed_objects
 
@@ -85,12 +86,26 @@ class ChatMessage(BaseModel):
                     "tool_calls entries are {id, type: function, function: {name, arguments}}",
                     f"messages[{index}].tool_calls",
                 )
-            return {"role": "assistant", "content": self.text(index), "tool_calls": calls}
+            return {"role": "assistant", "content": self.text(index), "tool_calls": calls, **self._reasoning(index)}
         if self.role == "tool":
             if not isinstance(extra.get("tool_call_id"), str):
                 raise RequestError("a tool message needs its tool_call_id", f"messages[{index}].tool_call_id")
             return {"role": "tool", "content": self.text(index), "tool_call_id": extra["tool_call_id"]}
-        return {"role": self.role, "content": self.text(index)}
+        return {
+            "role": self.role,
+            "content": self.text(index),
+            **(self._reasoning(index) if self.role == "assistant" else {}),
+        }
+
+    def _reasoning(self, index: int) -> dict[str, str]:
+        """An earlier answer's thinking, under either name, for the template to keep or drop as it does."""
+        extra = self.model_extra or {}
+        value = extra.get("reasoning_content", extra.get("reasoning"))
+        if value is None:
+            return {}
+        if not isinstance(value, str):
+            raise RequestError("reasoning_content is a string", f"messages[{index}].reasoning_content")
+        return {"reasoning_content": value}
 
 
 def text_of(content: Any, where: str, kinds: tuple[str, ...] = ("text",)) -> str:
@@ -124,10 +139,12 @@ class StreamOptions(_Strict):
 
 
 class LatencyTargets(_Strict):
-    """fulmine's `slo` extension: the request's first token within ttft_ms, each next within itl_ms."""
+    """fulmine's `slo` extension: the request's first token within ttft_ms, each next within itl_ms, a
+    reasoning model's first answer token within ttfat_ms (its thinking budgeted to fit)."""
 
     ttft_ms: Number | None = Field(None, gt=0, le=3.6e6)
     itl_ms: Number | None = Field(None, gt=0, le=3.6e6)
+    ttfat_ms: Number | None = Field(None, gt=0, le=3.6e6)  # the first answer token, after any thinking
 
 
 class _Sampling(_Strict):
@@ -248,7 +265,7 @@ class _Sampling(_Strict):
             min_tokens=self.min_tokens,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             structured=self.structured(),
-            slo=SLO(self.slo.ttft_ms, self.slo.itl_ms) if self.slo is not None else None,
+            slo=SLO(self.slo.ttft_ms, self.slo.itl_ms, self.slo.ttfat_ms) if self.slo is not None else None,
         )
 
 
@@ -262,6 +279,10 @@ class ChatCompletionRequest(_Sampling):
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # reasoning models: OpenAI's effort, and the template's own variables (vLLM's chat_template_kwargs)
+    reasoning_effort: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_budget: Count | None = None  # fulmine's: most thinking tokens (beside or instead of an effort)
     # accepted, no effect on the output
     metadata: dict[str, Any] | None = None
     store: bool | None = None
@@ -274,7 +295,6 @@ class ChatCompletionRequest(_Sampling):
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     prediction: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
     moderation: dict[str, Any] | None = None
@@ -283,7 +303,9 @@ class ChatCompletionRequest(_Sampling):
         self.structured()  # a malformed constraint is refused before anything runs
         if self.modalities not in (None, ["text"]) or self.audio:
             raise RequestError("only text output is supported", "modalities")
-        for name in ("prediction", "reasoning_effort", "verbosity", "web_search_options", "moderation"):
+        check_effort(self.reasoning_effort, "reasoning_effort")
+        check_template_kwargs(self.chat_template_kwargs)
+        for name in ("prediction", "verbosity", "web_search_options", "moderation"):
             if getattr(self, name) is not None:
                 raise RequestError(f"{name} is not supported yet", name)
         if self.top_logprobs is not None and not self.logprobs:
@@ -330,6 +352,29 @@ class CompletionRequest(_Sampling):
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
+
+
+def check_effort(effort: str | None, param: str) -> None:
+    if effort is not None and effort not in EFFORTS:
+        raise RequestError(f"{param} must be one of {', '.join(EFFORTS)} (got {effort!r})", param)
+
+
+# what a template's renderer takes itself: a request's chat_template_kwargs may not name them
+_TEMPLATE_OWN = {"messages", "tools", "add_generation_prompt", "tokenize", "documents", "continue_final_message"}
+_MAX_TEMPLATE_KWARGS = 32
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
+    """A template's variables: a few plain JSON values under names the renderer does not take itself."""
+    if not kwargs:
+        return
+    if len(kwargs) > _MAX_TEMPLATE_KWARGS or len(json.dumps(kwargs)) > 4096:
+        raise RequestError("chat_template_kwargs: at most 32 variables, 4 KB", "chat_template_kwargs")
+    for name in kwargs:
+        if name in _TEMPLATE_OWN or not name.isidentifier():
+            raise RequestError(
+                f"chat_template_kwargs: {name!r} is not a template variable one may set", "chat_template_kwargs"
+            )
 
 
 def _wrap_int64(value: int) -> int:

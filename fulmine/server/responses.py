@@ -1,9 +1,10 @@
 """POST /v1/responses: OpenAI's Responses API, so the OpenAI Agents SDK and Codex-style clients work.
 A thin adapter over a chat run: `instructions` and `input` items (messages, function calls and their
 outputs) become chat messages, function tools become tools, `text.format` a response_format; the
-answer comes back as output items (a message with output_text, function_call items), whole or as
-the API's stream events. `previous_response_id` continues a conversation from a bounded in-memory
-store; once a response has been evicted, naming it is a clear 400.
+answer comes back as output items (a reasoning item with a thinking model's text, a message with
+output_text, function_call items), whole or as the API's stream events. `previous_response_id`
+continues a conversation from a bounded in-memory store; once a response has been evicted, naming it
+is a clear 400.
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
 
 
 def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> p.ChatCompletionRequest:
-    if body.reasoning and body.reasoning.get("effort") not in (None, "none", "minimal"):
-        raise p.RequestError("reasoning is not supported by this model", "reasoning")
+    effort = (body.reasoning or {}).get("effort")
+    p.check_effort(effort, "reasoning.effort")
     messages = (
         ([{"role": "system", "content": body.instructions}] if body.instructions else [])
         + history
@@ -180,6 +181,7 @@ def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> p.ChatComp
         "slo": body.slo,
         "logprobs": True if body.top_logprobs is not None else None,
         "top_logprobs": body.top_logprobs,
+        "reasoning_effort": effort,
     }
     try:
         return p.ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -192,6 +194,12 @@ def _message_item(
 ) -> dict[str, Any]:
     part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": [part]}
+
+
+def _reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    """A reasoning model's thinking as the Responses API carries an open model's: its text as content."""
+    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
 
 
 def _call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
@@ -226,9 +234,10 @@ class Responses:
         content, calls = answer.content, answer.calls
         entries = lp.chat_logprobs(completions.token_text, answer.choice, 0) if body.top_logprobs is not None else []
         message = _message_item("msg_" + secrets.token_hex(12), content, logprobs=entries)
-        output = ([message] if content or not calls else []) + [_call_item(call) for call in calls]
+        thinking = [_reasoning_item("rs_" + secrets.token_hex(12), answer.reasoning)] if answer.reasoning else []
+        output = thinking + ([message] if content or not calls else []) + [_call_item(call) for call in calls]
         response = self._response(chat, body, answer.choice, output, answer.finish)
-        self._remember(response, conversation, content, calls, body)
+        self._remember(response, conversation, content, calls, body, answer.reasoning)
         return JSONResponse(response)
 
     def _response(
@@ -249,7 +258,7 @@ class Responses:
                 "input_tokens": len(c.prompt_ids),
                 "input_tokens_details": {"cached_tokens": cached},
                 "output_tokens": out,
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": c.last.num_reasoning_tokens},
                 "total_tokens": len(c.prompt_ids) + out,
             }
         return {
@@ -265,7 +274,7 @@ class Responses:
             "output": output,
             "parallel_tool_calls": body.parallel_tool_calls is not False,
             "previous_response_id": body.previous_response_id,
-            "reasoning": {"effort": None, "summary": None},
+            "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": None},
             "store": body.store is not False,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": body.text or {"format": {"type": "text"}},
@@ -285,10 +294,13 @@ class Responses:
         content: str,
         calls: list[ToolCall],
         body: ResponsesRequest,
+        reasoning: str = "",
     ) -> None:
         if body.store is False:
             return
         answer: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning:  # (the template keeps or drops an earlier turn's thinking, as it does)
+            answer["reasoning_content"] = reasoning
         if calls:
             answer["tool_calls"] = [call.to_openai() for call in calls]
         self.store.put(response["id"], [*conversation, answer])
@@ -307,6 +319,7 @@ class Responses:
         items: dict[int, tuple[int, dict[str, Any]]] = {}  # a streaming call's (output index, item)
         reason = None
         scored, entries = 0, []  # tokens whose logprobs went out with a delta; those of the open message
+        thinking_id, thinking_text = None, ""  # the reasoning item being streamed, if any
 
         def new_logprobs() -> list[dict[str, Any]]:
             nonlocal scored
@@ -320,6 +333,19 @@ class Responses:
         async for event in chat.events():
             final, content, calls = event.finish is not None, event.content, event.calls
             reason = event.finish or reason
+            if event.reasoning:
+                if thinking_id is None:
+                    thinking_id = "rs_" + secrets.token_hex(12)
+                    output.append(_reasoning_item(thinking_id, "", "in_progress"))
+                    yield _event("output_item.added", output_index=len(output) - 1, item=output[-1])
+                thinking_text += event.reasoning
+                yield _event("reasoning_text.delta", **_at(thinking_id, len(output) - 1), delta=event.reasoning)
+            if thinking_id is not None and (content or calls or final):  # the thinking is over
+                index = len(output) - 1
+                output[index] = _reasoning_item(thinking_id, thinking_text)
+                yield _event("reasoning_text.done", **_at(thinking_id, index), text=thinking_text)
+                yield _event("output_item.done", output_index=index, item=output[index])
+                thinking_id = None
             if content:
                 if open_id is None:
                     open_id, open_text = "msg_" + secrets.token_hex(12), ""
@@ -352,10 +378,11 @@ class Responses:
                     yield _event("function_call_arguments.done", **where, arguments=call.call.arguments)
                     yield _event("output_item.done", output_index=at, item=item)
                     all_calls.append(call.call)
-        if not output:  # an empty answer is still one (empty) message
+        if not any(item["type"] != "reasoning" for item in output):  # an empty answer is still one (empty) message
             output.append(_message_item("msg_" + secrets.token_hex(12), ""))
         response = self._response(chat, body, c, output, reason)
-        self._remember(response, conversation, full_text, all_calls, body)
+        reasoning = "".join(i["content"][0]["text"] for i in output if i["type"] == "reasoning" and i["content"])
+        self._remember(response, conversation, full_text, all_calls, body, reasoning)
         yield _event("incomplete" if response["status"] == "incomplete" else "completed", response=response)
 
 

@@ -161,6 +161,8 @@ class Run:
         m.e2e.observe(time.monotonic() - self.arrival)
         if output.metrics.first_scheduled_time is not None:
             m.queue.observe(output.metrics.first_scheduled_time - output.metrics.arrival_time)
+        if output.metrics.first_answer_time is not None:
+            m.ttfat.observe(output.metrics.first_answer_time - output.metrics.arrival_time)
         m.prompt_tokens.inc(output.num_prompt_tokens)
         m.generation_tokens.inc(output.num_output_tokens)
         m.output_tokens += output.num_output_tokens
@@ -177,6 +179,9 @@ class Run:
         met = []
         if slo.ttft_ms is not None:
             met.append(("ttft", c.first_token_s * 1e3 <= slo.ttft_ms))
+        first_answer = output.metrics.first_answer_time
+        if slo.ttfat_ms is not None and first_answer is not None:
+            met.append(("ttfat", (first_answer - output.metrics.arrival_time) * 1e3 <= slo.ttfat_ms))
         if slo.itl_ms is not None and c.gaps:
             gaps = sorted(c.gaps)
             met.append(("itl", gaps[min(len(gaps) - 1, int(0.9 * len(gaps)))] * 1e3 <= slo.itl_ms))
@@ -196,7 +201,8 @@ class Run:
         prompt_tokens = sum(len(c.prompt_ids) for c in firsts)
         completion = sum(len(c.last.token_ids) for c in self.choices if c.last)
         cached = sum(c.last.num_cached_tokens for c in firsts if c.last)
-        return bodies.usage(prompt_tokens, completion, cached)
+        reasoning = sum(c.last.num_reasoning_tokens for c in self.choices if c.last)
+        return bodies.usage(prompt_tokens, completion, cached, reasoning)
 
     def timing(self) -> dict[str, float | None]:
         finished = [c.last for c in self.choices if c.last is not None]

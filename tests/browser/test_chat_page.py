@@ -267,3 +267,27 @@ def test_json_mode_answers_with_a_json_object(page, server: RunningServer) -> No
     assert answer.lstrip().startswith("{"), answer
     page.reload()  # the setting is kept
     assert page.is_checked("#json-mode")
+
+
+def test_thinking_streams_collapsed_then_says_how_long(browser, tiny_thinker_factory) -> None:
+    """A reasoning model (a tiny Qwen3 whose template opens <think>; the server caps thinking at 6
+    tokens): the thought streams into a collapsed block, as text, and is summed up once answered."""
+    loader = engine_loader(str(tiny_thinker_factory("r1_opened")), speculative="off")
+    with serve(loader, served_model_name=("thinker",), reasoning_budget=6) as running:
+        page = browser.new_page()
+        try:
+            page.goto(running.base_url + "/")
+            page.evaluate("localStorage.clear()")
+            page.reload()
+            page.wait_for_function("document.getElementById('model').options.length > 0")
+            set_setting(page, "max-tokens", "16")
+            ask(page, "Count the primes below 20.")
+            page.locator("#send").wait_for(state="visible", timeout=60000)
+            thinking = page.locator(".message.assistant .thinking").last
+            assert thinking.is_visible() and thinking.get_attribute("open") is None  # collapsed
+            summary = thinking.locator("summary").text_content() or ""
+            assert re.fullmatch(r"Thought for \d+\.\d s, 7 tokens", summary), summary
+            assert thinking.locator(".thought *").count() == 0  # the thought is text, never HTML
+            assert page.locator(".message.assistant .content").last.text_content()
+        finally:
+            page.close()

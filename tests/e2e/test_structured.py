@@ -343,11 +343,11 @@ def test_fast_forward_keeps_seeded_tokens_for_every_seed() -> None:
 def test_a_refused_draft_leaves_the_grammar_usable(engine: LLMEngine) -> None:
     """A draft row the grammar refuses is masked and discarded by verification; the matcher is not
     left in llguidance's error state (a refused consume never recovers), so the request goes on."""
-    from fulmine.sampling.grammar import TokenMasks
+    from fulmine.sampling.grammar import MaskEntry, TokenMasks
 
     matcher = engine.grammars.matcher(StructuredOutput("choice", '["yes", "no"]'))
     refused = engine.tokenizer.encode("maybe", add_special_tokens=False)[:1]
-    TokenMasks({"r": (matcher, refused)}, engine.model_config.vocab_size).wait()
+    TokenMasks({"r": MaskEntry(matcher, refused)}, engine.model_config.vocab_size).wait()
     assert not matcher.is_error()
     assert matcher.consume_tokens(engine.tokenizer.encode("yes", add_special_tokens=False))
 

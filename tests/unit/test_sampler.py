@@ -194,7 +194,7 @@ def test_a_masked_token_is_never_drawn_whatever_the_penalties(make_sampler, temp
     """A grammar's mask holds however extreme the other parameters: a repetition penalty so small
     that a penalized logit overflows float32 (the fuzzer found a 500 there: `repetition_penalty`
     1e-38 drew a token outside the grammar), a temperature that overflows the exp."""
-    from fulmine.sampling.grammar import TokenMasks
+    from fulmine.sampling.grammar import MaskEntry, TokenMasks
 
     vocab, allowed, rows = 300, [5, 17, 290], 8
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(1)) * 4
@@ -203,7 +203,7 @@ def test_a_masked_token_is_never_drawn_whatever_the_penalties(make_sampler, temp
     history = (list(range(0, vocab, 3)) + [5], [5, 17, 200])
     batch = SamplingBatch.build(params, [None] * rows, [history] * rows, vocab, torch.device("cpu"))
     ids = [f"r{i}" for i in range(rows)]
-    batch.token_masks = TokenMasks({i: (_FixedMask(allowed, vocab), []) for i in ids}, vocab)
+    batch.token_masks = TokenMasks({i: MaskEntry(_FixedMask(allowed, vocab), []) for i in ids}, vocab)
     batch.row_ids = ids
     tokens = make_sampler(0)(logits, batch).token_ids.tolist()
     assert set(tokens) <= set(allowed), tokens

@@ -65,7 +65,8 @@ function addMessage(role, text) {
   if (role === "user") {
     div.textContent = text;  // never HTML
   } else {
-    div.innerHTML = `<div class="content"></div><div class="stats"><span class="numbers">waiting…</span>`
+    div.innerHTML = `<details class="thinking" hidden><summary>Thinking…</summary><div class="thought"></div></details>`
+      + `<div class="content"></div><div class="stats"><span class="numbers">waiting…</span>`
       + `<canvas width="240" height="48" aria-hidden="true"></canvas></div>`;
   }
   $("messages").appendChild(div);
@@ -92,6 +93,7 @@ function drawSparkline(canvas, rates) {
 function renderStats(div, s) {
   const parts = [];
   if (s.ttft !== null) parts.push(`TTFT ${Math.round(s.ttft)} ms`);
+  if (s.ttfat !== null && s.thinkingTokens) parts.push(`first answer token ${Math.round(s.ttfat)} ms`);
   if (s.rate !== null) parts.push(`${s.rate.toFixed(1)} tok/s`);
   parts.push(`${s.tokens} tokens`);
   if (s.cached !== null) parts.push(`${s.cached} cached`);
@@ -134,8 +136,16 @@ async function send(text) {
   const content = div.querySelector(".content");
   const system = $("system").value.trim();
   const messages = (system ? [{ role: "system", content: system }] : []).concat(state.history);
-  const stats = { ttft: null, rate: null, tokens: 0, cached: null, rates: [], note: "" };
-  let answer = "";
+  const stats = { ttft: null, ttfat: null, rate: null, tokens: 0, cached: null, rates: [], note: "", thinkingTokens: 0 };
+  const thinking = div.querySelector(".thinking");
+  const thought = div.querySelector(".thought");
+  let answer = "", reasoning = "";
+  const summarize = (final) => {  // "thought for 2.1 s, 312 tokens", once the answer began (or ended)
+    const seconds = ((stats.ttfat ?? (performance.now() - started)) - (stats.ttft ?? 0)) / 1000;
+    const tokens = stats.thinkingTokens ? `, ${stats.thinkingTokens} tokens` : "";
+    thinking.querySelector("summary").textContent = final || stats.ttfat !== null
+      ? `Thought for ${seconds.toFixed(1)} s${tokens}` : "Thinking…";
+  };
   const started = performance.now();
   let firstAt = null;
   state.controller = new AbortController();
@@ -161,9 +171,22 @@ async function send(text) {
         const chunk = JSON.parse(line.slice(6));
         if (chunk.error) throw new Error(chunk.error.message);
         const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+        if (delta && delta.reasoning_content) {
+          const now = performance.now();
+          if (firstAt === null) { firstAt = now; stats.ttft = now - started; }
+          stats.tokens += 1;
+          stats.thinkingTokens += 1;
+          reasoning += delta.reasoning_content;
+          thinking.hidden = false;
+          thought.textContent = reasoning;  // never HTML
+          summarize(false);
+          renderStats(div, stats);
+          div.scrollIntoView({ block: "end" });
+        }
         if (delta && delta.content) {
           const now = performance.now();
           if (firstAt === null) { firstAt = now; stats.ttft = now - started; }
+          if (stats.ttfat === null) { stats.ttfat = now - started; if (reasoning) summarize(false); }
           stats.tokens += 1;
           answer += delta.content;
           if (stats.tokens > 1) {
@@ -178,6 +201,11 @@ async function send(text) {
           stats.tokens = chunk.usage.completion_tokens;
           const details = chunk.usage.prompt_tokens_details;
           stats.cached = details ? details.cached_tokens : 0;
+          const completion = chunk.usage.completion_tokens_details;
+          if (completion && completion.reasoning_tokens) {
+            stats.thinkingTokens = completion.reasoning_tokens;
+            summarize(true);
+          }
           renderStats(div, stats);
         }
       }
