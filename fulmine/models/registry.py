@@ -24,6 +24,7 @@ class Family:
     hf_architecture: str  # config.json "architectures"
     gguf_architecture: str  # GGUF "general.architecture"
     model: type[CausalLM]  # the model file's class
+    model_type: str  # transformers' config model_type (what picks its tokenizer class)
     qkv_bias: bool | None = None  # None: read "attention_bias" from config.json
     qk_norm: bool = False
     sliding_window_key: str | None = None  # config.json switch that enables sliding_window; None: always honoured
@@ -36,24 +37,29 @@ class Family:
 
 FAMILIES = (
     Family(
-        name="llama", hf_architecture="LlamaForCausalLM", gguf_architecture="llama", model=LlamaForCausalLM,
+        name="llama", model_type="llama",
+        hf_architecture="LlamaForCausalLM", gguf_architecture="llama", model=LlamaForCausalLM,
         gguf_permuted_qk=True,
     ),
     Family(
-        name="mistral", hf_architecture="MistralForCausalLM", gguf_architecture="mistral", model=LlamaForCausalLM,
+        name="mistral", model_type="mistral",
+        hf_architecture="MistralForCausalLM", gguf_architecture="mistral", model=LlamaForCausalLM,
         gguf_permuted_qk=True,
     ),
     Family(
-        name="qwen2", hf_architecture="Qwen2ForCausalLM", gguf_architecture="qwen2", model=LlamaForCausalLM,
+        name="qwen2", model_type="qwen2",
+        hf_architecture="Qwen2ForCausalLM", gguf_architecture="qwen2", model=LlamaForCausalLM,
         qkv_bias=True, sliding_window_key="use_sliding_window",
     ),
     Family(
-        name="qwen3", hf_architecture="Qwen3ForCausalLM", gguf_architecture="qwen3", model=LlamaForCausalLM,
+        name="qwen3", model_type="qwen3",
+        hf_architecture="Qwen3ForCausalLM", gguf_architecture="qwen3", model=LlamaForCausalLM,
         qk_norm=True, sliding_window_key="use_sliding_window",
     ),
     # text-only Gemma 3 (its GGUF files store the norms with Gemma's +1 already added)
     Family(
-        name="gemma3", hf_architecture="Gemma3ForCausalLM", gguf_architecture="gemma3", model=Gemma3ForCausalLM,
+        name="gemma3", model_type="gemma3_text",
+        hf_architecture="Gemma3ForCausalLM", gguf_architecture="gemma3", model=Gemma3ForCausalLM,
         qk_norm=True, hf_fields=gemma3.hf_fields, gguf_fields=gemma3.gguf_fields,
     ),
 )  # fmt: skip

@@ -48,10 +48,11 @@ def reference(request):
 def test_the_tokenizer_is_transformers_own(reference) -> None:
     """fulmine's cached conversion, read directly, equals transformers' reading of the GGUF file."""
     from fulmine.models.source import resolve
-    from fulmine.tokenizer import load_tokenizer
+    from fulmine.tokenizer import _from_gguf, load_tokenizer
     from tests.unit.test_detokenizer import assert_same_tokenizer
 
     path, tokenizer, _ = reference
+    assert_same_tokenizer(_from_gguf(resolve(str(path))), tokenizer)  # the first use's conversion
     load_tokenizer(resolve(str(path)))  # converts once, into the cache
     assert_same_tokenizer(load_tokenizer(resolve(str(path))), tokenizer)
 
