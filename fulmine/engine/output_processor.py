@@ -108,53 +108,44 @@ class OutputProcessor:
             self.thinking[request_id] = thinking
 
     def accept(self, request: Request, tokens: list[int]) -> tuple[int, FinishReason | None]:
-        """Read a request's new tokens (appended already) one by one until its output ends: the grammar
-        consumes each (a token it refuses once complete is not kept; its end ends the output), the
-        detokenizer decodes each (a stop string ends the output there), then the stop tokens,
-        max_tokens and the context window. Returns how many tokens it keeps and why it ended, if it
-        did: the scheduler drops the rest (tokens verified past the end) where it registers and frees
-        the request's blocks."""
+        """Read a request's new tokens (appended already) one by one until its output ends: while it
+        thinks, the thinking reads each (no grammar); after, the grammar consumes each (a token it
+        refuses once complete is not kept; its end ends the output); the detokenizer decodes each (a
+        stop string ends the output there), then the stop tokens, max_tokens and the context window.
+        Returns how many tokens it keeps and why it ended, if it did: the scheduler drops the rest
+        (tokens verified past the end) where it registers and frees the request's blocks."""
         matcher = self.matchers.get(request.request_id)
         detokenizer = self.detokenizers[request.request_id]
         thinking = self.thinking.get(request.request_id)
         before = len(request.output_token_ids) - len(tokens)
+
+        def ended(index: int, stop: bool) -> tuple[int, FinishReason] | None:
+            """Whether the output ends after this token: a stop string, a stop token, the limits."""
+            reason = FinishReason.STOP if stop else request.stop_reason(before + index + 1)
+            return (index + 1, reason) if reason is not None else None
+
         for index, token in enumerate(tokens):
             if thinking is not None and thinking.active:  # the grammar applies to the answer only
                 stop = detokenizer.add_token(token)
                 thinking.read(detokenizer.text)
-                if thinking.active or thinking.tokens:  # (a thinking token, or its end)
-                    if stop:
-                        return index + 1, FinishReason.STOP
-                    reason = request.stop_reason(before + index + 1)
-                    if reason is not None:
-                        return index + 1, reason
-                    continue
-                # the answer began without thinking: this token is the answer's first, for the grammar too
-                request.first_answer_time = request.first_answer_time or time.monotonic()
-                if matcher is not None and not matcher.consume_token(token):
-                    raise RuntimeError(f"the output left its grammar: {matcher.get_error().splitlines()[0]}")
-                if stop:
-                    return index + 1, FinishReason.STOP
-                reason = request.stop_reason(before + index + 1)
-                if reason is not None:
-                    return index + 1, reason
-                continue
-            if request.first_answer_time is None:
-                request.first_answer_time = time.monotonic()
-            if matcher is not None and not (token in self.eos_token_ids and matcher.is_accepting()):
-                complete = matcher.is_accepting()
-                if not matcher.consume_token(token):
-                    if not complete:
+                if not thinking.active and not thinking.tokens:  # the answer began without thinking: its first
+                    request.first_answer_time = request.first_answer_time or time.monotonic()
+                    if matcher is not None and not matcher.consume_token(token):
                         raise RuntimeError(f"the output left its grammar: {matcher.get_error().splitlines()[0]}")
-                    return index, FinishReason.STOP  # drawn past a complete grammar (min_tokens held EOS back)
-                if matcher.is_stopped():  # its only continuation would be the end of sequence
-                    detokenizer.add_token(token)
-                    return index + 1, FinishReason.STOP
-            if detokenizer.add_token(token):
-                return index + 1, FinishReason.STOP  # a stop string: the text is cut there
-            reason = request.stop_reason(before + index + 1)
-            if reason is not None:
-                return index + 1, reason
+            else:
+                request.first_answer_time = request.first_answer_time or time.monotonic()
+                if matcher is not None and not (token in self.eos_token_ids and matcher.is_accepting()):
+                    complete = matcher.is_accepting()
+                    if not matcher.consume_token(token):
+                        if not complete:
+                            raise RuntimeError(f"the output left its grammar: {matcher.get_error().splitlines()[0]}")
+                        return index, FinishReason.STOP  # drawn past a complete grammar (min_tokens held EOS back)
+                    if matcher.is_stopped():  # its only continuation would be the end of sequence
+                        detokenizer.add_token(token)
+                        return index + 1, FinishReason.STOP
+                stop = detokenizer.add_token(token)  # a stop string: the text is cut there
+            if (end := ended(index, stop)) is not None:
+                return end
         return len(tokens), None
 
     def is_constrained(self, request_id: str) -> bool:

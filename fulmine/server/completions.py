@@ -69,7 +69,8 @@ class Completions:
         # the event loop; one long prompt at a time). Decoding a few tokens stays on the loop:
         # it only reads the tokenizer, which a HF fast tokenizer allows from several threads.
         self.tokenizer = copy.deepcopy(engine.engine.tokenizer)
-        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulmine-tokenizer")
+        # tokenizing, templating, compiling constraints: work that takes milliseconds, off the event loop
+        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulmine-tokenizer")
         self.vocab_size = engine.engine.model_config.vocab_size
         self.max_model_len = engine.engine.max_model_len
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
@@ -123,7 +124,7 @@ class Completions:
         loop = asyncio.get_running_loop()
         try:  # tokenizing long prompts takes milliseconds: keep it off the event loop
             return await loop.run_in_executor(
-                self._tokenizer_thread,
+                self.tokenizer_thread,
                 encode_prompt,
                 self.tokenizer,
                 prompt,
@@ -144,7 +145,7 @@ class Completions:
             return
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._tokenizer_thread, self.engine.engine.check_constraint, structured)
+            await loop.run_in_executor(self.tokenizer_thread, self.engine.engine.check_constraint, structured)
         except ConfigError as error:
             self.metrics.rejected.labels("bad_constraint").inc()
             raise p.RequestError(str(error), param if forced else error.param or "response_format") from None

@@ -126,4 +126,4 @@ def _validated(model: type[Any], fields: dict[str, Any]) -> Any:
 
 async def _in_thread(completions: Completions, work: Any) -> Any:
     """On the tokenizer thread: a long list of tokens decodes for milliseconds."""
-    return await asyncio.get_running_loop().run_in_executor(completions._tokenizer_thread, work)
+    return await asyncio.get_running_loop().run_in_executor(completions.tokenizer_thread, work)

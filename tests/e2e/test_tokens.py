@@ -72,3 +72,21 @@ def test_props_say_what_the_server_serves(server: RunningServer) -> None:
     assert props["chat_template"] == server.engine.tokenizer.chat_template
     assert props["capabilities"]["reasoning"] == {"format": "none", "switch": None}
     assert props["build_info"].startswith("fulmine ")
+
+
+def test_hostile_inputs_get_a_clear_4xx(server: RunningServer) -> None:
+    huge = "lorem ipsum " * 600_000  # 7 MB: more than any tokenization could fit the context
+    response = post(server, "/tokenize", {"prompt": huge})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    response = post(server, "/tokenize", {"messages": [{"role": "user", "content": huge}]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    too_many = post(server, "/detokenize", {"tokens": [1] * ((1 << 20) + 1)})
+    assert too_many.status_code == 400
+    bad = post(server, "/v1/messages/count_tokens", {"model": MODEL, "messages": "hi"})
+    assert bad.status_code == 400 and bad.json()["type"] == "error"  # Anthropic's shape on its path
+    bad = post(server, "/v1/responses/input_tokens", {"model": MODEL, "input": 3})
+    assert bad.status_code == 400 and "error" in bad.json()
+    lone = httpx.post(  # a lone surrogate, as JSON's escape sends it
+        f"{server.base_url}/tokenize", content=b'{"prompt": "a\\ud800"}', headers={"content-type": "application/json"}
+    )
+    assert lone.status_code == 400 and lone.json()["error"]["code"] == "invalid_unicode"

@@ -104,3 +104,35 @@ def test_the_vendored_templates_are_the_models_own() -> None:
     qwen3 = (data / "qwen3_chat_template.jinja").read_text()
     assert "enable_thinking is defined and enable_thinking is false" in qwen3 and "reasoning_content" in qwen3
     assert "<｜Assistant｜>" in (data / "deepseek_r1_distill_chat_template.jinja").read_text()
+
+
+CALL_PIECES = [
+    *PIECES,
+    '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>',
+    "<tool_",
+    "call>",
+    '{"name": "f", ',
+]
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.sampled_from(CALL_PIECES), max_size=12), st.lists(st.integers(0, 120), max_size=8), st.booleans())
+def test_thinking_then_tool_calls_streamed_equal_whole(pieces: list[str], cuts: list[int], opened: bool) -> None:
+    """The server's order (server/events.py): the thinking split off first, the tool-call parser on
+    the content; over any cut, the streamed thinking, content and calls equal the whole answer's."""
+    from fulmine.server.tool_calls import StreamParser, parse
+
+    text = "".join(pieces)
+    thinking_whole, content_whole = split(THINK, text, opened)
+    expected = (thinking_whole, *parse(content_whole, "hermes", {"f"}))
+    reasoning, tools = ReasoningParser(THINK, opened), StreamParser("hermes", {"f"}, True)
+    thought, content, calls = "", "", []
+    bounds = [*sorted(c for c in cuts if c <= len(text)), len(text)]
+    for start, end in zip([0, *bounds], [*bounds, len(text)]):
+        final = end == len(text) and start == bounds[-1]
+        r, c = reasoning.feed(text[start:end], final=final)
+        visible, deltas = tools.feed(c, final=final)
+        thought, content = thought + r, content + visible
+        calls += [d.call for d in deltas if d.started]
+    got = (thought, content, [(call.name, call.arguments) for call in calls])
+    assert got == (expected[0], expected[1], [(call.name, call.arguments) for call in expected[2]])
