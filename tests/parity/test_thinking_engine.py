@@ -118,3 +118,25 @@ def test_a_constrained_qwen3_answer_may_open_its_thinking_first(tiny_thinker_fac
     assert out.token_ids[0] == start and out.num_reasoning_tokens == 4 and content in ("yes", "no")
     without = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=20, structured=choice))[0]
     assert without.text in ("yes", "no") and without.num_reasoning_tokens == 0
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_a_real_model_steered_to_think_is_budgeted_with_text_tags() -> None:
+    """Qwen2.5-Coder-0.5B (a real Q4_K_M file; its vocabulary has no think tokens, so the tags are text
+    of several tokens), told the thinking format and given a prompt that opens <think>: it thinks
+    on, its budget closes the block with the tag's tokens forced in one step, and it answers."""
+    from tests.parity.test_real_models import fetch
+
+    llm = LLM(str(fetch("qwen2.5-coder-0.5b")), reasoning_parser="think", speculative="off", progress=False)
+    engine = llm.engine
+    chat = engine.encode_prompt([{"role": "user", "content": "Write a Python function that adds two numbers."}])
+    prompt = chat + list(engine.tokenizer.encode("<think>\n", add_special_tokens=False))
+    end = list(engine.reasoning.end_ids)
+    assert len(end) > 1  # text tags: the closing is several forced tokens
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, reasoning_budget=12)
+    steps, tokens, last = steps_and_answer(llm, prompt, params)
+    assert tokens[12 : 12 + len(end)] == end and last.num_reasoning_tokens == 12 + len(end)
+    assert steps == len(tokens) - len(end)  # the tag's tokens and the answer's first in one step
+    reasoning, content = split(engine.reasoning, engine.tokenizer.decode(tokens), opened=True)
+    assert reasoning and content.strip()
