@@ -43,10 +43,37 @@ logger = logging.getLogger("fulmine.engine")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class _Phases:
+    """Where loading's time goes, as one log line: each phase's seconds in the order they ended (the
+    tokenizer's on its own thread, beside the weights)."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self.last = now - self.last, now
+
+    def timed(self, name: str, work: Any, *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return work(*args)
+        finally:
+            self.seconds[name] = time.perf_counter() - started
+
+    def log(self, model: str) -> float:
+        total = time.perf_counter() - self.started
+        parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.seconds.items())
+        logger.info("%s ready in %.2f s: %s", model, total, parts)
+        return total
+
+
 class LLMEngine(RequestLimits):
     def __init__(self, model: str | None = None, config: EngineConfig | None = None, progress: bool = True) -> None:
         config = config or EngineConfig()
         self.config = config
+        phases = _Phases()
         device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
         )
@@ -57,6 +84,7 @@ class LLMEngine(RequestLimits):
         self.num_threads = torch.get_num_threads()  # the cores it computes on (the kernels' pool)
         kernels.set_threads(self.num_threads)
         self.source = resolve(model)
+        phases.done("reading the file")
         model_config = self.source.config
         self.model_config = model_config
         kv_dtype = kv_cache_dtype(config, device, dtype, weight_dtype)
@@ -82,10 +110,12 @@ class LLMEngine(RequestLimits):
         self.ranks = start_ranks(config, model, model_config, load_args, runner_args) if tp_size > 1 else None
         # The tokenizer (mostly importing transformers) loads on a thread while weights load.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            tokenizer = pool.submit(load_tokenizer, self.source, progress)
+            tokenizer = pool.submit(phases.timed, "tokenizer", load_tokenizer, self.source, progress)
             tp = self.ranks.tp if self.ranks is not None else None
             model_module = load_model(self.source, progress=progress, tp=tp, **load_args)  # type: ignore[arg-type]
+            phases.done("weights")
             self.tokenizer = tokenizer.result()
+            phases.done("waiting for the tokenizer")
         if config.chat_template is not None:
             use_template(self.tokenizer, config.chat_template)
         eos = set(model_config.eos_token_ids)
@@ -117,7 +147,10 @@ class LLMEngine(RequestLimits):
         self.mask_seconds = 0.0  # time spent computing token masks, for /metrics
         self._ids = itertools.count()
         self.check_invariants = invariants_enabled()  # after every step (the test suite turns it on)
+        phases.done("runner and caches")
         calibrate(self)
+        phases.done("calibration")
+        self.load_seconds = phases.log(self.source.name)
 
     # -- requests ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int] | list[Message]) -> list[int]:
