@@ -1,19 +1,31 @@
 """Calibration at startup: the step cost model (executors/cost_model.py) fitted on steps of chosen
-shapes run on throwaway tokens, on KV blocks borrowed for the call, before the first request."""
+shapes run on throwaway tokens, on KV blocks borrowed for the call, before the first request. The
+fit is cached per machine, file and configuration (beside the converted tokenizers): a later start
+restores it and only warms up; every step refits it online either way."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import platform
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fulmine.executors.cost_model import StepShape
 from fulmine.executors.step import SequenceStep, StepBatch
 from fulmine.request import SamplingParams
+from fulmine.tokenizer import cache_dir
 
 if TYPE_CHECKING:
     from fulmine.engine.llm_engine import LLMEngine
+
+Seqs = Callable[[int, int, int], list[SequenceStep]]  # (rows, start, tokens) -> throwaway sequences
 
 # Calibration at startup: steps of chosen shapes on throwaway tokens, the most telling first (one
 # decode row, eight, a prompt chunk, rows deep in a context, a deep chunk, then more row counts),
@@ -24,8 +36,75 @@ CALIBRATION_DEPTH = 1024
 REPEATS = 4  # runs of each decode shape (the median of the later half is kept)
 
 
-def calibrate(engine: LLMEngine) -> None:
-    """Fit the engine's cost model on a few steps of throwaway tokens, on KV blocks borrowed for the call."""
+def calibrate(engine: LLMEngine) -> bool:
+    """Fit the engine's cost model on a few steps of throwaway tokens, on KV blocks borrowed for the
+    call, or restore the fit cached for this machine, file and configuration. True if restored."""
+    cached = _cached_path(engine)
+    try:
+        engine.cost.restore(json.loads(cached.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    else:
+        _with_borrowed_blocks(engine, lambda seqs, shallow, deep: _warm_up(engine, StepBatch(seqs(1, shallow, 1))))
+        return True
+    _with_borrowed_blocks(engine, lambda seqs, shallow, deep: _fit(engine, seqs, shallow, deep))
+    if engine.cost.fitted:
+        _save(cached, engine.cost.state())
+    return False
+
+
+def _cached_path(engine: LLMEngine) -> Path:
+    """Where this machine's fit of this file, in this configuration, is cached."""
+    config, source = engine.config, engine.source
+    stat = source.path.stat() if source.path.is_file() else None
+    identity = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": engine.num_threads,
+        "device": str(engine.runner.device),
+        "file": str(source.path.resolve()),
+        "size": stat.st_size if stat else None,
+        "mtime": stat.st_mtime_ns if stat else None,
+        "config": [getattr(config, name) for name in _STEP_FIELDS],
+        "executors": [e.name for e in engine.runner.executors],
+        "version": 1,
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return cache_dir() / "calibration" / f"{key}.json"
+
+
+# the configuration that changes what a step costs
+_STEP_FIELDS = (
+    "dtype", "weight_dtype", "quantization", "exact_kernels", "executor", "kv_cache_dtype", "block_size",
+    "tensor_parallel_size", "num_threads",
+)  # fmt: skip
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _save(path: Path, state: dict[str, object]) -> None:
+    """Written whole or not at all (a read-only or raced cache is not an error)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(handle, "w") as file:
+            json.dump(state, file)
+        os.replace(staging, path)
+    except OSError:
+        pass
+
+
+def _with_borrowed_blocks(engine: LLMEngine, work: Callable[[Seqs, int, int], None]) -> None:
+    """Run `work` with a builder of throwaway sequences on KV blocks borrowed for the call, and a
+    shallow and a deep position within them."""
     kv, request_id = engine.kv_cache, "calibration"
     room = min(engine.max_model_len, kv.pool.num_blocks * kv.block_size // 2)
     if room < 4 or not kv.can_allocate(request_id, room):
@@ -40,26 +119,31 @@ def calibrate(engine: LLMEngine) -> None:
         ids = [token] * min(tokens, room - 1, room - start)
         return [SequenceStep(f"{request_id}-{r}", ids, start, table, 0, True, greedy, ids, []) for r in range(rows)]
 
-    shapes = [seqs(1, shallow, 1), seqs(8, shallow, 1), seqs(1, 0, 64), seqs(4, deep, 1)]
-    shapes += [seqs(1, max(deep - 32, 0), 32), seqs(2, shallow, 1), seqs(4, shallow, 1), seqs(1, 0, 16)]
-    started = time.perf_counter()
     try:
-        _warm_up(engine, StepBatch(shapes[0]))
-        for steps in shapes:
-            batch, times = StepBatch(steps), []
-            # a shape repeated until warm: the first decode steps after a long one run up to twice as
-            # long (caches refilled, threads woken), which a stream of decode steps does not see
-            for _ in range(REPEATS if steps[0].num_tokens == 1 else 2):
-                step_started = time.perf_counter()
-                engine.runner.execute(batch)
-                times.append(time.perf_counter() - step_started)
-            engine.cost.observe(StepShape.of(batch), statistics.median(times[len(times) // 2 :]))
-            if time.perf_counter() - started > CALIBRATION_SECONDS:
-                break
+        work(seqs, shallow, deep)
     finally:
         kv.free(request_id)
         for r in range(8):
             engine.runner.release(f"{request_id}-{r}")
+
+
+def _fit(engine: LLMEngine, seqs: Seqs, shallow: int, deep: int) -> None:
+    """The steps of chosen shapes, most telling first, until CALIBRATION_SECONDS are spent."""
+    shapes = [seqs(1, shallow, 1), seqs(8, shallow, 1), seqs(1, 0, 64), seqs(4, deep, 1)]
+    shapes += [seqs(1, max(deep - 32, 0), 32), seqs(2, shallow, 1), seqs(4, shallow, 1), seqs(1, 0, 16)]
+    started = time.perf_counter()
+    _warm_up(engine, StepBatch(shapes[0]))
+    for steps in shapes:
+        batch, times = StepBatch(steps), []
+        # a shape repeated until warm: the first decode steps after a long one run up to twice as
+        # long (caches refilled, threads woken), which a stream of decode steps does not see
+        for _ in range(REPEATS if steps[0].num_tokens == 1 else 2):
+            step_started = time.perf_counter()
+            engine.runner.execute(batch)
+            times.append(time.perf_counter() - step_started)
+        engine.cost.observe(StepShape.of(batch), statistics.median(times[len(times) // 2 :]))
+        if time.perf_counter() - started > CALIBRATION_SECONDS:
+            break
 
 
 def _warm_up(engine: LLMEngine, batch: StepBatch) -> None:

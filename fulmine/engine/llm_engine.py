@@ -148,8 +148,7 @@ class LLMEngine(RequestLimits):
         self._ids = itertools.count()
         self.check_invariants = invariants_enabled()  # after every step (the test suite turns it on)
         phases.done("runner and caches")
-        calibrate(self)
-        phases.done("calibration")
+        phases.done("calibration (cached)" if calibrate(self) else "calibration")
         self.load_seconds = phases.log(self.source.name)
 
     # -- requests ----------------------------------------------------------------------------

@@ -96,6 +96,22 @@ class StepCostModel:
     def fitted(self) -> bool:
         return self.steps >= 4
 
+    def state(self) -> dict[str, object]:
+        """What the fit has learned, as plain data (engine/calibration.py caches it)."""
+        return {"weight": self.weight, "xx": self.xx, "xy": self.xy, "steps": self.steps}
+
+    def restore(self, state: dict[str, object]) -> None:
+        """The fit where `state` left it (ValueError if it is not one)."""
+        xx, xy = state["xx"], state["xy"]
+        if not (isinstance(xx, list) and len(xx) == FEATURES and all(len(row) == FEATURES for row in xx)):
+            raise ValueError("not a cost model's state")
+        if not (isinstance(xy, list) and len(xy) == FEATURES):
+            raise ValueError("not a cost model's state")
+        self.xx = [[float(v) for v in row] for row in xx]
+        self.xy = [float(v) for v in xy]
+        self.weight, self.steps = float(state["weight"]), int(state["steps"])  # type: ignore[arg-type, call-overload]
+        self.coef = self._solve()
+
     def seconds(self, shape: StepShape) -> float:
         """Predicted seconds of a step of this shape."""
         return sum(c * x for c, x in zip(self.coef, _features(shape)))
