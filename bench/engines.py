@@ -193,6 +193,8 @@ def llama_bench(model: str, threads: int, decode_tokens: int, prompt_tokens: int
         "ttft_long_s": prompt_tokens / prefill,
         "long_prompt_tokens": prompt_tokens,
         "prefill_tok_s": prefill,
+        # the larger of its runs (the model, its context of prompt + decode tokens, compute buffers)
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
     if depth:
         deep = [str(binary), "-m", model, "-t", str(threads), "-p", "0", "-n", "64", "-d", str(depth)]

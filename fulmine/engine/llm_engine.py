@@ -21,6 +21,7 @@ from fulmine.engine.embeddings import Done, EmbeddingJob, Embeddings
 from fulmine.engine.invariants import check_invariants
 from fulmine.engine.invariants import enabled as invariants_enabled
 from fulmine.engine.limits import RequestLimits
+from fulmine.engine.memory import return_freed_memory
 from fulmine.engine.output_processor import OutputProcessor
 from fulmine.engine.outputs import RequestOutput
 from fulmine.engine.ranks import start_ranks
@@ -149,6 +150,7 @@ class LLMEngine(RequestLimits):
         self.check_invariants = invariants_enabled()  # after every step (the test suite turns it on)
         phases.done("runner and caches")
         phases.done("calibration (cached)" if calibrate(self) else "calibration")
+        return_freed_memory()  # what loading parsed and dropped (the tokenizer's JSON) leaves the heap
         self.load_seconds = phases.log(self.source.name)
 
     # -- requests ----------------------------------------------------------------------------

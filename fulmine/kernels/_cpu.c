@@ -87,6 +87,7 @@ static PyObject *py_interleave(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS;
     rc = interleave_rows(type, G, PTR(w), N, K, PTR(out));
     Py_END_ALLOW_THREADS;
+    if (rc == -2) return PyErr_NoMemory();
     if (rc)
         return PyErr_Format(PyExc_ValueError, "type %d has no layout of %d rows interleaved for %lld rows", type, G, N);
     return PyLong_FromLong(type | (G == 16 ? T_X16 : T_X8));
@@ -162,7 +163,7 @@ PyObject *py_sample(PyObject *self, PyObject *args); /* sample.c */
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(x, R, K, w, type, N, y, exact[, ldy]): y[R,N] = x[R,K] @ W[N,K]^T, y's rows ldy apart"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(w, type, N, K, out, bf16=False): W -> float32 or bfloat16 [N, K]"},
-    {"interleave", py_interleave, METH_VARARGS, "interleave(w, type, N, K, out, G): W with G rows interleaved into out; its type id"},
+    {"interleave", py_interleave, METH_VARARGS, "interleave(w, type, N, K, out, G): W with G rows interleaved into out (out may be w: in place); its type id"},
     {"embed", py_embed, METH_VARARGS, "embed(w, type, K, ids, T, out): rows ids of W as float32"},
     {"decoder_forward", py_decoder_forward, METH_VARARGS, "the whole decoder over T tokens, in place"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): the kernels' thread count"},

@@ -18,6 +18,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cpu.h"
@@ -51,19 +52,23 @@ static int group_rows(int type) { return type & T_X16 ? 16 : 8; }
 typedef struct {
     const Field *layout;
     const uint8_t *w;
-    uint8_t *out;
+    uint8_t *out, *aside; /* aside: in place, a group's worth of scratch per chunk */
     int G, bytes;
     int64_t groups, nb;
     size_t rb;
 } InterleaveJob;
 
-/* groups [groups * chunk / nchunks, ...) of G rows; each unit a fixed-size copy (a move, not a call) */
+/* groups [groups * chunk / nchunks, ...) of G rows; each unit a fixed-size copy (a move, not a call).
+ * In place (w == out): a group's rows are copied aside first, as its interleaved bytes overwrite them. */
 static void interleave_task(void *ctx, int chunk, int nchunks) {
     const InterleaveJob *j = (const InterleaveJob *)ctx;
+    uint8_t *aside = j->aside ? j->aside + (size_t)chunk * j->G * j->rb : NULL;
     for (int64_t g = j->groups * chunk / nchunks; g < j->groups * (chunk + 1) / nchunks; g++) {
         uint8_t *out = j->out + (size_t)g * j->G * j->rb;
+        const uint8_t *rows = j->w + (size_t)g * j->G * j->rb;
+        if (aside) rows = memcpy(aside, rows, (size_t)j->G * j->rb);
         for (int64_t b = 0; b < j->nb; b++) {
-            const uint8_t *src = j->w + (size_t)g * j->G * j->rb + (size_t)b * j->bytes;
+            const uint8_t *src = rows + (size_t)b * j->bytes;
             size_t off = 0;
             for (const Field *f = j->layout; f->bytes; off += (size_t)f->bytes, f++)
                 for (int c = 0; c < f->bytes; c += f->unit)
@@ -82,8 +87,11 @@ int interleave_rows(int base, int G, const uint8_t *w, int64_t N, int64_t K, uin
     const Field *layout = fields(base);
     const QType *t = qtype(base);
     if (!layout || !t || (G != 8 && G != 16) || N % G || K % t->block) return -1;
-    InterleaveJob job = {layout, w, out, G, t->bytes, N / G, K / t->block, row_bytes(base, K)};
-    pool_run(interleave_task, &job, pool_chunks(N / G));
+    InterleaveJob job = {layout, w, out, NULL, G, t->bytes, N / G, K / t->block, row_bytes(base, K)};
+    int chunks = pool_chunks(N / G);
+    if (w == out && !(job.aside = malloc((size_t)chunks * G * job.rb))) return -2;
+    pool_run(interleave_task, &job, chunks);
+    free(job.aside);
     return 0;
 }
 

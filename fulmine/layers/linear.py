@@ -122,7 +122,7 @@ class Linear(nn.Module):
             return
         group = kernels.interleave_rows()
         if isinstance(self.quant, QuantizedShards) or all(size % group == 0 for size in self.out_sizes):
-            self.quant = self.quant.interleaved(group)
+            self.quant = self.quant.interleaved(group, in_place=True)  # the layer's own blocks
 
     def quantize(self, qtype: int) -> None:
         if self.quant is None and self.in_features % 32 == 0:

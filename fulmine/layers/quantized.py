@@ -39,16 +39,19 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return self.raw.numel()
 
-    def interleaved(self, group: int | None = None) -> QuantizedWeight:
+    def interleaved(self, group: int | None = None, in_place: bool = False) -> QuantizedWeight:
         """The same matrix with `group` rows interleaved (8 or 16; default: what this CPU's kernels
         run best; kernels/interleaved.c), or itself where the type or row count has no such layout.
-        Interleaved types have int8-activation kernels only (never `exact`)."""
+        Interleaved types have int8-activation kernels only (never `exact`). `in_place`: in this
+        weight's memory, which this weight must not be used after (loading: no second copy of a
+        170 MB vocabulary table at the peak)."""
         module = kernels.cpu()
         group = group or kernels.interleave_rows()
         target = self.qtype | (kernels.X16 if group == 16 else kernels.X8)
         if module is None or target not in kernels.type_ids() or self.shape[0] % group:
             return self
-        raw = torch.from_numpy(np.empty(tuple(self.raw.shape), dtype=np.uint8))  # numpy's: huge pages (gguf_file.py)
+        # new memory: numpy's, which has huge pages (gguf_file.py)
+        raw = self.raw if in_place else torch.from_numpy(np.empty(tuple(self.raw.shape), dtype=np.uint8))
         module.interleave(self.raw.data_ptr(), self.qtype, self.shape[0], self.shape[1], raw.data_ptr(), group)
         return QuantizedWeight(raw, target, self.shape)
 
@@ -100,8 +103,8 @@ class QuantizedShards:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.cat([p.dequantize(dtype) for p in self.parts])
 
-    def interleaved(self, group: int | None = None) -> QuantizedShards:
-        return QuantizedShards([p.interleaved(group) for p in self.parts])
+    def interleaved(self, group: int | None = None, in_place: bool = False) -> QuantizedShards:
+        return QuantizedShards([p.interleaved(group, in_place) for p in self.parts])
 
 
 def _matmul(

@@ -50,9 +50,15 @@ class RotaryEmbedding:
         dtype: torch.dtype,
     ) -> None:
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-        self.cos = angles.cos().to(device=device, dtype=dtype)  # [max_positions, head_dim / 2]
-        self.sin = angles.sin().to(device=device, dtype=dtype)
+        # [max_positions, head_dim / 2], the angles in float64, a few thousand positions at a time
+        # (whole, Gemma 3's 32k positions x 128 of them twice over made 128 MB of float64 at once)
+        self.cos = torch.empty(max_positions, head_dim // 2, dtype=dtype)
+        self.sin = torch.empty(max_positions, head_dim // 2, dtype=dtype)
+        for start in range(0, max_positions, 4096):
+            angles = torch.outer(torch.arange(start, min(start + 4096, max_positions), dtype=torch.float64), inv_freq)
+            self.cos[start : start + len(angles)] = angles.cos()
+            self.sin[start : start + len(angles)] = angles.sin()
+        self.cos, self.sin = self.cos.to(device), self.sin.to(device)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for the given positions, shaped [num_tokens, 1, head_dim / 2] to broadcast over heads."""

@@ -110,8 +110,8 @@ class Grammars:
     first step's mask computed where it is checked (the server's tokenizer thread, off the engine
     thread): a constraint that fails there, or that nothing can satisfy, is a 400 at admission."""
 
-    def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
-        self._hf_tokenizer = hf_tokenizer
+    def __init__(self, model_tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        self._model_tokenizer = model_tokenizer  # fulmine.tokenizer.Tokenizer
         self._vocab_size = vocab_size
         self._eos = list(eos_token_ids)
         self._tokenizer: Any = None
@@ -124,11 +124,11 @@ class Grammars:
     def tokenizer(self) -> Any:
         with self._lock:
             if self._tokenizer is None:
-                import llguidance.hf
+                import llguidance
 
                 try:
-                    self._tokenizer = llguidance.hf.from_tokenizer(
-                        self._hf_tokenizer, n_vocab=self._vocab_size, eos_token=self._eos or None
+                    self._tokenizer = llguidance.LLTokenizer(
+                        self._model_tokenizer.to_json(), n_vocab=self._vocab_size, eos_token=self._eos or None
                     )
                 except Exception as error:  # noqa: BLE001 (a tokenizer llguidance cannot read)
                     raise ConfigError(f"structured outputs are not available for this tokenizer: {error}") from None

@@ -10,7 +10,6 @@ aborts every choice in the engine within a step and frees its blocks.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import time
@@ -65,10 +64,10 @@ class ChatPrompt:
 class Completions:
     def __init__(self, engine: EngineClient, metrics: Metrics, config: ServerConfig, model_names: list[str]) -> None:
         self.engine, self.metrics, self.config, self.model_names = engine, metrics, config, model_names
-        # The HTTP side encodes with its own copy of the tokenizer, on one thread of its own (off
-        # the event loop; one long prompt at a time). Decoding a few tokens stays on the loop:
-        # it only reads the tokenizer, which a HF fast tokenizer allows from several threads.
-        self.tokenizer = copy.deepcopy(engine.engine.tokenizer)
+        # The HTTP side encodes on one thread of its own (off the event loop; one long prompt at a
+        # time), with the engine's tokenizer: nothing changes it after loading, so threads share it.
+        # Decoding a few tokens stays on the loop.
+        self.tokenizer = engine.engine.tokenizer
         # tokenizing, templating, compiling constraints: work that takes milliseconds, off the event loop
         self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulmine-tokenizer")
         self.vocab_size = engine.engine.model_config.vocab_size

@@ -8,7 +8,7 @@ The call format is the model's own, detected from its chat template:
 - llama3_json (Llama 3.x templates): the whole answer one JSON object {"name", "parameters"};
 - generic, when the template has no tool section (SmolLM2): the tools are described in a system
   message and the model answers in the hermes format.
-Templates that know tools get them through transformers' `apply_chat_template(tools=...)`; earlier
+Templates that know tools get them as the template's `tools` variable (fulmine/chat_template.py); earlier
 assistant `tool_calls` go back in with their arguments as objects, `tool` messages as the template
 renders them (the generic format: as `<tool_response>` blocks in a user turn).
 """

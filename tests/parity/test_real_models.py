@@ -46,15 +46,20 @@ def reference(request):
 
 
 def test_the_tokenizer_is_transformers_own(reference) -> None:
-    """fulmine's cached conversion, read directly, equals transformers' reading of the GGUF file."""
+    """fulmine's tokenizer (built from the file on first use, then read from its cache) equals
+    transformers' reading of the GGUF file."""
     from fulmine.models.source import resolve
     from fulmine.tokenizer import _from_gguf, load_tokenizer
+    from tests.unit.test_chat_template import assert_same_prompts
     from tests.unit.test_detokenizer import assert_same_tokenizer
+    from tests.unit.test_gguf_tokenizer import assert_built_as_transformers_converts
 
     path, tokenizer, _ = reference
-    assert_same_tokenizer(_from_gguf(resolve(str(path))), tokenizer)  # the first use's conversion
-    load_tokenizer(resolve(str(path)))  # converts once, into the cache
+    assert_same_tokenizer(_from_gguf(resolve(str(path))), tokenizer)  # the fallback for other kinds
+    load_tokenizer(resolve(str(path)))  # builds once, into the cache
     assert_same_tokenizer(load_tokenizer(resolve(str(path))), tokenizer)
+    assert_same_prompts(load_tokenizer(resolve(str(path))), tokenizer)  # with tools, reasoning, tool calls
+    assert_built_as_transformers_converts(path)  # the first use's build, without transformers
 
 
 def test_logits_and_greedy_tokens_match_transformers(reference) -> None:

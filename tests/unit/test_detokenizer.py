@@ -96,17 +96,17 @@ def test_the_cached_tokenizer_reads_as_transformers_converts_it(tokenizer) -> No
     GGUF file gives the same tokenizer."""
     from transformers import AutoTokenizer
 
-    from fulmine.tokenizer import cached_tokenizer_dir, load_cached_tokenizer
+    from fulmine.tokenizer import Tokenizer, cached_tokenizer_dir
 
     path = resolve(None).path
     assert (cached_tokenizer_dir(path) / "tokenizer.json").is_file()  # the fixture converted it
-    ours = load_cached_tokenizer(cached_tokenizer_dir(path))
+    ours = Tokenizer.from_directory(cached_tokenizer_dir(path))
     assert_same_tokenizer(ours, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
 
 
 def test_the_first_conversion_is_transformers_own() -> None:
-    """On first use the GGUF tokenizer is converted by the class AutoTokenizer would pick, called
-    directly (AutoTokenizer reads the whole file first to learn it): the same tokenizer."""
+    """A vocabulary gguf_tokenizer.py does not build is converted by the class AutoTokenizer would
+    pick, called directly (AutoTokenizer reads the whole file first to learn it): the same tokenizer."""
     from transformers import AutoTokenizer
 
     from fulmine.tokenizer import _from_gguf

@@ -39,6 +39,20 @@ def test_same_values_as_the_base_layout(qtype: int, group: int) -> None:
 
 
 @pytest.mark.parametrize(("qtype", "group"), LAYOUTS)
+@pytest.mark.parametrize("num_rows", [16, 48, 160])  # one group, a few, more groups than chunks
+@pytest.mark.usefixtures("threads")  # 1 and 2 threads (test_kernels.py)
+def test_in_place_equals_a_copy(qtype: int, group: int, num_rows: int) -> None:
+    """Loading interleaves in the weight's own memory (no second vocabulary table at the peak):
+    the same bytes as interleaving into new memory, in the same memory."""
+    weight, _ = gguf_weight(qtype, rows=num_rows)
+    copy = weight.interleaved(group)
+    pointer = weight.raw.data_ptr()
+    in_place = weight.interleaved(group, in_place=True)
+    assert in_place.raw.data_ptr() == pointer and in_place.qtype == copy.qtype
+    assert torch.equal(in_place.raw, copy.raw)
+
+
+@pytest.mark.parametrize(("qtype", "group"), LAYOUTS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 17, KERNEL_MAX_ROWS + 1])
 @pytest.mark.usefixtures("threads")  # 1 and 2 threads (test_kernels.py)
 def test_products_and_rows_alone(qtype: int, group: int, rows: int) -> None:

@@ -11,7 +11,8 @@ import fulmine
 
 # bottom to top
 FLOORS = [
-    "config", "request", "energy", "kernels", "layers", "models", "tokenizer", "reasoning", "kv_cache", "sampling",
+    "config", "request", "energy", "kernels", "layers", "models", "chat_template", "gguf_tokenizer", "tokenizer",
+    "reasoning", "kv_cache", "sampling",
     "executors", "speculative", "engine", "llm", "plan", "server", "benchmark", "replicas", "cli", "__main__",
     "__init__",
 ]  # fmt: skip
