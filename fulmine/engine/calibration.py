@@ -1,7 +1,9 @@
-"""Calibration at startup: the step cost model (executors/cost_model.py) fitted on steps of chosen
-shapes run on throwaway tokens, on KV blocks borrowed for the call, before the first request. The
-fit is cached per machine, file and configuration (beside the converted tokenizers): a later start
-restores it and only warms up; every step refits it online either way."""
+"""Calibration at startup, on throwaway tokens and KV blocks borrowed for the call, before the first
+request: the kernels' prefetch distance that decodes fastest on this machine (the hardware
+prefetchers differ: on one CPU the kernels' own requests doubled decode, on another they cost), then
+the step cost model (executors/cost_model.py) fitted on steps of chosen shapes. Both are cached per
+machine, file and configuration (beside the tokenizers): a later start restores them and only warms
+up; every step refits the cost model online either way."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fulmine import kernels
 from fulmine.executors.cost_model import StepShape
 from fulmine.executors.step import SequenceStep, StepBatch
 from fulmine.request import SamplingParams
@@ -29,8 +32,9 @@ Seqs = Callable[[int, int, int], list[SequenceStep]]  # (rows, start, tokens) ->
 
 # Calibration at startup: steps of chosen shapes on throwaway tokens, the most telling first (one
 # decode row, eight, a prompt chunk, rows deep in a context, a deep chunk, then more row counts),
-# each run a few times once warm, until CALIBRATION_SECONDS are spent (the embedded model: all of
-# them, ~0.3 s; Qwen2.5-Coder-1.5B: the first five); later steps refine the fit as they come.
+# each run a few times once warm: the first four always, the rest until CALIBRATION_SECONDS are
+# spent (the embedded model: all of them, ~0.3 s; Qwen2.5-Coder-1.5B: the first four, ~0.9 s);
+# later steps refine the fit as they come.
 CALIBRATION_SECONDS = 0.5
 CALIBRATION_DEPTH = 1024
 REPEATS = 4  # runs of each decode shape (the median of the later half is kept)
@@ -41,15 +45,27 @@ def calibrate(engine: LLMEngine) -> bool:
     call, or restore the fit cached for this machine, file and configuration. True if restored."""
     cached = _cached_path(engine)
     try:
-        engine.cost.restore(json.loads(cached.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        state = json.loads(cached.read_text())
+        engine.cost.restore(state)
+        prefetch = int(state.get("prefetch", kernels.DEFAULT_PREFETCH))
+        if prefetch not in kernels.PREFETCH_CHOICES:
+            raise ValueError(f"prefetch distance {prefetch}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     else:
+        kernels.set_prefetch(prefetch)
+        engine.prefetch = prefetch
         _with_borrowed_blocks(engine, lambda seqs, shallow, deep: _warm_up(engine, StepBatch(seqs(1, shallow, 1))))
         return True
-    _with_borrowed_blocks(engine, lambda seqs, shallow, deep: _fit(engine, seqs, shallow, deep))
+
+    def measure(seqs: Seqs, shallow: int, deep: int) -> None:
+        if engine.runner.device.type == "cpu" and kernels.cpu() is not None:
+            engine.prefetch = _tune_prefetch(engine, StepBatch(seqs(1, shallow, 1)))
+        _fit(engine, seqs, shallow, deep)
+
+    _with_borrowed_blocks(engine, measure)
     if engine.cost.fitted:
-        _save(cached, engine.cost.state())
+        _save(cached, {**engine.cost.state(), "prefetch": engine.prefetch})
     return False
 
 
@@ -67,7 +83,7 @@ def _cached_path(engine: LLMEngine) -> Path:
         "mtime": stat.st_mtime_ns if stat else None,
         "config": [getattr(config, name) for name in _STEP_FIELDS],
         "executors": [e.name for e in engine.runner.executors],
-        "version": 1,
+        "version": 2,  # 2: the prefetch distance
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return cache_dir() / "calibration" / f"{key}.json"
@@ -127,13 +143,29 @@ def _with_borrowed_blocks(engine: LLMEngine, work: Callable[[Seqs, int, int], No
             engine.runner.release(f"{request_id}-{r}")
 
 
+def _tune_prefetch(engine: LLMEngine, decode: StepBatch) -> int:
+    """The prefetch distance whose one-row decode steps are fastest here (each distance's median of
+    REPEATS steps, taking turns so the machine's noise falls on all; ~0.5 s on a 1.5B model)."""
+    _warm_up(engine, decode)
+    times: dict[int, list[float]] = {d: [] for d in kernels.PREFETCH_CHOICES}
+    for _ in range(REPEATS):
+        for ahead in kernels.PREFETCH_CHOICES:
+            kernels.set_prefetch(ahead)
+            started = time.perf_counter()
+            engine.runner.execute(decode)
+            times[ahead].append(time.perf_counter() - started)
+    best = min(kernels.PREFETCH_CHOICES, key=lambda d: statistics.median(times[d]))
+    kernels.set_prefetch(best)
+    return best
+
+
 def _fit(engine: LLMEngine, seqs: Seqs, shallow: int, deep: int) -> None:
     """The steps of chosen shapes, most telling first, until CALIBRATION_SECONDS are spent."""
     shapes = [seqs(1, shallow, 1), seqs(8, shallow, 1), seqs(1, 0, 64), seqs(4, deep, 1)]
     shapes += [seqs(1, max(deep - 32, 0), 32), seqs(2, shallow, 1), seqs(4, shallow, 1), seqs(1, 0, 16)]
     started = time.perf_counter()
     _warm_up(engine, StepBatch(shapes[0]))
-    for steps in shapes:
+    for index, steps in enumerate(shapes):
         batch, times = StepBatch(steps), []
         # a shape repeated until warm: the first decode steps after a long one run up to twice as
         # long (caches refilled, threads woken), which a stream of decode steps does not see
@@ -142,7 +174,9 @@ def _fit(engine: LLMEngine, seqs: Seqs, shallow: int, deep: int) -> None:
             engine.runner.execute(batch)
             times.append(time.perf_counter() - step_started)
         engine.cost.observe(StepShape.of(batch), statistics.median(times[len(times) // 2 :]))
-        if time.perf_counter() - started > CALIBRATION_SECONDS:
+        # the first four shapes always (the fit needs four steps; a 1.5B model's eight rows alone
+        # take 0.4 s), the rest while the budget lasts
+        if index >= 3 and time.perf_counter() - started > CALIBRATION_SECONDS:
             break
 
 

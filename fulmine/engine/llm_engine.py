@@ -149,6 +149,7 @@ class LLMEngine(RequestLimits):
         self._ids = itertools.count()
         self.check_invariants = invariants_enabled()  # after every step (the test suite turns it on)
         phases.done("runner and caches")
+        self.prefetch = kernels.DEFAULT_PREFETCH  # the kernels' prefetch distance: calibration measures it
         phases.done("calibration (cached)" if calibrate(self) else "calibration")
         return_freed_memory()  # what loading parsed and dropped (the tokenizer's JSON) leaves the heap
         self.load_seconds = phases.log(self.source.name)
@@ -388,6 +389,7 @@ class LLMEngine(RequestLimits):
             "max_model_len": self.max_model_len,
             "kv_cache_blocks": self.kv_cache.pool.num_blocks,
             "kernels": kernels.describe(),
+            "prefetch": self.prefetch,
             "executors": [e.name for e in self.runner.executors],
             "speculative": self.config.speculative,
         }

@@ -124,6 +124,15 @@ static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_set_prefetch(PyObject *self, PyObject *args) {
+    long ahead;
+    if (!PyArg_ParseTuple(args, "l", &ahead)) return NULL;
+    if (ahead < -8 || ahead > (1 << 20) || (ahead > 0 && ahead % 64))
+        return PyErr_Format(PyExc_ValueError, "prefetch distance %ld: -8 to 8 groups, or bytes (whole cache lines)", ahead);
+    prefetch_ahead = ahead;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_info(PyObject *self, PyObject *args) {
     PyObject *types = PyDict_New();
     for (int i = 0; types && i < num_types(); i++) {
@@ -167,6 +176,7 @@ static PyMethodDef methods[] = {
     {"embed", py_embed, METH_VARARGS, "embed(w, type, K, ids, T, out): rows ids of W as float32"},
     {"decoder_forward", py_decoder_forward, METH_VARARGS, "the whole decoder over T tokens, in place"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): the kernels' thread count"},
+    {"set_prefetch", py_set_prefetch, METH_VARARGS, "set_prefetch(ahead): how far ahead the interleaved kernels prefetch (bytes; < 0: row groups; 0: off)"},
     {"info", py_info, METH_NOARGS, "{'isa', 'threads', 'layer_fields' (the decoder's layer row, by name), 'interleave', 'types'}"},
     {"sample", py_sample, METH_VARARGS,
      "sample(logits, R, V, temperature, top_k, top_p, min_p, keys, drafts, out, accepted[, bias_off, bias_ids, "

@@ -27,6 +27,14 @@ int pool_chunks(int64_t work); /* chunks for `work` units: a few per thread */
 int pool_start(int nth);       /* 0, or -1 if the threads could not be started */
 int pool_threads(void);
 
+/* interleaved.c: how far ahead of the block it reads an interleaved kernel asks for weights: > 0
+ * that many bytes, < 0 that many row groups (the same block of a later group), 0 not at all (the
+ * hardware prefetchers alone). The best differs by CPU: the engine measures it at startup. */
+extern long prefetch_ahead;
+static inline size_t prefetch_offset(size_t group_bytes) {
+    return prefetch_ahead < 0 ? (size_t)(-prefetch_ahead) * group_bytes : (size_t)prefetch_ahead;
+}
+
 /* blocks32.c */
 extern const QType BASE_TYPES[];
 extern const int NUM_BASE_TYPES;

@@ -47,6 +47,8 @@ static const Field *fields(int base) {
     }
 }
 
+long prefetch_ahead = -1; /* one group: what the first machine measured best */
+
 static int group_rows(int type) { return type & T_X16 ? 16 : 8; }
 
 typedef struct {
@@ -157,13 +159,12 @@ SCALAR(q8_0x16, T_Q8_0, 16)
 SCALAR(q5_0x16, T_Q5_0, 16)
 
 #ifdef FULMINE_X86
-/* the same block of the group AHEAD groups on (weights stream from memory once per step: spread
- * over the blocks, the requests overlap the arithmetic; past the matrix's end they are no-ops) */
-#ifndef AHEAD
-#define AHEAD 1
-#endif
+/* the weights prefetch_ahead on (weights stream from memory once per step: spread over the blocks,
+ * the requests overlap the arithmetic; past the matrix's end they are no-ops) */
 #define PREFETCH_NEXT_GROUP(blk, group_bytes, bsz)                                                            \
-    for (size_t o_ = 0; o_ < (size_t)(bsz); o_ += 64) __builtin_prefetch((blk) + AHEAD * (group_bytes) + o_, 0, 3)
+    if (prefetch_ahead)                                                                                       \
+        for (size_t o_ = 0, at_ = prefetch_offset(group_bytes); o_ < (size_t)(bsz); o_ += 64)                 \
+    __builtin_prefetch((blk) + at_ + o_, 0, 3)
 /* four activation bytes in every 32-bit lane */
 AVX2 static inline __m256i bcast4(const int8_t *p) {
     int32_t v;

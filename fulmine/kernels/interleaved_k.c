@@ -102,7 +102,8 @@ ZMM static inline __attribute__((always_inline)) void q4_kx16_rg(const int RG, c
     for (int r = 0; r < RG; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t kb = 0; kb < nk; kb++) {
         const uint8_t *blk = w + kb * Q4_KX16_BYTES, *qs = blk + 256;
-        for (size_t o = 0; o < Q4_KX16_BYTES; o += 64) __builtin_prefetch(blk + nk * Q4_KX16_BYTES + o, 0, 3);
+        if (prefetch_ahead)
+            for (size_t o = 0, at = prefetch_offset(nk * Q4_KX16_BYTES); o < Q4_KX16_BYTES; o += 64) __builtin_prefetch(blk + at + o, 0, 3);
         /* the 16 rows' six-bit scales and minimums of each sub-block, as int32 lanes; the minimums
          * also as int16 pairs (m, m), to meet the activations' pairs of sums per 16 */
         __m512i w0 = _mm512_loadu_si512((const void *)(blk + 64)), w1 = _mm512_loadu_si512((const void *)(blk + 128)),
@@ -163,7 +164,8 @@ ZMM static inline __attribute__((always_inline)) void q6_kx16_rg(const int RG, c
     for (int r = 0; r < RG; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t kb = 0; kb < nk; kb++) {
         const uint8_t *blk = w + kb * Q6_KX16_BYTES, *ql = blk, *qh = blk + 2048;
-        for (size_t o = 0; o < Q6_KX16_BYTES; o += 64) __builtin_prefetch(blk + nk * Q6_KX16_BYTES + o, 0, 3);
+        if (prefetch_ahead)
+            for (size_t o = 0, at = prefetch_offset(nk * Q6_KX16_BYTES); o < Q6_KX16_BYTES; o += 64) __builtin_prefetch(blk + at + o, 0, 3);
         /* the 16 rows' int8 scale of each group of 16 as int32 lanes, and as int16 pairs (g, g + 1) */
         __m512i sc[16], pair[8];
         for (int c = 0; c < 4; c++) {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fulmine.engine.llm_engine import LLMEngine
@@ -34,3 +35,33 @@ def test_calibration_is_cached_per_machine_file_and_configuration(tiny_llama, ca
     for path in (tmp_path / "fulmine" / "calibration").glob("*.json"):
         path.write_text("{not json")  # a damaged cache is measured again, not an error
     assert LLMEngine(str(tiny_llama), progress=False).cost.fitted
+
+
+def test_the_prefetch_distance_is_measured_then_restored(tiny_llama, tmp_path, monkeypatch) -> None:
+    """The kernels' prefetch distance is chosen by measuring this machine on first start, cached with
+    the fit and set again by a later start; outputs do not depend on it."""
+    from fulmine import SamplingParams, kernels
+    from fulmine.engine.llm_engine import LLMEngine
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = LLMEngine(str(tiny_llama), progress=False)
+    assert first.prefetch in kernels.PREFETCH_CHOICES
+    assert first.describe()["prefetch"] == first.prefetch
+    [cached] = (tmp_path / "fulmine" / "calibration").glob("*.json")
+    state = json.loads(cached.read_text())
+    assert state["prefetch"] == first.prefetch
+    other = next(d for d in kernels.PREFETCH_CHOICES if d != first.prefetch)
+    cached.write_text(json.dumps({**state, "prefetch": other}))
+    second = LLMEngine(str(tiny_llama), progress=False)
+    assert second.prefetch == other
+    outputs = []
+    for ahead in kernels.PREFETCH_CHOICES:
+        kernels.set_prefetch(ahead)
+        request, tokens = second.add_request([5, 6, 7, 8], SamplingParams(max_tokens=8, temperature=0.0)), []
+        while second.has_unfinished():
+            tokens += [t for o in second.step() if o.request_id == request for t in o.new_token_ids]
+        outputs.append(tokens)
+    kernels.set_prefetch(kernels.DEFAULT_PREFETCH)
+    assert all(o == outputs[0] for o in outputs)
+    cached.write_text(json.dumps({**state, "prefetch": 99}))  # not a distance: measured again
+    assert LLMEngine(str(tiny_llama), progress=False).prefetch in kernels.PREFETCH_CHOICES
