@@ -115,12 +115,15 @@ class Linear(nn.Module):
         self.quant = weight
         self.weight.data = torch.empty(0, dtype=self.weight.dtype)  # the dense matrix is not kept
 
-    def interleave(self) -> None:
+    def interleave(self, if_faster: bool = False) -> None:
         """Interleave the quantized matrix's rows for the kernels (layers/quantized.py), where every
-        shard of a merged matrix starts on a whole group of rows."""
+        shard of a merged matrix starts on a whole group of rows; `if_faster`: only where that layout
+        reads it from memory faster on this machine (the vocabulary tables; timed on part of it)."""
         if self.quant is None or kernels.cpu() is None:
             return
         group = kernels.interleave_rows()
+        if if_faster and isinstance(self.quant, QuantizedWeight) and not self.quant.streams_faster_interleaved(group):
+            return
         if isinstance(self.quant, QuantizedShards) or all(size % group == 0 for size in self.out_sizes):
             self.quant = self.quant.interleaved(group, in_place=True)  # the layer's own blocks
 

@@ -156,17 +156,22 @@ class CausalLM(nn.Module):
 
         The embedding table (and a tied lm_head with it) is quantized to Q8_0 whatever `quantize`
         asks, as llama.cpp keeps its output layer at higher precision. In the fast mode (not `exact`)
-        the matrices get their rows interleaved by eight where the kernels have that layout.
+        the matrices get their rows interleaved where the kernels have that layout (the LM head where
+        that layout reads it faster on this machine, timed at load).
         """
         tied = self.config.tie_word_embeddings
         for module in self.modules():
             if isinstance(module, Linear) and not (tied and module is self.lm_head):
                 module.finish_loading()
+                is_table = isinstance(module, Embedding) or module is self.lm_head
                 if quantize is not None:
-                    is_table = isinstance(module, Embedding) or module is self.lm_head
                     module.quantize(kernels.Q8_0 if is_table else quantize)
-                if not exact:
-                    module.interleave()
+                if not exact:  # a table only where interleaving reads it faster here (an untied
+                    # embedding table is only looked up: as stored)
+                    if not is_table:
+                        module.interleave()
+                    elif module is self.lm_head or tied:
+                        module.interleave(if_faster=True)
                 module.exact = exact
         if tied:
             self.lm_head.quant, self.lm_head.exact = self.embed_tokens.quant, exact

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fulmine import kernels
-from fulmine.layers.quantized import QuantizedShards
+from fulmine.layers.quantized import QuantizedShards, QuantizedWeight
 from tests.unit.test_kernels import KERNEL_MAX_ROWS, check_products, check_rows_alone, gguf_weight, threads  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.skipif(kernels.cpu() is None, reason="C kernels not built")
@@ -119,3 +119,24 @@ def test_every_isa_path_computes_the_same_bits(variable: str) -> None:
     os.unlink(path)
     for default, forced in zip(*results):
         assert torch.equal(default, forced)
+
+
+def test_a_table_is_interleaved_only_where_that_reads_faster(monkeypatch) -> None:
+    """The LM head's layout is chosen by timing both on this machine: whichever is kept, the products
+    are the same values; a type without an interleaved layout is never timed as one."""
+    from fulmine.layers import quantized
+    from fulmine.layers.linear import Linear
+
+    monkeypatch.setattr(quantized, "STREAM_PROBE_BYTES", 1 << 16)  # a small probe: this is not a benchmark
+    weight, reference = gguf_weight(kernels.Q8_0, rows=256)
+    assert isinstance(weight.streams_faster_interleaved(16), bool)
+    assert not gguf_weight(kernels.Q5_K)[0].streams_faster_interleaved(16)
+    x = torch.randn(3, weight.shape[1])
+    expected = weight.matmul(x, False, KERNEL_MAX_ROWS)
+    for faster in (True, False):
+        monkeypatch.setattr(quantized.QuantizedWeight, "streams_faster_interleaved", lambda self, group, f=faster: f)
+        layer = Linear(weight.shape[1], weight.shape[0])
+        layer.set_quantized(QuantizedWeight(weight.raw.clone(), weight.qtype, weight.shape))
+        layer.interleave(if_faster=True)
+        assert (layer.quant.qtype != kernels.Q8_0) == faster
+        torch.testing.assert_close(layer.quant.matmul(x, False, KERNEL_MAX_ROWS), expected, rtol=1e-5, atol=1e-4)
