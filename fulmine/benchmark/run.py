@@ -179,6 +179,10 @@ def main(args: argparse.Namespace) -> int:
         if errors:
             print(f"\n{len(errors)} requests failed, e.g.: {errors[0]}")
         report: dict[str, Any] = {"memory_bandwidth_gb_s": bandwidth, "levels": as_json(summaries)}
+        peaks = {server.name: server.peak_rss_mb() for server in servers}  # the servers bench started
+        if peaks:
+            report["peak_rss_mb"] = peaks
+            print("\npeak RSS: " + ", ".join(f"{name} {mb:.0f} MB" for name, mb in peaks.items() if mb is not None))
         if args.side_by_side:
             report["fulmine_over_llama.cpp"] = ratios(summaries, "fulmine", "llama.cpp")
             print("\nfulmine / llama.cpp (tok/s per user: higher is better; TTFT, TPOT: lower is better)")

@@ -24,6 +24,17 @@ class Server:
     process: subprocess.Popen[bytes]
     base_url: str  # .../v1
 
+    def peak_rss_mb(self) -> float | None:
+        """The server process's peak resident memory so far (Linux), else None."""
+        try:
+            with open(f"/proc/{self.process.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
