@@ -19,7 +19,7 @@ from torch import nn
 
 from fulmine import kernels
 from fulmine.layers.quantized import QuantizedShards, QuantizedWeight, quantize
-from fulmine.layers.weights import QuantizedTensor, WeightTensor, as_dense
+from fulmine.layers.weights import QuantizedTensor, WeightTensor, aligned_empty, as_dense
 
 
 class Linear(nn.Module):
@@ -134,9 +134,11 @@ class Linear(nn.Module):
 
 def _resident(raws: list[np.ndarray]) -> torch.Tensor:
     """Blocks as one tensor: a single array as it is (the GGUF reader's own memory), shards stacked."""
-    if len(raws) == 1:
-        return torch.from_numpy(np.ascontiguousarray(raws[0]))
-    return torch.from_numpy(np.concatenate([np.ascontiguousarray(raw) for raw in raws]))
+    if len(raws) == 1 and raws[0].flags.c_contiguous:
+        return torch.from_numpy(raws[0])
+    stacked = aligned_empty(sum(raw.nbytes for raw in raws)).reshape(-1, raws[0].shape[-1])
+    np.concatenate([np.ascontiguousarray(raw) for raw in raws], out=stacked)
+    return torch.from_numpy(stacked)
 
 
 class MergedLinear(Linear):

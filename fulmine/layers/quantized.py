@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fulmine import kernels
+from fulmine.layers.weights import aligned_empty
 
 # rows of a vocabulary table timed in both layouts at load: more than a CPU's last-level cache
 STREAM_PROBE_BYTES = 64 << 20
@@ -56,8 +56,8 @@ class QuantizedWeight:
         target = self.qtype | (kernels.X16 if group == 16 else kernels.X8)
         if module is None or target not in kernels.type_ids() or self.shape[0] % group:
             return self
-        # new memory: numpy's, which has huge pages (gguf_file.py)
-        raw = self.raw if in_place else torch.from_numpy(np.empty(tuple(self.raw.shape), dtype=np.uint8))
+        # new memory: page-aligned numpy's, which has huge pages (layers/weights.py)
+        raw = self.raw if in_place else torch.from_numpy(aligned_empty(self.raw.numel()).reshape(self.raw.shape))
         module.interleave(self.raw.data_ptr(), self.qtype, self.shape[0], self.shape[1], raw.data_ptr(), group)
         return QuantizedWeight(raw, target, self.shape)
 

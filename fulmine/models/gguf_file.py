@@ -19,7 +19,7 @@ from typing import Any, cast
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from fulmine.layers.weights import QuantizedTensor
+from fulmine.layers.weights import QuantizedTensor, aligned_empty
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {
@@ -110,12 +110,13 @@ class GGUFFile:
 
     def load(self, name: str) -> QuantizedTensor:
         """The tensor's raw blocks, one row of blocks per output row: read from the file into memory of
-        numpy's, which asks for huge pages on large arrays (decode streams every weight once per token;
-        with the map's 4 KB pages Gemma 3 270M decoded 20 % slower), without faulting the map page by page."""
+        numpy's, page-aligned (layers/weights.py), which asks for huge pages on large arrays (decode
+        streams every weight once per token; with the map's 4 KB pages Gemma 3 270M decoded 20 %
+        slower), without faulting the map page by page."""
         info = self.tensors[name]
         assert self._fd is not None, "the file was closed"
         rows = int(np.prod(info.shape[:-1]))
-        raw = np.empty(info.nbytes, dtype=np.uint8)
+        raw = aligned_empty(info.nbytes)
         done = 0
         while done < info.nbytes:  # a large read may come back in parts
             count = os.preadv(self._fd, [raw.data[done:]], info.offset + done)

@@ -1,4 +1,5 @@
-"""Broken GGUF files are refused with one clear error naming the file and what is wrong, never a crash."""
+"""The GGUF reader: broken files are refused with one clear error naming the file and what is wrong,
+never a crash; tensors are read into page-aligned memory."""
 
 from __future__ import annotations
 
@@ -28,3 +29,27 @@ def test_a_file_that_is_not_gguf_is_refused_clearly(tmp_path: Path, content: byt
     bad.write_bytes(content)
     with pytest.raises(ConfigError, match="bad.gguf is not a readable GGUF file"):
         resolve(str(bad))
+
+
+def test_weights_start_on_a_page() -> None:
+    """Tensors read from the file, merged shards and interleaved copies start on a page boundary
+    (numpy's own allocations start 16 bytes in: every 64-byte load would straddle two lines)."""
+    import numpy as np
+    import torch
+
+    from fulmine import kernels
+    from fulmine.layers.linear import _resident
+    from fulmine.layers.weights import aligned_empty
+    from tests.unit.test_kernels import gguf_weight
+
+    for nbytes in (1, 100, 5 << 20):
+        assert aligned_empty(nbytes).ctypes.data % 4096 == 0 and aligned_empty(nbytes).nbytes == nbytes
+    gguf = resolve(None).gguf
+    assert gguf is not None
+    tensors = [gguf.load(name) for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "token_embd.weight")]
+    assert all(t.raw.ctypes.data % 4096 == 0 for t in tensors)
+    merged = _resident([tensors[0].raw, tensors[1].raw])
+    assert merged.data_ptr() % 4096 == 0
+    assert torch.equal(merged, torch.from_numpy(np.concatenate([tensors[0].raw, tensors[1].raw])))
+    weight, _ = gguf_weight(kernels.Q8_0)
+    assert weight.interleaved(16).raw.data_ptr() % 4096 == 0
