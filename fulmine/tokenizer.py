@@ -59,7 +59,10 @@ class Tokenizer:
         backend = Backend.from_file(str(path / "tokenizer.json"))
         config_file = path / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        special = {name: token for name in SPECIAL_TOKENS if (token := _content(config.get(name)))}
+        legacy_file = path / "special_tokens_map.json"  # older repositories name them only there
+        legacy = json.loads(legacy_file.read_text(encoding="utf-8")) if legacy_file.is_file() else {}
+        named = {name: _content(config.get(name)) or _content(legacy.get(name)) for name in SPECIAL_TOKENS}
+        special = {name: token for name, token in named.items() if token}
         missing = [  # added tokens a config declares and tokenizer.json lacks (transformers adds them too)
             entry
             for entry in (config.get("added_tokens_decoder") or {}).values()

@@ -136,3 +136,17 @@ def test_template_errors_and_escapes_are_refused() -> None:
     assert chat_template.render("{{ messages.__class__ }}", [{"role": "user", "content": "x"}]) == ""
     with pytest.raises(SecurityError):
         chat_template.render("{% set ns = namespace() %}{% set ns._x = 1 %}", [])
+
+
+def test_special_tokens_named_only_in_the_legacy_map(theirs: dict[str, Any], tmp_path: Path) -> None:
+    """Older repositories name their special tokens in special_tokens_map.json only."""
+    import json
+
+    theirs["chatml"].save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for name in ("eos_token", "bos_token", "pad_token"):
+        config.pop(name, None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"}}))
+    ours = Tokenizer.from_directory(tmp_path)
+    assert ours.eos_token_id == theirs["chatml"].eos_token_id and ours.bos_token_id is None
