@@ -46,13 +46,13 @@ def build(gguf: GGUFFile) -> tuple[Any, dict[str, str], str | None] | None:
     if not tokens:
         return None
     if kind == "gpt2" and meta.get("tokenizer.ggml.merges") is not None:
-        backend = _byte_level(tokens, meta)
+        backend, vocab = _byte_level(tokens, meta)
     elif kind == "llama" and architecture in GEMMA_ARCHITECTURES:
         # runs of spaces spelled as the model's vocabulary spells them (the added tokens keep the file's)
-        backend = _gemma(["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens])
+        backend, vocab = _gemma(["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens])
     else:
         return None
-    _add_tokens(backend, tokens, meta, byte_level=kind == "gpt2")
+    _add_tokens(backend, vocab, tokens, meta, byte_level=kind == "gpt2")
     special = {
         role: tokens[int(meta[key])]
         for role, key in _SPECIAL_IDS.items()
@@ -84,7 +84,8 @@ def _byte_alphabet() -> dict[int, str]:
     return {byte: chr(char) for byte, char in zip(printable, chars)}
 
 
-def _byte_level(tokens: list[str], meta: dict[str, Any]) -> Any:
+def _byte_level(tokens: list[str], meta: dict[str, Any]) -> tuple[Any, dict[str, int]]:
+    """The byte-level BPE model and its vocabulary (tokens spelled in GPT-2's byte alphabet)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     spelling = _byte_alphabet()
@@ -106,10 +107,11 @@ def _byte_level(tokens: list[str], meta: dict[str, Any]) -> Any:
             ]
         )
     backend.decoder = decoders.ByteLevel()
-    return backend
+    return backend, vocab
 
 
-def _gemma(tokens: list[str]) -> Any:
+def _gemma(tokens: list[str]) -> tuple[Any, dict[str, int]]:
+    """Gemma's sentencepiece BPE model and its vocabulary."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     vocab = {token: index for index, token in enumerate(tokens)}
@@ -117,7 +119,7 @@ def _gemma(tokens: list[str]) -> Any:
     backend.normalizer = normalizers.Replace(" ", "\u2581")
     backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    return backend
+    return backend, vocab
 
 
 def _merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
@@ -134,7 +136,9 @@ def _merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
     return [(left, right) for _, _, left, right in ranked]
 
 
-def _add_tokens(backend: Any, tokens: list[str], meta: dict[str, Any], byte_level: bool) -> None:
+def _add_tokens(backend: Any, vocab: dict[str, int], tokens: list[str], meta: dict[str, Any], byte_level: bool) -> None:
+    """The file's control tokens as special added tokens, its user-defined ones that the model's
+    vocabulary spells as the file does as plain added tokens (both matched whole)."""
     from tokenizers import AddedToken
 
     types = meta.get("tokenizer.ggml.token_type")
@@ -147,7 +151,6 @@ def _add_tokens(backend: Any, tokens: list[str], meta: dict[str, Any], byte_leve
         for token, kind in zip(tokens, types)
         if kind == CONTROL and (alphabet is None or set(token) <= alphabet)
     ]
-    vocab = backend.get_vocab()
     user = [
         AddedToken(token, normalized=False, special=False)
         for token, kind in zip(tokens, types)

@@ -255,9 +255,7 @@ def apply_chat_template(
             raise ConfigError(f"unknown message role {message.get('role')!r}")
         if not isinstance(message.get("content", ""), str):
             raise ConfigError("message content must be a string")
-    if tokenizer.chat_template is None:
-        raise ConfigError("this model has no chat template; use plain-text generation instead")
-    try:
+    try:  # (a model without a template: ConfigError from Tokenizer.apply_chat_template)
         text = tokenizer.apply_chat_template(
             messages, tools=tools or None, add_generation_prompt=True, tokenize=False, **(template_kwargs or {})
         )

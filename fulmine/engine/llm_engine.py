@@ -109,7 +109,7 @@ class LLMEngine(RequestLimits):
         # tensor parallel: the other ranks start loading their parts now (engine/ranks.py)
         tp_size = config.tensor_parallel_size
         self.ranks = start_ranks(config, model, model_config, load_args, runner_args) if tp_size > 1 else None
-        # The tokenizer (mostly importing transformers) loads on a thread while weights load.
+        # The tokenizer loads on a thread while weights load (its C work beside theirs).
         with ThreadPoolExecutor(max_workers=1) as pool:
             tokenizer = pool.submit(phases.timed, "tokenizer", load_tokenizer, self.source, progress)
             tp = self.ranks.tp if self.ranks is not None else None
@@ -278,7 +278,7 @@ class LLMEngine(RequestLimits):
                 self.governor.verified(s.request.request_id, len(s.draft_token_ids))
         batch = self.scheduler.batch(scheduled)
         masks = {}
-        if self.outputs.matchers or self.outputs.thinking:
+        if self.outputs.steering:
             for seq in batch.seqs:
                 if seq.samples:
                     entry = self.outputs.mask(self.scheduler.requests[seq.request_id], seq.draft_token_ids)
@@ -317,7 +317,7 @@ class LLMEngine(RequestLimits):
             try:
                 if request.is_finished:
                     self._forget(request.request_id)
-                elif self.governor is not None or self.outputs.matchers or self.outputs.thinking:
+                elif self.governor is not None or self.outputs.steering:
                     self._propose_drafts(request)
                 outputs.append(self.outputs.output(request, tokens))
             except Exception as error:

@@ -148,6 +148,11 @@ class OutputProcessor:
                 return end
         return len(tokens), None
 
+    @property
+    def steering(self) -> bool:
+        """Whether some request's tokens are shaped (a grammar, or a thinking block: masks, forced drafts)."""
+        return bool(self.matchers or self.thinking)
+
     def is_constrained(self, request_id: str) -> bool:
         """Its grammar applies to its next token (a thinking request's grammar waits for the answer)."""
         thinking = self.thinking.get(request_id)

@@ -67,9 +67,7 @@ class QuantizedWeight:
         at each prefetch distance (for the vocabulary tables, which stream from memory every token:
         on the AMD Zen 4 guest, Qwen2.5-Coder-1.5B's Q6_K LM head read at 25-28 GB/s as stored and
         10-16 GB/s interleaved, while its layers' matrices ran faster interleaved)."""
-        block, nbytes = kernels.block_layout(kernels.base_type(self.qtype))
-        row_bytes = self.shape[1] // block * nbytes
-        rows = min(self.shape[0], max(group, STREAM_PROBE_BYTES // row_bytes // group * group))
+        rows = min(self.shape[0], max(group, STREAM_PROBE_BYTES // self.raw.shape[1] // group * group))
         part = QuantizedWeight(self.raw[:rows], self.qtype, (rows, self.shape[1]))
         mixed = part.interleaved(group)
         if mixed is part:

@@ -166,12 +166,10 @@ class CausalLM(nn.Module):
                 is_table = isinstance(module, Embedding) or module is self.lm_head
                 if quantize is not None:
                     module.quantize(kernels.Q8_0 if is_table else quantize)
-                if not exact:  # a table only where interleaving reads it faster here (an untied
-                    # embedding table is only looked up: as stored)
-                    if not is_table:
-                        module.interleave()
-                    elif module is self.lm_head or tied:
-                        module.interleave(if_faster=True)
+                # a vocabulary table only where interleaving reads it faster here; an untied embedding
+                # table, only looked up, stays as stored
+                if not exact and (not is_table or module is self.lm_head or tied):
+                    module.interleave(if_faster=is_table)
                 module.exact = exact
         if tied:
             self.lm_head.quant, self.lm_head.exact = self.embed_tokens.quant, exact
