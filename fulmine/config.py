@@ -55,8 +55,23 @@ class ModelConfig:
     embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden_size))
     hidden_act: str = "silu"  # gated MLP activation: silu or gelu_tanh
     attn_scale: float | None = None  # softmax scale (default 1/sqrt(head_dim))
+    qk_norm_whole: bool = False  # the q/k norms span all heads at once, not each head (OLMoE)
+    clip_qkv: float | None = None  # q, k and v clamped to [-clip, clip] after their projections (OLMoE)
+    # Mixture of experts (num_experts > 0): a layer's MLP is num_experts gated MLPs of
+    # moe_intermediate_size, each token through the num_experts_per_tok its router scores highest,
+    # their outputs summed weighted by the router's softmax over all experts, renormalized over the
+    # chosen ones when norm_topk_prob; dense_layers keep a plain MLP of intermediate_size
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    dense_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is a mixture of experts."""
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     def is_sliding(self, layer: int) -> bool:
         if self.sliding_window is None:
@@ -68,6 +83,12 @@ class ModelConfig:
             raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         if self.hidden_act not in ("silu", "gelu_tanh"):
             raise ConfigError(f"hidden activation {self.hidden_act!r} is not supported (silu, gelu_tanh)")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be from 1 to num_experts ({self.num_experts})"
+            )
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ConfigError("a mixture-of-experts model needs moe_intermediate_size > 0")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "

@@ -56,6 +56,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
     ),
 }
 
+# mixtures of experts (tests/parity/test_moe.py): 8 experts of 32, 2 per token; Qwen3-MoE with a
+# dense layer among them, OLMoE with its whole-width q/k norms and unnormalized weights
+MOE_FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen3_moe": dict(
+        cls="Qwen3MoeConfig", head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True, mlp_only_layers=[1], num_hidden_layers=3,
+    ),
+    "olmoe": dict(cls="OlmoeConfig", num_experts=8, num_experts_per_tok=2, intermediate_size=32, num_key_value_heads=4),
+    "mixtral": dict(cls="MixtralConfig", num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
+}  # fmt: skip
 
 DATA = Path(__file__).parent / "data"
 THINK_TOKENS = ("<think>", "</think>")  # Qwen3's and the R1 distills' tags, added tokens (not special) there too
@@ -92,20 +102,19 @@ def build_tokenizer(path: Path, added: tuple[str, ...] = (), template: str | Non
 def build_tiny_model(family: str, path: Path, **tokenizer_args: Any) -> Path:
     import transformers
 
-    spec = dict(FAMILIES[family])
+    spec = dict(FAMILIES.get(family) or MOE_FAMILIES[family])
     config_cls = getattr(transformers, spec.pop("cls"))
     tokenizer = build_tokenizer(path, **tokenizer_args)
-    spec.setdefault("num_hidden_layers", 2)
+    shape: dict[str, Any] = dict(
+        num_hidden_layers=2, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256
+    )
     config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=64,
-        intermediate_size=128,
         num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        **spec,
+        **(shape | spec),
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -5,9 +5,10 @@ PyTorch spends ~10 us dispatching each small op; a decode step of a 30-layer mod
 them, more time than reading the weights. `FusedDecoder` hands the C kernel (kernels/_cpu.c,
 `decoder_forward`) a table of every layer's weight, norm and cache pointers once, then each step
 passes only the tokens, their positions and their block tables. Same cache layout as the PyTorch path,
-so steps may alternate between the two. Llama-style blocks (Llama, Mistral, Qwen2, Qwen3) and
-Gemma 3's (two more norms, GeGLU). In the fast mode it takes every step (one numerics per row,
-whatever the batch); in the exact mode, long prefill chunks take the PyTorch executor.
+so steps may alternate between the two. Llama-style blocks (Llama, Mistral, Qwen2, Qwen3; with experts
+for the MLP: Mixtral, Qwen3-MoE, OLMoE) and Gemma 3's (two more norms, GeGLU). In the fast mode it
+takes every step (one numerics per row, whatever the batch); in the exact mode, long prefill chunks
+take the PyTorch executor.
 
 The thresholds below were measured on the 2-core AVX-512 CPU; `tune_layers` hands the layers
 theirs (the PyTorch executor's products on the CPU follow them too).
@@ -24,10 +25,11 @@ from fulmine import kernels
 from fulmine.executors.base import ModelState
 from fulmine.executors.step import StepBatch
 from fulmine.executors.torch_eager import use_torch_threads
+from fulmine.layers.experts import SparseMoE
 from fulmine.layers.linear import Linear
 from fulmine.layers.quantized import QuantizedShards, QuantizedWeight
 from fulmine.layers.rotary import RotaryEmbedding
-from fulmine.models.decoder import CausalLM, DecoderLayer
+from fulmine.models.decoder import MLP, CausalLM, DecoderLayer
 
 # In the exact mode (float32 activations) steps of at most this many tokens run fused; above, the
 # float32 GEMMs of the PyTorch path win. Embedded model, one prompt, fused vs PyTorch path, 2-core
@@ -131,14 +133,41 @@ def unsupported_reason(state: ModelState) -> str | None:
         return "fused steps run on the CPU with float32 activations"
     if state.kv_caches[0][0].dtype not in (torch.float32, torch.float16):
         return "fused steps read float32 or float16 KV caches"
+    if config.clip_qkv is not None:
+        return "q/k/v clipping (clip_qkv) runs in the PyTorch executor"
     if config.head_dim % 2 or config.hidden_size % 32 or config.intermediate_size % 32:
+        return "dimensions the kernel does not tile"
+    if config.num_experts and config.moe_intermediate_size % 32:
         return "dimensions the kernel does not tile"
     for layer in model.layers:
         assert isinstance(layer, DecoderLayer)
-        attn, mlp = layer.self_attn, layer.mlp
-        if any(_matrix(m) is None for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
-            return "a matrix is stored in a type the kernel does not read"
+        attn = layer.self_attn
+        if any(_matrix(m) is None for m in (attn.qkv_proj, attn.o_proj)) or _mlp_fields(layer.mlp) is None:
+            return "a matrix is stored in a type (or experts in a layout) the kernel does not read"
     return None
+
+
+def _mlp_fields(mlp: MLP | SparseMoE) -> dict[str, int] | None:
+    """A layer's MLP as the row's fields: its gate, up and down; for a mixture of experts, expert 0's,
+    the strides to the next expert's (every expert's in one type, evenly spaced) and the router."""
+    if isinstance(mlp, MLP):
+        gate_up, down = _matrix(mlp.gate_up_proj), _matrix(mlp.down_proj)
+        if gate_up is None or down is None:
+            return None
+        return dict(**_shards(("gate", "up"), gate_up), **_shards(("down",), down), router=0, router_type=0,
+                    gate_up_stride=0, down_stride=0)  # fmt: skip
+    gate_up, down, router = _matrix(mlp.experts.gate_up_proj), _matrix(mlp.experts.down_proj), _matrix(mlp.gate)
+    if gate_up is None or down is None or router is None or len(router) != 1:
+        return None
+    gate_up_stride = 2 * (gate_up[1][0] - gate_up[0][0])  # an expert's gate rows, then its up rows
+    down_stride = down[1][0] - down[0][0] if len(down) > 1 else 0
+    for parts, stride in ((gate_up[::2], gate_up_stride), (gate_up[1::2], gate_up_stride), (down, down_stride)):
+        if any(qtype != parts[0][1] or pointer != parts[0][0] + i * stride for i, (pointer, qtype) in enumerate(parts)):
+            return None
+    return dict(
+        **_shards(("gate", "up"), gate_up[:2]), **_shards(("down",), down[:1]),
+        router=router[0][0], router_type=router[0][1], gate_up_stride=gate_up_stride, down_stride=down_stride,
+    )  # fmt: skip
 
 
 class FusedDecoder:
@@ -162,10 +191,10 @@ class FusedDecoder:
         rows = []
         for layer, (k_cache, v_cache), sliding in zip(model.layers, kv_caches, layer_is_sliding):
             assert isinstance(layer, DecoderLayer)
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             rope = rotary_sliding if sliding else rotary
-            qkv, o, gate_up, down = (_matrix(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
-            assert qkv and o and gate_up and down
+            qkv, o, mlp = _matrix(attn.qkv_proj), _matrix(attn.o_proj), _mlp_fields(layer.mlp)
+            assert qkv and o and mlp
             cache_types = (torch.float32, torch.float16)
             row = dict(
                 in_norm=_pointer(layer.input_layernorm.weight),
@@ -176,8 +205,7 @@ class FusedDecoder:
                 **_shards(("o",), o),
                 o_bias=_pointer(attn.o_proj.bias),
                 pre_mlp_norm=_pointer(layer.pre_mlp_norm.weight),
-                **_shards(("gate", "up"), gate_up),
-                **_shards(("down",), down),
+                **mlp,
                 k_cache=_pointer(k_cache, cache_types),
                 v_cache=_pointer(v_cache, cache_types),
                 window=config.sliding_window if sliding and config.sliding_window else 0,
@@ -187,6 +215,7 @@ class FusedDecoder:
                 attn_out_norm=_pointer(layer.attn_out_norm.weight if layer.attn_out_norm is not None else None),
                 ffn_out_norm=_pointer(layer.mlp_out_norm.weight if layer.mlp_out_norm is not None else None),
                 kv_half=int(k_cache.dtype == torch.float16),  # else float32
+                qk_norm_whole=int(config.qk_norm_whole),
             )
             if sorted(row) != sorted(names):
                 raise RuntimeError(f"the fused decoder's layer fields {names} differ from the row's {sorted(row)}")
@@ -201,6 +230,10 @@ class FusedDecoder:
             config.intermediate_size,
             block_size,
             int(config.hidden_act == "gelu_tanh"),
+            config.num_experts,
+            config.num_experts_per_tok,
+            int(config.norm_topk_prob),
+            config.moe_intermediate_size,
         )
         self.scale = config.attn_scale if config.attn_scale is not None else 1 / math.sqrt(config.head_dim)
 

@@ -95,13 +95,16 @@ static PyObject *py_interleave(PyObject *self, PyObject *args) {
 
 static PyObject *py_decoder_forward(PyObject *self, PyObject *args) {
     unsigned long long h, layers, final_norm, pos, seq, tables;
-    int T, L, max_blocks, H, nh, nkv, D, I, bs, gelu;
+    int T, L, max_blocks, H, nh, nkv, D, I, bs, gelu, E, top_k, norm_top_k, expert_I;
     float eps, scale;
     int exact;
-    if (!PyArg_ParseTuple(args, "KiiKKKKKi(iiiiiii)ffp", &h, &T, &L, &layers, &final_norm, &pos, &seq, &tables,
-                          &max_blocks, &H, &nh, &nkv, &D, &I, &bs, &gelu, &eps, &scale, &exact))
+    if (!PyArg_ParseTuple(args, "KiiKKKKKi(iiiiiiiiiii)ffp", &h, &T, &L, &layers, &final_norm, &pos, &seq,
+                          &tables, &max_blocks, &H, &nh, &nkv, &D, &I, &bs, &gelu, &E, &top_k, &norm_top_k, &expert_I,
+                          &eps, &scale, &exact))
         return NULL;
-    int dims[7] = {H, nh, nkv, D, I, bs, gelu};
+    if (E < 0 || E > 4096 || (E && (top_k < 1 || top_k > E || expert_I < 1)))
+        return PyErr_Format(PyExc_ValueError, "experts: %d of %d chosen", top_k, E);
+    int dims[11] = {H, nh, nkv, D, I, bs, gelu, E, top_k, norm_top_k, expert_I};
     const int32_t *positions = (const int32_t *)PTR(pos);
     for (int t = 0; t < T; t++) /* a position outside the block table would write outside the cache */
         if (positions[t] < 0 || positions[t] >= (int64_t)max_blocks * bs)

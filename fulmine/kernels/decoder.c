@@ -1,5 +1,6 @@
 /* The decoder in one call per step (decode rows, speculative verification, prompt chunks): every
- * layer's norms, products (matmul.c), RoPE, KV-cache writes and attention (attention.c), MLP. */
+ * layer's norms, products (matmul.c), RoPE, KV-cache writes and attention (attention.c), MLP or
+ * mixture of experts. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -110,33 +111,112 @@ static Mat layer_parts(const int64_t *l, int first, int nparts, const int64_t *r
     return m;
 }
 
+/* A mixture of experts' buffers and shape: routes per token, then the tokens of each expert */
+typedef struct {
+    int E, k, norm, I, H, gelu, exact;
+    float *logits;  /* [T, E] the router's, then its softmax */
+    int *ids;       /* [T, k] each token's experts, best first */
+    float *weights; /* [T, k] and their weights */
+    int *tokens;    /* [T] the tokens of one expert */
+    float *xe, *gu, *act, *ye; /* [T, H], [T, 2I], [T, I], [T, H]: one expert's rows */
+} Moe;
+
+/* softmax over each token's router logits, its k best experts (ties: the lower id) and their weights,
+ * renormalized to sum to 1 when m->norm */
+static void moe_route(Moe *m, int T) {
+    for (int t = 0; t < T; t++) {
+        float *p = m->logits + (size_t)t * m->E, top = p[0], sum = 0.f;
+        for (int e = 1; e < m->E; e++) top = p[e] > top ? p[e] : top;
+        for (int e = 0; e < m->E; e++) sum += p[e] = expf(p[e] - top);
+        for (int e = 0; e < m->E; e++) p[e] /= sum;
+        int *ids = m->ids + (size_t)t * m->k;
+        float *w = m->weights + (size_t)t * m->k, chosen = 0.f;
+        for (int j = 0; j < m->k; j++) {
+            int best = -1;
+            for (int e = 0; e < m->E; e++) {
+                int taken = 0;
+                for (int i = 0; i < j; i++) taken |= ids[i] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            ids[j] = best, w[j] = p[best], chosen += p[best];
+        }
+        for (int j = 0; m->norm && j < m->k; j++) w[j] /= chosen;
+    }
+}
+
+/* out[T, H] = the experts' weighted sum over xn[T, H]: expert by expert in ascending id, each over the
+ * tokens that chose it (its rows read once), so every token adds its experts' outputs in one order */
+static void moe_forward(Moe *m, const int64_t *ly, const float *xn, float *out, int T, const Scratch *sc) {
+    int H = m->H, I = m->I;
+    Mat router = layer_mat(ly, L_ROUTER, L_ROUTER_TYPE, m->E, H);
+    matmul(xn, T, router, m->logits, m->E, sc, 1); /* float32 activations: the scores pick the experts */
+    moe_route(m, T);
+    memset(out, 0, sizeof(float) * (size_t)T * H);
+    const uint8_t *gate_up = (const uint8_t *)(intptr_t)ly[L_GATE], *down = (const uint8_t *)(intptr_t)ly[L_DOWN];
+    for (int e = 0; e < m->E; e++) {
+        int n = 0;
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < m->k; j++)
+                if (m->ids[(size_t)t * m->k + j] == e) {
+                    m->tokens[n] = t * m->k + j; /* token and slot */
+                    memcpy(m->xe + (size_t)n++ * H, xn + (size_t)t * H, sizeof(float) * H);
+                }
+        if (!n) continue;
+        Mat gu = mat1(gate_up + (size_t)e * ly[L_GATE_UP_STRIDE], (int)ly[L_GATE_TYPE], 2 * (int64_t)I, H);
+        matmul(m->xe, n, gu, m->gu, 2 * I, sc, m->exact);
+        GluJob gj = {m->act, m->gu, n, I, m->gelu};
+        pool_run(glu_task, &gj, n < pool_threads() ? n : pool_threads());
+        Mat dn = mat1(down + (size_t)e * ly[L_DOWN_STRIDE], (int)ly[L_DOWN_TYPE], H, I);
+        matmul(m->act, n, dn, m->ye, H, sc, m->exact);
+        for (int i = 0; i < n; i++) {
+            int t = m->tokens[i] / m->k;
+            float w = m->weights[m->tokens[i]], *o = out + (size_t)t * H, *y = m->ye + (size_t)i * H;
+            for (int c = 0; c < H; c++) o[c] += w * y[c];
+        }
+    }
+}
+
 /* h: [T, H] embeddings in, final normed hidden states out. Returns 0, or -1 on allocation failure. */
 int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *final_norm, const int32_t *pos,
                            const int32_t *seq, const int32_t *tables, int max_blocks, const int *dims, float eps,
                            float scale, int exact) {
     choose_glu();
     int H = dims[0], nh = dims[1], nkv = dims[2], D = dims[3], I = dims[4], bs = dims[5], gelu = dims[6];
+    int E = dims[7], Ie = dims[10];
     int qkv_n = (nh + 2 * nkv) * D;
     const int64_t qkv_rows[3] = {(int64_t)nh * D, (int64_t)nkv * D, (int64_t)nkv * D}, gate_up_rows[2] = {I, I};
     int kmax = H > I ? H : I;
     if (nh * D > kmax) kmax = nh * D;
+    if (E && Ie > kmax) kmax = Ie;
+    int Imax = E && Ie > I ? Ie : I;
     /* every layer's attention: the same shape and cache type, its own cache, window and queries */
     Attention at = {T, nh, nkv, D, bs, max_blocks, 0, (int)layers[L_KV_HALF], scale, NULL, NULL, pos, seq, tables, NULL, NULL};
-    size_t n_x = (size_t)T * H, n_qkv = (size_t)T * qkv_n, n_att = (size_t)T * nh * D, n_gu = (size_t)T * 2 * I;
-    size_t n_act = (size_t)T * I, n_scores = attention_scratch(&at);
-    float *buf = malloc(sizeof(float) * (n_x + n_qkv + n_att + n_gu + n_act + n_scores + (size_t)T * kmax));
+    size_t n_x = (size_t)T * H, n_qkv = (size_t)T * qkv_n, n_att = (size_t)T * nh * D, n_gu = (size_t)T * 2 * Imax;
+    size_t n_act = (size_t)T * Imax, n_scores = attention_scratch(&at);
+    /* a mixture of experts': router logits, weights, and one expert's rows (its input, output, the sum) */
+    size_t n_moe = E ? (size_t)T * E + (size_t)T * dims[8] + 3 * n_x : 0;
+    float *buf = malloc(sizeof(float) * (n_x + n_qkv + n_att + n_gu + n_act + n_scores + (size_t)T * kmax + n_moe));
+    int *ibuf = E ? malloc(sizeof(int) * ((size_t)T * dims[8] + T)) : NULL;
     Scratch sc;
-    if (!buf || scratch_alloc(&sc, T, kmax)) {
+    if (!buf || (E && !ibuf) || scratch_alloc(&sc, T, kmax)) {
         free(buf);
+        free(ibuf);
         return -1;
     }
     float *xn = buf, *qkv = xn + n_x, *att = qkv + n_qkv, *gu = att + n_att, *act = gu + n_gu;
-    float *scores = act + n_act, *tmp = scores + n_scores;
+    float *scores = act + n_act, *tmp = scores + n_scores, *moe_buf = tmp + (size_t)T * kmax;
+    Moe moe = {E, dims[8], dims[9], Ie, H, gelu, exact, moe_buf, ibuf, NULL, NULL, NULL, gu, act, NULL};
+    if (E) {
+        moe.weights = moe_buf + (size_t)T * E, moe.xe = moe.weights + (size_t)T * dims[8];
+        moe.ye = moe.xe + n_x, moe.tokens = ibuf + (size_t)T * dims[8];
+    }
+    float *moe_out = E ? moe.ye + n_x : NULL;
     for (int l = 0; l < L; l++) {
         const int64_t *ly = layers + (size_t)l * L_FIELDS;
         const float *qkv_bias = (const float *)(intptr_t)ly[L_QKV_BIAS];
         const float *q_norm = (const float *)(intptr_t)ly[L_Q_NORM], *k_norm = (const float *)(intptr_t)ly[L_K_NORM];
         const float *o_bias = (const float *)(intptr_t)ly[L_O_BIAS];
+        int qk_whole = (int)ly[L_QK_NORM_WHOLE];
         const float *cos = (const float *)(intptr_t)ly[L_COS], *sin = (const float *)(intptr_t)ly[L_SIN];
         void *kc = (void *)(intptr_t)ly[L_K_CACHE], *vc = (void *)(intptr_t)ly[L_V_CACHE];
         for (int t = 0; t < T; t++) rms_norm(h + (size_t)t * H, (const float *)(intptr_t)ly[L_IN_NORM], xn + (size_t)t * H, H, eps);
@@ -145,9 +225,15 @@ int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *
             float *row = qkv + (size_t)t * qkv_n;
             if (qkv_bias)
                 for (int i = 0; i < qkv_n; i++) row[i] += qkv_bias[i];
+            if (qk_whole && q_norm && k_norm) { /* OLMoE: over all of q's heads, all of k's */
+                memcpy(tmp, row, sizeof(float) * nh * D);
+                rms_norm(tmp, q_norm, row, nh * D, eps);
+                memcpy(tmp, row + (size_t)nh * D, sizeof(float) * nkv * D);
+                rms_norm(tmp, k_norm, row + (size_t)nh * D, nkv * D, eps);
+            }
             for (int hd = 0; hd < nh + nkv; hd++) {
                 float *v = row + (size_t)hd * D;
-                const float *nw = hd < nh ? q_norm : k_norm;
+                const float *nw = qk_whole ? NULL : hd < nh ? q_norm : k_norm;
                 if (nw) {
                     memcpy(tmp, v, sizeof(float) * D);
                     rms_norm(tmp, nw, v, D, eps);
@@ -171,10 +257,15 @@ int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *
         for (size_t i = 0; i < n_x; i++) h[i] += xn[i];
         for (int t = 0; t < T; t++)
             rms_norm(h + (size_t)t * H, (const float *)(intptr_t)ly[L_PRE_MLP_NORM], xn + (size_t)t * H, H, eps);
-        matmul(xn, T, layer_parts(ly, L_GATE, 2, gate_up_rows, H), gu, 2 * I, &sc, exact);
-        GluJob gj = {act, gu, T, I, gelu};
-        pool_run(glu_task, &gj, T < pool_threads() ? T : pool_threads());
-        matmul(act, T, layer_mat(ly, L_DOWN, L_DOWN_TYPE, H, I), xn, H, &sc, exact);
+        if (ly[L_ROUTER]) {
+            moe_forward(&moe, ly, xn, moe_out, T, &sc);
+            memcpy(xn, moe_out, sizeof(float) * n_x);
+        } else {
+            matmul(xn, T, layer_parts(ly, L_GATE, 2, gate_up_rows, H), gu, 2 * I, &sc, exact);
+            GluJob gj = {act, gu, T, I, gelu};
+            pool_run(glu_task, &gj, T < pool_threads() ? T : pool_threads());
+            matmul(act, T, layer_mat(ly, L_DOWN, L_DOWN_TYPE, H, I), xn, H, &sc, exact);
+        }
         norm_rows(xn, (const float *)(intptr_t)ly[L_FFN_OUT_NORM], T, H, eps, tmp);
         for (size_t i = 0; i < n_x; i++) h[i] += xn[i];
     }
@@ -183,6 +274,7 @@ int decoder_forward(float *h, int T, int L, const int64_t *layers, const float *
         rms_norm(tmp, final_norm, h + (size_t)t * H, H, eps);
     }
     free(buf);
+    free(ibuf);
     free(sc.xsum);
     return 0;
 }

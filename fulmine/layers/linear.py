@@ -15,11 +15,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from fulmine import kernels
 from fulmine.layers.quantized import QuantizedShards, QuantizedWeight, quantize
 from fulmine.layers.weights import QuantizedTensor, WeightTensor, aligned_empty, as_dense
+
+_FLOATS = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)  # loaded dense: no loss
 
 
 class Linear(nn.Module):
@@ -37,6 +40,7 @@ class Linear(nn.Module):
         self.max_exact_kernel_rows = 1 << 30  # the same, for the exact kernels
         self.narrow_gemv_max_rows = 0  # up to this many rows, a narrow weight multiplies in its own dtype
         self.keep_blocks = False
+        self.full_precision = False  # never narrowed or quantized (a router: its scores pick the experts)
         self.unread_types: set[str] = set()  # GGUF block types of this layer loaded dense (the loader reports them)
         self._blocks: dict[int, QuantizedTensor] = {}
 
@@ -45,13 +49,27 @@ class Linear(nn.Module):
         return len(self.out_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant is not None:
+        return self._product(x, self.quant, self.weight, self.bias)
+
+    def rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """x times rows [start, stop) of the matrix only (one expert's of a stacked experts' matrix)."""
+        quant = None if self.quant is None else self.quant.rows(start, stop)
+        bias = None if self.bias is None else self.bias[start:stop]
+        return self._product(x, quant, self.weight[start:stop] if quant is None else self.weight, bias)
+
+    def _product(
+        self,
+        x: torch.Tensor,
+        quant: QuantizedWeight | QuantizedShards | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if quant is not None:
             limit = self.max_exact_kernel_rows if self.exact else self.max_kernel_rows
-            y = self.quant.matmul(x.float(), self.exact, limit).to(x.dtype)
-            return y if self.bias is None else y + self.bias
-        weight = self.weight
+            y = quant.matmul(x.float(), self.exact, limit).to(x.dtype)
+            return y if bias is None else y + bias
         if weight.dtype == x.dtype:
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, weight, bias)
         # Weights stored narrower than activations (float16 on CPU): decode is bound by reading
         # weights, so a few rows multiply in float16 (half the bytes; float32 accumulation);
         # a prefill-sized batch upcasts the weight once and runs the float32 GEMM, which is
@@ -62,14 +80,14 @@ class Linear(nn.Module):
             y = F.linear(x.to(narrow), weight).to(x.dtype)
         else:
             y = F.linear(x.to(narrow).to(x.dtype), weight.to(x.dtype)).to(narrow).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return y if bias is None else y + bias
 
     def load_shard(self, tensor: WeightTensor, shard: int = 0, is_bias: bool = False) -> None:
         if self._keeps(tensor, is_bias):
             assert isinstance(tensor, QuantizedTensor)
             self._blocks[shard] = tensor
         else:
-            if self.keep_blocks and not is_bias and isinstance(tensor, QuantizedTensor):
+            if self.keep_blocks and not is_bias and isinstance(tensor, QuantizedTensor) and tensor.qtype not in _FLOATS:
                 self.unread_types.add(tensor.qtype.name)  # blocks the kernels cannot read: dense
             self._load_dense(tensor, shard, is_bias)
 
@@ -128,7 +146,7 @@ class Linear(nn.Module):
             self.quant = self.quant.interleaved(group, in_place=True)  # the layer's own blocks
 
     def quantize(self, qtype: int) -> None:
-        if self.quant is None and self.in_features % 32 == 0:
+        if self.quant is None and self.in_features % 32 == 0 and not self.full_precision:
             self.set_quantized(quantize(self.weight.data, qtype))
 
 

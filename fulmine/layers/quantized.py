@@ -93,6 +93,11 @@ class QuantizedWeight:
             kernels.set_prefetch(kernels.DEFAULT_PREFETCH)
         return best_interleaved < plain
 
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """Rows [start, stop) as a weight of their own, in this one's memory (an interleaved layout's
+        bounds on whole groups of rows)."""
+        return QuantizedWeight(self.raw[start:stop], self.qtype, (stop - start, self.shape[1]))
+
     def matmul(self, x: torch.Tensor, exact: bool = False, max_kernel_rows: int = 1 << 30) -> torch.Tensor:
         """x [R, K] float32 -> [R, N] float32; `exact` keeps activations in float32 (see _cpu.c).
 
@@ -134,6 +139,16 @@ class QuantizedShards:
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
+
+    def rows(self, start: int, stop: int) -> QuantizedWeight | QuantizedShards:
+        """Rows [start, stop) of the merged matrix: the parts of the shards they cover."""
+        parts, first = [], 0
+        for part in self.parts:
+            low, high = max(start, first), min(stop, first + part.shape[0])
+            if low < high:
+                parts.append(part.rows(low - first, high - first))
+            first += part.shape[0]
+        return parts[0] if len(parts) == 1 else QuantizedShards(parts)
 
     def matmul(self, x: torch.Tensor, exact: bool = False, max_kernel_rows: int = 1 << 30) -> torch.Tensor:
         return _matmul(self, x, exact, max_kernel_rows)

@@ -62,6 +62,8 @@ class TensorParallel:
 def shard_config(config: ModelConfig, tp: TensorParallel) -> ModelConfig:
     """The shape of one rank's part of the model."""
     w, kv = tp.world, config.num_kv_heads
+    if config.num_experts or config.qk_norm_whole:
+        raise ConfigError("tensor parallelism does not split mixture-of-experts models (nor OLMoE's q/k norms)")
     for name, value, ok in (
         ("attention heads", config.num_heads, config.num_heads % w == 0),
         ("KV heads", kv, kv % w == 0 or w % kv == 0),  # more ranks than KV heads: each holds a copy of one

@@ -18,6 +18,7 @@ from fulmine import kernels
 from fulmine.config import ModelConfig
 from fulmine.layers.activation import gelu_tanh_and_mul, silu_and_mul
 from fulmine.layers.attention import AttentionMetadata, paged_attention
+from fulmine.layers.experts import SparseMoE
 from fulmine.layers.linear import Embedding, Linear, MergedLinear
 from fulmine.layers.norm import RMSNorm
 from fulmine.layers.rotary import apply_rotary
@@ -34,6 +35,18 @@ _MERGED = {
 }
 
 
+_EXPERT_MERGED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+# other checkpoints' names of the same tensors (Mixtral's sparse block and its w1/w3/w2)
+_ALIASES = {"block_sparse_moe": "mlp", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _canonical(name: str) -> str:
+    """A checkpoint tensor's name in the vocabulary of fulmine's modules (HF's Llama/Qwen names)."""
+    if "block_sparse_moe" not in name:
+        return name
+    return ".".join(_ALIASES.get(part, part) for part in name.split("."))
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -41,8 +54,12 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], config.attention_bias)
         self.o_proj = Linear(q_size, config.hidden_size, config.o_bias)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        # each head's (Qwen3, Gemma 3), or all heads' at once (OLMoE: the norms span q's and k's widths)
+        self.qk_norm_whole = config.qk_norm_whole
+        q_width, k_width = (q_size, kv_size) if config.qk_norm_whole else (self.head_dim, self.head_dim)
+        self.q_norm = RMSNorm(q_width, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(k_width, config.rms_norm_eps) if config.qk_norm else None
+        self.clip_qkv = config.clip_qkv
         self.scale = config.attn_scale
         self.tp: TensorParallel | None = None  # tensor parallel: o_proj's partial sums all-reduced
 
@@ -50,16 +67,26 @@ class Attention(nn.Module):
         self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        qkv = self.qkv_proj(x)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        q, k, v = self.qkv_proj.split(qkv)
+        if self.qk_norm_whole and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
+        if not self.qk_norm_whole and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, meta.cos, meta.sin), apply_rotary(k, meta.cos, meta.sin)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         out = self.o_proj(out)
         return out if self.tp is None else self.tp.all_reduce(out)
+
+
+def make_mlp(config: ModelConfig, layer: int) -> MLP | SparseMoE:
+    """Layer `layer`'s MLP: a mixture of experts where the config has them there, else a gated MLP."""
+    return SparseMoE(config) if config.is_moe(layer) else MLP(config)
 
 
 class MLP(nn.Module):
@@ -76,13 +103,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """A layer: attention and MLP around the residual stream, each family's norms its own. The fused
+    """A layer (number `layer` of the model): attention and MLP (or mixture of experts) around the
+    residual stream, each family's norms its own. The fused
     CPU decoder reads the norms by role: before attention (`input_layernorm`), before the MLP, and
     of the two sub-blocks' outputs (None where the family has none)."""
 
     input_layernorm: RMSNorm
     self_attn: Attention
-    mlp: MLP
+    mlp: MLP | SparseMoE
     pre_mlp_norm: RMSNorm
     attn_out_norm: RMSNorm | None = None
     mlp_out_norm: RMSNorm | None = None
@@ -109,7 +137,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(self.layer_class(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(self.layer_class(config, layer) for layer in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         # its rows are the step's sampled positions, as many as the batch has: always the kernel (the
@@ -183,7 +211,7 @@ class CausalLM(nn.Module):
     def narrow_weights(self, weight_dtype: torch.dtype) -> None:
         """Store the matrices (linear layers, embedding) in `weight_dtype`; norms and biases keep theirs."""
         for module in self.modules():
-            if isinstance(module, (Linear, Embedding)):
+            if isinstance(module, (Linear, Embedding)) and not module.full_precision:
                 module.weight.data = module.weight.data.to(weight_dtype)
 
     def fold_norm_offsets(self) -> None:
@@ -214,13 +242,23 @@ class CausalLM(nn.Module):
 
         Returns the (parameter name, shard) it filled, or None for a tensor that is not needed.
         """
-        name = name.removeprefix("model.")
+        name = _canonical(name.removeprefix("model."))
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None  # tied checkpoints may still carry a copy
         if name.endswith("rotary_emb.inv_freq"):
             return None  # old checkpoints store RoPE tables; fulmine computes its own
         parts = name.split(".")
         kind = parts[-1]  # weight or bias
+        if len(parts) >= 4 and parts[-4] == "experts":  # layers.N.mlp.experts.E.gate_proj.weight
+            expert, projection = int(parts[-3]), parts[-2]
+            module_name = ".".join([*parts[:-3], _EXPERT_MERGED[projection]])
+            module = self.get_submodule(module_name)
+            assert isinstance(module, MergedLinear)
+            shard = {"gate_proj": 2 * expert, "up_proj": 2 * expert + 1, "down_proj": expert}[projection]
+            if shard >= module.num_shards:
+                raise ValueError(f"expert {expert} beyond the config's {module.num_shards} shards")
+            module.load_shard(tensor, shard, is_bias=kind == "bias")
+            return f"{module_name}.{kind}", shard
         merged = _MERGED.get(parts[-2]) if len(parts) >= 2 else None
         if merged is not None:
             module_name = ".".join([*parts[:-2], merged[0]])

@@ -13,7 +13,7 @@ import torch
 from fulmine.config import ConfigError, ModelConfig
 from fulmine.layers.attention import AttentionMetadata
 from fulmine.layers.norm import RMSNorm
-from fulmine.models.decoder import MLP, Attention, CausalLM, DecoderLayer
+from fulmine.models.decoder import Attention, CausalLM, DecoderLayer, make_mlp
 from fulmine.models.llama import GGUF_LAYER_NAMES
 
 # llama.cpp's ffn_norm is the norm before the MLP here, and there are two more
@@ -26,14 +26,14 @@ GGUF_SANDWICH_NAMES = {
 
 
 class Gemma3DecoderLayer(DecoderLayer):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         dim, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(dim, eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(dim, eps)
         self.pre_feedforward_layernorm = RMSNorm(dim, eps)
-        self.mlp = MLP(config)
+        self.mlp = make_mlp(config, layer)
         self.post_feedforward_layernorm = RMSNorm(dim, eps)
 
     @property
@@ -99,7 +99,7 @@ def hf_fields(raw: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def gguf_fields(config: ModelConfig) -> dict[str, Any]:
+def gguf_fields(config: ModelConfig, gguf: Any = None) -> dict[str, Any]:
     """Gemma 3's departures from Llama that its GGUF metadata leaves out, as llama.cpp assumes them:
     every 6th layer global (RoPE base from the file), the others sliding with base 10 000; norms
     already hold 1 + w; the 27B (62 layers) scales queries by hidden/heads instead of head_dim."""

@@ -1,6 +1,8 @@
 """Llama and the families that are its block with other switches: Mistral (sliding window),
-Qwen2 (q/k/v biases, a window behind a switch), Qwen3 (q/k norms). Pre-norm layers: RMSNorm ->
-attention -> RMSNorm -> SwiGLU MLP, each added to the residual stream (the norm fused with the add)."""
+Qwen2 (q/k/v biases, a window behind a switch), Qwen3 (q/k norms), and with a mixture of experts for
+the MLP (layers/experts.py): Mixtral, Qwen3-MoE, OLMoE (q/k norms over all heads at once). Pre-norm
+layers: RMSNorm -> attention -> RMSNorm -> SwiGLU MLP (or experts), each added to the residual stream
+(the norm fused with the add)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 from fulmine.config import ModelConfig
 from fulmine.layers.attention import AttentionMetadata
 from fulmine.layers.norm import RMSNorm
-from fulmine.models.decoder import MLP, Attention, CausalLM, DecoderLayer
+from fulmine.models.decoder import Attention, CausalLM, DecoderLayer, make_mlp
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 GGUF_LAYER_NAMES = {
@@ -24,16 +26,17 @@ GGUF_LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # a mixture of experts' router; its experts: loader.py
 }
 
 
 class LlamaDecoderLayer(DecoderLayer):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = make_mlp(config, layer)
 
     @property
     def pre_mlp_norm(self) -> RMSNorm:  # type: ignore[override]

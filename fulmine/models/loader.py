@@ -69,10 +69,10 @@ def load_model(
     model.tie_weights()
     if keep_blocks:
         model.keep_blocks()
-    names, tensors = _checkpoint(source)
+    count, tensors = _checkpoint(source)
     missing = model.weight_slots()
     bar = tqdm(
-        total=len(names),
+        total=count,
         desc=f"Loading {source.name}",
         unit="tensor",
         disable=not progress,
@@ -134,10 +134,14 @@ def _report_unread_types(model: CausalLM, source: ModelSource) -> None:
         )
 
 
-def _checkpoint(source: ModelSource) -> tuple[list[str], Iterator[tuple[str, WeightTensor]]]:
+def _checkpoint(source: ModelSource) -> tuple[int, Iterator[tuple[str, WeightTensor]]]:
+    """How many tensors the checkpoint yields, and the tensors under their HF names."""
     if source.gguf is not None:
         names = [n for n in source.gguf.tensors if n not in _GGUF_SKIPPED]
-        return names, _gguf_tensors(source, names)
+        # a stacked experts' tensor comes as one per expert
+        stacked = [n for n in names if n.count(".") == 3 and n.split(".")[2] in _GGUF_EXPERTS]
+        count = len(names) - len(stacked) + sum(source.gguf.tensors[n].shape[0] for n in stacked)
+        return count, _gguf_tensors(source, names)
     files = sorted(source.path.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{source.path} has no *.safetensors files")
@@ -145,7 +149,7 @@ def _checkpoint(source: ModelSource) -> tuple[list[str], Iterator[tuple[str, Wei
     for file in files:
         with safe_open(file, "pt") as handle:
             names.extend(handle.keys())
-    return names, _safetensors_tensors(files)
+    return len(names), _safetensors_tensors(files)
 
 
 def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, WeightTensor]]:
@@ -155,16 +159,38 @@ def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, WeightTensor]
                 yield name, handle.get_tensor(name)
 
 
+# llama.cpp's stacked experts (one tensor per projection, experts outermost) -> HF's per-expert name
+_GGUF_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_GGUF_EXPERT = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}  # older files: one each
+
+
 def _gguf_tensors(source: ModelSource, names: list[str]) -> Iterator[tuple[str, WeightTensor]]:
     gguf, config = source.gguf, source.config
     assert gguf is not None
     for gguf_name in names:
         tensor = gguf.load(gguf_name)
+        parts = gguf_name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_EXPERTS:
+            yield from _split_experts(tensor, f"model.layers.{parts[1]}.mlp.experts", _GGUF_EXPERTS[parts[2]])
+            continue
+        if parts[0] == "blk" and len(parts) == 5 and parts[2] in _GGUF_EXPERT and parts[3].isdigit():
+            yield f"model.layers.{parts[1]}.mlp.experts.{parts[3]}.{_GGUF_EXPERT[parts[2]]}.{parts[4]}", tensor
+            continue
         name = _hf_name(gguf_name, source.family.model.gguf_layer_names)
         if source.family.gguf_permuted_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             num_heads = config.num_heads if "q_proj" in name else config.num_kv_heads
             tensor = _unpermute_rows(tensor, num_heads)
         yield name, tensor
+
+
+def _split_experts(tensor: QuantizedTensor, prefix: str, projection: str) -> Iterator[tuple[str, QuantizedTensor]]:
+    """A stacked experts' tensor [experts, rows, cols] as each expert's matrix (views of its rows)."""
+    if len(tensor.shape) != 3:
+        raise ConfigError(f"{prefix}: stacked experts' tensor of shape {tensor.shape}, not 3-D")
+    num_experts, rows = tensor.shape[0], tensor.shape[1]
+    for expert in range(num_experts):
+        raw = tensor.raw[expert * rows : (expert + 1) * rows]
+        yield f"{prefix}.{expert}.{projection}.weight", QuantizedTensor(raw, tensor.qtype, tensor.shape[1:])
 
 
 def _hf_name(gguf_name: str, layer_names: dict[str, str]) -> str:

@@ -15,6 +15,7 @@ from fulmine.config import ConfigError, ModelConfig
 from fulmine.models import gemma3
 from fulmine.models.decoder import CausalLM
 from fulmine.models.gemma3 import Gemma3ForCausalLM
+from fulmine.models.gguf_file import GGUFFile
 from fulmine.models.llama import LlamaForCausalLM
 
 
@@ -32,7 +33,22 @@ class Family:
     # the family's config fields beyond Llama's: from config.json (given what was read for Llama),
     # and from GGUF metadata (given the config read as Llama's)
     hf_fields: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
-    gguf_fields: Callable[[ModelConfig], dict[str, Any]] | None = None
+    gguf_fields: Callable[[ModelConfig, GGUFFile], dict[str, Any]] | None = None
+    # mixtures of experts: the router's chosen weights renormalized to sum to 1 where config.json does
+    # not say (Mixtral always does; OLMoE never), and in GGUF files (as llama.cpp runs each family)
+    norm_topk_prob: bool = True
+
+
+def olmoe_hf_fields(raw: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """OLMoE's departures from Llama: q/k norms over all heads at once, q/k/v optionally clipped."""
+    clip = raw.get("clip_qkv")
+    return dict(qk_norm_whole=True, clip_qkv=float(clip) if clip is not None else None)
+
+
+def olmoe_gguf_fields(config: ModelConfig, gguf: GGUFFile) -> dict[str, Any]:
+    """The same from GGUF metadata (llama.cpp's clamp_kqv)."""
+    clip = gguf.metadata.get("olmoe.attention.clamp_kqv")
+    return dict(qk_norm_whole=True, clip_qkv=float(clip) if clip else None)
 
 
 FAMILIES = (
@@ -55,6 +71,24 @@ FAMILIES = (
         name="qwen3", model_type="qwen3",
         hf_architecture="Qwen3ForCausalLM", gguf_architecture="qwen3", model=LlamaForCausalLM,
         qk_norm=True, sliding_window_key="use_sliding_window",
+    ),
+    # mixtures of experts: Llama's block with experts for the MLP (models/decoder.py make_mlp); a
+    # Mixtral GGUF file is a "llama" one with experts
+    Family(
+        name="mixtral", model_type="mixtral",
+        hf_architecture="MixtralForCausalLM", gguf_architecture="", model=LlamaForCausalLM,
+        gguf_permuted_qk=True,
+    ),
+    Family(
+        name="qwen3_moe", model_type="qwen3_moe",
+        hf_architecture="Qwen3MoeForCausalLM", gguf_architecture="qwen3moe", model=LlamaForCausalLM,
+        qk_norm=True, sliding_window_key="use_sliding_window",
+    ),
+    # OLMoE: q/k norms over all heads at once, weights of the chosen experts as the softmax gave them
+    Family(
+        name="olmoe", model_type="olmoe",
+        hf_architecture="OlmoeForCausalLM", gguf_architecture="olmoe", model=LlamaForCausalLM,
+        qk_norm=True, norm_topk_prob=False, hf_fields=olmoe_hf_fields, gguf_fields=olmoe_gguf_fields,
     ),
     # text-only Gemma 3 (its GGUF files store the norms with Gemma's +1 already added)
     Family(

@@ -123,9 +123,31 @@ def config_from_hf(raw: dict[str, Any]) -> tuple[ModelConfig, Family]:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw.get("eos_token_id")),
     )
+    fields.update(_hf_experts(raw, fields, family))
     if family.hf_fields is not None:
         fields.update(family.hf_fields(raw, fields))
     return ModelConfig(**fields), family
+
+
+def _hf_experts(raw: dict[str, Any], fields: dict[str, Any], family: Family) -> dict[str, Any]:
+    """A mixture of experts' fields from config.json, in each family's spelling (Mixtral's
+    num_local_experts and experts of intermediate_size; Qwen3-MoE's moe_intermediate_size and the
+    layers it keeps dense: mlp_only_layers, and all but every decoder_sparse_step-th)."""
+    num_experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+    if not num_experts:
+        return {}
+    step = int(raw.get("decoder_sparse_step") or 1)
+    dense = set(raw.get("mlp_only_layers") or []) | {
+        layer for layer in range(fields["num_layers"]) if (layer + 1) % step
+    }
+    norm = raw.get("norm_topk_prob")
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=int(raw.get("num_experts_per_tok") or 0),
+        moe_intermediate_size=int(raw.get("moe_intermediate_size") or fields["intermediate_size"]),
+        norm_topk_prob=family.norm_topk_prob if norm is None else bool(norm),
+        dense_layers=tuple(sorted(dense)),
+    )
 
 
 def config_from_gguf(gguf: GGUFFile) -> tuple[ModelConfig, Family]:
@@ -160,7 +182,7 @@ def config_from_gguf(gguf: GGUFFile) -> tuple[ModelConfig, Family]:
         num_heads=num_heads,
         num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", num_heads)),
         head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // num_heads)),
-        intermediate_size=int(get("feed_forward_length")),
+        intermediate_size=int(meta.get(f"{arch}.feed_forward_length") or get("expert_feed_forward_length")),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=scaling,
@@ -173,6 +195,18 @@ def config_from_gguf(gguf: GGUFFile) -> tuple[ModelConfig, Family]:
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(sorted({int(t) for t in (eos, eot) if t is not None})),
     )
+    num_experts = int(meta.get(f"{arch}.expert_count", 0))
+    if num_experts:  # llama.cpp's names; a layer without a router keeps a plain MLP
+        config = replace(
+            config,
+            num_experts=num_experts,
+            num_experts_per_tok=int(get("expert_used_count")),
+            moe_intermediate_size=int(meta.get(f"{arch}.expert_feed_forward_length", config.intermediate_size)),
+            norm_topk_prob=family.norm_topk_prob,
+            dense_layers=tuple(
+                layer for layer in range(config.num_layers) if f"blk.{layer}.ffn_gate_inp.weight" not in gguf.tensors
+            ),
+        )
     if family.gguf_fields is not None:
-        config = replace(config, **family.gguf_fields(config))
+        config = replace(config, **family.gguf_fields(config, gguf))
     return config, family

@@ -203,4 +203,5 @@ def test_the_decoder_refuses_a_position_outside_the_block_table(position: int) -
         pytest.skip("the C kernels are not built")
     pos = torch.tensor([position], dtype=torch.int32)
     with pytest.raises(ValueError, match="outside its block table"):
-        module.decoder_forward(0, 1, 0, 0, 0, pos.data_ptr(), 0, 0, 1, (64, 1, 1, 64, 64, 16, 0), 1e-6, 1.0, False)
+        dims = (64, 1, 1, 64, 64, 16, 0, 0, 0, 0, 0)  # no experts
+        module.decoder_forward(0, 1, 0, 0, 0, pos.data_ptr(), 0, 0, 1, dims, 1e-6, 1.0, False)
