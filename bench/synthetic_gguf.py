@@ -159,15 +159,19 @@ _Q = GGMLQuantizationType
 
 
 def _random_blocks(rng: np.random.Generator, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
-    """Random blocks of `qtype` for a tensor of `shape` (rows first) with finite, small float16 scales
-    (random bytes there could be inf or NaN)."""
+    """Random blocks of `qtype` for a tensor of `shape` (rows first): random quants with float16 scales
+    chosen so the values are zero-mean with a standard deviation near 0.02, as a trained matrix's are
+    (random scale bytes could be inf or NaN; large or biased values make every token's hidden state
+    alike, and then a router sends every token to the same experts)."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     rows, cols = int(np.prod(shape[:-1])), shape[-1]
     raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-    scale_at = {_Q.Q4_K: (0, 2), _Q.Q6_K: (208,), _Q.Q8_0: (0,)}[qtype]
-    for at in scale_at:
-        scales = rng.uniform(1e-4, 2e-3, size=raw.shape[:2]).astype(np.float16)
-        raw[:, :, at : at + 2] = scales.view(np.uint8).reshape(*raw.shape[:2], 2)
+    # (byte offset, scale) per float16 field: Q4_K's d and dmin (6-bit scales and mins, 4-bit quants:
+    # dmin = 7.5 d centres them), Q6_K's d (int8 scales, 6-bit quants less 32), Q8_0's d (int8 quants)
+    fields = {_Q.Q4_K: ((0, 1.4e-4), (2, 1.05e-3)), _Q.Q6_K: ((208, 1.5e-5),), _Q.Q8_0: ((0, 2.7e-4),)}[qtype]
+    for at, scale in fields:
+        value = np.full(raw.shape[:2], scale, dtype=np.float16)
+        raw[:, :, at : at + 2] = value.view(np.uint8).reshape(*raw.shape[:2], 2)
     return raw.reshape(*shape[:-1], cols // block * size)
 
 
