@@ -24,24 +24,15 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from safetensors.numpy import load_file
 
-# HF layer tensor (after "model.layers.N.") -> llama.cpp's (after "blk.N.")
-_LAYER = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "mlp.gate.weight": "ffn_gate_inp.weight",
-    "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
-}
-_EXPERT = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps"}
-_EXPERT |= {"down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
+from fulmine.models.decoder import canonical_name
+from fulmine.models.llama import GGUF_LAYER_NAMES
+from fulmine.models.loader import GGUF_GLOBAL_NAMES, GGUF_STACKED_EXPERTS
+
+# HF layer tensor (after "model.layers.N.", Mixtral's names made canonical) -> llama.cpp's (after "blk.N."):
+# the loader's maps, inverted
+_LAYER = {f"{hf}.weight": f"{name}.weight" for name, hf in GGUF_LAYER_NAMES.items()}
+_EXPERT = {hf: name for name, hf in GGUF_STACKED_EXPERTS.items()}
+_GLOBAL = {hf.removeprefix("model."): name for name, hf in GGUF_GLOBAL_NAMES.items()}
 
 
 def _permute(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -57,14 +48,9 @@ def _hf_tensors(hf_dir: Path, arch: str, config: dict[str, Any]) -> Iterator[tup
     experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     for name, value in tensors.items():
-        name = name.removeprefix("model.")
-        if name in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
-            yield (
-                {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}.get(
-                    name, "output.weight"
-                ),
-                value,
-            )
+        name = canonical_name(name.removeprefix("model."))
+        if name in _GLOBAL:
+            yield _GLOBAL[name], value
             continue
         parts = name.split(".")
         layer, rest = parts[1], ".".join(parts[2:])

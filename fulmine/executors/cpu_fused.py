@@ -135,9 +135,12 @@ def unsupported_reason(state: ModelState) -> str | None:
         return "fused steps read float32 or float16 KV caches"
     if config.clip_qkv is not None:
         return "q/k/v clipping (clip_qkv) runs in the PyTorch executor"
-    if config.head_dim % 2 or config.hidden_size % 32 or config.intermediate_size % 32:
-        return "dimensions the kernel does not tile"
-    if config.num_experts and config.moe_intermediate_size % 32:
+    if (
+        config.head_dim % 2
+        or config.hidden_size % 32
+        or config.intermediate_size % 32
+        or config.moe_intermediate_size % 32
+    ):
         return "dimensions the kernel does not tile"
     for layer in model.layers:
         assert isinstance(layer, DecoderLayer)

@@ -94,8 +94,9 @@ void kv_store(void *cache, int half, int64_t offset, const float *src, int n);
 
 /* decoder.c. One row of int64 per layer: pointers (0: absent), weight types, the window, the cache's
  * element type. A mixture-of-experts layer has a router (ROUTER, 0 in a dense layer); its GATE, UP and
- * DOWN are expert 0's, each next expert's GATE_UP_STRIDE and DOWN_STRIDE bytes further. The list is the one source of the fields' order: the enum below and the names the
- * bindings export (info()["layer_fields"]), by which the Python side fills a row. */
+ * DOWN are expert 0's, each next expert's GATE_UP_STRIDE and DOWN_STRIDE bytes further. The list is
+ * the one source of the fields' order: the enum below and the names the bindings export
+ * (info()["layer_fields"]), by which the Python side fills a row. */
 #define LAYER_FIELDS(X)                                                                               \
     X(IN_NORM) X(Q) X(Q_TYPE) X(K) X(K_TYPE) X(V) X(V_TYPE) X(QKV_BIAS) X(Q_NORM) X(K_NORM) X(O) X(O_TYPE) \
     X(O_BIAS) X(PRE_MLP_NORM) X(GATE) X(GATE_TYPE) X(UP) X(UP_TYPE) X(DOWN) X(DOWN_TYPE) X(K_CACHE)         \

@@ -40,7 +40,7 @@ _EXPERT_MERGED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_
 _ALIASES = {"block_sparse_moe": "mlp", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """A checkpoint tensor's name in the vocabulary of fulmine's modules (HF's Llama/Qwen names)."""
     if "block_sparse_moe" not in name:
         return name
@@ -242,7 +242,7 @@ class CausalLM(nn.Module):
 
         Returns the (parameter name, shard) it filled, or None for a tensor that is not needed.
         """
-        name = _canonical(name.removeprefix("model."))
+        name = canonical_name(name.removeprefix("model."))
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None  # tied checkpoints may still carry a copy
         if name.endswith("rotary_emb.inv_freq"):

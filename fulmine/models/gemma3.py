@@ -14,6 +14,7 @@ from fulmine.config import ConfigError, ModelConfig
 from fulmine.layers.attention import AttentionMetadata
 from fulmine.layers.norm import RMSNorm
 from fulmine.models.decoder import Attention, CausalLM, DecoderLayer, make_mlp
+from fulmine.models.gguf_file import GGUFFile
 from fulmine.models.llama import GGUF_LAYER_NAMES
 
 # llama.cpp's ffn_norm is the norm before the MLP here, and there are two more
@@ -99,7 +100,7 @@ def hf_fields(raw: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def gguf_fields(config: ModelConfig, gguf: Any = None) -> dict[str, Any]:
+def gguf_fields(config: ModelConfig, gguf: GGUFFile) -> dict[str, Any]:
     """Gemma 3's departures from Llama that its GGUF metadata leaves out, as llama.cpp assumes them:
     every 6th layer global (RoPE base from the file), the others sliding with base 10 000; norms
     already hold 1 + w; the 27B (62 layers) scales queries by hidden/heads instead of head_dim."""

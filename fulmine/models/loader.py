@@ -25,7 +25,7 @@ from fulmine.models.decoder import CausalLM
 from fulmine.models.registry import model_for
 from fulmine.models.source import ModelSource
 
-_GGUF_GLOBAL_NAMES = {
+GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
@@ -139,7 +139,7 @@ def _checkpoint(source: ModelSource) -> tuple[int, Iterator[tuple[str, WeightTen
     if source.gguf is not None:
         names = [n for n in source.gguf.tensors if n not in _GGUF_SKIPPED]
         # a stacked experts' tensor comes as one per expert
-        stacked = [n for n in names if n.count(".") == 3 and n.split(".")[2] in _GGUF_EXPERTS]
+        stacked = [n for n in names if _stacked_projection(n)]
         count = len(names) - len(stacked) + sum(source.gguf.tensors[n].shape[0] for n in stacked)
         return count, _gguf_tensors(source, names)
     files = sorted(source.path.glob("*.safetensors"))
@@ -160,8 +160,14 @@ def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, WeightTensor]
 
 
 # llama.cpp's stacked experts (one tensor per projection, experts outermost) -> HF's per-expert name
-_GGUF_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+GGUF_STACKED_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _GGUF_EXPERT = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}  # older files: one each
+
+
+def _stacked_projection(gguf_name: str) -> str | None:
+    """The HF projection a stacked experts' tensor (blk.N.ffn_gate_exps.weight) holds, else None."""
+    parts = gguf_name.split(".")
+    return GGUF_STACKED_EXPERTS.get(parts[2]) if parts[0] == "blk" and len(parts) == 4 else None
 
 
 def _gguf_tensors(source: ModelSource, names: list[str]) -> Iterator[tuple[str, WeightTensor]]:
@@ -170,8 +176,9 @@ def _gguf_tensors(source: ModelSource, names: list[str]) -> Iterator[tuple[str, 
     for gguf_name in names:
         tensor = gguf.load(gguf_name)
         parts = gguf_name.split(".")
-        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_EXPERTS:
-            yield from _split_experts(tensor, f"model.layers.{parts[1]}.mlp.experts", _GGUF_EXPERTS[parts[2]])
+        projection = _stacked_projection(gguf_name)
+        if projection is not None:
+            yield from _split_experts(tensor, f"model.layers.{parts[1]}.mlp.experts", projection)
             continue
         if parts[0] == "blk" and len(parts) == 5 and parts[2] in _GGUF_EXPERT and parts[3].isdigit():
             yield f"model.layers.{parts[1]}.mlp.experts.{parts[3]}.{_GGUF_EXPERT[parts[2]]}.{parts[4]}", tensor
@@ -194,8 +201,8 @@ def _split_experts(tensor: QuantizedTensor, prefix: str, projection: str) -> Ite
 
 
 def _hf_name(gguf_name: str, layer_names: dict[str, str]) -> str:
-    if gguf_name in _GGUF_GLOBAL_NAMES:
-        return _GGUF_GLOBAL_NAMES[gguf_name]
+    if gguf_name in GGUF_GLOBAL_NAMES:
+        return GGUF_GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
     if parts[0] == "blk" and len(parts) == 4 and parts[2] in layer_names:
         return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"

@@ -48,11 +48,9 @@ def fulmine_greedy(llm: LLM, prompt_ids: list[int], num_steps: int) -> tuple[lis
     return output.token_ids, captured
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
-def test_logits_and_greedy_match_transformers(tiny_model_factory, family: str, chunked: bool) -> None:
-    path = tiny_model_factory(family)
-    llm = LLM(
+def parity_llm(path, chunked: bool) -> LLM:
+    """float32 throughout; the prompt whole or in chunks of 5 tokens."""
+    return LLM(
         str(path),
         dtype="float32",
         weight_dtype="float32",
@@ -60,6 +58,13 @@ def test_logits_and_greedy_match_transformers(tiny_model_factory, family: str, c
         max_num_batched_tokens=5 if chunked else 512,
         speculative="off",  # logits are captured one step per token (speculation: test_speculation_parity.py)
     )
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_logits_and_greedy_match_transformers(tiny_model_factory, family: str, chunked: bool) -> None:
+    path = tiny_model_factory(family)
+    llm = parity_llm(path, chunked)
     prompt_ids = llm.tokenizer.encode(PROMPT)
     assert len(prompt_ids) > 10
     ref_tokens, ref_logits = hf_greedy(path, prompt_ids, NUM_STEPS)

@@ -15,7 +15,7 @@ from bench.synthetic_gguf import write_from_hf
 from fulmine import LLM, SamplingParams
 from fulmine.layers.experts import SparseMoE
 from tests.conftest import MOE_FAMILIES, build_tiny_model
-from tests.parity.test_hf_parity import NUM_STEPS, PROMPT, fulmine_greedy, hf_greedy
+from tests.parity.test_hf_parity import NUM_STEPS, PROMPT, fulmine_greedy, hf_greedy, parity_llm
 
 GGUF_ARCH = {"qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama"}  # llama.cpp's names
 FAMILIES = sorted(MOE_FAMILIES)
@@ -49,14 +49,7 @@ def assert_matches(llm: LLM, ids: list[int], ref_tokens: list[int], ref_logits: 
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 def test_logits_and_greedy_match_transformers(moe_model, family: str, chunked: bool) -> None:
     path, ids, ref_tokens, ref_logits = moe_model(family)
-    llm = LLM(
-        str(path),
-        dtype="float32",
-        weight_dtype="float32",
-        progress=False,
-        max_num_batched_tokens=5 if chunked else 512,
-        speculative="off",
-    )
+    llm = parity_llm(path, chunked)
     layers = llm.engine.runner.model.layers
     assert [isinstance(layer.mlp, SparseMoE) for layer in layers] == [
         not (family == "qwen3_moe" and i == 1) for i in range(len(layers))
